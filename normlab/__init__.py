@@ -1,0 +1,10 @@
+"""normlab — exact, fast normalization layers for Transformers, and a toolkit to study them."""
+
+__version__ = "0.1.0"
+
+from normlab import dispatch
+from normlab.dispatch import backend
+from normlab.ops import *  # noqa: F401,F403
+from normlab.ops import __all__ as _ops_all
+
+__all__ = ["__version__", "backend", "dispatch", *_ops_all]

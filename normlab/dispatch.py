@@ -1,0 +1,134 @@
+"""One dispatch point for every op: which backend computes it.
+
+Backends are ``reference`` (plain PyTorch, any device and dtype — the spec), ``cpu`` (numba kernels)
+and ``triton`` (GPU kernels). A backend module registers kernels with :func:`register`; the op files
+ask :func:`select` which backend serves a call and :func:`kernel` for the function.
+
+Choice, most specific first: the ``backend=`` argument of a call, the innermost
+``with normlab.backend(name):`` block, the ``NORMLAB_BACKEND`` environment variable, else the
+fastest registered backend that supports the input. A backend that cannot serve the input falls back
+to ``reference`` — never to a wrong answer. Naming an unknown backend is an error.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import os
+import threading
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+import torch
+
+REFERENCE = "reference"
+#: Backends known to normlab, fastest first, and the module that registers each one on import.
+KNOWN_BACKENDS: dict[str, str | None] = {
+    "triton": "normlab.kernels.triton",
+    "cpu": "normlab.kernels.cpu",
+    REFERENCE: None,
+}
+
+# A backend's ``supports(op, x, **options) -> bool`` says whether it serves this input.
+Supports = Callable[..., bool]
+
+
+@dataclass
+class _Backend:
+    name: str
+    kernels: dict[str, Callable] = field(default_factory=dict)
+    supports: Supports | None = None
+
+
+_registry: dict[str, _Backend] = {REFERENCE: _Backend(REFERENCE)}
+_load_errors: dict[str, str] = {}
+_local = threading.local()
+
+
+def register(backend: str, op: str, fn: Callable, *, supports: Supports | None = None) -> None:
+    """Register ``fn`` as ``backend``'s implementation of the kernel ``op`` (e.g. ``"rms_norm_fwd"``)."""
+    if backend not in KNOWN_BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; expected one of {sorted(KNOWN_BACKENDS)}")
+    entry = _registry.setdefault(backend, _Backend(backend))
+    entry.kernels[op] = fn
+    if supports is not None:
+        entry.supports = supports
+
+
+def _ensure_loaded(name: str) -> _Backend | None:
+    """Import a backend's module on first use; ``None`` if it cannot be loaded here.
+
+    While ``torch.compile`` traces, nothing is imported: only backends already loaded are used
+    (an eager call, or :func:`available`, loads them)."""
+    if name in _registry and (name == REFERENCE or _registry[name].kernels):
+        return _registry[name]
+    if name in _load_errors or torch.compiler.is_compiling():
+        return None
+    module = KNOWN_BACKENDS[name]
+    try:
+        importlib.import_module(module)  # registers its kernels
+    except Exception as exc:  # missing numba/triton, no GPU driver, …
+        _load_errors[name] = f"{type(exc).__name__}: {exc}"
+        return None
+    return _registry.get(name)
+
+
+def _check_name(name: str) -> str:
+    if name not in KNOWN_BACKENDS:
+        raise ValueError(f"unknown backend {name!r}; expected one of {sorted(KNOWN_BACKENDS)}")
+    return name
+
+
+def requested_backend() -> str | None:
+    """The backend forced by a ``with normlab.backend(...)`` block or ``NORMLAB_BACKEND``, if any."""
+    stack = getattr(_local, "stack", None)
+    if stack:
+        return stack[-1]
+    env = os.environ.get("NORMLAB_BACKEND")
+    return _check_name(env) if env else None
+
+
+@contextlib.contextmanager
+def backend(name: str) -> Iterator[None]:
+    """Compute every normlab op inside the block with backend ``name`` (falling back to reference)."""
+    _check_name(name)
+    stack = getattr(_local, "stack", None)
+    if stack is None:
+        stack = _local.stack = []
+    stack.append(name)
+    try:
+        yield
+    finally:
+        stack.pop()
+
+
+def _serves(name: str, op: str, x: torch.Tensor, options: dict) -> bool:
+    entry = _ensure_loaded(name)
+    if entry is None or op not in entry.kernels:
+        return False
+    return entry.supports is None or bool(entry.supports(op, x, **options))
+
+
+def select(op: str, x: torch.Tensor, requested: str | None = None, **options) -> str:
+    """Name of the backend that computes ``op`` for input ``x`` (and the op's ``options``)."""
+    name = _check_name(requested) if requested is not None else requested_backend()
+    if name is not None:
+        return name if name == REFERENCE or _serves(name, op, x, options) else REFERENCE
+    for candidate in KNOWN_BACKENDS:
+        if candidate != REFERENCE and _serves(candidate, op, x, options):
+            return candidate
+    return REFERENCE
+
+
+def kernel(name: str, op: str) -> Callable:
+    """The function registered by backend ``name`` for ``op``."""
+    return _registry[name].kernels[op]
+
+
+def available() -> dict[str, str]:
+    """Each known backend and whether it loads here (``"ok"`` or the reason it does not)."""
+    out = {}
+    for name in KNOWN_BACKENDS:
+        entry = _ensure_loaded(name)
+        out[name] = "ok" if entry is not None else _load_errors.get(name, "not registered")
+    return out

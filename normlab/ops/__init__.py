@@ -1,0 +1,5 @@
+"""The ops: one file per op family, each with its reference (the spec), custom op, autograd and dispatch."""
+
+from normlab.ops.rms_norm import add_rms_norm, add_rms_norm_reference, rms_norm, rms_norm_reference
+
+__all__ = ["rms_norm", "add_rms_norm", "rms_norm_reference", "add_rms_norm_reference"]

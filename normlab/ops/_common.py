@@ -1,0 +1,108 @@
+"""Input checks and shape helpers shared by the op files.
+
+Every check runs before any work and raises with a message naming what was expected.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+
+FLOAT_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+HALF_DTYPES = (torch.bfloat16, torch.float16)
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Statistics accumulate in fp32 for fp32/bf16/fp16 inputs and in fp64 for fp64 inputs."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def check_input(x: torch.Tensor, name: str = "input") -> None:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.dtype not in FLOAT_DTYPES:
+        raise TypeError(
+            f"{name} must have a floating dtype (float32, float64, bfloat16 or float16), got {x.dtype}"
+        )
+
+
+def normalized_size(x: torch.Tensor, normalized_shape: int | Sequence[int], name: str = "input") -> tuple[tuple[int, ...], int]:
+    """Check that ``normalized_shape`` is the trailing shape of ``x``; return it and its element count."""
+    shape = (int(normalized_shape),) if isinstance(normalized_shape, int) else tuple(int(s) for s in normalized_shape)
+    if len(shape) == 0:
+        raise ValueError("normalized_shape must name at least one dimension, got ()")
+    if x.dim() < len(shape) or tuple(x.shape[x.dim() - len(shape):]) != shape:
+        raise ValueError(
+            f"expected {name} with trailing shape {list(shape)} (normalized_shape), got shape {list(x.shape)}"
+        )
+    return shape, math.prod(shape)
+
+
+def check_param(p: torch.Tensor | None, name: str, shape: tuple[int, ...], x: torch.Tensor) -> None:
+    """A weight/bias must have exactly ``shape``, the input's device, and the input's dtype
+    (or float32 for a bf16/fp16 input: fp32 master weights)."""
+    if p is None:
+        return
+    if not isinstance(p, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor or None, got {type(p).__name__}")
+    if tuple(p.shape) != shape:
+        raise ValueError(f"expected {name} of shape {list(shape)}, got {list(p.shape)}")
+    allowed = (x.dtype, torch.float32) if x.dtype in HALF_DTYPES else (x.dtype,)
+    if p.dtype not in allowed:
+        raise TypeError(f"expected {name} of dtype {' or '.join(map(str, allowed))} (input is {x.dtype}), got {p.dtype}")
+    if p.device != x.device:
+        raise ValueError(f"expected {name} on {x.device} (the input's device), got {p.device}")
+
+
+def check_eps(eps: float) -> float:
+    eps = float(eps)
+    if not (eps > 0 and math.isfinite(eps)):
+        raise ValueError(f"eps must be a finite number > 0, got {eps}")
+    return eps
+
+
+def check_choice(value: str, name: str, choices: Sequence[str]) -> str:
+    if value not in choices:
+        raise ValueError(f"unknown {name} {value!r}; expected one of {list(choices)}")
+    return value
+
+
+def check_same(a: torch.Tensor, b: torch.Tensor, name_a: str, name_b: str) -> None:
+    """Two inputs added elementwise: same shape (no broadcasting), device, floating dtype."""
+    check_input(b, name_b)
+    if a.shape != b.shape:
+        raise ValueError(f"expected {name_b} of shape {list(a.shape)} (the shape of {name_a}), got {list(b.shape)}")
+    if a.device != b.device:
+        raise ValueError(f"expected {name_b} on {a.device} (the device of {name_a}), got {b.device}")
+
+
+def rows(x: torch.Tensor, n: int) -> torch.Tensor:
+    """View ``x`` as ``(rows, n)``: the normalized trailing dims flattened."""
+    return x.reshape(-1, n)
+
+
+def flat_param(p: torch.Tensor | None, n: int) -> torch.Tensor | None:
+    return None if p is None else p.reshape(n)
+
+
+def zero_where_no_grad(dy: torch.Tensor, contribution: torch.Tensor) -> torch.Tensor:
+    """A parameter-gradient contribution is exactly 0 where the upstream gradient is 0, so a NaN/inf
+    in one row cannot leak into the parameter gradient of a loss that does not use that row."""
+    return torch.where(dy == 0, torch.zeros((), dtype=contribution.dtype, device=contribution.device), contribution)
+
+
+def write_out(out: torch.Tensor, input: torch.Tensor, n: int, compute, *params: torch.Tensor | None) -> torch.Tensor:
+    """``out=`` as in torch: a contiguous tensor of the input's shape, dtype and device; no autograd.
+    ``compute(out_rows)`` writes the result into the ``(rows, n)`` view of ``out``."""
+    if out.shape != input.shape or out.dtype != input.dtype or out.device != input.device or not out.is_contiguous():
+        raise ValueError(
+            f"out must be a contiguous tensor of shape {list(input.shape)}, dtype {input.dtype} and device "
+            f"{input.device}, got {list(out.shape)}, {out.dtype}, {out.device}"
+        )
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (input, *params)):
+        raise RuntimeError("out= does not support automatic differentiation (an input requires grad)")
+    with torch.no_grad():
+        compute(out.view(-1, n))
+    return out

@@ -1,0 +1,279 @@
+"""RMSNorm and fused residual-add + RMSNorm.
+
+    y = x / sqrt(mean(x[..., :k]²) + eps) * (offset + w),   k = ceil(n · partial)
+
+``partial`` < 1 is pRMSNorm (Zhang & Sennrich 2019): the RMS is estimated from the first k elements.
+``offset=1`` with ``casting="gemma"`` is Gemma's ``(1 + w)`` RMSNorm. Casting modes:
+
+- ``"llama"``: ``x · rstd`` in fp32, cast to the input dtype, then multiplied by ``(offset + w)``;
+- ``"gemma"``: everything in fp32, ``(offset + w)`` included, cast at the end (= ``F.rms_norm``);
+- ``"none"``: input dtype throughout; only the mean of squares accumulates in fp32.
+
+``eps=None`` follows torch: float32's machine epsilon for fp32/bf16/fp16 input, float64's for fp64.
+Statistics always accumulate in fp32 (fp64 for fp64 input). The forward saves only ``rstd`` per row.
+
+This file holds the reference (the spec), the custom ops with their fake implementations and
+autograd formulas, and the functional API; fast kernels plug in through :mod:`normlab.dispatch`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from normlab import dispatch
+from normlab.ops._common import (
+    check_choice,
+    check_eps,
+    check_input,
+    check_param,
+    check_same,
+    compute_dtype,
+    flat_param,
+    normalized_size,
+    rows,
+    write_out,
+    zero_where_no_grad,
+)
+
+CASTING_MODES = ("llama", "gemma", "none")
+
+
+def resolve_eps(eps: float | None, dtype: torch.dtype) -> float:
+    """torch's rule: ``eps=None`` → machine epsilon of the compute dtype (fp32, or fp64 for fp64)."""
+    return torch.finfo(compute_dtype(dtype)).eps if eps is None else check_eps(eps)
+
+
+def partial_size(n: int, partial: float | None) -> int:
+    """Number of leading elements the RMS is estimated from: ``ceil(n · partial)``."""
+    if partial is None:
+        return n
+    p = float(partial)
+    if not (0.0 < p <= 1.0):
+        raise ValueError(f"partial must be in (0, 1], got {partial}")
+    return max(1, math.ceil(n * p)) if n > 0 else 0
+
+
+# ----------------------------------------------------------------------------------------------
+# Reference (the spec): plain PyTorch on (rows, n) views
+# ----------------------------------------------------------------------------------------------
+def _rstd_ref(x: Tensor, eps: float, k: int) -> Tensor:
+    xs = x[:, :k].to(compute_dtype(x.dtype))
+    return torch.rsqrt(xs.pow(2).mean(dim=1) + eps)
+
+
+def rms_norm_fwd_ref(x: Tensor, weight: Optional[Tensor], eps: float, casting: str, offset: float, k: int) -> tuple[Tensor, Tensor]:
+    """Reference forward on a ``(rows, n)`` input: returns ``(y, rstd)``."""
+    rstd = _rstd_ref(x, eps, k)
+    c = rstd.dtype
+    if casting == "none":
+        y = x * rstd.to(x.dtype)[:, None]
+        if weight is not None:
+            y = y * (weight + offset).to(x.dtype)
+        return y, rstd
+    y = x.to(c) * rstd[:, None]
+    if weight is None:
+        return y.to(x.dtype), rstd
+    if casting == "llama":
+        return y.to(x.dtype) * (weight.to(x.dtype) + offset), rstd
+    return (y * (weight.to(c) + offset)).to(x.dtype), rstd
+
+
+def rms_norm_bwd_ref(
+    dy: Tensor, x: Tensor, weight: Optional[Tensor], rstd: Tensor, offset: float, k: int, eps: float,
+    dsum: Optional[Tensor] = None,
+) -> tuple[Tensor, Optional[Tensor]]:
+    """Reference backward on ``(rows, n)`` views, in the compute dtype.
+
+    With ``g = dy · (offset + w)`` and ``x̂ = x · rstd``:
+    ``dx_j = rstd · (g_j − [j < k] · x̂_j · Σ_{i<n} g_i x̂_i / k)`` (+ ``dsum`` for the fused add),
+    ``dw = Σ_rows dy · x̂``. Under grad mode (double backward) ``rstd`` is recomputed from ``x``.
+    """
+    c = compute_dtype(x.dtype)
+    if torch.is_grad_enabled():
+        rstd = _rstd_ref(x, eps, k)
+    xf, dyf = x.to(c), dy.to(c)
+    r = rstd.to(c)[:, None]
+    xhat = xf * r
+    g = dyf if weight is None else dyf * (weight.to(c) + offset)
+    proj = (g * xhat).sum(dim=1, keepdim=True) / k
+    dx = r * g
+    if k == x.shape[1]:
+        dx = dx - r * xhat * proj
+    else:
+        dx = torch.cat([dx[:, :k] - r * xhat[:, :k] * proj, dx[:, k:]], dim=1)
+    if dsum is not None:
+        dx = dx + dsum.to(c)
+    dw = None if weight is None else zero_where_no_grad(dyf, dyf * xhat).sum(dim=0).to(weight.dtype)
+    return dx.to(x.dtype), dw
+
+
+def rms_norm_reference(
+    x: Tensor, normalized_shape: int | Sequence[int], weight: Optional[Tensor] = None, eps: float | None = None,
+    *, casting: str = "llama", offset: float = 0.0, partial: float | None = None,
+) -> Tensor:
+    """The spec, differentiable with plain autograd (no custom op): what every backend must match."""
+    shape, n = normalized_size(x, normalized_shape)
+    y, _ = rms_norm_fwd_ref(rows(x, n), flat_param(weight, n), resolve_eps(eps, x.dtype), casting, float(offset), partial_size(n, partial))
+    return y.reshape(x.shape)
+
+
+def add_rms_norm_reference(
+    x: Tensor, residual: Tensor, normalized_shape: int | Sequence[int], weight: Optional[Tensor] = None,
+    eps: float | None = None, *, casting: str = "llama", offset: float = 0.0, partial: float | None = None,
+    residual_dtype: torch.dtype | None = None,
+) -> tuple[Tensor, Tensor]:
+    """The spec of the fused op: ``s = x + residual`` (added in the compute dtype, stored in
+    ``residual_dtype``), then ``(rms_norm(s)`` in the input dtype``, s)``."""
+    s = (x.to(compute_dtype(x.dtype)) + residual.to(compute_dtype(x.dtype))).to(residual_dtype or x.dtype)
+    y = rms_norm_reference(s, normalized_shape, weight, eps, casting=casting, offset=offset, partial=partial)
+    return y.to(x.dtype), s
+
+
+# ----------------------------------------------------------------------------------------------
+# Custom ops: one forward and one backward op per function, dispatched to the chosen backend
+# ----------------------------------------------------------------------------------------------
+def _fwd(backend: str, x, weight, eps, casting, offset, k, out=None):
+    """Forward on ``(rows, n)``; a kernel writes ``y`` into ``out`` when one is given."""
+    if backend != dispatch.REFERENCE:
+        return dispatch.kernel(backend, "rms_norm_fwd")(x, weight, eps, casting, offset, k, out=out)
+    y, rstd = rms_norm_fwd_ref(x, weight, eps, casting, offset, k)
+    return (y if out is None else out.copy_(y)), rstd
+
+
+def _bwd(backend: str, dy, x, weight, rstd, offset, k, eps, dsum=None):
+    if backend == dispatch.REFERENCE or torch.is_grad_enabled():
+        return rms_norm_bwd_ref(dy, x, weight, rstd, offset, k, eps, dsum)
+    return dispatch.kernel(backend, "rms_norm_bwd")(dy, x, weight, rstd, offset, k, dsum)
+
+
+@torch.library.custom_op("normlab::rms_norm", mutates_args=())
+def _rms_norm_op(
+    x: Tensor, weight: Optional[Tensor], eps: float, casting: str, offset: float, k: int, backend: str
+) -> tuple[Tensor, Tensor]:
+    y, rstd = _fwd(backend, x, weight, eps, casting, offset, k)
+    return y, rstd
+
+
+@_rms_norm_op.register_fake
+def _(x, weight, eps, casting, offset, k, backend):
+    return torch.empty_like(x), x.new_empty((x.shape[0],), dtype=compute_dtype(x.dtype))
+
+
+def _rms_setup(ctx, inputs, output):
+    x, weight, eps, casting, offset, k, backend = inputs
+    ctx.save_for_backward(x, weight, output[1])
+    ctx.options = (offset, k, eps, backend)
+    ctx.mark_non_differentiable(output[1])
+
+
+def _rms_backward(ctx, dy, _drstd):
+    x, weight, rstd = ctx.saved_tensors
+    offset, k, eps, backend = ctx.options
+    dx, dw = _bwd(backend, dy, x, weight, rstd, offset, k, eps)
+    return dx, dw, None, None, None, None, None
+
+
+_rms_norm_op.register_autograd(_rms_backward, setup_context=_rms_setup)
+
+
+@torch.library.custom_op("normlab::add_rms_norm", mutates_args=())
+def _add_rms_norm_op(
+    x: Tensor, residual: Tensor, weight: Optional[Tensor], eps: float, casting: str, offset: float, k: int,
+    residual_dtype: torch.dtype, backend: str,
+) -> tuple[Tensor, Tensor, Tensor]:
+    if backend == dispatch.REFERENCE:
+        c = compute_dtype(x.dtype)
+        s = (x.to(c) + residual.to(c)).to(residual_dtype)
+        y, rstd = rms_norm_fwd_ref(s, weight, eps, casting, offset, k)
+        return y.to(x.dtype), s, rstd
+    return dispatch.kernel(backend, "add_rms_norm_fwd")(x, residual, weight, eps, casting, offset, k, residual_dtype)
+
+
+@_add_rms_norm_op.register_fake
+def _(x, residual, weight, eps, casting, offset, k, residual_dtype, backend):
+    return (
+        torch.empty_like(x),
+        torch.empty_like(x, dtype=residual_dtype),
+        x.new_empty((x.shape[0],), dtype=compute_dtype(x.dtype)),
+    )
+
+
+def _add_rms_setup(ctx, inputs, output):
+    x, residual, weight, eps, casting, offset, k, residual_dtype, backend = inputs
+    ctx.save_for_backward(output[1], weight, output[2])
+    ctx.options = (offset, k, eps, backend, x.dtype, residual.dtype)
+    ctx.mark_non_differentiable(output[2])
+
+
+def _add_rms_backward(ctx, dy, dsum, _drstd):
+    s, weight, rstd = ctx.saved_tensors
+    offset, k, eps, backend, x_dtype, r_dtype = ctx.options
+    if torch.is_grad_enabled():
+        # double backward: recompute the norm from s with the differentiable reference
+        ds, dw = rms_norm_bwd_ref(dy.to(s.dtype), s, weight, rstd, offset, k, eps, dsum)
+    else:
+        ds, dw = _bwd(backend, dy.to(s.dtype), s, weight, rstd, offset, k, eps, dsum)
+    return ds.to(x_dtype), ds.to(r_dtype), dw, None, None, None, None, None, None
+
+
+_add_rms_norm_op.register_autograd(_add_rms_backward, setup_context=_add_rms_setup)
+
+
+# ----------------------------------------------------------------------------------------------
+# Functional API
+# ----------------------------------------------------------------------------------------------
+def _check(x, normalized_shape, weight, eps, casting, partial):
+    check_input(x)
+    shape, n = normalized_size(x, normalized_shape)
+    check_param(weight, "weight", shape, x)
+    check_choice(casting, "casting mode", CASTING_MODES)
+    return n, resolve_eps(eps, x.dtype), partial_size(n, partial)
+
+
+def rms_norm(
+    input: Tensor, normalized_shape: int | Sequence[int], weight: Optional[Tensor] = None, eps: float | None = None,
+    *, casting: str = "llama", offset: float = 0.0, partial: float | None = None, backend: str | None = None,
+    out: Optional[Tensor] = None,
+) -> Tensor:
+    """RMSNorm over the trailing ``normalized_shape``: ``y = x / sqrt(mean(x²) + eps) * (offset + w)``.
+
+    Mirrors ``torch.nn.functional.rms_norm``; ``casting``, ``offset`` and ``partial`` are described in
+    the module docstring. ``out=`` writes into a preallocated tensor (inference only, like torch).
+    """
+    n, eps, k = _check(input, normalized_shape, weight, eps, casting, partial)
+    x, w = rows(input, n), flat_param(weight, n)
+    name = dispatch.select("rms_norm", x, backend, weight=w, casting=casting, offset=offset, k=k) if x.numel() else dispatch.REFERENCE
+    if name != dispatch.REFERENCE:
+        x = x.contiguous()
+    if out is not None:
+        return write_out(out, input, n, lambda o: _fwd(name, x, w, eps, casting, float(offset), k, out=o), weight)
+    y, _ = _rms_norm_op(x, w, eps, casting, float(offset), k, name)
+    return y.reshape(input.shape)
+
+
+def add_rms_norm(
+    input: Tensor, residual: Tensor, normalized_shape: int | Sequence[int], weight: Optional[Tensor] = None,
+    eps: float | None = None, *, casting: str = "llama", offset: float = 0.0, partial: float | None = None,
+    residual_dtype: torch.dtype | None = None, backend: str | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Fused residual add + RMSNorm: ``s = input + residual`` (stored in ``residual_dtype``, default the
+    input dtype), returns ``(rms_norm(s), s)`` — one read of each input, one write of each output."""
+    n, eps, k = _check(input, normalized_shape, weight, eps, casting, partial)
+    check_same(input, residual, "input", "residual")
+    residual_dtype = residual_dtype or input.dtype
+    if residual_dtype not in (torch.float32, torch.float64, torch.bfloat16, torch.float16):
+        raise TypeError(f"residual_dtype must be a floating dtype, got {residual_dtype}")
+    x, r, w = rows(input, n), rows(residual, n), flat_param(weight, n)
+    name = (
+        dispatch.select("add_rms_norm", x, backend, residual=r, weight=w, casting=casting, offset=offset, k=k, residual_dtype=residual_dtype)
+        if x.numel() else dispatch.REFERENCE
+    )
+    if name != dispatch.REFERENCE:
+        x, r = x.contiguous(), r.contiguous()
+    y, s, _ = _add_rms_norm_op(x, r, w, eps, casting, float(offset), k, residual_dtype, name)
+    return y.reshape(input.shape), s.reshape(input.shape)

@@ -1,0 +1,35 @@
+"""Shared test helpers: the tolerance rule of DESIGN.md §4 and common inputs."""
+
+from __future__ import annotations
+
+import torch
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
+# atol per dtype (DESIGN.md §4). fp64: the reference itself, so only rounding noise is allowed.
+ATOL = {torch.float32: 1e-6, torch.bfloat16: 1e-2, torch.float16: 1e-3, torch.float64: 1e-12}
+
+
+def max_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    if a.numel() == 0:
+        return 0.0
+    return (a.double() - b.double()).abs().max().item()
+
+
+def assert_tolerance_rule(fast: torch.Tensor, torch_out: torch.Tensor, ref64: torch.Tensor, what: str = "") -> None:
+    """``max|f - r| ≤ 2 · max|t - r| + atol(dtype)``: the fast path is at most twice as far from the
+    float64 reference as torch's own op in the same dtype."""
+    assert fast.dtype == torch_out.dtype, (fast.dtype, torch_out.dtype)
+    assert fast.shape == ref64.shape, (fast.shape, ref64.shape)
+    e_fast, e_torch = max_err(fast, ref64), max_err(torch_out, ref64)
+    bound = 2 * e_torch + ATOL[fast.dtype]
+    assert e_fast <= bound, f"{what}: max|f-r| = {e_fast:.3g} > 2·max|t-r| + atol = {bound:.3g} (dtype {fast.dtype})"
+
+
+def assert_close_same_dtype(fast: torch.Tensor, ref: torch.Tensor, ref64: torch.Tensor, what: str = "") -> None:
+    """Where torch has no op: the reference computed in the same dtype takes torch's place in the rule."""
+    assert_tolerance_rule(fast, ref, ref64, what)
+
+
+def rand(*shape: int, dtype=torch.float32, seed: int = 0, scale: float = 1.0, mean: float = 0.0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(*shape, generator=g, dtype=torch.float64) * scale + mean).to(dtype)

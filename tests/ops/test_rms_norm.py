@@ -1,0 +1,296 @@
+"""rms_norm / add_rms_norm against torch, the textbook formulas and the float64 reference."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import normlab
+from normlab.ops.rms_norm import add_rms_norm_reference, rms_norm_reference
+from tests.helpers import DTYPES, assert_close_same_dtype, assert_tolerance_rule, rand
+
+SHAPES = [(4, 16), (3, 5, 33), (7, 1), (2, 767), (1, 4097)]
+
+
+def llama_rmsnorm_textbook(x, w, eps):
+    """The seed's formula (Hugging Face LlamaRMSNorm.forward), written out here as the spec of 'llama'."""
+    h = x.to(torch.float32) if x.dtype != torch.float64 else x
+    var = h.pow(2).mean(-1, keepdim=True)
+    h = h * torch.rsqrt(var + eps)
+    return w * h.to(x.dtype)
+
+
+def gemma_rmsnorm_textbook(x, w, eps):
+    """Gemma: everything in fp32, (1 + w), cast at the end."""
+    h = x.float() if x.dtype != torch.float64 else x
+    out = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    return (out * (1.0 + w.to(out.dtype))).to(x.dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("affine", [True, False])
+def test_matches_torch_rms_norm(dtype, shape, affine):
+    n = shape[-1]
+    x = rand(*shape, dtype=dtype)
+    w = rand(n, dtype=dtype, seed=1) if affine else None
+    # torch's F.rms_norm computes in fp32 and multiplies the weight before the cast: casting="gemma"
+    fast = normlab.rms_norm(x, (n,), w, casting="gemma")
+    ref64 = rms_norm_reference(x.double(), (n,), None if w is None else w.double(), eps=torch.finfo(torch.float32).eps)
+    assert_tolerance_rule(fast, F.rms_norm(x, (n,), w), ref64, f"rms_norm {dtype} {shape}")
+    if dtype in (torch.float32, torch.float64):  # fp32 math: casting modes coincide
+        assert_tolerance_rule(normlab.rms_norm(x, (n,), w), F.rms_norm(x, (n,), w), ref64, "llama")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_textbook_llama_and_gemma(dtype):
+    x, w = rand(6, 64, dtype=dtype), rand(64, dtype=dtype, seed=2)
+    eps = 1e-6
+    ref64 = rms_norm_reference(x.double(), 64, w.double(), eps)
+    assert_tolerance_rule(normlab.rms_norm(x, 64, w, eps, casting="llama"), llama_rmsnorm_textbook(x, w, eps), ref64, "llama")
+    ref64g = rms_norm_reference(x.double(), 64, w.double(), eps, offset=1.0)
+    assert_tolerance_rule(
+        normlab.rms_norm(x, 64, w, eps, casting="gemma", offset=1.0), gemma_rmsnorm_textbook(x, w, eps), ref64g, "gemma"
+    )
+    if dtype != torch.float64:  # the llama rule rounds before the weight multiply: bitwise the textbook
+        assert torch.equal(normlab.rms_norm(x, 64, w, eps, casting="llama", backend="reference"), llama_rmsnorm_textbook(x, w, eps))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("casting", ["llama", "gemma", "none"])
+@pytest.mark.parametrize("partial", [None, 0.25, 0.5])
+@pytest.mark.parametrize("offset", [0.0, 1.0])
+def test_options_vs_reference(dtype, casting, partial, offset):
+    x, w = rand(5, 48, dtype=dtype), rand(48, dtype=dtype, seed=3)
+    fast = normlab.rms_norm(x, 48, w, casting=casting, partial=partial, offset=offset)
+    same = rms_norm_reference(x, 48, w, casting=casting, partial=partial, offset=offset)
+    ref64 = rms_norm_reference(x.double(), 48, w.double(), eps=torch.finfo(torch.float32).eps, partial=partial, offset=offset)
+    assert_close_same_dtype(fast, same, ref64, f"{casting} p={partial} o={offset}")
+
+
+def test_partial_textbook():
+    """pRMSNorm: the RMS of the first ceil(n·p) elements normalizes the whole row."""
+    x, w = rand(3, 10, dtype=torch.float64), rand(10, dtype=torch.float64, seed=1)
+    k = math.ceil(10 * 0.3)
+    rms = x[:, :k].pow(2).mean(-1, keepdim=True).add(1e-8).sqrt()
+    torch.testing.assert_close(normlab.rms_norm(x, 10, w, 1e-8, partial=0.3), x / rms * w, rtol=0, atol=1e-14)
+
+
+def test_eps_none_follows_torch():
+    x = torch.zeros(2, 8)
+    x[0, 0] = 1e-5
+    for dtype in (torch.float32, torch.bfloat16, torch.float64):
+        xd = x.to(dtype)
+        torch.testing.assert_close(normlab.rms_norm(xd, 8, casting="gemma"), F.rms_norm(xd, (8,)))
+
+
+@pytest.mark.parametrize("casting", ["llama", "gemma", "none"])
+@pytest.mark.parametrize("partial", [None, 0.4])
+@pytest.mark.parametrize("offset", [0.0, 1.0])
+def test_gradcheck(casting, partial, offset):
+    x = rand(4, 3, 10, dtype=torch.float64).requires_grad_()
+    w = rand(10, dtype=torch.float64, seed=1).requires_grad_()
+    f = lambda a, b: normlab.rms_norm(a, 10, b, 1e-5, casting=casting, partial=partial, offset=offset)  # noqa: E731
+    assert torch.autograd.gradcheck(f, (x, w))
+    assert torch.autograd.gradgradcheck(f, (x, w))
+    assert torch.autograd.gradcheck(lambda a: normlab.rms_norm(a, (3, 10), partial=partial), (x,))
+
+
+@pytest.mark.parametrize("partial", [None, 0.4])
+@pytest.mark.parametrize("residual_dtype", [None, torch.float64])
+def test_add_rms_norm_gradcheck(partial, residual_dtype):
+    x, r = rand(5, 12, dtype=torch.float64).requires_grad_(), rand(5, 12, dtype=torch.float64, seed=4).requires_grad_()
+    w = rand(12, dtype=torch.float64, seed=1).requires_grad_()
+    f = lambda a, b, c: normlab.add_rms_norm(a, b, 12, c, 1e-5, partial=partial, offset=0.5, residual_dtype=residual_dtype)  # noqa: E731
+    assert torch.autograd.gradcheck(f, (x, r, w))
+    assert torch.autograd.gradgradcheck(f, (x, r, w))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("residual_dtype", [None, torch.float32])
+def test_add_rms_norm_values(dtype, residual_dtype):
+    x, r, w = rand(6, 40, dtype=dtype), rand(6, 40, dtype=dtype, seed=5), rand(40, dtype=dtype, seed=6)
+    y, s = normlab.add_rms_norm(x, r, 40, w, residual_dtype=residual_dtype)
+    y_ref, s_ref = add_rms_norm_reference(x, r, 40, w, residual_dtype=residual_dtype)
+    assert s.dtype == (residual_dtype or dtype) and y.dtype == dtype
+    assert torch.equal(s, s_ref)
+    y64, _ = add_rms_norm_reference(x.double(), r.double(), 40, w.double(), eps=torch.finfo(torch.float32).eps)
+    assert_close_same_dtype(y, y_ref, y64, "add_rms_norm")
+    # the sum path equals normlab's own add followed by rms_norm
+    torch.testing.assert_close(y, normlab.rms_norm(s_ref, 40, w).to(dtype), rtol=0, atol=0) if residual_dtype is None else None
+
+
+def test_add_rms_norm_grads_match_unfused():
+    x, r = rand(4, 24).requires_grad_(), rand(4, 24, seed=1).requires_grad_()
+    w = rand(24, seed=2).requires_grad_()
+    y, s = normlab.add_rms_norm(x, r, 24, w)
+    (y.square().sum() + 0.5 * s.sum()).backward()
+    g1 = [t.grad.clone() for t in (x, r, w)]
+    for t in (x, r, w):
+        t.grad = None
+    s2 = x + r
+    (normlab.rms_norm(s2, 24, w).square().sum() + 0.5 * s2.sum()).backward()
+    for a, b in zip(g1, (x.grad, r.grad, w.grad)):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_batch_invariance(dtype):
+    big = rand(300, 257, dtype=dtype)
+    w = rand(257, dtype=dtype, seed=1)
+    alone = normlab.rms_norm(big[7:8], 257, w)
+    for m in (255, 300):
+        assert torch.equal(normlab.rms_norm(big[:m], 257, w)[7:8], alone)
+    y1, s1 = normlab.add_rms_norm(big[7:8], big[8:9], 257, w)
+    y2, s2 = normlab.add_rms_norm(big[:255].roll(0), big[1:256], 257, w)
+    assert torch.equal(y2[7:8], y1) and torch.equal(s2[7:8], s1)
+
+
+def test_determinism_forward_backward():
+    def run():
+        x = rand(513, 130).requires_grad_()
+        w = rand(130, seed=1).requires_grad_()
+        y = normlab.rms_norm(x, 130, w, partial=0.7)
+        y.backward(rand(513, 130, seed=9))
+        return y.detach(), x.grad, w.grad
+
+    a, b = run(), run()
+    for u, v in zip(a, b):
+        assert torch.equal(u, v)
+
+
+def test_nan_row_does_not_leak():
+    x, w = rand(6, 32), rand(32, seed=1).requires_grad_()
+    x[2, 5] = float("nan")
+    x[4, 0] = float("inf")
+    x.requires_grad_()
+    y = normlab.rms_norm(x, 32, w)
+    good = [0, 1, 3, 5]
+    x_ok = x.detach()[good].clone().requires_grad_()
+    w_ok = w.detach().clone().requires_grad_()
+    y_ok = normlab.rms_norm(x_ok, 32, w_ok)
+    assert torch.equal(y[good], y_ok)
+    y[good].sum().backward()
+    y_ok.sum().backward()
+    assert torch.equal(x.grad[good], x_ok.grad)
+    assert torch.equal(w.grad, w_ok.grad), "a NaN/inf row leaked into the weight gradient of other rows"
+
+
+def test_zero_size():
+    for shape in [(0, 8), (3, 0, 8)]:
+        x = torch.randn(*shape)
+        assert normlab.rms_norm(x, 8, torch.ones(8)).shape == x.shape
+        y, s = normlab.add_rms_norm(x, x, 8)
+        assert y.shape == s.shape == x.shape
+
+
+def test_bad_input_messages():
+    x = torch.randn(2, 8)
+    with pytest.raises(ValueError, match=r"trailing shape \[4\]"):
+        normlab.rms_norm(x, 4)
+    with pytest.raises(ValueError, match=r"weight of shape \[8\]"):
+        normlab.rms_norm(x, 8, torch.ones(4))
+    with pytest.raises(TypeError, match="weight of dtype torch.float32"):
+        normlab.rms_norm(x, 8, torch.ones(8, dtype=torch.float64))
+    with pytest.raises(TypeError, match="floating dtype"):
+        normlab.rms_norm(torch.ones(2, 8, dtype=torch.int64), 8)
+    with pytest.raises(TypeError, match="floating dtype"):
+        normlab.rms_norm(torch.ones(2, 8, dtype=torch.complex64), 8)
+    for eps in (0.0, -1e-5, float("nan")):
+        with pytest.raises(ValueError, match="eps must be a finite number > 0"):
+            normlab.rms_norm(x, 8, eps=eps)
+    for p in (0.0, 1.5, -0.1):
+        with pytest.raises(ValueError, match=r"partial must be in \(0, 1\]"):
+            normlab.rms_norm(x, 8, partial=p)
+    with pytest.raises(ValueError, match="casting mode 'fp8'.*'llama'"):
+        normlab.rms_norm(x, 8, casting="fp8")
+    with pytest.raises(ValueError, match=r"residual of shape \[2, 8\]"):
+        normlab.add_rms_norm(x, torch.randn(1, 8), 8)  # no silent broadcasting
+    with pytest.raises(ValueError, match="unknown backend 'gpu'"):
+        normlab.rms_norm(x, 8, backend="gpu")
+
+
+def test_fp32_master_weight_with_half_input():
+    x, w = rand(4, 16, dtype=torch.bfloat16), rand(16, seed=1)
+    y = normlab.rms_norm(x, 16, w, casting="gemma")
+    assert y.dtype == torch.bfloat16
+    torch.testing.assert_close(y, F.rms_norm(x, (16,), w))
+
+
+def test_out_argument():
+    x, w = rand(8, 32), rand(32, seed=1)
+    out = torch.empty_like(x)
+    res = normlab.rms_norm(x, 32, w, out=out)
+    assert res is out and torch.equal(out, normlab.rms_norm(x, 32, w))
+    with pytest.raises(RuntimeError, match="automatic differentiation"):
+        normlab.rms_norm(x.requires_grad_(), 32, w, out=out)
+    with pytest.raises(ValueError, match="out must be"):
+        normlab.rms_norm(x.detach(), 32, w, out=torch.empty(8, 31))
+
+
+def test_backend_selection_and_context():
+    x = rand(4, 16)
+    with normlab.backend("reference"):
+        a = normlab.rms_norm(x, 16)
+    assert torch.equal(a, normlab.rms_norm(x, 16, backend="reference"))
+    with pytest.raises(ValueError, match="unknown backend"):
+        with normlab.backend("nope"):
+            pass
+    assert normlab.dispatch.available()["reference"] == "ok"
+
+
+def test_env_variable_selects_backend(monkeypatch):
+    monkeypatch.setenv("NORMLAB_BACKEND", "reference")
+    assert normlab.dispatch.select("rms_norm", rand(2, 4)) == "reference"
+    monkeypatch.setenv("NORMLAB_BACKEND", "bogus")
+    with pytest.raises(ValueError, match="unknown backend 'bogus'"):
+        normlab.dispatch.select("rms_norm", rand(2, 4))
+
+
+def test_torch_compile_fullgraph():
+    torch._dynamo.reset()
+    x, r = rand(4, 8, 32).requires_grad_(), rand(4, 8, 32, seed=1)
+    w = rand(32, seed=2).requires_grad_()
+
+    def f(x, r, w):
+        y, s = normlab.add_rms_norm(x, r, 32, w, offset=1.0)
+        return normlab.rms_norm(y + s, 32, w, partial=0.5).square().mean()
+
+    eager = f(x, r, w)
+    ge = torch.autograd.grad(eager, (x, w))
+    compiled = torch.compile(f, fullgraph=True)(x, r, w)
+    gc = torch.autograd.grad(compiled, (x, w))
+    torch.testing.assert_close(compiled, eager)
+    for a, b in zip(gc, ge):
+        torch.testing.assert_close(a, b)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    rows=st.integers(1, 6),
+    n=st.integers(1, 300),
+    scale=st.sampled_from([1e-3, 1.0, 1e3]),
+    mean=st.sampled_from([0.0, 10.0, 1e4]),
+    dtype=st.sampled_from([torch.float32, torch.bfloat16, torch.float16]),
+    strided=st.booleans(),
+)
+def test_property_shapes_values_strides(rows, n, scale, mean, dtype, strided):
+    base = rand(rows, 2 * n if strided else n, dtype=torch.float64, scale=scale, mean=mean)
+    x64 = base[:, ::2] if strided else base
+    x = x64.to(dtype)
+    if not torch.isfinite(x).all():
+        return
+    w = rand(n, dtype=dtype, seed=1)
+    fast = normlab.rms_norm(x, n, w, casting="gemma")
+    ref64 = rms_norm_reference(x.double(), n, w.double(), eps=torch.finfo(torch.float32).eps)
+    assert_tolerance_rule(fast, F.rms_norm(x, (n,), w), ref64, "property")
+
+
+def test_large_row():
+    x = rand(2, 100_000)
+    torch.testing.assert_close(normlab.rms_norm(x, 100_000, casting="gemma"), F.rms_norm(x, (100_000,)))
