@@ -29,6 +29,10 @@ KNOWN_BACKENDS: dict[str, str | None] = {
     REFERENCE: None,
 }
 
+#: Devices on which a backend is chosen without being asked for. Asked for explicitly, a backend's own
+#: ``supports`` decides (the triton backend serves CPU tensors under ``TRITON_INTERPRET=1`` for tests).
+DEFAULT_DEVICES: dict[str, tuple[str, ...]] = {"triton": ("cuda",), "cpu": ("cpu",)}
+
 # A backend's ``supports(op, x, **options) -> bool`` says whether it serves this input.
 Supports = Callable[..., bool]
 
@@ -115,7 +119,7 @@ def select(op: str, x: torch.Tensor, requested: str | None = None, **options) ->
     if name is not None:
         return name if name == REFERENCE or _serves(name, op, x, options) else REFERENCE
     for candidate in KNOWN_BACKENDS:
-        if candidate != REFERENCE and _serves(candidate, op, x, options):
+        if x.device.type in DEFAULT_DEVICES.get(candidate, ()) and _serves(candidate, op, x, options):
             return candidate
     return REFERENCE
 
