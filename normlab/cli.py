@@ -18,25 +18,24 @@ SUBCOMMANDS = {
 }
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(wanted: str | None = None) -> argparse.ArgumentParser:
+    """The parser; only the subcommand ``wanted`` imports its module to add its arguments."""
     parser = argparse.ArgumentParser(prog="normlab", description=__doc__.splitlines()[0])
     from normlab import __version__
 
     parser.add_argument("--version", action="version", version=f"normlab {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    wanted = sys.argv[1] if len(sys.argv) > 1 else None
     for name, (module, help_text) in SUBCOMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
         p.set_defaults(_module=module)
-        if name == wanted:  # import only the module of the subcommand that runs
+        if name == wanted:
             importlib.import_module(module).add_arguments(p)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    if argv is not None:
-        sys.argv = [sys.argv[0], *argv]
-    args = build_parser().parse_args(sys.argv[1:])
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = build_parser(argv[0] if argv else None).parse_args(argv)
     return int(importlib.import_module(args._module).main(args) or 0)
 
 
