@@ -108,13 +108,17 @@ def backend(name: str) -> Iterator[None]:
 
 def _serves(name: str, op: str, x: torch.Tensor, options: dict) -> bool:
     entry = _ensure_loaded(name)
-    if entry is None or op not in entry.kernels:
+    if entry is None or f"{op}_fwd" not in entry.kernels:
         return False
     return entry.supports is None or bool(entry.supports(op, x, **options))
 
 
 def select(op: str, x: torch.Tensor, requested: str | None = None, **options) -> str:
-    """Name of the backend that computes ``op`` for input ``x`` (and the op's ``options``)."""
+    """Name of the backend that computes ``op`` (e.g. ``"rms_norm"``, served by the kernels
+    ``rms_norm_fwd``/``rms_norm_bwd``) for the ``(rows, n)`` input ``x`` and the op's ``options``.
+
+    A backend's ``supports`` must not look at the number of rows: a row's result may not depend on
+    the batch it came in (batch invariance)."""
     name = _check_name(requested) if requested is not None else requested_backend()
     if name is not None:
         return name if name == REFERENCE or _serves(name, op, x, options) else REFERENCE
