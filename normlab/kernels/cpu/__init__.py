@@ -1,0 +1,183 @@
+"""The ``cpu`` backend: numba kernels for RMSNorm, LayerNorm and their fused residual-add variants.
+
+Serves contiguous CPU inputs in float32, bfloat16 and float16 (half dtypes as their uint16 bit patterns,
+fp32 accumulation, round-to-nearest-even stores); float64 is left to the reference. Weights may be in the
+input dtype or fp32. The casting rules of the reference are applied to the (tiny) weight vector here in
+torch, so the kernels only see fp32 ``offset + w`` and a casting ``mode``.
+
+Kernel contract: see ``normlab.dispatch`` and the op files; every function takes ``(rows, n)`` tensors.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from normlab import dispatch
+from normlab.kernels.cpu._kernels import CHUNK, MODE_FP32, MODE_LLAMA, MODE_NONE, norm_bwd, norm_fwd
+from normlab.kernels.cpu._numerics import BF16, FP16, FP32
+
+__all__ = [
+    "CHUNK",
+    "add_layer_norm_fwd",
+    "add_rms_norm_fwd",
+    "layer_norm_bwd",
+    "layer_norm_fwd",
+    "rms_norm_bwd",
+    "rms_norm_fwd",
+    "supports",
+]
+
+KINDS = {torch.float32: FP32, torch.bfloat16: BF16, torch.float16: FP16}
+_STAT = torch.float32
+
+
+def _np(t: torch.Tensor) -> np.ndarray:
+    """A zero-copy numpy view: fp32 as is, bf16/fp16 as their uint16 bit patterns."""
+    t = t.detach()
+    if t.dtype == torch.float32:
+        return t.numpy()
+    return t.view(torch.int16).numpy().view(np.uint16)
+
+
+def _rows(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return t.detach().to(dtype).contiguous()
+
+
+def _vec(p: torch.Tensor | None, n: int, fill: float) -> np.ndarray:
+    return np.full(n, fill, np.float32) if p is None else p.detach().to(torch.float32).contiguous().numpy()
+
+
+def _output(like: torch.Tensor, dtype: torch.dtype, out: torch.Tensor | None, name: str) -> torch.Tensor:
+    if out is None:
+        return torch.empty(like.shape, dtype=dtype)
+    if out.shape != like.shape or out.dtype != dtype or not out.is_contiguous() or out.device.type != "cpu":
+        raise ValueError(
+            f"{name} must be a contiguous CPU tensor of shape {list(like.shape)} and dtype {dtype}, "
+            f"got {list(out.shape)}, {out.dtype}, contiguous={out.is_contiguous()}, {out.device}"
+        )
+    return out
+
+
+def _rms_weight(weight: torch.Tensor | None, offset: float, casting: str, in_dtype: torch.dtype, n: int):
+    """``offset + w`` exactly as the reference forms it, as fp32 values, and the kernel's mode.
+
+    llama: ``w.to(in) + offset`` in the input dtype; none: ``(w + offset).to(in)``; gemma (and any fp32
+    input, where the modes coincide): ``w.float() + offset`` in fp32."""
+    if in_dtype == torch.float32 or casting == "gemma":
+        mode = MODE_FP32
+        w = None if weight is None else weight.float() + offset
+    elif casting == "llama":
+        mode = MODE_LLAMA
+        w = None if weight is None else weight.to(in_dtype) + offset
+    else:
+        mode = MODE_NONE
+        w = None if weight is None else (weight + offset).to(in_dtype)
+    return _vec(w, n, 1.0), mode
+
+
+def _fwd(x, residual, residual_dtype, weight_f32, bias_f32, eps, k, layer, mode, out, residual_out):
+    rows_, n = x.shape
+    x = x.detach().contiguous()
+    y = _output(x, x.dtype, out, "out")
+    mean = torch.empty(rows_ if layer else 0, dtype=_STAT)
+    rstd = torch.empty(rows_, dtype=_STAT)
+    if residual is None:
+        r = s = x
+        fused = False
+    else:
+        r = residual.detach().contiguous()
+        s = _output(x, residual_dtype, residual_out, "residual_out")
+        fused = True
+    norm_fwd(
+        _np(x), KINDS[x.dtype], _np(r), KINDS[r.dtype], _np(s), KINDS[s.dtype], fused, _np(y),
+        weight_f32, bias_f32, float(eps), int(k), layer, mode, mean.numpy(), rstd.numpy(),
+    )
+    return y, s, mean, rstd
+
+
+def _bwd(dy, x, weight_f32, mean, rstd, k, layer, dsum, want_dw, want_db):
+    rows_, n = x.shape
+    x = x.detach().contiguous()
+    dy = _rows(dy, x.dtype)
+    dsum_t = x if dsum is None else _rows(dsum, x.dtype)
+    dx = torch.empty_like(x)
+    chunks = (rows_ + CHUNK - 1) // CHUNK
+    dw_part = torch.zeros(chunks, n if want_dw else 0, dtype=torch.float32)
+    db_part = torch.zeros(chunks, n if want_db else 0, dtype=torch.float32)
+    dw = torch.zeros(n if want_dw else 0, dtype=torch.float32)
+    db = torch.zeros(n if want_db else 0, dtype=torch.float32)
+    norm_bwd(
+        _np(dy), _np(x), KINDS[x.dtype], weight_f32, mean.detach().contiguous().numpy(),
+        rstd.detach().to(_STAT).contiguous().numpy(), int(k), layer, _np(dsum_t), dsum is not None, _np(dx),
+        dw_part.numpy(), db_part.numpy(), want_dw, want_db, dw.numpy(), db.numpy(),
+    )
+    return dx, dw, db
+
+
+# ---- the kernel contract -----------------------------------------------------------------------
+def rms_norm_fwd(x, weight, eps, casting, offset, k, out=None):
+    """``(y, rstd)``: RMSNorm of the ``(rows, n)`` input with the reference's casting rules."""
+    w, mode = _rms_weight(weight, float(offset), casting, x.dtype, x.shape[1])
+    y, _, _, rstd = _fwd(x, None, None, w, w, eps, k, False, mode, out, None)
+    return y, rstd
+
+
+def rms_norm_bwd(dy, x, weight, rstd, offset, k, dsum=None):
+    """``(dx, dw | None)`` from the saved ``rstd``; ``dsum`` (the fused add's gradient) is added to dx."""
+    n = x.shape[1]
+    w = _vec(None if weight is None else weight.float() + float(offset), n, 1.0)
+    dx, dw, _ = _bwd(dy, x, w, torch.empty(0, dtype=_STAT), rstd, k, False, dsum, weight is not None, False)
+    return dx, None if weight is None else dw.to(weight.dtype)
+
+
+def add_rms_norm_fwd(x, residual, weight, eps, casting, offset, k, residual_dtype, out=None, residual_out=None):
+    """``(y, s, rstd)`` with ``s = x + residual`` (fp32 add, stored in ``residual_dtype``) and
+    ``y = rms_norm(s)`` in ``x``'s dtype."""
+    w, mode = _rms_weight(weight, float(offset), casting, residual_dtype, x.shape[1])
+    y, s, _, rstd = _fwd(x, residual, residual_dtype, w, w, eps, k, False, mode, out, residual_out)
+    return y, s, rstd
+
+
+def layer_norm_fwd(x, weight, bias, eps, out=None):
+    """``(y, mean, rstd)``: LayerNorm (biased two-pass variance) of the ``(rows, n)`` input."""
+    n = x.shape[1]
+    y, _, mean, rstd = _fwd(x, None, None, _vec(weight, n, 1.0), _vec(bias, n, 0.0), eps, n, True, MODE_FP32, out, None)
+    return y, mean, rstd
+
+
+def layer_norm_bwd(dy, x, weight, bias, mean, rstd, dsum=None):
+    """``(dx, dw | None, db | None)`` from the saved ``mean``/``rstd``."""
+    n = x.shape[1]
+    dx, dw, db = _bwd(dy, x, _vec(weight, n, 1.0), mean, rstd, n, True, dsum, weight is not None, bias is not None)
+    return dx, None if weight is None else dw.to(weight.dtype), None if bias is None else db.to(bias.dtype)
+
+
+def add_layer_norm_fwd(x, residual, weight, bias, eps, residual_dtype, out=None, residual_out=None):
+    """``(y, s, mean, rstd)`` with ``s = x + residual`` in ``residual_dtype`` and ``y = layer_norm(s)``."""
+    n = x.shape[1]
+    return _fwd(x, residual, residual_dtype, _vec(weight, n, 1.0), _vec(bias, n, 0.0), eps, n, True, MODE_FP32, out, residual_out)
+
+
+# ---- what this backend serves --------------------------------------------------------------------
+def _ok(t: torch.Tensor | None) -> bool:
+    return t is None or (t.device.type == "cpu" and t.dtype in KINDS)
+
+
+def supports(op: str, x: torch.Tensor, *, residual=None, weight=None, bias=None, residual_dtype=None, **_) -> bool:
+    """CPU tensors in fp32/bf16/fp16 (weights in any of them too); fp64 anywhere → reference.
+    Never looks at the number of rows."""
+    if x.device.type != "cpu" or x.dim() != 2 or x.shape[1] == 0:
+        return False
+    return all(_ok(t) for t in (x, residual, weight, bias)) and (residual_dtype is None or residual_dtype in KINDS)
+
+
+for _name, _fn in [
+    ("rms_norm_fwd", rms_norm_fwd),
+    ("rms_norm_bwd", rms_norm_bwd),
+    ("add_rms_norm_fwd", add_rms_norm_fwd),
+    ("layer_norm_fwd", layer_norm_fwd),
+    ("layer_norm_bwd", layer_norm_bwd),
+    ("add_layer_norm_fwd", add_layer_norm_fwd),
+]:
+    dispatch.register("cpu", _name, _fn, supports=supports)
