@@ -10,6 +10,8 @@ Kernel contract: see ``normlab.dispatch`` and the op files; every function takes
 
 from __future__ import annotations
 
+from typing import Optional
+
 import numpy as np
 import torch
 
@@ -96,9 +98,15 @@ def _fwd(x, residual, residual_dtype, weight_f32, bias_f32, eps, k, layer, mode,
     return y, s, mean, rstd
 
 
-def _bwd(dy, x, weight_f32, mean, rstd, k, layer, dsum, want_dw, want_db):
+@torch.library.custom_op("normlab::cpu_norm_bwd", mutates_args=())
+def _norm_bwd_op(
+    dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor, k: int,
+    layer: bool, dsum: Optional[torch.Tensor], want_dw: bool, want_db: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The backward kernel as a custom op, so autograd graphs traced by ``torch.compile`` can hold it.
+    ``weight`` is fp32 ``offset + w``; gradients not wanted come back empty."""
     rows_, n = x.shape
-    x = x.detach().contiguous()
+    x = x.contiguous()
     dy = _rows(dy, x.dtype)
     dsum_t = x if dsum is None else _rows(dsum, x.dtype)
     dx = torch.empty_like(x)
@@ -108,11 +116,22 @@ def _bwd(dy, x, weight_f32, mean, rstd, k, layer, dsum, want_dw, want_db):
     dw = torch.zeros(n if want_dw else 0, dtype=torch.float32)
     db = torch.zeros(n if want_db else 0, dtype=torch.float32)
     norm_bwd(
-        _np(dy), _np(x), KINDS[x.dtype], weight_f32, mean.detach().contiguous().numpy(),
-        rstd.detach().to(_STAT).contiguous().numpy(), int(k), layer, _np(dsum_t), dsum is not None, _np(dx),
+        _np(dy), _np(x), KINDS[x.dtype], weight.contiguous().numpy(), mean.contiguous().numpy(),
+        rstd.to(_STAT).contiguous().numpy(), k, layer, _np(dsum_t), dsum is not None, _np(dx),
         dw_part.numpy(), db_part.numpy(), want_dw, want_db, dw.numpy(), db.numpy(),
     )
     return dx, dw, db
+
+
+@_norm_bwd_op.register_fake
+def _(dy, x, weight, mean, rstd, k, layer, dsum, want_dw, want_db):
+    n = x.shape[1]
+    return torch.empty_like(x), x.new_empty(n if want_dw else 0, dtype=torch.float32), x.new_empty(n if want_db else 0, dtype=torch.float32)
+
+
+def _wvec(p: torch.Tensor | None, n: int, x: torch.Tensor, offset: float = 0.0) -> torch.Tensor:
+    """fp32 ``offset + w`` (ones without a weight) as a tensor (traceable)."""
+    return x.new_ones(n, dtype=torch.float32) if p is None else p.detach().to(torch.float32) + offset
 
 
 # ---- the kernel contract -----------------------------------------------------------------------
@@ -125,9 +144,8 @@ def rms_norm_fwd(x, weight, eps, casting, offset, k, out=None):
 
 def rms_norm_bwd(dy, x, weight, rstd, offset, k, dsum=None):
     """``(dx, dw | None)`` from the saved ``rstd``; ``dsum`` (the fused add's gradient) is added to dx."""
-    n = x.shape[1]
-    w = _vec(None if weight is None else weight.float() + float(offset), n, 1.0)
-    dx, dw, _ = _bwd(dy, x, w, torch.empty(0, dtype=_STAT), rstd, k, False, dsum, weight is not None, False)
+    w = _wvec(weight, x.shape[1], x, float(offset))
+    dx, dw, _ = _norm_bwd_op(dy, x, w, rstd.new_empty(0), rstd, int(k), False, dsum, weight is not None, False)
     return dx, None if weight is None else dw.to(weight.dtype)
 
 
@@ -149,7 +167,7 @@ def layer_norm_fwd(x, weight, bias, eps, out=None):
 def layer_norm_bwd(dy, x, weight, bias, mean, rstd, dsum=None):
     """``(dx, dw | None, db | None)`` from the saved ``mean``/``rstd``."""
     n = x.shape[1]
-    dx, dw, db = _bwd(dy, x, _vec(weight, n, 1.0), mean, rstd, n, True, dsum, weight is not None, bias is not None)
+    dx, dw, db = _norm_bwd_op(dy, x, _wvec(weight, n, x), mean, rstd, n, True, dsum, weight is not None, bias is not None)
     return dx, None if weight is None else dw.to(weight.dtype), None if bias is None else db.to(bias.dtype)
 
 

@@ -19,7 +19,7 @@ from normlab.kernels.cpu._numerics import (
     out_row,
     round_row,
     round_scalar,
-    row_dot,
+    row_grad_sums,
     row_sqdev,
     row_sum,
     row_sumsq,
@@ -106,35 +106,25 @@ def norm_bwd(dy, x, kind, w, mean, rstd, k, layer, dsum, has_dsum, dx, dw_part, 
         dybuf = np.empty(n, np.float32)
         dsbuf = np.empty(n, np.float32)
         dxbuf = np.empty(n, np.float32)
-        g = np.empty(n, np.float32)
-        xhat = np.empty(n, np.float32)
         pw = dw_part[c]
         pb = db_part[c]
         for i in range(c * CHUNK, min(rows, (c + 1) * CHUNK)):
             xr = load_row(x, i, kind, xbuf)
             dyr = load_row(dy, i, kind, dybuf)
             rs = rstd[i]
-            if layer:
-                m = mean[i]
-                for j in range(n):
-                    xhat[j] = (xr[j] - m) * rs
-            else:
-                for j in range(n):
-                    xhat[j] = xr[j] * rs
-            for j in range(n):
-                g[j] = dyr[j] * w[j]
+            m = mean[i] if layer else _ZERO  # x − 0 is x exactly: one x̂ formula for both norms
+            sum_g, sum_gx = row_grad_sums(dyr, w, xr, m, rs)
             dxr = out_row(dx, i, dxbuf)
             if layer:
-                mg = row_sum(g) / nf
-                mgx = row_dot(g, xhat) / nf
+                mg, mgx = sum_g / nf, sum_gx / nf
                 for j in range(n):
-                    dxr[j] = rs * (g[j] - mg - xhat[j] * mgx)
+                    dxr[j] = rs * (dyr[j] * w[j] - mg - (xr[j] - m) * rs * mgx)
             else:
-                proj = row_dot(g, xhat) / kf
+                proj = sum_gx / kf
                 for j in range(k):
-                    dxr[j] = rs * g[j] - rs * xhat[j] * proj
+                    dxr[j] = rs * (dyr[j] * w[j]) - rs * (xr[j] * rs) * proj
                 for j in range(k, n):
-                    dxr[j] = rs * g[j]
+                    dxr[j] = rs * (dyr[j] * w[j])
             if has_dsum:
                 dsr = load_row(dsum, i, kind, dsbuf)
                 for j in range(n):
@@ -143,7 +133,7 @@ def norm_bwd(dy, x, kind, w, mean, rstd, k, layer, dsum, has_dsum, dx, dw_part, 
             if want_dw:
                 for j in range(n):
                     d = dyr[j]
-                    pw[j] += d * xhat[j] if d != _ZERO else _ZERO
+                    pw[j] += d * ((xr[j] - m) * rs) if d != _ZERO else _ZERO
             if want_db:
                 for j in range(n):
                     pb[j] += dyr[j]

@@ -226,8 +226,12 @@ def row_sqdev(a, m):
 
 
 @njit(cache=True, fastmath=_REASSOC)
-def row_dot(a, b):
-    s = _ZERO
-    for j in range(a.shape[0]):
-        s += a[j] * b[j]
-    return s
+def row_grad_sums(dy, w, x, m, rstd):
+    """``(Σ_j g_j, Σ_j g_j·x̂_j)`` with ``g = dy·w`` and ``x̂ = (x − m)·rstd``."""
+    sg = _ZERO
+    sgx = _ZERO
+    for j in range(x.shape[0]):
+        g = dy[j] * w[j]
+        sg += g
+        sgx += g * ((x[j] - m) * rstd)
+    return sg, sgx

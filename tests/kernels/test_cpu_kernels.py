@@ -1,0 +1,421 @@
+"""The numba ``cpu`` backend against the references (DESIGN §4), at the kernel contract and through the ops.
+
+Shapes stay small: the cost of this file is mostly numba compiling (or loading from its cache) the two
+generic kernels for fp32 and uint16 (bf16/fp16) arrays.
+"""
+
+from __future__ import annotations
+
+import numba
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import normlab
+from normlab import dispatch
+from normlab.kernels import cpu as K
+from normlab.kernels.cpu._numerics import BF16, FP16, decode, encode
+from normlab.ops.rms_norm import rms_norm_bwd_ref, rms_norm_fwd_ref
+from tests.helpers import ATOL, assert_close_same_dtype, assert_tolerance_rule, rand
+
+HALF = [torch.bfloat16, torch.float16]
+LOW = [torch.float32, *HALF]
+ODD_N = [1, 3, 767, 4097]
+EPS32 = torch.finfo(torch.float32).eps
+
+
+# ---- plain-torch LayerNorm reference (two-pass, compute dtype), written out as the spec ---------------
+def ln_fwd_ref(x, w, b, eps):
+    c = torch.float64 if x.dtype == torch.float64 else torch.float32
+    xc = x.to(c)
+    mean = xc.mean(1)
+    rstd = torch.rsqrt((xc - mean[:, None]).square().mean(1) + eps)
+    y = (xc - mean[:, None]) * rstd[:, None]
+    if w is not None:
+        y = y * w.to(c)
+    if b is not None:
+        y = y + b.to(c)
+    return y.to(x.dtype), mean, rstd
+
+
+def ln_bwd_ref(dy, x, w, mean, rstd, dsum=None):
+    c = mean.dtype
+    xhat = (x.to(c) - mean[:, None]) * rstd[:, None]
+    dyc = dy.to(c)
+    g = dyc if w is None else dyc * w.to(c)
+    dx = rstd[:, None] * (g - g.mean(1, keepdim=True) - xhat * (g * xhat).mean(1, keepdim=True))
+    if dsum is not None:
+        dx = dx + dsum.to(c)
+    dw = torch.where(dyc == 0, 0.0, dyc * xhat).sum(0)
+    return dx.to(x.dtype), dw, dyc.sum(0)
+
+
+# ---- bf16 / fp16 bit patterns -------------------------------------------------------------------
+@pytest.mark.parametrize("dtype,kind", [(torch.bfloat16, BF16), (torch.float16, FP16)])
+def test_decode_every_half_pattern(dtype, kind):
+    bits = np.arange(65536, dtype=np.uint32).astype(np.uint16)
+    got = np.empty(65536, np.float32)
+    decode(bits, got, kind)
+    want = torch.from_numpy(bits.view(np.int16)).view(dtype).float().numpy()
+    nan = np.isnan(want)
+    assert np.array_equal(np.isnan(got), nan)
+    assert np.array_equal(got[~nan].view(np.uint32), want[~nan].view(np.uint32))  # bitwise, signed zeros too
+
+
+def _edge_floats():
+    f32 = np.float32
+    specials = [0.0, -0.0, np.inf, -np.inf, np.nan, -np.nan, 1.0, -1.0, 65504.0, 65519.99, 65520.0, 65536.0,
+                3.3895314e38, 3.4028235e38, -3.4028235e38, 1e-45, 5.96e-8, 2.98e-8, 2.9802322e-8, 6.1e-5,
+                6.097555e-5, 1.0 + 2**-8, 1.0 + 3 * 2**-8, 1.0 + 2**-11, 1.0 + 3 * 2**-11, 1.0 + 2**-9]
+    g = np.random.default_rng(0)
+    rand_bits = g.integers(0, 2**32, size=200_000, dtype=np.uint64).astype(np.uint32).view(np.float32)
+    # exact ties for both formats: a representable value plus half an ulp
+    base = g.standard_normal(20_000).astype(np.float32)
+    ties_bf16 = (base.view(np.uint32) & np.uint32(0xFFFF0000) | np.uint32(0x8000)).view(np.float32)
+    ties_f16 = (base.view(np.uint32) & np.uint32(0xFFFFE000) | np.uint32(0x1000)).view(np.float32)
+    small = (g.standard_normal(20_000) * 1e-5).astype(np.float32)  # fp16 subnormal range
+    return np.concatenate([np.array(specials, f32), rand_bits, ties_bf16, ties_f16, small])
+
+
+@pytest.mark.parametrize("dtype,kind", [(torch.bfloat16, BF16), (torch.float16, FP16)])
+def test_encode_rounds_to_nearest_even(dtype, kind):
+    """fp32 → half: bitwise torch's cast (round to nearest even, overflow to inf, subnormals), NaN stays NaN."""
+    src = _edge_floats()
+    got = np.empty(src.shape, np.uint16)
+    encode(src, got, kind)
+    want = torch.from_numpy(src).to(dtype).view(torch.int16).numpy().view(np.uint16)
+    got_f = torch.from_numpy(got.view(np.int16)).view(dtype).float().numpy()
+    nan = np.isnan(src)
+    assert np.isnan(got_f[nan]).all(), "a NaN was not kept a NaN"
+    bad = np.nonzero(got[~nan] != want[~nan])[0]
+    assert bad.size == 0, f"{bad.size} mismatches, e.g. {src[~nan][bad[:5]]} -> {got[~nan][bad[:5]]} (torch {want[~nan][bad[:5]]})"
+    # spot checks of the rules themselves
+    one = torch.tensor([1.0 + 2**-8, 1.0 + 3 * 2**-8, 3.4e38], dtype=torch.float32).numpy()
+    out = np.empty(3, np.uint16)
+    encode(one, out, BF16)
+    assert list(out) == [0x3F80, 0x3F82, 0x7F80]  # tie → even (down), tie → even (up), overflow → inf
+
+
+# ---- RMSNorm ------------------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", LOW)
+@pytest.mark.parametrize("casting", ["llama", "gemma", "none"])
+@pytest.mark.parametrize("offset", [0.0, 1.0])
+@pytest.mark.parametrize("partial", [None, 0.3])
+def test_rms_forward_options(dtype, casting, offset, partial):
+    x, w = rand(5, 67, dtype=dtype, mean=0.5), rand(67, dtype=dtype, seed=1)
+    k = 67 if partial is None else int(np.ceil(67 * partial))
+    y, rstd = K.rms_norm_fwd(x, w, 1e-5, casting, offset, k)
+    y_same, rstd_same = rms_norm_fwd_ref(x, w, 1e-5, casting, offset, k)
+    y64, _ = rms_norm_fwd_ref(x.double(), w.double(), 1e-5, casting, offset, k)
+    assert y.dtype == dtype and rstd.dtype == torch.float32
+    assert_close_same_dtype(y, y_same, y64, f"{dtype} {casting} o={offset} p={partial}")
+    torch.testing.assert_close(rstd, rstd_same, rtol=1e-6, atol=0)
+
+
+def test_rms_llama_and_none_round_like_the_reference():
+    """With the same rstd, the half casting modes apply exactly the reference's intermediate roundings."""
+    x, w = rand(64, 256, dtype=torch.bfloat16), rand(256, dtype=torch.bfloat16, seed=3)
+    for casting in ("llama", "none", "gemma"):
+        y, _ = K.rms_norm_fwd(x, w, 1e-5, casting, 0.5, 256)
+        y_ref, _ = rms_norm_fwd_ref(x, w, 1e-5, casting, 0.5, 256)
+        mismatch = (y != y_ref).float().mean().item()
+        assert mismatch < 0.01, f"{casting}: {mismatch:.2%} of elements differ from the reference"
+
+
+@pytest.mark.parametrize("dtype", LOW)
+@pytest.mark.parametrize("n", ODD_N)
+def test_rms_odd_sizes_vs_torch(dtype, n):
+    x, w = rand(3, n, dtype=dtype), rand(n, dtype=dtype, seed=1)
+    y, _ = K.rms_norm_fwd(x, w, EPS32, "gemma", 0.0, n)
+    ref64, _ = rms_norm_fwd_ref(x.double(), w.double(), EPS32, "gemma", 0.0, n)
+    assert_tolerance_rule(y, F.rms_norm(x, (n,), w), ref64, f"rms {dtype} n={n}")
+
+
+@pytest.mark.parametrize("dtype", LOW)
+@pytest.mark.parametrize("n", ODD_N)
+@pytest.mark.parametrize("partial,offset,affine,dsum", [(None, 0.0, True, False), (0.4, 1.0, True, True), (None, 0.0, False, True)])
+def test_rms_backward(dtype, n, partial, offset, affine, dsum):
+    """Gradients vs the fp64 reference; torch's place in the rule is the reference in the same dtype."""
+    k = n if partial is None else max(1, int(np.ceil(n * partial)))
+    x, dy = rand(4, n, dtype=dtype, seed=2), rand(4, n, dtype=dtype, seed=3)
+    w = rand(n, dtype=dtype, seed=4) if affine else None
+    ds = rand(4, n, dtype=dtype, seed=5) if dsum else None
+    _, rstd = K.rms_norm_fwd(x, w, 1e-5, "gemma", offset, k)
+    dx, dw = K.rms_norm_bwd(dy, x, w, rstd, offset, k, ds)
+    torch.set_grad_enabled(False)
+    try:
+        dx_same, dw_same = rms_norm_bwd_ref(dy, x, w, rstd, offset, k, 1e-5, ds)
+        _, rstd64 = rms_norm_fwd_ref(x.double(), None, 1e-5, "gemma", 0.0, k)
+        w64 = None if w is None else w.double()
+        dx64, dw64 = rms_norm_bwd_ref(dy.double(), x.double(), w64, rstd64, offset, k, 1e-5, None if ds is None else ds.double())
+    finally:
+        torch.set_grad_enabled(True)
+    assert dx.dtype == dtype
+    assert_close_same_dtype(dx, dx_same, dx64, f"dx {dtype} n={n}")
+    if affine:
+        assert dw.dtype == dtype
+        assert_close_same_dtype(dw, dw_same, dw64, f"dw {dtype} n={n}")
+    else:
+        assert dw is None
+
+
+def test_rms_fp32_grads_vs_fp64_autograd():
+    """The fp32 kernels through the op's autograd against fp64 autograd of the reference formula."""
+    x = rand(7, 3, 33, seed=1, scale=2.0)
+    w = rand(33, seed=2)
+    for casting, offset, partial in [("llama", 0.0, None), ("gemma", 1.0, 0.5)]:
+        xs, ws = x.clone().requires_grad_(), w.clone().requires_grad_()
+        normlab.rms_norm(xs, 33, ws, 1e-6, casting=casting, offset=offset, partial=partial, backend="cpu").sin().sum().backward()
+        x64, w64 = x.double().requires_grad_(), w.double().requires_grad_()
+        normlab.rms_norm(x64, 33, w64, 1e-6, casting=casting, offset=offset, partial=partial).sin().sum().backward()
+        torch.testing.assert_close(xs.grad.double(), x64.grad, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(ws.grad.double(), w64.grad, rtol=1e-5, atol=1e-5)
+
+
+# ---- LayerNorm ----------------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", LOW)
+@pytest.mark.parametrize("n", ODD_N)
+@pytest.mark.parametrize("affine", ["wb", "w", "none"])
+def test_layer_norm_forward_backward(dtype, n, affine):
+    x = rand(4, n, dtype=dtype, seed=1, mean=3.0)
+    w = rand(n, dtype=dtype, seed=2) if affine != "none" else None
+    b = rand(n, dtype=dtype, seed=3) if affine == "wb" else None
+    dy = rand(4, n, dtype=dtype, seed=4)
+    y, mean, rstd = K.layer_norm_fwd(x, w, b, 1e-5)
+    y64, mean64, rstd64 = ln_fwd_ref(x.double(), None if w is None else w.double(), None if b is None else b.double(), 1e-5)
+    assert_tolerance_rule(y, F.layer_norm(x, (n,), w, b, 1e-5), y64, f"ln fwd {dtype} n={n}")
+    torch.testing.assert_close(mean.double(), mean64, rtol=1e-5, atol=1e-5)
+    dx, dw, db = K.layer_norm_bwd(dy, x, w, b, mean, rstd)
+    # torch's own gradients in the same dtype take torch's place in the rule
+    xt = x.clone().requires_grad_()
+    wt = None if w is None else w.clone().requires_grad_()
+    bt = None if b is None else b.clone().requires_grad_()
+    F.layer_norm(xt, (n,), wt, bt, 1e-5).backward(dy)
+    dx64, dw64, db64 = ln_bwd_ref(dy.double(), x.double(), None if w is None else w.double(), mean64, rstd64)
+    assert_tolerance_rule(dx, xt.grad, dx64, f"ln dx {dtype} n={n}")
+    if w is not None:
+        assert_tolerance_rule(dw, wt.grad, dw64, f"ln dw {dtype} n={n}")
+    else:
+        assert dw is None
+    if b is not None:
+        assert_tolerance_rule(db, bt.grad, db64, f"ln db {dtype} n={n}")
+    else:
+        assert db is None
+
+
+def test_layer_norm_large_mean_tiny_variance():
+    """Two-pass variance: no cancellation at mean 1e4 (E[x²] − E[x]² would give garbage or NaN)."""
+    x = rand(8, 512, scale=1e-2, mean=1e4)
+    y, _, rstd = K.layer_norm_fwd(x, None, None, 1e-5)
+    y64, _, _ = ln_fwd_ref(x.double(), None, None, 1e-5)
+    assert torch.isfinite(rstd).all()
+    assert_tolerance_rule(y, F.layer_norm(x, (512,), eps=1e-5), y64, "large mean")
+
+
+def test_layer_norm_dsum_and_fp32_master_weight():
+    x, dy, ds = rand(6, 100, dtype=torch.bfloat16), rand(6, 100, dtype=torch.bfloat16, seed=1), rand(6, 100, dtype=torch.bfloat16, seed=2)
+    w, b = rand(100, seed=3), rand(100, seed=4)
+    y, mean, rstd = K.layer_norm_fwd(x, w, b, 1e-5)
+    y_same, m_same, r_same = ln_fwd_ref(x, w, b, 1e-5)
+    y64, _, _ = ln_fwd_ref(x.double(), w.double(), b.double(), 1e-5)
+    assert_close_same_dtype(y, y_same, y64, "fp32 master weight")
+    dx, dw, db = K.layer_norm_bwd(dy, x, w, b, mean, rstd, ds)
+    dx_same, _, _ = ln_bwd_ref(dy, x, w, m_same, r_same, ds)
+    dx64, dw64, db64 = ln_bwd_ref(dy.double(), x.double(), w.double(), m_same.double(), r_same.double(), ds.double())
+    assert dw.dtype == db.dtype == torch.float32
+    assert_close_same_dtype(dx, dx_same, dx64, "dx with dsum")
+    torch.testing.assert_close(dw.double(), dw64, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(db.double(), db64, rtol=1e-5, atol=1e-5)
+
+
+# ---- fused residual add ---------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", LOW)
+@pytest.mark.parametrize("layer", [False, True])
+def test_fused_add_equals_add_then_norm(dtype, layer):
+    """s = (x + r) in fp32 rounded once; y bitwise the plain kernel applied to s."""
+    x, r, w = rand(9, 130, dtype=dtype), rand(9, 130, dtype=dtype, seed=1), rand(130, dtype=dtype, seed=2)
+    s_want = (x.float() + r.float()).to(dtype)
+    if layer:
+        y, s, mean, rstd = K.add_layer_norm_fwd(x, r, w, w, 1e-5, dtype)
+        y_plain, mean_p, rstd_p = K.layer_norm_fwd(s_want, w, w, 1e-5)
+        assert torch.equal(mean, mean_p)
+    else:
+        y, s, rstd = K.add_rms_norm_fwd(x, r, w, 1e-5, "llama", 0.5, 100, dtype)
+        y_plain, rstd_p = K.rms_norm_fwd(s_want, w, 1e-5, "llama", 0.5, 100)
+    assert torch.equal(s, s_want) and torch.equal(y, y_plain) and torch.equal(rstd, rstd_p)
+
+
+@pytest.mark.parametrize("layer", [False, True])
+def test_fused_add_fp32_residual_stream(layer):
+    """bf16 activations with an fp32 residual stream: s in fp32, the norm of s cast to bf16 at the end."""
+    x, r, w = rand(5, 96, dtype=torch.bfloat16), rand(5, 96, dtype=torch.bfloat16, seed=1), rand(96, dtype=torch.bfloat16, seed=2)
+    s_want = x.float() + r.float()
+    if layer:
+        y, s, _, _ = K.add_layer_norm_fwd(x, r, w, None, 1e-5, torch.float32)
+        y_ref = ln_fwd_ref(s_want, w, None, 1e-5)[0].to(torch.bfloat16)
+    else:
+        y, s, _ = K.add_rms_norm_fwd(x, r, w, 1e-5, "llama", 0.0, 96, torch.float32)
+        y_ref = rms_norm_fwd_ref(s_want, w, 1e-5, "llama", 0.0, 96)[0].to(torch.bfloat16)
+    assert s.dtype == torch.float32 and y.dtype == torch.bfloat16
+    assert torch.equal(s, s_want)
+    assert (y.float() - y_ref.float()).abs().max().item() <= ATOL[torch.bfloat16]
+
+
+def test_add_rms_norm_op_through_cpu_backend():
+    x, r = rand(4, 3, 40, dtype=torch.bfloat16).requires_grad_(), rand(4, 3, 40, dtype=torch.bfloat16, seed=1).requires_grad_()
+    w = rand(40, dtype=torch.bfloat16, seed=2).requires_grad_()
+    y, s = normlab.add_rms_norm(x, r, 40, w, backend="cpu")
+    (y.float().square().sum() + s.float().sum()).backward()
+    grads = [t.grad for t in (x, r, w)]
+    for t in (x, r, w):
+        t.grad = None
+    y2, s2 = normlab.add_rms_norm(x, r, 40, w, backend="reference")
+    (y2.float().square().sum() + s2.float().sum()).backward()
+    assert torch.equal(s, s2)
+    torch.testing.assert_close(y, y2, rtol=0, atol=ATOL[torch.bfloat16])
+    for a, b in zip(grads, (x.grad, r.grad, w.grad)):
+        torch.testing.assert_close(a.float(), b.float(), rtol=2e-2, atol=5e-2)
+
+
+# ---- layout, invariance, determinism --------------------------------------------------------------
+def test_non_contiguous_inputs():
+    base = rand(6, 2 * 50, seed=3)
+    x = base[:, ::2]  # strided rows
+    xt = rand(50, 6, seed=4).t()  # transposed
+    w = rand(50, seed=5)
+    for inp in (x, xt):
+        assert not inp.is_contiguous()
+        torch.testing.assert_close(normlab.rms_norm(inp, 50, w, backend="cpu"), normlab.rms_norm(inp.contiguous(), 50, w, backend="cpu"), rtol=0, atol=0)
+        y, _ = K.rms_norm_fwd(inp, w, EPS32, "llama", 0.0, 50)
+        torch.testing.assert_close(y, K.rms_norm_fwd(inp.contiguous(), w, EPS32, "llama", 0.0, 50)[0], rtol=0, atol=0)
+        y, _, _ = K.layer_norm_fwd(inp, w, w, 1e-5)
+        torch.testing.assert_close(y, K.layer_norm_fwd(inp.contiguous(), w, w, 1e-5)[0], rtol=0, atol=0)
+    # an expanded (stride-0) upstream gradient, as autograd hands out for .sum()
+    xs = x.contiguous()
+    _, rstd = K.rms_norm_fwd(xs, w, EPS32, "llama", 0.0, 50)
+    dy = torch.ones(()).expand(6, 50)
+    dx, dw = K.rms_norm_bwd(dy, xs, w, rstd, 0.0, 50)
+    dx2, dw2 = K.rms_norm_bwd(dy.contiguous(), xs, w, rstd, 0.0, 50)
+    assert torch.equal(dx, dx2) and torch.equal(dw, dw2)
+
+
+def _all_forward(x, r, w, b):
+    n = x.shape[1]
+    return [
+        K.rms_norm_fwd(x, w, 1e-5, "llama", 0.0, n)[0],
+        K.rms_norm_fwd(x, w, 1e-5, "none", 1.0, n // 2)[0],
+        K.layer_norm_fwd(x, w, b, 1e-5)[0],
+        *K.add_rms_norm_fwd(x, r, w, 1e-5, "gemma", 0.0, n, x.dtype)[:2],
+        *K.add_layer_norm_fwd(x, r, w, b, 1e-5, x.dtype)[:2],
+    ]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_batch_invariance(dtype):
+    """A row's outputs (forward, and dx of the backward) are bitwise the same in a batch of 1, 255 or 300."""
+    x, r = rand(300, 257, dtype=dtype), rand(300, 257, dtype=dtype, seed=1)
+    w, b = rand(257, dtype=dtype, seed=2), rand(257, dtype=dtype, seed=3)
+    dy = rand(300, 257, dtype=dtype, seed=4)
+    row = 131
+    alone = _all_forward(x[row:row + 1], r[row:row + 1], w, b)
+    _, rstd1 = K.rms_norm_fwd(x[row:row + 1], w, 1e-5, "llama", 0.0, 257)
+    _, mean1, lrstd1 = K.layer_norm_fwd(x[row:row + 1], w, b, 1e-5)
+    dx1 = K.rms_norm_bwd(dy[row:row + 1], x[row:row + 1], w, rstd1, 0.0, 257)[0]
+    dl1 = K.layer_norm_bwd(dy[row:row + 1], x[row:row + 1], w, b, mean1, lrstd1)[0]
+    for m in (255, 300):
+        for a, big in zip(alone, _all_forward(x[:m], r[:m], w, b)):
+            assert torch.equal(big[row:row + 1], a)
+        _, rstd = K.rms_norm_fwd(x[:m], w, 1e-5, "llama", 0.0, 257)
+        _, mean, lrstd = K.layer_norm_fwd(x[:m], w, b, 1e-5)
+        assert torch.equal(K.rms_norm_bwd(dy[:m], x[:m], w, rstd, 0.0, 257)[0][row:row + 1], dx1)
+        assert torch.equal(K.layer_norm_bwd(dy[:m], x[:m], w, b, mean, lrstd)[0][row:row + 1], dl1)
+
+
+def _grads(dtype):
+    x, dy = rand(1000, 130, dtype=dtype), rand(1000, 130, dtype=dtype, seed=1)
+    w, b = rand(130, dtype=dtype, seed=2), rand(130, dtype=dtype, seed=3)
+    y, rstd = K.rms_norm_fwd(x, w, 1e-5, "llama", 0.0, 91)
+    dx, dw = K.rms_norm_bwd(dy, x, w, rstd, 0.0, 91)
+    yl, mean, lrstd = K.layer_norm_fwd(x, w, b, 1e-5)
+    dxl, dwl, dbl = K.layer_norm_bwd(dy, x, w, b, mean, lrstd, dy)
+    return y, dx, dw, yl, dxl, dwl, dbl
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_determinism_runs_and_threads(dtype):
+    """Bitwise equal across runs and across 1 vs 2 numba threads, forward and weight/bias gradients."""
+    before = numba.get_num_threads()
+    try:
+        numba.set_num_threads(1)
+        one = _grads(dtype)
+        numba.set_num_threads(min(2, numba.config.NUMBA_NUM_THREADS))
+        two, again = _grads(dtype), _grads(dtype)
+    finally:
+        numba.set_num_threads(before)
+    for a, b, c in zip(one, two, again):
+        assert torch.equal(a, b) and torch.equal(b, c)
+
+
+def test_nan_row_does_not_leak_into_parameter_grads():
+    x, w, b = rand(8, 40), rand(40, seed=1), rand(40, seed=2)
+    x[3, 7] = float("nan")
+    x[5] = float("inf")
+    dy = rand(8, 40, seed=3)
+    dy[3] = 0
+    dy[5] = 0
+    good = [0, 1, 2, 4, 6, 7]
+    _, rstd = K.rms_norm_fwd(x, w, 1e-5, "llama", 0.0, 40)
+    _, mean, lrstd = K.layer_norm_fwd(x, w, b, 1e-5)
+    _, dw = K.rms_norm_bwd(dy, x, w, rstd, 0.0, 40)
+    _, dwl, dbl = K.layer_norm_bwd(dy, x, w, b, mean, lrstd)
+    _, dw_ok = K.rms_norm_bwd(dy[good], x[good], w, rstd[good], 0.0, 40)
+    _, dwl_ok, dbl_ok = K.layer_norm_bwd(dy[good], x[good], w, b, mean[good], lrstd[good])
+    for got, ok in [(dw, dw_ok), (dwl, dwl_ok), (dbl, dbl_ok)]:
+        assert torch.isfinite(got).all()
+        torch.testing.assert_close(got, ok, rtol=1e-6, atol=1e-6)
+
+
+# ---- dispatch and out= ----------------------------------------------------------------------------
+def test_default_dispatch_picks_cpu_and_falls_back_for_fp64():
+    for dtype in LOW:
+        x = rand(4, 8, dtype=dtype)
+        assert dispatch.select("rms_norm", x, weight=None, casting="llama", offset=0.0, k=8) == "cpu"
+        assert dispatch.select("layer_norm", x, weight=None, bias=None) == "cpu"
+        assert dispatch.select("add_rms_norm", x, residual=x, weight=None, casting="llama", offset=0.0, k=8, residual_dtype=torch.float32) == "cpu"
+        assert dispatch.select("add_layer_norm", x, residual=x, weight=None, bias=None, residual_dtype=dtype) == "cpu"
+    x64 = rand(4, 8, dtype=torch.float64)
+    assert dispatch.select("rms_norm", x64, weight=None, casting="llama", offset=0.0, k=8) == "reference"
+    assert dispatch.select("rms_norm", x64, "cpu", weight=None, casting="llama", offset=0.0, k=8) == "reference"
+    x = rand(4, 8)
+    assert dispatch.select("add_rms_norm", x, residual=x, weight=None, casting="llama", offset=0.0, k=8, residual_dtype=torch.float64) == "reference"
+    # the answer never depends on the number of rows
+    assert {K.supports("rms_norm", rand(m, 8)) for m in (1, 64, 65, 4096)} == {True}
+    # and the op through the default choice equals the explicit cpu backend
+    x = rand(3, 16)
+    assert torch.equal(normlab.rms_norm(x, 16), normlab.rms_norm(x, 16, backend="cpu"))
+
+
+def test_out_buffers():
+    x, r, w = rand(8, 32), rand(8, 32, seed=1), rand(32, seed=2)
+    out = torch.empty_like(x)
+    y, _ = K.rms_norm_fwd(x, w, 1e-5, "llama", 0.0, 32, out=out)
+    assert y is out and torch.equal(out, K.rms_norm_fwd(x, w, 1e-5, "llama", 0.0, 32)[0])
+    y, _, _ = K.layer_norm_fwd(x, w, w, 1e-5, out=out)
+    assert y is out and torch.equal(out, K.layer_norm_fwd(x, w, w, 1e-5)[0])
+    res = torch.empty_like(x)
+    y, s, _ = K.add_rms_norm_fwd(x, r, w, 1e-5, "llama", 0.0, 32, torch.float32, out=out, residual_out=res)
+    assert y is out and s is res and torch.equal(res, x + r)
+    y, s, _, _ = K.add_layer_norm_fwd(x, r, w, w, 1e-5, torch.float32, out=out, residual_out=res)
+    assert y is out and s is res and torch.equal(out, K.layer_norm_fwd(x + r, w, w, 1e-5)[0])
+    x.copy_(rand(8, 32, seed=7))
+    y_new = K.rms_norm_fwd(x, w, 1e-5, "llama", 0.0, 32)[0]
+    assert torch.equal(K.rms_norm_fwd(x, w, 1e-5, "llama", 0.0, 32, out=x)[0], y_new)  # in place is safe
+    with pytest.raises(ValueError, match="out must be a contiguous CPU tensor of shape \\[8, 32\\] and dtype torch.float32"):
+        K.rms_norm_fwd(x, w, 1e-5, "llama", 0.0, 32, out=torch.empty(8, 32, dtype=torch.bfloat16))
+    with pytest.raises(ValueError, match="residual_out must be"):
+        K.add_rms_norm_fwd(x, r, w, 1e-5, "llama", 0.0, 32, torch.float32, residual_out=torch.empty(64, 16).t())
+    # through the op API
+    out = torch.empty(8, 32, dtype=torch.bfloat16)
+    xb = x.bfloat16()
+    assert normlab.rms_norm(xb, 32, w, out=out) is out and torch.equal(out, normlab.rms_norm(xb, 32, w))
