@@ -1,0 +1,10 @@
+"""``python -m normlab.bench`` — the same as ``normlab bench``."""
+
+import argparse
+
+from normlab.bench import add_arguments, main
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(prog="python -m normlab.bench", description="benchmark the kernels against torch and copy_ bandwidth")
+    add_arguments(parser)
+    raise SystemExit(main(parser.parse_args()))

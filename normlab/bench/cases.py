@@ -1,0 +1,151 @@
+"""What the benchmark runs: for each op, normlab and the implementations it is compared with.
+
+Every implementation is a forward function of the op's inputs returning its outputs; the runner times it
+alone (``fwd``) or followed by ``torch.autograd.grad`` of every output (``fwd+bwd``). Other backends
+(e.g. a GPU comparison library) add entries to :data:`EXTRA_IMPLS`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+import normlab
+
+OPS = ("rms_norm", "layer_norm", "add_rms_norm", "add_layer_norm")
+FUSED = {"add_rms_norm", "add_layer_norm"}
+EPS = 1e-6
+
+
+@dataclass
+class Inputs:
+    x: torch.Tensor
+    residual: torch.Tensor | None
+    weight: torch.Tensor
+    bias: torch.Tensor | None
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [t for t in (self.x, self.residual, self.weight, self.bias) if t is not None]
+
+
+def make_inputs(op: str, rows: int, n: int, dtype: torch.dtype, device: str, requires_grad: bool) -> Inputs:
+    g = torch.Generator(device="cpu").manual_seed(0)
+
+    def randn(*shape, scale=1.0, shift=0.0):
+        t = (torch.randn(*shape, generator=g) * scale + shift).to(dtype=dtype, device=device)
+        return t.requires_grad_(requires_grad)
+
+    layer = op in ("layer_norm", "add_layer_norm")
+    return Inputs(
+        x=randn(rows, n),
+        residual=randn(rows, n) if op in FUSED else None,
+        weight=randn(n, scale=0.1, shift=1.0),
+        bias=randn(n, scale=0.1) if layer else None,
+    )
+
+
+# ---- the seeds' reference formulas (what a model file would write) --------------------------------
+def llama_rms_norm(x, w):
+    """Hugging Face ``LlamaRMSNorm.forward``."""
+    h = x.to(torch.float32)
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + EPS)
+    return w * h.to(x.dtype)
+
+
+def textbook_layer_norm(x, w, b):
+    """``(x − mean) / sqrt(var + eps) · w + b`` in fp32, biased variance, cast back."""
+    h = x.to(torch.float32)
+    mu = h.mean(-1, keepdim=True)
+    var = (h - mu).pow(2).mean(-1, keepdim=True)
+    return ((h - mu) * torch.rsqrt(var + EPS) * w.float() + b.float()).to(x.dtype)
+
+
+def _impls_rms(n):
+    return {
+        "normlab": lambda i: (normlab.rms_norm(i.x, n, i.weight, EPS),),
+        "torch": lambda i: (F.rms_norm(i.x, (n,), i.weight, EPS),),
+        "reference": lambda i: (llama_rms_norm(i.x, i.weight),),
+    }
+
+
+def _impls_ln(n):
+    return {
+        "normlab": lambda i: (normlab.layer_norm(i.x, (n,), i.weight, i.bias, EPS),),
+        "torch": lambda i: (F.layer_norm(i.x, (n,), i.weight, i.bias, EPS),),
+        "reference": lambda i: (textbook_layer_norm(i.x, i.weight, i.bias),),
+    }
+
+
+def _impls_add_rms(n):
+    def unfused(i):
+        s = i.x + i.residual
+        return normlab.rms_norm(s, n, i.weight, EPS), s
+
+    def torch_eager(i):
+        s = i.x + i.residual
+        return F.rms_norm(s, (n,), i.weight, EPS), s
+
+    def reference(i):
+        s = i.x + i.residual
+        return llama_rms_norm(s, i.weight), s
+
+    return {
+        "normlab": lambda i: normlab.add_rms_norm(i.x, i.residual, n, i.weight, EPS),
+        "normlab add, then norm": unfused,
+        "torch": torch_eager,
+        "reference": reference,
+    }
+
+
+def _impls_add_ln(n):
+    def unfused(i):
+        s = i.x + i.residual
+        return normlab.layer_norm(s, (n,), i.weight, i.bias, EPS), s
+
+    def torch_eager(i):
+        s = i.x + i.residual
+        return F.layer_norm(s, (n,), i.weight, i.bias, EPS), s
+
+    def reference(i):
+        s = i.x + i.residual
+        return textbook_layer_norm(s, i.weight, i.bias), s
+
+    return {
+        "normlab": lambda i: normlab.add_layer_norm(i.x, i.residual, (n,), i.weight, i.bias, EPS),
+        "normlab add, then norm": unfused,
+        "torch": torch_eager,
+        "reference": reference,
+    }
+
+
+_BUILDERS = {"rms_norm": _impls_rms, "layer_norm": _impls_ln, "add_rms_norm": _impls_add_rms, "add_layer_norm": _impls_add_ln}
+
+#: Extra implementations by op: ``EXTRA_IMPLS[op][name] = (n, device) -> forward function or None``.
+EXTRA_IMPLS: dict[str, dict[str, Callable]] = {op: {} for op in OPS}
+
+
+def implementations(op: str, n: int, device: str, compile_reference: bool) -> dict[str, Callable]:
+    """Name → forward function for ``op`` on rows of size ``n``; ``"compiled reference"`` is
+    ``torch.compile`` (dynamic shapes: one compilation serves every shape) of the reference formula."""
+    impls = _BUILDERS[op](n)
+    if compile_reference:
+        impls["compiled reference"] = torch.compile(impls["reference"], dynamic=True)
+    for name, build in EXTRA_IMPLS[op].items():
+        fn = build(n, device)
+        if fn is not None:
+            impls[name] = fn
+    return impls
+
+
+def bytes_moved(op: str, mode: str, inputs: Inputs) -> int:
+    """DESIGN §5: fwd = read x + write y; fused add + norm = 4N; fwd+bwd = 5N (fused: 8N — the forward's
+    4N, then read dy, d(sum), s and write dx); parameters counted once per pass read, once per gradient written."""
+    x = inputs.x
+    big = x.numel() * x.element_size()
+    params = sum(p.numel() * p.element_size() for p in (inputs.weight, inputs.bias) if p is not None)
+    if mode == "fwd":
+        return (4 if op in FUSED else 2) * big + params
+    return (8 if op in FUSED else 5) * big + 3 * params

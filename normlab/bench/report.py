@@ -1,0 +1,72 @@
+"""The benchmark's table (markdown) and bar chart (PNG)."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from pathlib import Path
+
+
+def _groups(results):
+    groups = defaultdict(list)
+    for r in results:
+        groups[(r["op"], r["rows"], r["n"], r["dtype"], r["mode"])].append(r)
+    return groups
+
+
+def markdown(results: list[dict]) -> str:
+    """One row per measurement: ms, GB/s, % of the same-run copy, normlab's speed-up over it, peak MB."""
+    lines = [
+        "| op | shape | dtype | mode | implementation | ms | GB/s | % of copy | normlab speed-up | peak MB (fwd+bwd) |",
+        "|---|---|---|---|---|---:|---:|---:|---:|---:|",
+    ]
+    for (op, rows, n, dtype, mode), recs in _groups(results).items():
+        ours = next((r for r in recs if r["impl"] == "normlab" and "ms" in r), None)
+        for r in recs:
+            if "error" in r:
+                lines.append(f"| {op} | {rows}×{n} | {dtype} | {mode} | {r['impl']} | error: {r['error']} | | | | |")
+                continue
+            speed = "—" if ours is None or r is ours else f"{r['ms'] / ours['ms']:.2f}×"
+            peak = f"{r['peak_mb']:.0f}" if "peak_mb" in r else ""
+            name = f"**{r['impl']}**" if r is ours else r["impl"]
+            lines.append(
+                f"| {op} | {rows}×{n} | {dtype} | {mode} | {name} | {r['ms']:.2f} | {r['gbps']:.1f} | {r['pct_copy']:.0f} % | {speed} | {peak} |"
+            )
+        c = recs[0]
+        lines.append(f"| {op} | {rows}×{n} | {dtype} | {mode} | copy_ (same run) | {c['copy_ms']:.2f} | {c['copy_gbps']:.1f} | 100 % | | |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(results: list[dict], path: Path) -> None:
+    """Bars of % of copy bandwidth: one panel per (op, mode), groups by shape and dtype."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = defaultdict(lambda: defaultdict(dict))
+    impls = []
+    for r in results:
+        if "pct_copy" not in r:
+            continue
+        panels[(r["op"], r["mode"])][f"{r['rows']}×{r['n']}\n{r['dtype']}"][r["impl"]] = r["pct_copy"]
+        if r["impl"] not in impls:
+            impls.append(r["impl"])
+    if not panels:
+        return
+    keys = sorted(panels)
+    fig, axes = plt.subplots(len(keys), 1, figsize=(max(8, 1.6 * max(len(v) for v in panels.values()) + 3), 3.2 * len(keys)), squeeze=False)
+    width = 0.8 / max(1, len(impls))
+    for ax, key in zip(axes[:, 0], keys):
+        groups = panels[key]
+        labels = list(groups)
+        for k, impl in enumerate(impls):
+            xs = [g + k * width for g in range(len(labels))]
+            ax.bar(xs, [groups[lab].get(impl, 0.0) for lab in labels], width, label=impl)
+        ax.set_xticks([g + 0.4 - width / 2 for g in range(len(labels))], labels, fontsize=8)
+        ax.axhline(100, color="black", linewidth=0.8, linestyle="--")
+        ax.set_ylabel("% of copy_ bandwidth")
+        ax.set_title(f"{key[0]} — {key[1]}")
+    axes[0, 0].legend(fontsize=8, ncol=min(len(impls), 5))
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

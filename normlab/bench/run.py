@@ -1,0 +1,107 @@
+"""Timing and peak memory of every (op, shape, dtype, mode, implementation)."""
+
+from __future__ import annotations
+
+import math
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+
+from normlab.bench.cases import Inputs, bytes_moved, implementations, make_inputs
+
+
+def _sync(device: str) -> Callable[[], None]:
+    return torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+
+
+def median_time(fn: Callable[[], object], sync: Callable[[], None], samples: int, min_time: float) -> float:
+    """Median over ``samples`` of the mean time per call, each sample ≥ ``min_time`` seconds of calls."""
+    fn()
+    sync()
+    t0 = time.perf_counter()
+    fn()
+    sync()
+    reps = max(1, math.ceil(min_time / max(time.perf_counter() - t0, 1e-7)))
+    times = []
+    for _ in range(samples):
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            fn()
+        sync()
+        times.append((time.perf_counter() - t0) / reps)
+    return statistics.median(times)
+
+
+def peak_bytes(fn: Callable[[], object], device: str) -> int:
+    """Largest live total of bytes allocated during one call (see the package docstring)."""
+    fn()
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        fn()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - base
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
+    live = peak = 0
+    for e in sorted(events, key=lambda e: e.start_ns()):
+        live += e.nbytes()
+        peak = max(peak, live)
+    return peak
+
+
+def _runner(impl, inputs: Inputs, mode: str, grads: list[torch.Tensor]):
+    if mode == "fwd":
+        def fwd():
+            with torch.no_grad():
+                return impl(inputs)
+        return fwd
+    wrt = inputs.tensors()
+
+    def fwd_bwd():
+        outs = impl(inputs)
+        return torch.autograd.grad(outs, wrt, grads[: len(outs)])
+
+    return fwd_bwd
+
+
+def run_all(ops, shapes, dtypes, modes, device, samples, min_time, compile_reference, memory) -> list[dict]:
+    sync = _sync(device)
+    results = []
+    for op in ops:
+        for rows, n in shapes:
+            impls = implementations(op, n, device, compile_reference)
+            for dtype_name in dtypes:
+                dtype = getattr(torch, dtype_name)
+                plain = make_inputs(op, rows, n, dtype, device, requires_grad=False)
+                dst = torch.empty_like(plain.x)
+                copy_s = median_time(lambda: dst.copy_(plain.x), sync, samples, min_time)
+                copy_bytes = 2 * plain.x.numel() * plain.x.element_size()
+                del dst
+                for mode in modes:
+                    inputs = plain if mode == "fwd" else make_inputs(op, rows, n, dtype, device, requires_grad=True)
+                    grads = [torch.randn(rows, n, generator=torch.Generator().manual_seed(i)).to(dtype=dtype, device=device) for i in (1, 2)]
+                    nbytes = bytes_moved(op, mode, inputs)
+                    for name, impl in impls.items():
+                        rec = {"op": op, "rows": rows, "n": n, "dtype": dtype_name, "mode": mode, "impl": name,
+                               "bytes": nbytes, "copy_ms": copy_s * 1e3, "copy_gbps": copy_bytes / copy_s / 1e9}
+                        fn = _runner(impl, inputs, mode, grads)
+                        try:
+                            s = median_time(fn, sync, samples, min_time)
+                            rec.update(ms=s * 1e3, gbps=nbytes / s / 1e9)
+                            rec["pct_copy"] = 100 * rec["gbps"] / rec["copy_gbps"]
+                            if memory and mode == "fwd+bwd":
+                                rec["peak_mb"] = peak_bytes(fn, device) / 2**20
+                        except Exception as exc:  # report and go on: one failing comparison must not hide the rest
+                            rec["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
+                        results.append(rec)
+                        state = rec.get("error") or f"{rec['ms']:.2f} ms, {rec['pct_copy']:.0f}% of copy"
+                        print(f"  {op:15s} {rows}x{n:<5d} {dtype_name:8s} {mode:7s} {name:24s} {state}", flush=True)
+                    del inputs, grads
+    return results
