@@ -123,7 +123,9 @@ def _fwd(backend: str, x, weight, bias, eps, out=None):
 def _bwd(backend: str, dy, x, weight, bias, mean, rstd, eps, dsum=None):
     if backend == dispatch.REFERENCE or torch.is_grad_enabled():
         return layer_norm_bwd_ref(dy, x, weight, bias, mean, rstd, eps, dsum)
-    return dispatch.kernel(backend, "layer_norm_bwd")(dy, x, weight, bias, mean, rstd, dsum)
+    # incoming gradients may be strided (e.g. the expanded ones of a .sum()); kernels take contiguous rows
+    dsum = None if dsum is None else dsum.contiguous()
+    return dispatch.kernel(backend, "layer_norm_bwd")(dy.contiguous(), x, weight, bias, mean, rstd, dsum)
 
 
 def _stats_fake(x: Tensor, dtype: torch.dtype) -> Tensor:

@@ -295,6 +295,51 @@ def test_out_argument():
         normlab.layer_norm(x, 32, w, out=torch.empty(8, 31))
 
 
+def test_kernel_contract(monkeypatch):
+    """The op side of the kernel contract (HELPERS.md): a backend gets 2-D contiguous tensors and the
+    documented arguments — checked with a stand-in backend built from the reference."""
+    from normlab import dispatch
+    from normlab.ops.layer_norm import layer_norm_bwd_ref, layer_norm_fwd_ref
+
+    calls = []
+
+    def rows2d(*ts):
+        assert all(t is None or (t.dim() == 2 and t.is_contiguous()) for t in ts), [t.shape for t in ts if t is not None]
+
+    def fwd(x, weight, bias, eps, out=None):
+        rows2d(x, out)
+        calls.append("fwd")
+        y, mean, rstd = layer_norm_fwd_ref(x, weight, bias, eps)
+        return (y if out is None else out.copy_(y)), mean, rstd
+
+    def bwd(dy, x, weight, bias, mean, rstd, dsum=None):
+        rows2d(dy, x, dsum)
+        assert mean.shape == rstd.shape == (x.shape[0],) and mean.dtype == rstd.dtype == torch.float32
+        calls.append("bwd" if dsum is None else "bwd+dsum")
+        return layer_norm_bwd_ref(dy, x, weight, bias, mean, rstd, 1.0, dsum)
+
+    def add_fwd(x, residual, weight, bias, eps, residual_dtype):
+        rows2d(x, residual)
+        calls.append("add_fwd")
+        s = (x.float() + residual.float()).to(residual_dtype)
+        y, mean, rstd = layer_norm_fwd_ref(s, weight, bias, eps)
+        return y.to(x.dtype), s, mean, rstd
+
+    stand_in = dispatch._Backend("cpu", {"layer_norm_fwd": fwd, "layer_norm_bwd": bwd, "add_layer_norm_fwd": add_fwd})
+    monkeypatch.setitem(dispatch._registry, "cpu", stand_in)
+    x = rand(4, 6, 10).transpose(0, 1).requires_grad_()  # non-contiguous input
+    r = rand(6, 4, 10, seed=1)
+    w, b = rand(10, seed=2).requires_grad_(), rand(10, seed=3).requires_grad_()
+    y = normlab.layer_norm(x, 10, w, b, backend="cpu")
+    y.sum().backward()  # the incoming gradient is an expanded (stride-0) tensor
+    yr, sr = normlab.add_layer_norm(x, r, 10, w, b, backend="cpu")
+    (yr.sum() + sr.sum()).backward()
+    normlab.layer_norm(x.detach(), 10, w.detach(), b.detach(), backend="cpu", out=torch.empty(6, 4, 10))
+    assert calls == ["fwd", "bwd", "add_fwd", "bwd+dsum", "fwd"]
+    assert torch.equal(y, normlab.layer_norm(x, 10, w, b, backend="reference"))
+    assert torch.equal(yr, normlab.add_layer_norm(x, r, 10, w, b, backend="reference")[0])
+
+
 def test_functional_namespace():
     import normlab.functional as NF
 
