@@ -131,6 +131,16 @@ def test_large_mean_two_pass(mean):
     assert_tolerance_rule(xg.grad, xt.grad, x64.grad, f"dx at mean {mean}")
 
 
+@pytest.mark.parametrize("mean, spread", [(10.0, 1e-3), (1e4, 1.0), (1e5, 1.0)])
+def test_large_mean_small_spread_to_output_rounding(mean, spread):
+    """The corrected two-pass keeps fp32 output within a few ulps of the fp64 result of the same input,
+    also where the rounding of the fp32 mean (ulp(mean)/2) is comparable to the spread."""
+    x, w, b = rand(8, 257, mean=mean, scale=spread), rand(257, seed=1), rand(257, seed=2)
+    ref64 = layer_norm_reference(x.double(), 257, w.double(), b.double())
+    err = max_err(normlab.layer_norm(x, 257, w, b, backend="reference"), ref64)
+    assert err <= 4 * torch.finfo(torch.float32).eps * ref64.abs().max().item(), err
+
+
 @pytest.mark.parametrize("affine", AFFINE)
 @pytest.mark.parametrize("shape", [(10,), (3, 10)])
 def test_gradcheck(affine, shape):
