@@ -17,7 +17,6 @@ import torch
 
 from normlab import dispatch
 from normlab.kernels.cpu._kernels import CHUNK, MODE_FP32, MODE_LLAMA, MODE_NONE, norm_bwd, norm_fwd
-from normlab.kernels.cpu._numerics import BF16, FP16, FP32
 
 __all__ = [
     "CHUNK",
@@ -30,16 +29,17 @@ __all__ = [
     "supports",
 ]
 
-KINDS = {torch.float32: FP32, torch.bfloat16: BF16, torch.float16: FP16}
+#: How each dtype reaches numba: fp32 as is, bf16 / fp16 as uint16 / int16 bit patterns.
+KINDS = {torch.float32: np.float32, torch.bfloat16: np.uint16, torch.float16: np.int16}
 _STAT = torch.float32
 
 
 def _np(t: torch.Tensor) -> np.ndarray:
-    """A zero-copy numpy view: fp32 as is, bf16/fp16 as their uint16 bit patterns."""
+    """A zero-copy numpy view: fp32 as is, bf16 / fp16 as uint16 / int16 bit patterns."""
     t = t.detach()
     if t.dtype == torch.float32:
         return t.numpy()
-    return t.view(torch.int16).numpy().view(np.uint16)
+    return t.view(torch.int16).numpy().view(KINDS[t.dtype])
 
 
 def _rows(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -91,10 +91,7 @@ def _fwd(x, residual, residual_dtype, weight_f32, bias_f32, eps, k, layer, mode,
         r = residual.detach().contiguous()
         s = _output(x, residual_dtype, residual_out, "residual_out")
         fused = True
-    norm_fwd(
-        _np(x), KINDS[x.dtype], _np(r), KINDS[r.dtype], _np(s), KINDS[s.dtype], fused, _np(y),
-        weight_f32, bias_f32, float(eps), int(k), layer, mode, mean.numpy(), rstd.numpy(),
-    )
+    norm_fwd(_np(x), _np(r), _np(s), fused, _np(y), weight_f32, bias_f32, float(eps), int(k), layer, mode, mean.numpy(), rstd.numpy())
     return y, s, mean, rstd
 
 
@@ -111,12 +108,12 @@ def _norm_bwd_op(
     dsum_t = x if dsum is None else _rows(dsum, x.dtype)
     dx = torch.empty_like(x)
     chunks = (rows_ + CHUNK - 1) // CHUNK
-    dw_part = torch.zeros(chunks, n if want_dw else 0, dtype=torch.float32)
-    db_part = torch.zeros(chunks, n if want_db else 0, dtype=torch.float32)
+    dw_part = torch.zeros(chunks, n, dtype=torch.float32)  # the kernel accumulates these whether wanted or not
+    db_part = torch.zeros(chunks, n if layer else 0, dtype=torch.float32)
     dw = torch.zeros(n if want_dw else 0, dtype=torch.float32)
     db = torch.zeros(n if want_db else 0, dtype=torch.float32)
     norm_bwd(
-        _np(dy), _np(x), KINDS[x.dtype], weight.contiguous().numpy(), mean.contiguous().numpy(),
+        _np(dy), _np(x), weight.contiguous().numpy(), mean.contiguous().numpy(),
         rstd.to(_STAT).contiguous().numpy(), k, layer, _np(dsum_t), dsum is not None, _np(dx),
         dw_part.numpy(), db_part.numpy(), want_dw, want_db, dw.numpy(), db.numpy(),
     )

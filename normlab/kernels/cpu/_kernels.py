@@ -1,9 +1,11 @@
 """The two numba kernels behind every CPU op: one forward, one backward, generic over the norm.
 
 Runtime flags select the norm (``layer``: LayerNorm, else RMSNorm), the fused residual add and the
-casting mode, so each kernel compiles once per array-type combination (fp32 arrays, or uint16 bit
-patterns of bf16/fp16) — a handful of signatures in all, cached on disk (``cache=True``).
+casting mode; the I/O dtypes come from the array types (float32, bf16 as uint16, fp16 as int16), so each
+kernel compiles once per dtype combination — a handful of signatures in all, cached on disk.
 
+Each row takes two passes over its data: one reduction (statistics), one fused elementwise pass that
+reads, normalizes, rounds and writes; the row stays in cache between them, so x is read once from memory.
 Rows are processed in fixed chunks of :data:`CHUNK` rows, in parallel over chunks. A row's result
 depends on that row alone (batch invariance). Weight/bias gradients are accumulated per chunk in fp32,
 then summed over chunks in chunk order: bitwise the same for any thread count.
@@ -14,17 +16,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
-from normlab.kernels.cpu._numerics import (
-    load_row,
-    out_row,
-    round_row,
-    round_scalar,
-    row_grad_sums,
-    row_sqdev,
-    row_sum,
-    row_sumsq,
-    store_row,
-)
+from normlab.kernels.cpu._numerics import load, rnd, row_grad_sums, row_sqdev, row_sum, row_sumsq, store, store_via
 
 #: Rows per work item and per weight-gradient partial (a constant: never depends on the thread count).
 CHUNK = 64
@@ -37,106 +29,95 @@ _ONE = np.float32(1.0)
 _ZERO = np.float32(0.0)
 
 
-@njit(parallel=True, cache=True)
-def norm_fwd(x, xkind, r, rkind, s, skind, fused, y, w, b, eps, k, layer, mode, mean, rstd):
-    """Forward of RMSNorm / LayerNorm, optionally on ``s = x + r`` (stored in ``s``).
+@njit(cache=True)
+def _norm_row(a, i, y, w, b, eps, k, layer, mode, mean, rstd):
+    """Normalize row ``i`` of ``a`` into row ``i`` of ``y``; the norm's dtype is ``a``'s (its
+    intermediate roundings), then the result is stored in ``y``'s dtype."""
+    n = a.shape[1]
+    if layer:
+        m = row_sum(a, i) / np.float32(n)
+        rs = _ONE / np.sqrt(row_sqdev(a, i, m) / np.float32(n) + eps)
+        for j in range(n):
+            y[i, j] = store_via((load(a[i, j]) - m) * rs * w[j] + b[j], a, y)
+        mean[i] = m
+    else:
+        rs = _ONE / np.sqrt(row_sumsq(a, i, k) / np.float32(k) + eps)
+        if mode == MODE_FP32:
+            for j in range(n):
+                y[i, j] = store_via(load(a[i, j]) * rs * w[j], a, y)
+        elif mode == MODE_LLAMA:  # x·rstd rounded to the input dtype, then times the weight
+            for j in range(n):
+                y[i, j] = store_via(rnd(load(a[i, j]) * rs, a) * w[j], a, y)
+        else:  # none: rstd rounded, x·rstd rounded, times the weight
+            rq = rnd(rs, a)
+            for j in range(n):
+                y[i, j] = store_via(rnd(load(a[i, j]) * rq, a) * w[j], a, y)
+    rstd[i] = rs
 
-    ``w`` (and ``b`` for LayerNorm) are fp32 rows; ``s``'s dtype (``skind``) is the norm's input dtype,
-    ``y`` has ``x``'s dtype. RMSNorm: ``y = x·rstd·w`` with ``rstd = 1/sqrt(Σ_{j<k} x_j²/k + eps)`` and the
-    casting ``mode``'s intermediate roundings; LayerNorm: ``y = (x − mean)·rstd·w + b`` (two-pass variance).
+
+@njit(parallel=True, cache=True)
+def norm_fwd(x, r, s, fused, y, w, b, eps, k, layer, mode, mean, rstd):
+    """Forward of RMSNorm / LayerNorm, optionally on ``s = x + r`` (fp32 add, stored in ``s``'s dtype).
+
+    ``w`` (and ``b`` for LayerNorm) are fp32 rows. RMSNorm: ``y = x·rstd·w`` with
+    ``rstd = 1/sqrt(Σ_{j<k} x_j²/k + eps)`` and the casting ``mode``'s intermediate roundings;
+    LayerNorm: ``y = (x − mean)·rstd·w + b`` with the two-pass biased variance.
     """
     rows, n = x.shape
     eps32 = np.float32(eps)
-    kf, nf = np.float32(k), np.float32(n)
     for c in prange((rows + CHUNK - 1) // CHUNK):
-        xbuf = np.empty(n, np.float32)
-        rbuf = np.empty(n, np.float32)
-        sbuf = np.empty(n, np.float32)
-        ybuf = np.empty(n, np.float32)
         for i in range(c * CHUNK, min(rows, (c + 1) * CHUNK)):
-            xr = load_row(x, i, xkind, xbuf)
             if fused:
-                rr = load_row(r, i, rkind, rbuf)
-                sr = out_row(s, i, sbuf)
                 for j in range(n):
-                    sr[j] = xr[j] + rr[j]
-                round_row(sr, skind)
-                store_row(s, i, sr, skind)
-                xr = sr
-            yr = out_row(y, i, ybuf)
-            if layer:
-                m = row_sum(xr) / nf
-                rs = _ONE / np.sqrt(row_sqdev(xr, m) / nf + eps32)
-                for j in range(n):
-                    yr[j] = (xr[j] - m) * rs * w[j] + b[j]
-                mean[i] = m
+                    s[i, j] = store(load(x[i, j]) + load(r[i, j]), s)
+                _norm_row(s, i, y, w, b, eps32, k, layer, mode, mean, rstd)
             else:
-                rs = _ONE / np.sqrt(row_sumsq(xr, k) / kf + eps32)
-                if mode == MODE_FP32:
-                    for j in range(n):
-                        yr[j] = xr[j] * rs * w[j]
-                else:
-                    rq = rs if mode == MODE_LLAMA else round_scalar(rs, skind)
-                    for j in range(n):
-                        yr[j] = xr[j] * rq
-                    round_row(yr, skind)
-                    for j in range(n):
-                        yr[j] = yr[j] * w[j]
-            rstd[i] = rs
-            if skind != xkind:  # the norm's result is in s's dtype, then cast to x's
-                round_row(yr, skind)
-            store_row(y, i, yr, xkind)
+                _norm_row(x, i, y, w, b, eps32, k, layer, mode, mean, rstd)
 
 
 @njit(parallel=True, cache=True)
-def norm_bwd(dy, x, kind, w, mean, rstd, k, layer, dsum, has_dsum, dx, dw_part, db_part, want_dw, want_db, dw, db):
+def norm_bwd(dy, x, w, mean, rstd, k, layer, dsum, has_dsum, dx, dw_part, db_part, want_dw, want_db, dw, db):
     """Backward of RMSNorm / LayerNorm given the saved per-row ``mean``/``rstd``.
 
     ``x̂ = (x − mean)·rstd`` (RMSNorm: ``x·rstd``), ``g = dy·w``:
     RMSNorm ``dx_j = rstd·g_j − [j<k]·rstd·x̂_j·Σ_i g_i x̂_i / k``;
     LayerNorm ``dx = rstd·(g − mean(g) − x̂·mean(g·x̂))``; ``+ dsum`` (fused add).
     ``dw = Σ_rows dy·x̂`` (0 where dy == 0), ``db = Σ_rows dy``: fp32 partials per chunk of rows
-    (``dw_part``/``db_part``), then summed over chunks in chunk order.
+    (``dw_part`` always ``(chunks, n)``, ``db_part`` too for LayerNorm; accumulated in the same pass as
+    dx), then summed over chunks in chunk order into ``dw``/``db`` when wanted.
     """
     rows, n = x.shape
     kf, nf = np.float32(k), np.float32(n)
     nchunks = (rows + CHUNK - 1) // CHUNK
     for c in prange(nchunks):
-        xbuf = np.empty(n, np.float32)
-        dybuf = np.empty(n, np.float32)
-        dsbuf = np.empty(n, np.float32)
-        dxbuf = np.empty(n, np.float32)
         pw = dw_part[c]
         pb = db_part[c]
         for i in range(c * CHUNK, min(rows, (c + 1) * CHUNK)):
-            xr = load_row(x, i, kind, xbuf)
-            dyr = load_row(dy, i, kind, dybuf)
             rs = rstd[i]
             m = mean[i] if layer else _ZERO  # x − 0 is x exactly: one x̂ formula for both norms
-            sum_g, sum_gx = row_grad_sums(dyr, w, xr, m, rs)
-            dxr = out_row(dx, i, dxbuf)
+            sum_g, sum_gx = row_grad_sums(dy, w, x, i, m, rs)
             if layer:
                 mg, mgx = sum_g / nf, sum_gx / nf
                 for j in range(n):
-                    dxr[j] = rs * (dyr[j] * w[j] - mg - (xr[j] - m) * rs * mgx)
+                    d = load(dy[i, j])
+                    xh = (load(x[i, j]) - m) * rs
+                    v = rs * (d * w[j] - mg - xh * mgx)
+                    dx[i, j] = store(v + load(dsum[i, j]) if has_dsum else v, dx)
+                    pw[j] += d * xh if d != _ZERO else _ZERO
+                    pb[j] += d
             else:
                 proj = sum_gx / kf
                 for j in range(k):
-                    dxr[j] = rs * (dyr[j] * w[j]) - rs * (xr[j] * rs) * proj
+                    d = load(dy[i, j])
+                    xh = load(x[i, j]) * rs
+                    v = rs * (d * w[j]) - rs * xh * proj
+                    dx[i, j] = store(v + load(dsum[i, j]) if has_dsum else v, dx)
+                    pw[j] += d * xh if d != _ZERO else _ZERO
                 for j in range(k, n):
-                    dxr[j] = rs * (dyr[j] * w[j])
-            if has_dsum:
-                dsr = load_row(dsum, i, kind, dsbuf)
-                for j in range(n):
-                    dxr[j] = dxr[j] + dsr[j]
-            store_row(dx, i, dxr, kind)
-            if want_dw:
-                for j in range(n):
-                    d = dyr[j]
-                    pw[j] += d * ((xr[j] - m) * rs) if d != _ZERO else _ZERO
-            if want_db:
-                for j in range(n):
-                    pb[j] += dyr[j]
+                    d = load(dy[i, j])
+                    v = rs * (d * w[j])
+                    dx[i, j] = store(v + load(dsum[i, j]) if has_dsum else v, dx)
+                    pw[j] += d * (load(x[i, j]) * rs) if d != _ZERO else _ZERO
     if want_dw or want_db:
         for cb in prange((n + _COLS - 1) // _COLS):
             lo, hi = cb * _COLS, min(n, (cb + 1) * _COLS)

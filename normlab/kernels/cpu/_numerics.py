@@ -1,7 +1,7 @@
 """Scalar and row helpers for the numba kernels: bf16/fp16 bit patterns, row loads/stores, reductions.
 
-Half-precision tensors reach numba as their ``uint16`` bit patterns (numba has no float16/bfloat16 arrays);
-``kind`` says which: 0 = float32 (a real fp32 array), 1 = bfloat16, 2 = float16.
+Half-precision tensors reach numba as bit patterns (numba has no float16/bfloat16 arrays): bf16 as
+``uint16``, fp16 as ``int16`` arrays, so the array type alone selects the conversion at compile time.
 
 - bf16 → fp32: the 16 bits shifted left by 16 (exact).
 - fp32 → bf16: round to nearest, ties to even (``(u + 0x7fff + lsb) >> 16``); NaN stays a quiet NaN,
@@ -9,7 +9,7 @@ Half-precision tensors reach numba as their ``uint16`` bit patterns (numba has n
 - fp16 ↔ fp32: exact decode (subnormals, inf, NaN); encode rounds to nearest even, overflow → ±inf,
   fp16 subnormals rounded by one fp32 addition of a magic constant (the hardware rounds to even).
 
-Row reductions (`row_sum`, `row_sumsq`, …) may re-associate (``fastmath={"reassoc"}``) so LLVM
+Row reductions (``row_sum``, ``row_sumsq``, …) may re-associate (``fastmath={"reassoc"}``) so LLVM
 vectorizes them: their order is a function of the loop and the row length only — never of the batch or
 of the thread count — so results stay batch invariant and deterministic.
 """
@@ -109,129 +109,119 @@ def f32_to_f16(f):
 
 @njit(cache=True)
 def decode(src, dst, kind):
-    """fp32 values of the uint16 row ``src`` into ``dst``."""
-    if kind == BF16:
-        for j in range(src.shape[0]):
-            dst[j] = bf16_to_f32(src[j])
-    else:
-        for j in range(src.shape[0]):
-            dst[j] = f16_to_f32(src[j])
+    """fp32 values of the uint16 bit patterns ``src`` (``kind`` BF16 or FP16) into ``dst`` (for tests)."""
+    for j in range(src.shape[0]):
+        dst[j] = bf16_to_f32(src[j]) if kind == BF16 else f16_to_f32(src[j])
 
 
 @njit(cache=True)
 def encode(src, dst, kind):
-    """The fp32 row ``src`` rounded (nearest even) into the uint16 row ``dst``."""
-    if kind == BF16:
-        for j in range(src.shape[0]):
-            dst[j] = f32_to_bf16(src[j])
-    else:
-        for j in range(src.shape[0]):
-            dst[j] = f32_to_f16(src[j])
+    """The fp32 values ``src`` rounded (nearest even) into uint16 bit patterns ``dst`` (for tests)."""
+    for j in range(src.shape[0]):
+        dst[j] = f32_to_bf16(src[j]) if kind == BF16 else f32_to_f16(src[j])
 
 
-@njit(cache=True)
-def round_scalar(v, kind):
-    """``v`` rounded to the dtype ``kind`` and back to fp32."""
-    if kind == BF16:
-        return bf16_to_f32(f32_to_bf16(v))
-    if kind == FP16:
-        return f16_to_f32(f32_to_f16(v))
-    return v
+# ---- dtype-generic element access, resolved at compile time from the array type -----------------
+# The kernels see fp32 as float32 arrays, bf16 as uint16 and fp16 as int16 bit patterns: the array type
+# alone says how to read and write, so every loop is one fused pass with no runtime dtype branch.
+def _dtype_of(t):
+    return t.dtype if isinstance(t, types.Array) else t
 
 
-@njit(cache=True)
-def round_row(buf, kind):
-    """Round an fp32 row in place to the dtype ``kind`` (no-op for fp32)."""
-    if kind == BF16:
-        for j in range(buf.shape[0]):
-            buf[j] = bf16_to_f32(f32_to_bf16(buf[j]))
-    elif kind == FP16:
-        for j in range(buf.shape[0]):
-            buf[j] = f16_to_f32(f32_to_f16(buf[j]))
+def load(v):
+    """An element as fp32."""
 
 
-# ---- row access, specialised on the array type (fp32 rows are used in place, no copy) ----------
-def load_row(a, i, kind, buf):
-    """Row ``i`` of ``a`` as fp32: the row itself for fp32, else decoded into ``buf``."""
+def store(v, like):
+    """The fp32 value ``v`` as an element of the array ``like`` (rounded to nearest even)."""
 
 
-def out_row(a, i, buf):
-    """Where to compute row ``i`` of the output ``a`` in fp32: the row itself for fp32, else ``buf``."""
+def rnd(v, like):
+    """``v`` rounded to the dtype of the array ``like`` and back to fp32."""
 
 
-def store_row(a, i, buf, kind):
-    """Write the fp32 row ``buf`` to row ``i`` of ``a`` (rounding to half; no-op for fp32)."""
+def store_via(v, via, like):
+    """``v`` rounded to ``via``'s dtype, then stored as an element of ``like`` (one rounding if they agree)."""
 
 
-def _is_f32(a):
-    return isinstance(a, types.Array) and a.dtype == types.float32
+@overload(load, jit_options={"cache": True})
+def _load(v):
+    if v == types.float32:
+        return lambda v: v
+    if v == types.uint16:
+        return lambda v: bf16_to_f32(v)
+    if v == types.int16:
+        return lambda v: f16_to_f32(np.uint16(v))
+    return None
 
 
-@overload(load_row, jit_options={"cache": True})
-def _load_row(a, i, kind, buf):
-    if _is_f32(a):
-        return lambda a, i, kind, buf: a[i]
-
-    def impl(a, i, kind, buf):
-        decode(a[i], buf, kind)
-        return buf
-
-    return impl
-
-
-@overload(out_row, jit_options={"cache": True})
-def _out_row(a, i, buf):
-    if _is_f32(a):
-        return lambda a, i, buf: a[i]
-    return lambda a, i, buf: buf
+@overload(store, jit_options={"cache": True})
+def _store(v, like):
+    dt = _dtype_of(like)
+    if dt == types.float32:
+        return lambda v, like: v
+    if dt == types.uint16:
+        return lambda v, like: f32_to_bf16(v)
+    if dt == types.int16:
+        return lambda v, like: np.int16(f32_to_f16(v))
+    return None
 
 
-@overload(store_row, jit_options={"cache": True})
-def _store_row(a, i, buf, kind):
-    if _is_f32(a):
-        return lambda a, i, buf, kind: None
+@overload(rnd, jit_options={"cache": True})
+def _rnd(v, like):
+    dt = _dtype_of(like)
+    if dt == types.float32:
+        return lambda v, like: v
+    if dt == types.uint16:
+        return lambda v, like: bf16_to_f32(f32_to_bf16(v))
+    if dt == types.int16:
+        return lambda v, like: f16_to_f32(f32_to_f16(v))
+    return None
 
-    def impl(a, i, buf, kind):
-        encode(buf, a[i], kind)
 
-    return impl
+@overload(store_via, jit_options={"cache": True})
+def _store_via(v, via, like):
+    if _dtype_of(via) == _dtype_of(like) or _dtype_of(via) == types.float32:
+        return lambda v, via, like: store(v, like)
+    return lambda v, via, like: store(rnd(v, via), like)
 
 
-# ---- reductions over one row (fp32 accumulation, vectorized) ---------------------------------
+# ---- reductions over row i (fp32 accumulation, vectorized) ----------------------------------------
 @njit(cache=True, fastmath=_REASSOC)
-def row_sum(a):
+def row_sum(a, i):
     s = _ZERO
-    for j in range(a.shape[0]):
-        s += a[j]
+    for j in range(a.shape[1]):
+        s += load(a[i, j])
     return s
 
 
 @njit(cache=True, fastmath=_REASSOC)
-def row_sumsq(a, k):
-    """Σ_{j<k} a_j²."""
+def row_sumsq(a, i, k):
+    """Σ_{j<k} a_ij²."""
     s = _ZERO
     for j in range(k):
-        s += a[j] * a[j]
+        v = load(a[i, j])
+        s += v * v
     return s
 
 
 @njit(cache=True, fastmath=_REASSOC)
-def row_sqdev(a, m):
-    """Σ_j (a_j − m)²."""
+def row_sqdev(a, i, m):
+    """Σ_j (a_ij − m)²."""
     s = _ZERO
-    for j in range(a.shape[0]):
-        d = a[j] - m
+    for j in range(a.shape[1]):
+        d = load(a[i, j]) - m
         s += d * d
     return s
 
 
 @njit(cache=True, fastmath=_REASSOC)
-def row_grad_sums(dy, w, x, m, rstd):
-    """``(Σ_j g_j, Σ_j g_j·x̂_j)`` with ``g = dy·w`` and ``x̂ = (x − m)·rstd``."""
+def row_grad_sums(dy, w, x, i, m, rstd):
+    """``(Σ_j g_j, Σ_j g_j·x̂_j)`` on row i with ``g = dy·w`` and ``x̂ = (x − m)·rstd``."""
     sg = _ZERO
     sgx = _ZERO
-    for j in range(x.shape[0]):
-        g = dy[j] * w[j]
+    for j in range(x.shape[1]):
+        g = load(dy[i, j]) * w[j]
         sg += g
-        sgx += g * ((x[j] - m) * rstd)
+        sgx += g * ((load(x[i, j]) - m) * rstd)
     return sg, sgx
