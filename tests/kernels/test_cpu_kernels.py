@@ -419,3 +419,17 @@ def test_out_buffers():
     out = torch.empty(8, 32, dtype=torch.bfloat16)
     xb = x.bfloat16()
     assert normlab.rms_norm(xb, 32, w, out=out) is out and torch.equal(out, normlab.rms_norm(xb, 32, w))
+
+
+def test_bf16_round_trip_equals_encode_then_decode():
+    from normlab.kernels.cpu._numerics import round_bf16
+
+    src = _edge_floats()
+    enc = np.empty(src.shape, np.uint16)
+    encode(src, enc, BF16)
+    want = np.empty(src.shape, np.float32)
+    decode(enc, want, BF16)
+    got = np.array([round_bf16(np.float32(v)) for v in src[:5000]], np.float32)
+    nan = np.isnan(want[:5000])
+    assert np.array_equal(np.isnan(got), nan)
+    assert np.array_equal(got[~nan].view(np.uint32), want[:5000][~nan].view(np.uint32))

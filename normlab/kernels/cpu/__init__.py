@@ -14,6 +14,7 @@ from typing import Optional
 
 import numpy as np
 import torch
+from numba import parallel_chunksize
 
 from normlab import dispatch
 from normlab.kernels.cpu._kernels import CHUNK, MODE_FP32, MODE_LLAMA, MODE_NONE, norm_bwd, norm_fwd
@@ -91,7 +92,8 @@ def _fwd(x, residual, residual_dtype, weight_f32, bias_f32, eps, k, layer, mode,
         r = residual.detach().contiguous()
         s = _output(x, residual_dtype, residual_out, "residual_out")
         fused = True
-    norm_fwd(_np(x), _np(r), _np(s), fused, _np(y), weight_f32, bias_f32, float(eps), int(k), layer, mode, mean.numpy(), rstd.numpy())
+    with parallel_chunksize(1):  # chunks of rows handed out dynamically: a busy core cannot hold back the other
+        norm_fwd(_np(x), _np(r), _np(s), fused, _np(y), weight_f32, bias_f32, float(eps), int(k), layer, mode, mean.numpy(), rstd.numpy())
     return y, s, mean, rstd
 
 
@@ -112,11 +114,12 @@ def _norm_bwd_op(
     db_part = torch.zeros(chunks, n if layer else 0, dtype=torch.float32)
     dw = torch.zeros(n if want_dw else 0, dtype=torch.float32)
     db = torch.zeros(n if want_db else 0, dtype=torch.float32)
-    norm_bwd(
-        _np(dy), _np(x), weight.contiguous().numpy(), mean.contiguous().numpy(),
-        rstd.to(_STAT).contiguous().numpy(), k, layer, _np(dsum_t), dsum is not None, _np(dx),
-        dw_part.numpy(), db_part.numpy(), want_dw, want_db, dw.numpy(), db.numpy(),
-    )
+    with parallel_chunksize(1):  # each chunk's partial is the same whichever thread computes it
+        norm_bwd(
+            _np(dy), _np(x), weight.contiguous().numpy(), mean.contiguous().numpy(),
+            rstd.to(_STAT).contiguous().numpy(), k, layer, _np(dsum_t), dsum is not None, _np(dx),
+            dw_part.numpy(), db_part.numpy(), want_dw, want_db, dw.numpy(), db.numpy(),
+        )
     return dx, dw, db
 
 

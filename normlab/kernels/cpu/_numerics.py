@@ -37,6 +37,7 @@ _F16_DENORM_MAGIC = _U(((127 - 15) + (23 - 10) + 1) << 23)  # 0.5
 _F16_NORMAL_BIAS = _U(((15 - 127) << 23) % 2**32 + 0xFFF)
 _F16_INF, _F16_NAN = _U(0x7C00), _U(0x7E00)
 _MASK32 = _U(0xFFFFFFFF)
+_BF16_KEEP = _U(0xFFFF0000)
 _F16_SUBNORMAL_SCALE = np.float32(2.0**-14)
 
 
@@ -75,6 +76,15 @@ def f32_to_bf16(f):
     if (u & _ABS32) > _INF32:  # NaN: keep sign and payload top bits, force quiet
         return np.uint16((u >> _SH16) | _BF16_QUIET)
     return np.uint16(((u + _BF16_ROUND + ((u >> _SH16) & _ONE)) & _MASK32) >> _SH16)
+
+
+@njit(cache=True)
+def round_bf16(f):
+    """``f`` rounded to bf16 (nearest even) and back, on the fp32 bits; NaN stays NaN."""
+    u = _U(_f32_bits(f))
+    if (u & _ABS32) > _INF32:
+        return f
+    return _bits_f32(np.uint32((u + _BF16_ROUND + ((u >> _SH16) & _ONE)) & _BF16_KEEP))
 
 
 @njit(cache=True)
@@ -173,7 +183,7 @@ def _rnd(v, like):
     if dt == types.float32:
         return lambda v, like: v
     if dt == types.uint16:
-        return lambda v, like: bf16_to_f32(f32_to_bf16(v))
+        return lambda v, like: round_bf16(v)
     if dt == types.int16:
         return lambda v, like: f16_to_f32(f32_to_f16(v))
     return None
