@@ -1,0 +1,39 @@
+"""The benchmark's plumbing on a tiny shape: it measures, counts bytes as DESIGN §5 says and reports."""
+
+from __future__ import annotations
+
+import json
+
+import torch
+
+from normlab.bench import add_arguments, main
+from normlab.bench.cases import bytes_moved, make_inputs
+from normlab.bench.report import markdown
+
+
+def test_bytes_counted_as_specified():
+    inp = make_inputs("rms_norm", 8, 16, torch.bfloat16, "cpu", requires_grad=False)
+    big, params = 8 * 16 * 2, 16 * 2
+    assert bytes_moved("rms_norm", "fwd", inp) == 2 * big + params
+    assert bytes_moved("rms_norm", "fwd+bwd", inp) == 5 * big + 3 * params
+    fused = make_inputs("add_layer_norm", 8, 16, torch.float32, "cpu", requires_grad=False)
+    assert bytes_moved("add_layer_norm", "fwd", fused) == 4 * 8 * 16 * 4 + 2 * 16 * 4
+
+
+def test_tiny_run_writes_results(tmp_path, monkeypatch):
+    import argparse
+
+    monkeypatch.setenv("NORMLAB_BENCH_REEXEC", "1")  # no re-exec inside pytest
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    args = parser.parse_args(["--shapes", "64x32", "--ops", "add_rms_norm", "--dtypes", "float32", "--no-compile", "--out", str(tmp_path)])
+    assert main(args) == 0
+    data = json.loads((tmp_path / "results.json").read_text())
+    impls = {r["impl"] for r in data["results"]}
+    assert {"normlab", "normlab add, then norm", "torch", "reference"} <= impls
+    assert all("ms" in r and r["ms"] > 0 and r["pct_copy"] > 0 for r in data["results"])
+    assert all(r["peak_mb"] >= 0 for r in data["results"] if r["mode"] == "fwd+bwd")
+    assert data["environment"]["malloc"] and data["environment"]["cpu"]
+    assert (tmp_path / "results.png").stat().st_size > 0
+    table = markdown(data["results"])
+    assert "copy_ (same run)" in table and "**normlab**" in table
