@@ -66,6 +66,13 @@ class BatchNorm(nn.Module):
         if input.dim() not in (2, 3):
             expected = "(N, C) or (N, C, L)" if self.layout == "NCL" else "(N, C) or (N, L, C)"
             raise ValueError(f"expected 2D or 3D input {expected} for layout {self.layout!r}, got {input.dim()}D input")
+        features = input.shape[1] if self.layout == "NCL" else input.shape[-1]
+        if features != self.num_features:
+            where = "dim 1" if self.layout == "NCL" else "the last dim"
+            raise ValueError(
+                f"expected input with {self.num_features} features (num_features) at {where} for layout "
+                f"{self.layout!r}, got shape {list(input.shape)}"
+            )
 
     def forward(self, input: Tensor) -> Tensor:
         self._check_input_dim(input)
