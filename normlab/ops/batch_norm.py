@@ -271,7 +271,8 @@ def batch_norm(
             with torch.no_grad():
                 num_batches_tracked.add_(1)
         return input.clone()
-    y, mean, var = _batch_norm_op(x, weight, bias, None if training else running_mean, None if training else running_var, bool(training), eps)
+    stats = (None, None) if training else (running_mean, running_var)  # eval normalizes with the running ones
+    y, mean, var = _batch_norm_op(x, weight, bias, *stats, bool(training), eps)
     if training:
         _update_running(running_mean, running_var, num_batches_tracked, mean, var, momentum, n)
     return y.reshape(input.shape)

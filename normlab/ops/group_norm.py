@@ -41,7 +41,9 @@ def _groups(t: Tensor, num_groups: int) -> Tensor:
     return t.reshape(t.shape[0], num_groups, -1, t.shape[2])
 
 
-def group_norm_fwd_ref(x: Tensor, num_groups: int, weight: Optional[Tensor], bias: Optional[Tensor], mean: Tensor, rstd: Tensor) -> Tensor:
+def group_norm_fwd_ref(
+    x: Tensor, num_groups: int, weight: Optional[Tensor], bias: Optional[Tensor], mean: Tensor, rstd: Tensor
+) -> Tensor:
     """``y = (x - mean)·rstd·w + b`` on ``(N, C, S)`` in the compute dtype, returned in the input dtype."""
     c = compute_dtype(x.dtype)
     xhat = (_groups(x.to(c), num_groups) - _per_channel(mean, x, num_groups)) * _per_channel(rstd, x, num_groups)

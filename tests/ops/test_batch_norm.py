@@ -66,7 +66,8 @@ def test_matches_torch(dtype, shape, layout, training, affine, fp32_params):
     rm, rv = running(c, param_dtype)
     rm_t, rv_t = rm.clone(), rv.clone()
     ref64 = batch_norm_reference(
-        x_ncl.double(), rm.double().clone(), rv.double().clone(), None if w is None else w.double(), None if b is None else b.double(), training
+        x_ncl.double(), rm.double().clone(), rv.double().clone(),
+        None if w is None else w.double(), None if b is None else b.double(), training,
     )
     y = normlab.batch_norm(to_layout(x_ncl, layout), rm, rv, w, b, training, 0.1, 1e-5, layout=layout)
     t = F.batch_norm(x_ncl, rm_t, rv_t, w, b, training, 0.1, 1e-5)
