@@ -6,14 +6,16 @@
     eval:      y = (x - running_mean) / sqrt(running_var + eps) * w + b
 
 ``var_B`` is the biased batch variance (divide by the count ``n`` of values per channel), computed
-two-pass in fp32 (fp64 for fp64 input), never as ``E[x²] - E[x]²``. ``momentum=None`` is the cumulative
-moving average ``m = 1 / num_batches_tracked``. Layouts: ``"NCL"`` has the features at dim 1 of
-``(N, C)`` / ``(N, C, L, …)`` (``torch.nn.functional.batch_norm``); ``"NLC"`` has them last, ``(N, L, C)``
-tokens. Internally both are viewed, without a copy, as ``(A, C, B)`` and reduced over dims 0 and 2.
+corrected two-pass in fp32 (fp64 for fp64 input), never as ``E[x²] - E[x]²``. ``momentum=None`` is
+the cumulative moving average ``m = 1 / num_batches_tracked``. Layouts: ``"NCL"`` has the features at
+dim 1 of ``(N, C)`` / ``(N, C, L, …)`` (``torch.nn.functional.batch_norm``); ``"NLC"`` has them last,
+``(N, L, C)`` tokens. Internally both are viewed, without a copy, as ``(A, C, B)``, reduced over dims
+0 and 2.
 
 ``process_group=`` synchronizes the training statistics across processes (SyncBatchNorm): each process
 all-reduces ``(count, sum)``, then its sum of squared deviations about the common mean (Chan's parallel
-formula: ``M2_i + n_i (mean_i - mean)²``), so it works on any ``torch.distributed`` backend, gloo included.
+formula: ``M2_i + n_i (mean_i - mean)²``) and of deviations (the rounding error of the common mean), so
+it works on any ``torch.distributed`` backend, gloo included.
 
 This file holds the reference (the spec), the custom op with its fake implementation and autograd
 formula, the synchronized autograd function and the functional API.
@@ -47,28 +49,45 @@ def _bcast(v: Tensor) -> Tensor:
 # ----------------------------------------------------------------------------------------------
 # Reference (the spec): plain PyTorch on (A, C, B) views
 # ----------------------------------------------------------------------------------------------
-def batch_stats_ref(x: Tensor) -> tuple[Tensor, Tensor]:
-    """Per-channel mean and biased variance of ``(A, C, B)`` over dims 0 and 2, two-pass, in the compute dtype."""
+def batch_stats_ref(x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Per-channel ``(x - mean, mean, var)`` of ``(A, C, B)`` over dims 0 and 2, in the compute dtype.
+
+    Corrected two-pass: ``d = x - mean`` is exact near the mean (Sterbenz), so ``mean(d)`` is the
+    rounding error of the stored mean; removing it keeps the deviations accurate to the spread of the
+    channel rather than to ulp(mean). Variance biased: ``mean(d²)``."""
     xf = x.to(compute_dtype(x.dtype))
-    mean = xf.mean(dim=(0, 2))
-    var = (xf - _bcast(mean)).square().mean(dim=(0, 2))
-    return mean, var
+    rough = xf.mean(dim=(0, 2))
+    d = xf - _bcast(rough)
+    correction = d.mean(dim=(0, 2))
+    d = d - _bcast(correction)
+    return d, rough + correction, d.square().mean(dim=(0, 2))
 
 
-def batch_norm_fwd_ref(x: Tensor, mean: Tensor, var: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float) -> Tensor:
-    """``y = (x - mean) · rsqrt(var + eps) · w + b`` in the compute dtype, returned in the input dtype."""
+def deviations(x: Tensor, mean: Tensor, correction: Optional[Tensor] | str = None) -> Tensor:
+    """``x - mean`` in the compute dtype. ``correction="batch"`` removes the rounding error of a batch
+    mean as :func:`batch_stats_ref` does; a tensor is that error already known (synchronized statistics);
+    ``None`` keeps ``mean`` as given (running statistics are exact constants)."""
     c = compute_dtype(x.dtype)
-    y = (x.to(c) - _bcast(mean.to(c))) * _bcast(torch.rsqrt(var.to(c) + eps))
+    d = x.to(c) - _bcast(mean.to(c))
+    if isinstance(correction, str):
+        return d - d.mean(dim=(0, 2), keepdim=True)
+    return d if correction is None else d - _bcast(correction)
+
+
+def normalize(d: Tensor, var: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float, dtype: torch.dtype) -> Tensor:
+    """``y = d · rsqrt(var + eps) · w + b`` from the deviations ``d``, returned in ``dtype``."""
+    c = d.dtype
+    y = d * _bcast(torch.rsqrt(var.to(c) + eps))
     if weight is not None:
         y = y * _bcast(weight.to(c))
     if bias is not None:
         y = y + _bcast(bias.to(c))
-    return y.to(x.dtype)
+    return y.to(dtype)
 
 
 def batch_norm_bwd_ref(
     dy: Tensor, x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], mean: Tensor, var: Tensor, eps: float,
-    training: bool, reduce=None,
+    training: bool, reduce=None, correction: Optional[Tensor] = None,
 ) -> tuple[Tensor, Optional[Tensor], Optional[Tensor]]:
     """Analytic backward on ``(A, C, B)``. With ``x̂ = (x - mean)·rstd``, ``g = dy``, sums over dims 0, 2:
 
@@ -76,14 +95,17 @@ def batch_norm_bwd_ref(
     - training: ``dx = w · rstd · (g - Σg / n - x̂ · Σ(g x̂) / n)``;
     - ``dw = Σ g x̂``, ``db = Σ g`` (the local sums: a data-parallel wrapper averages them).
 
-    ``reduce(sum_g, sum_gx) -> (sum_g, sum_gx, n)`` sums the two per-channel vectors over processes (sync).
-    Under grad mode (double backward) the batch statistics are recomputed from ``x``."""
+    ``reduce(sum_g, sum_gx) -> (sum_g, sum_gx, n)`` sums the two per-channel vectors over processes
+    (sync; ``correction`` is then the cross-process correction of ``mean``). Under grad mode (double
+    backward) the batch statistics are recomputed from ``x``."""
     c = compute_dtype(x.dtype)
     if training and torch.is_grad_enabled() and reduce is None:
-        mean, var = batch_stats_ref(x)
-    xf, g = x.to(c), dy.to(c)
+        d, mean, var = batch_stats_ref(x)
+    else:
+        d = deviations(x, mean, (correction if reduce is not None else "batch") if training else None)
+    g = dy.to(c)
     rstd = torch.rsqrt(var.to(c) + eps)
-    xhat = (xf - _bcast(mean.to(c))) * _bcast(rstd)
+    xhat = d * _bcast(rstd)
     gx = zero_where_no_grad(g, g * xhat)
     sum_g, sum_gx = g.sum(dim=(0, 2)), gx.sum(dim=(0, 2))
     dw = None if weight is None else sum_gx.to(weight.dtype)
@@ -106,11 +128,11 @@ def batch_norm_reference(
     """The spec, differentiable with plain autograd (no custom op); updates the running statistics."""
     x = as_acb(input, layout)
     if training:
-        mean, var = batch_stats_ref(x)
+        d, mean, var = batch_stats_ref(x)
         _update_running(running_mean, running_var, num_batches_tracked, mean, var, momentum, x.shape[0] * x.shape[2])
     else:
-        mean, var = running_mean, running_var
-    return batch_norm_fwd_ref(x, mean, var, weight, bias, eps).reshape(input.shape)
+        d, var = deviations(x, running_mean), running_var
+    return normalize(d, var, weight, bias, eps, x.dtype).reshape(input.shape)
 
 
 def _update_running(running_mean, running_var, num_batches_tracked, mean, var, momentum, n):
@@ -138,11 +160,12 @@ def _batch_norm_op(
     running_var: Optional[Tensor], training: bool, eps: float,
 ) -> tuple[Tensor, Tensor, Tensor]:
     if training:
-        mean, var = batch_stats_ref(x)
+        d, mean, var = batch_stats_ref(x)
     else:
         c = compute_dtype(x.dtype)
         mean, var = running_mean.to(dtype=c, copy=True), running_var.to(dtype=c, copy=True)
-    return batch_norm_fwd_ref(x, mean, var, weight, bias, eps), mean, var
+        d = deviations(x, mean)
+    return normalize(d, var, weight, bias, eps, x.dtype), mean, var
 
 
 @_batch_norm_op.register_fake
@@ -171,45 +194,52 @@ _batch_norm_op.register_autograd(_backward, setup_context=_setup)
 # ----------------------------------------------------------------------------------------------
 # Synchronized statistics across processes (training only)
 # ----------------------------------------------------------------------------------------------
-def sync_batch_stats(x: Tensor, process_group) -> tuple[Tensor, Tensor, int]:
-    """Per-channel mean, biased variance and total count of ``(A, C, B)`` over every process of the group.
+def sync_batch_stats(x: Tensor, process_group) -> tuple[Tensor, Tensor, Tensor, int]:
+    """Per-channel common mean, its correction, biased variance and total count of ``(A, C, B)`` over
+    every process of the group (the mean is ``mean + correction``).
 
-    Two all-reduces of sums: ``(n_i, Σx)`` gives the common mean; then each process's ``M2_i +
-    n_i (mean_i - mean)²`` (Chan et al.'s parallel formula) sums to the global sum of squared deviations."""
+    Two all-reduces of sums. ``(n_i, n_i·mean_i)`` gives the common mean ``m``; then Chan et al.'s
+    parallel formula: with ``δ_i = mean_i - m``, ``Σ(x - m)² = Σ_i M2_i + n_i δ_i²`` and ``Σ(x - m) =
+    Σ_i n_i δ_i``; the latter over ``n`` is the rounding error of ``m`` (the correction of the
+    corrected two-pass), and ``var = Σ(x - m)² / n - correction²``. Local ``mean_i``, ``M2_i`` are
+    corrected two-pass themselves."""
     import torch.distributed as dist
 
     c = compute_dtype(x.dtype)
     n_local = x.shape[0] * x.shape[2]
-    xf = x.to(c)
     if n_local > 0:
-        local_mean, local_var = batch_stats_ref(x)
+        _, local_mean, local_var = batch_stats_ref(x)
     else:
-        local_mean = local_var = xf.new_zeros((x.shape[1],))
-    count_sum = torch.cat([xf.new_full((1,), float(n_local)), local_mean * n_local])
+        local_mean = local_var = x.new_zeros((x.shape[1],), dtype=c)
+    count_sum = torch.cat([local_mean.new_full((1,), float(n_local)), local_mean * n_local])
     dist.all_reduce(count_sum, group=process_group)
     n = int(count_sum[0].item())
     if n <= 1:
         raise ValueError(f"Expected more than 1 value per channel when training, got {n} over the process group")
     mean = count_sum[1:] / n
-    m2 = local_var * n_local + n_local * (local_mean - mean).square()
-    dist.all_reduce(m2, group=process_group)
-    return mean, m2 / n, n
+    delta = local_mean - mean
+    sums = torch.cat([n_local * delta, local_var * n_local + n_local * delta.square()])
+    dist.all_reduce(sums, group=process_group)
+    correction, m2 = sums[: mean.numel()] / n, sums[mean.numel():]
+    return mean, correction, m2 / n - correction.square(), n
 
 
 class _SyncBatchNorm(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, eps, process_group):
-        mean, var, n = sync_batch_stats(x, process_group)
-        ctx.save_for_backward(x, weight, bias, mean, var)
+        mean, correction, var, n = sync_batch_stats(x, process_group)
+        ctx.save_for_backward(x, weight, bias, mean, correction, var)
         ctx.options = (eps, process_group, n)
+        y = normalize(deviations(x, mean, correction), var, weight, bias, eps, x.dtype)
+        mean = mean + correction
         ctx.mark_non_differentiable(mean, var)
-        return batch_norm_fwd_ref(x, mean, var, weight, bias, eps), mean, var, n
+        return y, mean, var, n
 
     @staticmethod
     def backward(ctx, dy, _dmean, _dvar, _dn):
         import torch.distributed as dist
 
-        x, weight, bias, mean, var = ctx.saved_tensors
+        x, weight, bias, mean, correction, var = ctx.saved_tensors
         eps, process_group, n = ctx.options
 
         def reduce(sum_g, sum_gx):
@@ -217,7 +247,7 @@ class _SyncBatchNorm(torch.autograd.Function):
             dist.all_reduce(both, group=process_group)
             return both[: sum_g.numel()], both[sum_g.numel():], n
 
-        dx, dw, db = batch_norm_bwd_ref(dy, x, weight, bias, mean, var, eps, True, reduce)
+        dx, dw, db = batch_norm_bwd_ref(dy, x, weight, bias, mean, var, eps, True, reduce, correction)
         return dx, dw, db, None, None
 
 

@@ -3,7 +3,8 @@
     y[n, c, *] = (x[n, c, *] - mean[n, g]) / sqrt(var[n, g] + eps) * w[c] + b[c],   g = c // (C / G)
 
 Statistics per sample and group of ``C / G`` channels, over those channels and every trailing dim;
-variance biased, two-pass, in fp32 (fp64 for fp64 input). A sample's output depends on that sample alone.
+variance biased, corrected two-pass, in fp32 (fp64 for fp64 input). A sample's output depends on that
+sample alone.
 Internally the input ``(N, C, *)`` is viewed as ``(N·G, C/G · prod(*))`` rows.
 
 This file holds the reference (the spec), the custom op with its fake implementation and autograd
@@ -24,35 +25,48 @@ from normlab.ops._common import check_eps, check_input, check_param, compute_dty
 # ----------------------------------------------------------------------------------------------
 # Reference (the spec): plain PyTorch on the (N, C, S) view; statistics on (N·G, C/G·S) rows
 # ----------------------------------------------------------------------------------------------
-def group_stats_ref(x: Tensor, num_groups: int, eps: float) -> tuple[Tensor, Tensor]:
-    """Per (sample, group) ``mean`` and ``rstd = 1/sqrt(var + eps)``, shape ``(N·G,)``, compute dtype."""
-    r = x.reshape(x.shape[0] * num_groups, -1).to(compute_dtype(x.dtype))
-    mean = r.mean(dim=1)
-    var = (r - mean[:, None]).square().mean(dim=1)
-    return mean, torch.rsqrt(var + eps)
-
-
-def _per_channel(v: Tensor, x: Tensor, num_groups: int) -> Tensor:
-    """A ``(N·G,)`` statistic broadcast against ``(N, G, C/G, S)``."""
-    return v.reshape(x.shape[0], num_groups, 1, 1)
-
-
 def _groups(t: Tensor, num_groups: int) -> Tensor:
+    """``(N, C, S)`` → ``(N, G, C/G, S)``."""
     return t.reshape(t.shape[0], num_groups, -1, t.shape[2])
 
 
+def group_deviations(x: Tensor, num_groups: int, mean: Optional[Tensor] = None) -> Tensor:
+    """``x - mean`` per (sample, group) as ``(N, G, C/G, S)`` in the compute dtype, corrected for the
+    rounding of ``mean`` (corrected two-pass: ``d - mean(d)``, ``d = x - mean`` exact near the mean).
+    ``mean`` (shape ``(N·G,)``) defaults to the group means of ``x``."""
+    xg = _groups(x.to(compute_dtype(x.dtype)), num_groups)
+    rough = xg.mean(dim=(2, 3), keepdim=True) if mean is None else mean.reshape(x.shape[0], num_groups, 1, 1)
+    d = xg - rough
+    return d - d.mean(dim=(2, 3), keepdim=True)
+
+
+def group_stats_ref(x: Tensor, num_groups: int, eps: float) -> tuple[Tensor, Tensor, Tensor]:
+    """Deviations ``(N, G, C/G, S)`` and per (sample, group) ``mean`` and ``rstd = 1/sqrt(var + eps)``,
+    shape ``(N·G,)``, in the compute dtype; variance biased, ``mean(d²)``."""
+    xg = _groups(x.to(compute_dtype(x.dtype)), num_groups)
+    rough = xg.mean(dim=(2, 3), keepdim=True)
+    d = xg - rough
+    correction = d.mean(dim=(2, 3), keepdim=True)
+    d = d - correction
+    return d, (rough + correction).reshape(-1), torch.rsqrt(d.square().mean(dim=(2, 3)).reshape(-1) + eps)
+
+
+def _per_group(v: Tensor, d: Tensor) -> Tensor:
+    """A ``(N·G,)`` statistic broadcast against ``(N, G, C/G, S)``."""
+    return v.reshape(d.shape[0], d.shape[1], 1, 1)
+
+
 def group_norm_fwd_ref(
-    x: Tensor, num_groups: int, weight: Optional[Tensor], bias: Optional[Tensor], mean: Tensor, rstd: Tensor
+    d: Tensor, rstd: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], shape: torch.Size, dtype: torch.dtype
 ) -> Tensor:
-    """``y = (x - mean)·rstd·w + b`` on ``(N, C, S)`` in the compute dtype, returned in the input dtype."""
-    c = compute_dtype(x.dtype)
-    xhat = (_groups(x.to(c), num_groups) - _per_channel(mean, x, num_groups)) * _per_channel(rstd, x, num_groups)
-    y = xhat.reshape(x.shape)
+    """``y = d·rstd·w + b`` from the deviations ``d`` ``(N, G, C/G, S)``, returned as ``(N, C, S)`` in ``dtype``."""
+    c = d.dtype
+    y = (d * _per_group(rstd, d)).reshape(shape)
     if weight is not None:
         y = y * weight.to(c)[None, :, None]
     if bias is not None:
         y = y + bias.to(c)[None, :, None]
-    return y.to(x.dtype)
+    return y.to(dtype)
 
 
 def group_norm_bwd_ref(
@@ -64,10 +78,12 @@ def group_norm_bwd_ref(
     ``db_c = Σ_{n,s} dy``. Under grad mode (double backward) the statistics are recomputed from ``x``."""
     c = compute_dtype(x.dtype)
     if torch.is_grad_enabled():
-        mean, rstd = group_stats_ref(x, num_groups, eps)
+        d, mean, rstd = group_stats_ref(x, num_groups, eps)
+    else:
+        d = group_deviations(x, num_groups, mean)
     dyf = dy.to(c)
-    r = _per_channel(rstd, x, num_groups)
-    xhat = (_groups(x.to(c), num_groups) - _per_channel(mean, x, num_groups)) * r
+    r = _per_group(rstd.to(c), d)
+    xhat = d * r
     g = _groups(dyf if weight is None else dyf * weight.to(c)[None, :, None], num_groups)
     m = xhat[0, 0].numel()
     dx = r * (g - g.sum(dim=(2, 3), keepdim=True) / m - xhat * (g * xhat).sum(dim=(2, 3), keepdim=True) / m)
@@ -81,8 +97,8 @@ def group_norm_reference(
 ) -> Tensor:
     """The spec, differentiable with plain autograd (no custom op)."""
     x = _ncs(input)
-    mean, rstd = group_stats_ref(x, num_groups, eps)
-    return group_norm_fwd_ref(x, num_groups, weight, bias, mean, rstd).reshape(input.shape)
+    d, _, rstd = group_stats_ref(x, num_groups, eps)
+    return group_norm_fwd_ref(d, rstd, weight, bias, x.shape, x.dtype).reshape(input.shape)
 
 
 def _ncs(x: Tensor) -> Tensor:
@@ -96,8 +112,8 @@ def _ncs(x: Tensor) -> Tensor:
 def _group_norm_op(
     x: Tensor, num_groups: int, weight: Optional[Tensor], bias: Optional[Tensor], eps: float
 ) -> tuple[Tensor, Tensor, Tensor]:
-    mean, rstd = group_stats_ref(x, num_groups, eps)
-    return group_norm_fwd_ref(x, num_groups, weight, bias, mean, rstd), mean, rstd
+    d, mean, rstd = group_stats_ref(x, num_groups, eps)
+    return group_norm_fwd_ref(d, rstd, weight, bias, x.shape, x.dtype), mean, rstd
 
 
 @_group_norm_op.register_fake
