@@ -9,6 +9,8 @@ import socket
 import pytest
 import torch
 import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import normlab
 from normlab.ops.batch_norm import batch_norm_reference
@@ -311,3 +313,26 @@ def test_sync_two_processes_gloo(tmp_path):
     torch.testing.assert_close(r[0]["dw"] + r[1]["dw"], w.grad, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(r[0]["db"] + r[1]["db"], b.grad, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(rv, x.detach().transpose(0, 1).reshape(3, -1).var(dim=1))
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    n=st.integers(2, 5),
+    c=st.integers(1, 9),
+    length=st.integers(1, 40),
+    scale=st.sampled_from([1e-3, 1.0, 1e3]),
+    mean=st.sampled_from([0.0, 10.0, 1e4]),
+    dtype=st.sampled_from([torch.float32, torch.bfloat16, torch.float16]),
+    layout=st.sampled_from(["NCL", "NLC"]),
+    strided=st.booleans(),
+)
+def test_property_shapes_values_strides(n, c, length, scale, mean, dtype, layout, strided):
+    base = rand(n, c, 2 * length if strided else length, scale=scale, mean=mean, dtype=torch.float64)
+    x_ncl = (base[:, :, ::2] if strided else base).to(dtype)
+    if not torch.isfinite(x_ncl).all():
+        return
+    x = x_ncl if layout == "NCL" else x_ncl.transpose(1, 2)  # non-contiguous (N, L, C) view
+    w, b = rand(c, dtype=dtype, seed=1), rand(c, dtype=dtype, seed=2)
+    y = normlab.batch_norm(x, None, None, w, b, training=True, layout=layout)
+    ref64 = batch_norm_reference(x_ncl.double(), None, None, w.double(), b.double(), True)
+    assert_tolerance_rule(from_layout(y, layout), F.batch_norm(x_ncl, None, None, w, b, True), ref64, "property")

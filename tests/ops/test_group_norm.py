@@ -5,6 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from hypothesis import assume, given, settings
+from hypothesis import strategies as st
 
 import normlab
 from normlab.ops.group_norm import group_norm_reference
@@ -108,6 +110,17 @@ def test_nan_in_one_sample_leaves_others_exact():
     assert torch.equal(w.grad, w_ok.grad) and torch.equal(b.grad, b_ok.grad), "a NaN sample leaked into the parameter gradients"
 
 
+def test_single_value_groups():
+    """A group of one value has deviation 0: y = bias. (torch raises "Expected more than 1 value per
+    channel" when N·C/G·prod(*) == 1 — a BatchNorm check; GroupNorm's statistics are per sample.)"""
+    b = rand(4, seed=2)
+    assert torch.equal(normlab.group_norm(rand(1, 4, 1), 4, None, b), b.reshape(1, 4, 1))
+    assert torch.equal(normlab.group_norm(rand(3, 2), 2), torch.zeros(3, 2))
+    x = rand(2, 4, 1, mean=3.0)
+    assert torch.equal(normlab.group_norm(x, 4, None, b), b.reshape(1, 4, 1).expand(2, 4, 1))
+    torch.testing.assert_close(F.group_norm(x, 4, None, b), b.reshape(1, 4, 1).expand(2, 4, 1), rtol=0, atol=1e-3)
+
+
 def test_zero_size():
     for shape in [(0, 4), (0, 4, 3), (2, 4, 0)]:
         x = torch.randn(*shape, requires_grad=True)
@@ -136,3 +149,26 @@ def test_bad_input_messages():
             normlab.group_norm(x, 3, eps=eps)
     with pytest.raises(ValueError, match=r"expected input of shape \(N, C, \*\)"):
         normlab.group_norm(torch.randn(6), 3)
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    n=st.integers(1, 4),
+    groups=st.integers(1, 4),
+    per_group=st.integers(1, 4),
+    length=st.integers(1, 30),
+    scale=st.sampled_from([1e-3, 1.0, 1e3]),
+    mean=st.sampled_from([0.0, 10.0, 1e4]),
+    dtype=st.sampled_from([torch.float32, torch.bfloat16, torch.float16]),
+    strided=st.booleans(),
+)
+def test_property_shapes_values_strides(n, groups, per_group, length, scale, mean, dtype, strided):
+    assume(n * per_group * length > 1)  # torch raises there: test_single_value_groups
+    c = groups * per_group
+    base = rand(n, c, 2 * length if strided else length, scale=scale, mean=mean, dtype=torch.float64)
+    x = (base[:, :, ::2] if strided else base).to(dtype)
+    if not torch.isfinite(x).all():
+        return
+    w, b = rand(c, dtype=dtype, seed=1), rand(c, dtype=dtype, seed=2)
+    ref64 = group_norm_reference(x.double(), groups, w.double(), b.double())
+    assert_tolerance_rule(normlab.group_norm(x, groups, w, b), F.group_norm(x, groups, w, b), ref64, "property")
