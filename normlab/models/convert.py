@@ -244,6 +244,7 @@ def main(args: argparse.Namespace) -> int:
         return 1
     save_pretrained(converted, dst)
     reloaded = load_pretrained(dst).eval()
+    weights = str(reloaded.transformer.wte.weight.dtype).removeprefix("torch.")
     dtype = getattr(torch, args.dtype)
     c = reloaded.config
     T = args.probe_len or min(c.block_size, 64)
@@ -252,7 +253,6 @@ def main(args: argparse.Namespace) -> int:
         a = _logits(copy.deepcopy(original).to(dtype), idx)
         b = _logits(reloaded.to(dtype), idx)
     n_ln = sum(isinstance(m, (nn.LayerNorm, LayerNorm)) for m in reloaded.modules())
-    weights = str(reloaded.transformer.wte.weight.dtype).removeprefix("torch.")
     print(f"converted {src} → {dst} ({weights} weights): {len(reloaded.norm_layers())} norms are RMSNorm, "
           f"{n_ln} LayerNorm left")
     print(f"max |logit difference| on a {args.probe_batch}×{T} probe batch ({args.dtype}): {(a - b).abs().max().item():.3e}")
