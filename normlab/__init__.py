@@ -8,3 +8,7 @@ from normlab.ops import *  # noqa: F401,F403
 from normlab.ops import __all__ as _ops_all
 
 __all__ = ["__version__", "backend", "dispatch", *_ops_all]
+
+from normlab.models.patch import patch, unpatch  # noqa: E402
+
+__all__ += ["patch", "unpatch"]
