@@ -133,3 +133,9 @@ def test_cli_refuses_post_ln(tmp_path, capsys):
     assert main(["convert", str(tmp_path / "src"), str(tmp_path / "dst")]) == 1
     assert "placement is 'post'" in capsys.readouterr().out
     assert not (tmp_path / "dst").exists()
+
+
+def test_reachable_as_normlab_convert():
+    import normlab
+
+    assert normlab.convert.pre_ln_to_pre_rmsnorm is pre_ln_to_pre_rmsnorm
