@@ -147,3 +147,15 @@ def test_bad_calls_raise():
     with pytest.raises(ValueError, match="the model itself is a LayerNorm"):
         normlab.patch(nn.LayerNorm(4))
     assert len(normlab.patch(nn.Linear(2, 2))) == 0
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("name", ["llama", "gemma"])
+def test_half_precision_casting_matches_hf_bitwise(name, dtype):
+    """casting="llama" / "gemma"+offset 1 reproduce Hugging Face's rounding exactly in bf16/fp16."""
+    model = randomized(tiny(name), dtype)
+    idx = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ref = model(idx).logits
+        normlab.patch(model)
+        assert torch.equal(model(idx).logits, ref)
