@@ -16,13 +16,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import platform
-import statistics
 import sys
 import time
-import warnings
 from pathlib import Path
 
 MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "4294967296", "MALLOC_TRIM_THRESHOLD_": "68719476736"}
@@ -117,7 +114,6 @@ def main(args: argparse.Namespace) -> int:
     print("allocator: " + " ".join(f"{k}={v}" for k, v in env["malloc"].items()))
     print(f"load average: {env['load_average'][0]} (1 min), {env['load_average'][1]} (5 min)")
     if env["load_average"][0] > 0.5:
-        warnings.warn(f"the machine is not idle (load average {env['load_average'][0]}): timings will be noisy", stacklevel=1)
         print(f"WARNING: machine not idle (load average {env['load_average'][0]}); figures taken under load")
     t0 = time.time()
     results = run_all(

@@ -74,6 +74,10 @@ def _runner(impl, inputs: Inputs, mode: str, grads: list[torch.Tensor]):
 def run_all(ops, shapes, dtypes, modes, device, samples, min_time, compile_reference, memory) -> list[dict]:
     sync = _sync(device)
     results = []
+    # every (op, shape, dtype, grad mode) compiles its own graph of the same reference function: lift
+    # dynamo's per-function recompilation limit, or it would silently fall back to eager
+    torch._dynamo.config.recompile_limit = 1024
+    torch._dynamo.config.accumulated_recompile_limit = 8192
     for op in ops:
         for rows, n in shapes:
             impls = implementations(op, n, device, compile_reference)
