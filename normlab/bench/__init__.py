@@ -125,14 +125,15 @@ def main(args: argparse.Namespace) -> int:
     env["seconds"] = round(time.time() - t0, 1)
     env["command"] = " ".join(["normlab", "bench", *sys.orig_argv[sys.orig_argv.index("bench") + 1:]]) if "bench" in sys.orig_argv else " ".join(sys.orig_argv)
 
-    from normlab.bench.report import markdown, plot
+    from normlab.bench.report import markdown, plot, summary
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    table = markdown(results)
+    table, short = markdown(results), summary(results)
     (out / "results.json").write_text(json.dumps({"environment": env, "results": results}, indent=1))
-    (out / "results.md").write_text(table)
+    (out / "results.md").write_text(short + "\n" + table)
     plot(results, out / "results.png")
     print(table)
+    print(short)
     print(f"took {env['seconds']} s; load average after: {env['load_average_after'][0]}; wrote {out}/results.json, results.md, results.png")
     return 0

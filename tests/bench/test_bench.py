@@ -37,3 +37,4 @@ def test_tiny_run_writes_results(tmp_path, monkeypatch):
     assert (tmp_path / "results.png").stat().st_size > 0
     table = markdown(data["results"])
     assert "copy_ (same run)" in table and "**normlab**" in table
+    assert "vs normlab add, then norm" in (tmp_path / "results.md").read_text()
