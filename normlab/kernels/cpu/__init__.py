@@ -1,6 +1,6 @@
 """The ``cpu`` backend: numba kernels for RMSNorm, LayerNorm and their fused residual-add variants.
 
-Serves contiguous CPU inputs in float32, bfloat16 and float16 (half dtypes as their uint16 bit patterns,
+Serves contiguous CPU inputs in float32, bfloat16 and float16 (bf16 / fp16 as uint16 / int16 bit patterns,
 fp32 accumulation, round-to-nearest-even stores); float64 is left to the reference. Weights may be in the
 input dtype or fp32. The casting rules of the reference are applied to the (tiny) weight vector here in
 torch, so the kernels only see fp32 ``offset + w`` and a casting ``mode``.
