@@ -204,13 +204,21 @@ def test_layer_norm_forward_backward(dtype, n, affine):
         assert db is None
 
 
-def test_layer_norm_large_mean_tiny_variance():
-    """Two-pass variance: no cancellation at mean 1e4 (E[x²] − E[x]² would give garbage or NaN)."""
-    x = rand(8, 512, scale=1e-2, mean=1e4)
-    y, _, rstd = K.layer_norm_fwd(x, None, None, 1e-5)
-    y64, _, _ = ln_fwd_ref(x.double(), None, None, 1e-5)
+@pytest.mark.parametrize("mean,scale", [(1e4, 1e-2), (10.0, 1e-3)])
+def test_layer_norm_large_mean_tiny_variance(mean, scale):
+    """Corrected two-pass variance: no cancellation at mean 1e4 (E[x²] − E[x]² would give garbage), and
+    deviations accurate to the spread of the row, not to ulp(mean) — forward and backward."""
+    x, dy, w = rand(8, 52, scale=scale, mean=mean), rand(8, 52, seed=1), rand(52, seed=2)
+    y, m, rstd = K.layer_norm_fwd(x, w, None, 1e-5)
+    y64, m64, rstd64 = ln_fwd_ref(x.double(), w.double(), None, 1e-5)
     assert torch.isfinite(rstd).all()
-    assert_tolerance_rule(y, F.layer_norm(x, (512,), eps=1e-5), y64, "large mean")
+    assert_tolerance_rule(y, F.layer_norm(x, (52,), w, eps=1e-5), y64, "large mean")
+    dx, dw, _ = K.layer_norm_bwd(dy, x, w, None, m, rstd)
+    xt, wt = x.clone().requires_grad_(), w.clone().requires_grad_()
+    F.layer_norm(xt, (52,), wt, eps=1e-5).backward(dy)
+    dx64, dw64, _ = ln_bwd_ref(dy.double(), x.double(), w.double(), m64, rstd64)
+    assert_tolerance_rule(dx, xt.grad, dx64, "large mean dx")
+    assert_tolerance_rule(dw, wt.grad, dw64, "large mean dw")
 
 
 def test_layer_norm_dsum_and_fp32_master_weight():

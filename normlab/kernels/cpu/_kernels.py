@@ -16,7 +16,17 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
-from normlab.kernels.cpu._numerics import load, rnd, row_grad_sums, row_sqdev, row_sum, row_sumsq, store, store_via
+from normlab.kernels.cpu._numerics import (
+    load,
+    rnd,
+    row_dev_sum,
+    row_grad_sums,
+    row_sqdev,
+    row_sum,
+    row_sumsq,
+    store,
+    store_via,
+)
 
 #: Rows per work item and per weight-gradient partial (a constant: never depends on the thread count).
 CHUNK = 64
@@ -34,12 +44,13 @@ def _norm_row(a, i, y, w, b, eps, k, layer, mode, mean, rstd):
     """Normalize row ``i`` of ``a`` into row ``i`` of ``y``; the norm's dtype is ``a``'s (its
     intermediate roundings), then the result is stored in ``y``'s dtype."""
     n = a.shape[1]
-    if layer:
+    if layer:  # corrected two-pass: deviations from the rounded mean m, minus their mean c
         m = row_sum(a, i) / np.float32(n)
-        rs = _ONE / np.sqrt(row_sqdev(a, i, m) / np.float32(n) + eps)
+        c = row_dev_sum(a, i, m) / np.float32(n)
+        rs = _ONE / np.sqrt(row_sqdev(a, i, m, c) / np.float32(n) + eps)
         for j in range(n):
-            y[i, j] = store_via((load(a[i, j]) - m) * rs * w[j] + b[j], a, y)
-        mean[i] = m
+            y[i, j] = store_via(((load(a[i, j]) - m) - c) * rs * w[j] + b[j], a, y)
+        mean[i] = m + c
     else:
         rs = _ONE / np.sqrt(row_sumsq(a, i, k) / np.float32(k) + eps)
         if mode == MODE_FP32:
@@ -61,7 +72,8 @@ def norm_fwd(x, r, s, fused, y, w, b, eps, k, layer, mode, mean, rstd):
 
     ``w`` (and ``b`` for LayerNorm) are fp32 rows. RMSNorm: ``y = x·rstd·w`` with
     ``rstd = 1/sqrt(Σ_{j<k} x_j²/k + eps)`` and the casting ``mode``'s intermediate roundings;
-    LayerNorm: ``y = (x − mean)·rstd·w + b`` with the two-pass biased variance.
+    LayerNorm: ``y = (x − mean)·rstd·w + b`` with the corrected two-pass biased variance (deviations from
+    the rounded mean, minus their own mean: accurate to the spread of the row, not to ulp(mean)).
     """
     rows, n = x.shape
     eps32 = np.float32(eps)
@@ -95,18 +107,19 @@ def norm_bwd(dy, x, w, mean, rstd, k, layer, dsum, has_dsum, dx, dw_part, db_par
         for i in range(c * CHUNK, min(rows, (c + 1) * CHUNK)):
             rs = rstd[i]
             m = mean[i] if layer else _ZERO  # x − 0 is x exactly: one x̂ formula for both norms
-            sum_g, sum_gx = row_grad_sums(dy, w, x, i, m, rs)
-            if layer:
-                mg, mgx = sum_g / nf, sum_gx / nf
+            sum_g, sum_gd, sum_d = row_grad_sums(dy, w, x, i, m)
+            if layer:  # x̂ = ((x − mean) − c)·rstd with c the mean of the deviations, as in the forward
+                c = sum_d / nf
+                mg, mgx = sum_g / nf, rs * (sum_gd - c * sum_g) / nf
                 for j in range(n):
                     d = load(dy[i, j])
-                    xh = (load(x[i, j]) - m) * rs
+                    xh = ((load(x[i, j]) - m) - c) * rs
                     v = rs * (d * w[j] - mg - xh * mgx)
                     dx[i, j] = store(v + load(dsum[i, j]) if has_dsum else v, dx)
                     pw[j] += d * xh if d != _ZERO else _ZERO
                     pb[j] += d
             else:
-                proj = sum_gx / kf
+                proj = rs * sum_gd / kf
                 for j in range(k):
                     d = load(dy[i, j])
                     xh = load(x[i, j]) * rs

@@ -216,22 +216,34 @@ def row_sumsq(a, i, k):
 
 
 @njit(cache=True, fastmath=_REASSOC)
-def row_sqdev(a, i, m):
-    """Σ_j (a_ij − m)²."""
+def row_dev_sum(a, i, m):
+    """Σ_j (a_ij − m): n times the rounding error of the mean ``m`` (the two-pass correction)."""
     s = _ZERO
     for j in range(a.shape[1]):
-        d = load(a[i, j]) - m
+        s += load(a[i, j]) - m
+    return s
+
+
+@njit(cache=True, fastmath=_REASSOC)
+def row_sqdev(a, i, m, c):
+    """Σ_j ((a_ij − m) − c)²."""
+    s = _ZERO
+    for j in range(a.shape[1]):
+        d = (load(a[i, j]) - m) - c
         s += d * d
     return s
 
 
 @njit(cache=True, fastmath=_REASSOC)
-def row_grad_sums(dy, w, x, i, m, rstd):
-    """``(Σ_j g_j, Σ_j g_j·x̂_j)`` on row i with ``g = dy·w`` and ``x̂ = (x − m)·rstd``."""
+def row_grad_sums(dy, w, x, i, m):
+    """``(Σ_j g_j, Σ_j g_j·(x_j − m), Σ_j (x_j − m))`` on row i with ``g = dy·w``."""
     sg = _ZERO
-    sgx = _ZERO
+    sgd = _ZERO
+    sd = _ZERO
     for j in range(x.shape[1]):
         g = load(dy[i, j]) * w[j]
+        d = load(x[i, j]) - m
         sg += g
-        sgx += g * ((load(x[i, j]) - m) * rstd)
-    return sg, sgx
+        sgd += g * d
+        sd += d
+    return sg, sgd, sd
