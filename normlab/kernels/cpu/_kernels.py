@@ -19,9 +19,8 @@ from numba import njit, prange
 from normlab.kernels.cpu._numerics import (
     load,
     rnd,
-    row_dev_sum,
+    row_dev_sums,
     row_grad_sums,
-    row_sqdev,
     row_sum,
     row_sumsq,
     store,
@@ -45,9 +44,11 @@ def _norm_row(a, i, y, w, b, eps, k, layer, mode, mean, rstd):
     intermediate roundings), then the result is stored in ``y``'s dtype."""
     n = a.shape[1]
     if layer:  # corrected two-pass: deviations from the rounded mean m, minus their mean c
-        m = row_sum(a, i) / np.float32(n)
-        c = row_dev_sum(a, i, m) / np.float32(n)
-        rs = _ONE / np.sqrt(row_sqdev(a, i, m, c) / np.float32(n) + eps)
+        nf = np.float32(n)
+        m = row_sum(a, i) / nf
+        sd, sd2 = row_dev_sums(a, i, m)
+        c = sd / nf
+        rs = _ONE / np.sqrt(max(sd2 / nf - c * c, _ZERO) + eps)
         for j in range(n):
             y[i, j] = store_via(((load(a[i, j]) - m) - c) * rs * w[j] + b[j], a, y)
         mean[i] = m + c

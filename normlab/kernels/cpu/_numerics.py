@@ -216,22 +216,16 @@ def row_sumsq(a, i, k):
 
 
 @njit(cache=True, fastmath=_REASSOC)
-def row_dev_sum(a, i, m):
-    """Σ_j (a_ij − m): n times the rounding error of the mean ``m`` (the two-pass correction)."""
+def row_dev_sums(a, i, m):
+    """``(Σ_j d_j, Σ_j d_j²)`` with ``d = a_ij − m``: the first is n times the rounding error of the
+    mean ``m`` (the two-pass correction c), and ``Σ (d − c)² = Σ d² − n·c²``."""
     s = _ZERO
+    s2 = _ZERO
     for j in range(a.shape[1]):
-        s += load(a[i, j]) - m
-    return s
-
-
-@njit(cache=True, fastmath=_REASSOC)
-def row_sqdev(a, i, m, c):
-    """Σ_j ((a_ij − m) − c)²."""
-    s = _ZERO
-    for j in range(a.shape[1]):
-        d = (load(a[i, j]) - m) - c
-        s += d * d
-    return s
+        d = load(a[i, j]) - m
+        s += d
+        s2 += d * d
+    return s, s2
 
 
 @njit(cache=True, fastmath=_REASSOC)
