@@ -18,7 +18,7 @@ def find_norm_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """``model.norm_layers()`` when the model has it (normlab models), else every module whose class name
     contains "Norm" (torch, Hugging Face) or is DyT — leaves only, in registration order."""
     if hasattr(model, "norm_layers"):
-        return list(model.norm_layers())
+        return [(n, m) for n, m in model.norm_layers() if not isinstance(m, nn.Identity)]
     out = []
     for name, m in model.named_modules():
         cls = type(m).__name__.lower()
