@@ -6,6 +6,8 @@ import pytest
 import torch
 from torch import nn
 
+import normlab.nn
+
 from normlab.analysis import (
     ActivationStats,
     NormTimer,
@@ -68,8 +70,8 @@ def test_irreversibility():
 
 
 def test_invariances_match_zhang_sennrich_table1():
-    ln = nn.LayerNorm(64, eps=1e-12, dtype=torch.float64)
-    rms = nn.RMSNorm(64, eps=1e-12, dtype=torch.float64)
+    ln = normlab.nn.LayerNorm(64, eps=1e-12, dtype=torch.float64)
+    rms = normlab.nn.RMSNorm(64, eps=1e-12, dtype=torch.float64)
     r_ln, r_rms = measure_invariances(ln), measure_invariances(rms)
     assert r_ln["input_scaling_invariant"] and r_ln["weight_scaling_invariant"] and r_ln["recentering_invariant"]
     assert r_rms["input_scaling_invariant"] and r_rms["weight_scaling_invariant"]
@@ -95,7 +97,7 @@ def test_layer_index_and_grad_norm_per_layer():
 
 def test_activation_stats_and_timer_hooks():
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(8, 16), nn.LayerNorm(16), nn.Linear(16, 16), nn.RMSNorm(16))
+    model = nn.Sequential(nn.Linear(8, 16), normlab.nn.LayerNorm(16), nn.Linear(16, 16), normlab.nn.RMSNorm(16))
     layers = find_norm_layers(model)
     assert [n for n, _ in layers] == ["1", "3"]
     x = torch.randn(5, 8)
