@@ -54,7 +54,7 @@ def config_from_args(args: argparse.Namespace) -> StudyConfig:
         d_model=args.d_model, block_size=args.block_size, batch_size=args.batch_size, lr=args.lr, warmup=args.warmup,
         seed=args.seed, eval_interval=args.eval_interval, eval_iters=args.eval_iters, data=args.data,
         experiments=args.experiments, grad_depths=args.grad_depths or [], warmup_lr=args.warmup_lr,
-        warmup_steps=args.warmup_steps, warmup_warmup=min(StudyConfig().warmup_warmup, args.warmup_steps),
+        warmup_steps=args.warmup_steps,
     )
 
 

@@ -97,7 +97,7 @@ class StudyConfig:
     # experiment 3: warmup sensitivity at a high learning rate
     warmup_lr: float = 1e-2
     warmup_steps: int = 60
-    warmup_warmup: int = 20
+    warmup_warmup: int | None = None  # None → a third of warmup_steps
 
     def __post_init__(self) -> None:
         self.variants = parse_variants(self.variants)
@@ -111,6 +111,12 @@ class StudyConfig:
                 raise StudyConfigError(f"{k} must be ≥ 1, got {getattr(self, k)}")
         if self.preset not in (None, "gpt2", "llama"):
             raise StudyConfigError(f"--preset: expected 'gpt2' or 'llama', got {self.preset!r}")
+        if self.warmup_warmup is None:
+            self.warmup_warmup = self.warmup_steps // 3
+        if not 0 < self.warmup_warmup <= self.warmup_steps:
+            raise StudyConfigError(f"warmup of experiment 3 must be in [1, {self.warmup_steps}], got {self.warmup_warmup}")
+        if self.warmup is not None and not 0 <= self.warmup <= self.steps:
+            raise StudyConfigError(f"--warmup must be in [0, steps={self.steps}], got {self.warmup}")
         if not self.grad_depths:
             self.grad_depths = [self.n_layer, 2 * self.n_layer]
 

@@ -379,7 +379,7 @@ def exp5_invariances(cfg: StudyConfig, out_dir: Path) -> Experiment:
 # 6. Pre-LN → Pre-RMSNorm conversion
 # ---------------------------------------------------------------------------------------------------
 def exp6_conversion(results: dict[str, RunResult], cfg: StudyConfig, corpus: Corpus, out_dir: Path) -> Experiment:
-    from normlab.models.convert import convert_pre_ln_to_pre_rms
+    from normlab.models.convert import pre_ln_to_pre_rmsnorm
 
     claim = ("A Pre-LN Transformer converts exactly into a Pre-RMSNorm one (re-centre embeddings and the output "
              "projections of the residual branches, then swap LN for RMSNorm): same outputs, with 1%–10% less "
@@ -388,13 +388,13 @@ def exp6_conversion(results: dict[str, RunResult], cfg: StudyConfig, corpus: Cor
         return Experiment(6, "Pre-LN → Pre-RMSNorm conversion", claim, "needs the layernorm-pre variant", "not measured",
                           ["quantity", "value"], [], None)
     ln = results["layernorm-pre"].load_model()
-    rms = convert_pre_ln_to_pre_rms(copy.deepcopy(ln)).eval()
+    rms = pre_ln_to_pre_rmsnorm(ln).eval()
     x = torch.cat([corpus.batch("val", i, cfg.batch_size, cfg.block_size, cfg.seed)[0] for i in range(2)])
     with torch.no_grad():
         a, b = ln(x)[0], rms(x)[0]
         d32 = (a - b).abs().max().item()
         ln64 = copy.deepcopy(ln).double()
-        rms64 = convert_pre_ln_to_pre_rms(copy.deepcopy(ln64)).eval()
+        rms64 = pre_ln_to_pre_rmsnorm(ln64).eval()
         d64 = (ln64(x)[0] - rms64(x)[0]).abs().max().item()
         scale = a.abs().max().item()
     xb = x[: cfg.batch_size]

@@ -76,11 +76,11 @@ def detect_placement(layers: list[tuple[str, nn.Module]], inputs: dict[str, torc
     """Per norm layer: ``post``, ``pre``, ``sandwich-out`` (a branch's output norm), ``final`` or ``other``,
     from the autograd graph of one forward pass (see the module docstring)."""
     names = [n for n, _ in layers if n in inputs]
-    in_node = {n: inputs[n].grad_fn for n in names if inputs[n].grad_fn is not None}
-    out_node = {n: outputs[n].grad_fn for n in names if outputs[n].grad_fn is not None}
+    in_node = {n: _skip(inputs[n].grad_fn) for n in names if inputs[n].grad_fn is not None}
+    out_node = {n: _skip(outputs[n].grad_fn) for n in names if outputs[n].grad_fn is not None}
     label: dict[str, str] = {}
     for b in names:
-        node = _skip(in_node.get(b))
+        node = in_node.get(b)
         if node is None or "AddBackward" not in type(node).__name__:
             continue
         ops = [_skip(n) for n, _ in node.next_functions if n is not None]
@@ -191,6 +191,10 @@ def inspect_path(path: str | Path, text: str | None = None, max_tokens: int = 25
         raise ValueError("inspect: the text sample is empty")
     if _is_normlab_run(p):
         return _inspect_normlab(p, text, max_tokens)
+    from normlab.models.serialization import is_normlab_dir
+
+    if is_normlab_dir(p):
+        return _inspect_saved(p, text, max_tokens)
     cfg = p / "config.json"
     if cfg.exists() and "model_type" in cfg.read_text():
         return _inspect_hf(p, text, max_tokens)
@@ -198,22 +202,49 @@ def inspect_path(path: str | Path, text: str | None = None, max_tokens: int = 25
                      "nor a Hugging Face model directory (config.json with 'model_type')")
 
 
-def _inspect_normlab(p: Path, text: str, max_tokens: int) -> InspectReport:
+def _run_corpus(run_dir: Path):
     from normlab.study.config import RunConfig
     from normlab.study.data import load_corpus
+
+    rc = RunConfig(**json.loads((run_dir / "config.json").read_text()))
+    return rc, load_corpus(None if rc.data.startswith("builtin:") else rc.data)
+
+
+def _inspect_normlab(p: Path, text: str, max_tokens: int) -> InspectReport:
     from normlab.study.train import RunResult
 
-    rc = RunConfig(**json.loads((p / "config.json").read_text()))
+    rc, corpus = _run_corpus(p)
     model = RunResult(p.name, p, rc, {}).load_model()
-    corpus = load_corpus(None if rc.data.startswith("builtin:") else rc.data)
+    return _inspect_gpt(model, corpus, text, max_tokens, str(p))
+
+
+def _inspect_saved(p: Path, text: str, max_tokens: int) -> InspectReport:
+    """A ``save_pretrained`` directory; its characters come from the run directory around it, else from
+    the built-in corpus when the vocabulary size matches."""
+    from normlab.models.serialization import load_pretrained
+    from normlab.study.data import load_corpus
+
+    model = load_pretrained(p).eval()
+    if _is_normlab_run(p.parent):
+        corpus = _run_corpus(p.parent)[1]
+    else:
+        corpus = load_corpus()
+        if corpus.vocab_size != model.config.vocab_size:
+            raise ValueError(f"inspect: {p} has no vocabulary (vocab_size {model.config.vocab_size}, the built-in corpus "
+                             f"has {corpus.vocab_size}); inspect the study run directory that holds it instead")
+    return _inspect_gpt(model, corpus, text, max_tokens, str(p))
+
+
+def _inspect_gpt(model: nn.Module, corpus, text: str, max_tokens: int, source: str) -> InspectReport:
+    c = model.config
     known = "".join(ch for ch in text if ch in corpus.stoi)
-    block = rc.model["block_size"]
+    block = c.block_size
     ids = corpus.encode(known[: min(max_tokens, (len(known) // block) * block or len(known))])
     if len(ids) == 0:
         raise ValueError("inspect: the text sample has no character of the model's vocabulary")
     x = ids[: (len(ids) // block) * block].view(-1, block) if len(ids) >= block else ids.view(1, -1)
-    desc = f"normlab GPT {rc.model['norm']}-{rc.model['placement']}, {rc.model['n_layer']} layers, d={rc.model['d_model']}"
-    return inspect_model(model, lambda: model(x), source=str(p), kind="normlab", description=desc, tokens=x.numel())
+    desc = f"normlab GPT {c.norm}-{c.placement}, {c.n_layer} layers, d={c.d_model}"
+    return inspect_model(model, lambda: model(x), source=source, kind="normlab", description=desc, tokens=x.numel())
 
 
 def _inspect_hf(p: Path, text: str, max_tokens: int) -> InspectReport:
@@ -232,7 +263,8 @@ def _inspect_hf(p: Path, text: str, max_tokens: int) -> InspectReport:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("path", help="a normlab run directory (e.g. runs/default/grid/layernorm-pre) or a local Hugging Face model directory")
+    p.add_argument("path", help="a normlab run directory (e.g. runs/default/grid/layernorm-pre), its saved model/ "
+                                "directory, or a local Hugging Face model directory")
     p.add_argument("--text", default=None, help="text sample (default: a passage of CPython's help text)")
     p.add_argument("--text-file", default=None, help="read the text sample from this UTF-8 file")
     p.add_argument("--max-tokens", type=int, default=256)

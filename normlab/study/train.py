@@ -3,7 +3,8 @@ that resume with no lost or repeated step.
 
 A run directory holds ``config.json`` (the :class:`RunConfig`), ``metrics.jsonl`` (one JSON record per
 training step and per evaluation), ``checkpoint.pt`` (model, optimizer, RNG states, steps done,
-written atomically) and ``result.json`` once finished. Re-running resumes from the checkpoint and drops
+written atomically), and once finished ``model/`` (``normlab.models.save_pretrained``: what ``normlab
+inspect`` and ``normlab convert`` read) and ``result.json``. Re-running resumes from the checkpoint and drops
 any metric record newer than it; a finished run is loaded, not retrained.
 
 ``NORMLAB_STOP_AFTER_STEP=N`` makes the process kill itself (SIGKILL, or the signal named by
@@ -35,6 +36,7 @@ from normlab.study.distributed import DistInfo, mean_across
 CHECKPOINT = "checkpoint.pt"
 METRICS = "metrics.jsonl"
 RESULT = "result.json"
+MODEL_DIR = "model"  # the final model, saved with normlab.models.save_pretrained
 
 
 def lr_at(step: int, rc: RunConfig) -> float:
@@ -145,7 +147,8 @@ def _self_stop(step: int) -> None:
         sig = getattr(signal, "SIG" + os.environ.get("NORMLAB_STOP_SIGNAL", "KILL").upper())
         os.environ.pop("NORMLAB_STOP_AFTER_STEP")
         os.kill(os.getpid(), sig)
-        time.sleep(0.5)  # let the signal arrive before the next step begins
+        if sig == signal.SIGKILL:
+            time.sleep(5)  # the kill arrives before anything else runs
 
 
 def _save_checkpoint(run_dir: Path, model, opt, step: int, extra: dict) -> None:
@@ -312,12 +315,13 @@ def train_run(
                     eval_record(done)
                     elapsed += time.perf_counter() - t1
                     bar.set_postfix(loss=f"{rec['train_loss']:.3f}", val=f"{records[-1]['val_loss']:.3f}", refresh=False)
-                if info.is_main and (done % interval == 0 or done == rc.steps or interrupt.requested):
+                _self_stop(done)
+                stop = mean_across(float(interrupt.requested), info) > 0  # every rank stops at the same step
+                if info.is_main and (done % interval == 0 or done == rc.steps or stop):
                     _save_checkpoint(run_dir, model, opt, done, {"elapsed": elapsed})
                 _barrier(info)
-                if interrupt.requested:
+                if stop:
                     raise KeyboardInterrupt(f"interrupted after step {done}; checkpoint saved in {run_dir}")
-                _self_stop(done)
     finally:
         bar.close()
         if metrics_file:
@@ -325,6 +329,9 @@ def train_run(
     final = _summarize(records, rc, tokens_per_step, elapsed)
     final["world"] = info.world
     if info.is_main:
+        from normlab.models.serialization import save_pretrained
+
+        save_pretrained(model, run_dir / MODEL_DIR)
         atomic_write_text(result_path, json.dumps(final, indent=2) + "\n")
     _barrier(info)
     return RunResult(name, run_dir, rc, final, records)

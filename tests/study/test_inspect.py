@@ -102,3 +102,25 @@ def test_inspect_bad_paths(tmp_path, capsys):
     add_arguments(p)
     assert main(p.parse_args([str(tmp_path / "nope")])) == 2
     assert "no such directory" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("placement, overall", [("pre", "pre-norm"), ("post", "post-norm"), ("deepnorm", "post-norm"),
+                                                ("sandwich", "sandwich (pre + branch-output norms)")])
+def test_placement_found_in_normlab_gpt(placement, overall):
+    from normlab.models import GPT, GPTConfig
+    from normlab.study.inspect import inspect_model
+
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=20, block_size=8, n_layer=2, n_head=2, d_model=16, placement=placement)).eval()
+    x = torch.randint(0, 20, (2, 8))
+    rep = inspect_model(model, lambda: model(x))
+    assert rep.placement == overall, [(r["name"], r["placement"]) for r in rep.rows]
+    labels = {r["name"]: r["placement"] for r in rep.rows}
+    if placement == "pre":
+        assert labels.pop("transformer.ln_f") == "final"
+        assert set(labels.values()) == {"pre"}
+    # the first norm's input is the embedding sum, computed directly
+    with torch.no_grad():
+        emb = model.transformer.wte(x) + model.transformer.wpe(torch.arange(8))
+    if placement in ("pre", "sandwich"):
+        assert rep.rows[0]["mean_cos"] == pytest.approx(cos_uniform(emb).mean().item(), rel=1e-5)
