@@ -21,25 +21,26 @@ def layer_index(param_name: str) -> int | None:
     return int(m.group(1)) if m else None
 
 
-def grad_norm_per_layer(model: nn.Module, *, matrices_only: bool = True, exclude: Callable[[str], bool] | None = None) -> dict[int, float]:
+def grad_norm_per_layer(model: nn.Module, *, matrices_only: bool = True, include: Callable[[str], bool] | None = None) -> dict[int, float]:
     """``sqrt(Σ ‖∂L/∂W‖²)`` over the weight matrices of each numbered block, from the ``.grad`` already
     accumulated in ``model`` (call after ``loss.backward()``). ``matrices_only`` keeps 2-D weights (the
-    linear maps; norm gains and biases are left out)."""
+    linear maps; norm gains and biases are left out); ``include(name)`` narrows it further (e.g. to the
+    second FFN matrix ``W^{2,l}`` of Xiong et al.)."""
     sums: dict[int, float] = {}
     for name, p in model.named_parameters():
         i = layer_index(name)
-        if i is None or p.grad is None or (matrices_only and p.dim() < 2) or (exclude and exclude(name)):
+        if i is None or p.grad is None or (matrices_only and p.dim() < 2) or (include and not include(name)):
             continue
         sums[i] = sums.get(i, 0.0) + p.grad.detach().double().pow(2).sum().item()
     return {i: s**0.5 for i, s in sorted(sums.items())}
 
 
-def grad_norm_at_init(model: nn.Module, idx: torch.Tensor, targets: torch.Tensor) -> dict[int, float]:
+def grad_norm_at_init(model: nn.Module, idx: torch.Tensor, targets: torch.Tensor, *, include: Callable[[str], bool] | None = None) -> dict[int, float]:
     """One forward/backward of a freshly built ``model`` (``model(idx, targets) -> (logits, loss)``) and
     its per-layer gradient norms; the model's gradients are cleared afterwards."""
     model.zero_grad(set_to_none=True)
     _, loss = model(idx, targets)
     loss.backward()
-    out = grad_norm_per_layer(model)
+    out = grad_norm_per_layer(model, include=include)
     model.zero_grad(set_to_none=True)
     return out

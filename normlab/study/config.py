@@ -74,7 +74,7 @@ class StudyConfig:
     """The whole study: the grid of variants (experiment 1) and the settings of experiments 2–6."""
 
     variants: list[str] = field(default_factory=lambda: list(DEFAULT_VARIANTS))
-    steps: int = 240
+    steps: int = 200
     batch_size: int = 12
     block_size: int = 64
     n_layer: int = 4
@@ -93,7 +93,7 @@ class StudyConfig:
     experiments: list[int] = field(default_factory=lambda: list(EXPERIMENTS))
     # experiment 2: gradient norm at init, at these depths (0 → n_layer and 2·n_layer)
     grad_depths: list[int] = field(default_factory=list)
-    grad_batches: int = 4
+    grad_batches: int = 2
     # experiment 3: warmup sensitivity at a high learning rate
     warmup_lr: float = 1e-2
     warmup_steps: int = 60

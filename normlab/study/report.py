@@ -44,9 +44,13 @@ def fmt(v, digits: int = 4) -> str:
     return str(v)
 
 
+def _cell(v) -> str:
+    return fmt(v).replace("|", "\\|")
+
+
 def markdown_table(headers: list[str], rows: list[list]) -> str:
-    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
-    lines += ["| " + " | ".join(fmt(c) for c in r) + " |" for r in rows]
+    lines = ["| " + " | ".join(_cell(h) for h in headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
+    lines += ["| " + " | ".join(_cell(c) for c in r) + " |" for r in rows]
     return "\n".join(lines)
 
 
@@ -105,9 +109,9 @@ def _cpu_model() -> str:
 def write_report(out_dir: Path, title: str, setup: list[str], experiments: list[Experiment]) -> Path:
     """``out_dir/report.md``: setup, a summary of the verdicts, then one section per experiment."""
     lines = [f"# {title}", "", *setup, "", "## Verdicts", ""]
-    lines.append(markdown_table(["#", "experiment", "verdict", "measured"], [[e.number, e.title, f"**{e.verdict}**", e.measured] for e in experiments]))
+    lines.append(markdown_table(["#", "experiment", "verdict", "measured"], [[e.number, f"[{e.title}](#{e.number})", f"**{e.verdict}**", e.measured] for e in experiments]))
     for e in experiments:
-        lines += ["", f"## {e.number}. {e.title}", "", f"**Claim.** {e.claim}", "", f"**Measured.** {e.measured}", "",
+        lines += ["", f'<a id="{e.number}"></a>', "", f"## {e.number}. {e.title}", "", f"**Claim.** {e.claim}", "", f"**Measured.** {e.measured}", "",
                   f"**Verdict: {e.verdict}.**", "", markdown_table(e.headers, e.rows)]
         for caption, headers, rows in e.extra_tables:
             lines += ["", caption, "", markdown_table(headers, rows)]
