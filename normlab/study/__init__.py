@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,6 +43,13 @@ class StudyResult:
             parts.append(text_table(["#", "experiment", "verdict", "measured"],
                                     [[e.number, e.title, e.verdict, e.measured] for e in self.experiments]))
         return "\n\n".join(parts)
+
+
+def _load_average() -> float | None:
+    try:
+        return os.getloadavg()[0]
+    except (AttributeError, OSError):
+        return None
 
 
 def default_name(cfg: StudyConfig) -> str:
@@ -99,6 +107,10 @@ def _run(cfg: StudyConfig, out: Path, name: str, progress: bool, info: DistInfo,
     barrier(info)
     log(f"normlab study → {out_dir}  ({len(cfg.variants)} variants × {cfg.steps} steps, corpus {corpus.source}: "
         f"{len(corpus.text):,} chars, vocab {corpus.vocab_size}; {info.world} process(es), {torch.get_num_threads()} threads)")
+    load = _load_average()
+    if load is not None and load > (os.cpu_count() or 1):
+        log(f"note: the machine is busy (load average {load:.1f} on {os.cpu_count()} cores): timings are noisy and the "
+            "study takes longer than on an idle machine; --threads 1 avoids thread contention")
     t0 = time.perf_counter()
     result = StudyResult(out_dir, None)
     if {1, 4, 6} & set(cfg.experiments):
@@ -134,13 +146,14 @@ def _run(cfg: StudyConfig, out: Path, name: str, progress: bool, info: DistInfo,
             "",
             f"Machine: {env['cpu']}, {env['threads']} threads, {info.world} process(es) on {info.device}; "
             f"torch {env['torch']}, normlab {env['normlab']}, Python {env['python']}. "
-            f"Study time: {time.perf_counter() - t0:.0f} s (this invocation).",
+            f"Study time: {time.perf_counter() - t0:.0f} s (this invocation; runs finished earlier are loaded, not retrained)"
+            + (f"; load average at the start {load:.1f}." if load is not None else "."),
         ]
         result.report = write_report(out_dir, "normlab study — normalization in Transformers, measured", setup_lines, exps)
         summary = {"runs": {n: r.final for n, r in result.runs.items()},
                    "experiments": [{"number": e.number, "title": e.title, "verdict": e.verdict, "measured": e.measured} for e in exps]}
         (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         log("\n" + result.summary())
-        log(f"\nreport: {result.report}")
+        log(f"\nstudy time {time.perf_counter() - t0:.0f} s — report: {result.report}")
     barrier(info)
     return result
