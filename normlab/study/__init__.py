@@ -110,7 +110,7 @@ def _run(cfg: StudyConfig, out: Path, name: str, progress: bool, info: DistInfo,
     load = _load_average()
     if load is not None and load > (os.cpu_count() or 1):
         log(f"note: the machine is busy (load average {load:.1f} on {os.cpu_count()} cores): timings are noisy and the "
-            "study takes longer than on an idle machine; --threads 1 avoids thread contention")
+            f"study takes longer than on an idle machine (running on {torch.get_num_threads()} thread(s))")
     t0 = time.perf_counter()
     result = StudyResult(out_dir, None)
     if {1, 4, 6} & set(cfg.experiments):

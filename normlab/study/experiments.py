@@ -150,8 +150,8 @@ def exp1_loss_and_speed(results: dict[str, RunResult], cfg: StudyConfig, out_dir
         faster = isolated > 0 and in_train > 0
         verdict = "holds" if quality and faster else ("partly holds" if quality or faster else "does not hold here")
         measured = (f"Pre-RMSNorm val loss {fmt(rms['final_val_loss'])} vs Pre-LN {fmt(ln['final_val_loss'])} "
-                    f"(Δ {dv:+.3f}); norm layers {isolated:+.1f}% faster in isolation, {in_train:+.1f}% in training; "
-                    f"whole step {step_gain:+.1f}%")
+                    f"(Δ {dv:+.3f}); time saved by RMSNorm in the norm layers {isolated:+.1f}% in isolation, {in_train:+.1f}% "
+                    f"in training; whole training step {step_gain:+.1f}%")
         extra.append(("Isolated forward+backward of one norm layer at the model's activation shape "
                       f"{shape[0]}×{shape[1]} (median of 7):", ["layer", "µs", "RMSNorm saving"],
                       [["LayerNorm (layernorm-pre)", 1e6 * micro["layernorm-pre"], ""],

@@ -241,6 +241,9 @@ def train_run(
         random.setstate(ckpt["rng"]["python"])
         np.random.set_state(ckpt["rng"]["numpy"])
         start, elapsed = ckpt["step"], ckpt["elapsed"]
+        if ckpt.get("threads", torch.get_num_threads()) != torch.get_num_threads() and info.is_main:
+            print(f"note: {name} resumes on {torch.get_num_threads()} thread(s), it started on {ckpt['threads']}: "
+                  "the result may differ from an uninterrupted run in the last bits (pass --threads to match)")
         records = [r for r in read_records(run_dir / METRICS) if r["step"] <= start]
     if info.is_main:  # drop records newer than the checkpoint (they are recomputed)
         atomic_write_text(run_dir / METRICS, "".join(json.dumps(r) + "\n" for r in records))
@@ -318,7 +321,7 @@ def train_run(
                 _self_stop(done)
                 stop = mean_across(float(interrupt.requested), info) > 0  # every rank stops at the same step
                 if info.is_main and (done % interval == 0 or done == rc.steps or stop):
-                    _save_checkpoint(run_dir, model, opt, done, {"elapsed": elapsed})
+                    _save_checkpoint(run_dir, model, opt, done, {"elapsed": elapsed, "threads": torch.get_num_threads()})
                 _barrier(info)
                 if stop:
                     raise KeyboardInterrupt(f"interrupted after step {done}; checkpoint saved in {run_dir}")
