@@ -427,9 +427,9 @@ def exp6_conversion(results: dict[str, RunResult], cfg: StudyConfig, corpus: Cor
 
     t = {}
     for label, fn in (("forward", fwd), ("forward+backward", fwd_bwd)):
-        for _ in range(2):  # interleave to share the machine's noise
+        for _ in range(3):  # interleave to share the machine's noise
             for mname, m in (("Pre-LN", ln), ("Pre-RMSNorm (converted)", rms)):
-                t.setdefault((label, mname), []).append(_median_time(lambda m=m: fn(m), repeats=5))
+                t.setdefault((label, mname), []).append(_median_time(lambda m=m: fn(m), repeats=7))
     rows = [["max |logit diff| fp32", d32], ["max |logit diff| fp64", d64], ["max |logit| (scale)", scale]]
     speed = {}
     for label in ("forward", "forward+backward"):
@@ -452,7 +452,7 @@ def exp6_conversion(results: dict[str, RunResult], cfg: StudyConfig, corpus: Cor
     measured = (f"max |logit diff| {d64:.1e} (fp64), {d32:.1e} (fp32, logits up to {scale:.1f}); time saved "
                 f"{speed['forward']:+.1f}% forward, {speed['forward+backward']:+.1f}% forward+backward")
     notes = ["Equivalence counts as exact when the fp64 difference is < 1e-9 (fp32: < 1e-3 of the logit scale); "
-             "times are the better of two interleaved medians of 5 on a shared 2-core machine — a few % is noise.",
+             "times are the best of three interleaved medians of 7 on a shared machine — a few % is noise.",
              "The converted model is what normlab.models.convert.pre_ln_to_pre_rmsnorm builds: RMSNorm plus the "
              "LayerNorm's bias (RMSNorm(x)·w + b), an untied output head (the embedding is re-centred, the head is not), "
              f"norms on the {_backend_name()} backend; the time saved is the norm layers' saving minus those extras."]
