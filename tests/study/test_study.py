@@ -11,7 +11,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from normlab.analysis import cos_uniform
 from normlab.study import StudyConfig, StudyConfigError, run_study
+from normlab.study.data import load_corpus
 from normlab.study.train import read_records
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -57,6 +59,21 @@ def test_tiny_study_writes_report_plots_and_is_not_retrained(tmp_path, capsys):
     assert set(train[0]["layer_grad_norm"]) == {"0", "1"}
     evals = [r for r in recs if r["kind"] == "eval"]
     assert [r["step"] for r in evals] == [0, 4, 8] and "act" in evals[-1]
+    # normlab inspect on the trained run directory and on its saved model/: the first norm's input is the
+    # embedding sum, computed directly
+    from normlab.study.inspect import inspect_path
+
+    run_dir = out_dir / "grid" / "layernorm-pre"
+    text = "def f(x):\n    return x + 1  # a sample of Python help text\n" * 4
+    for path in (run_dir, run_dir / "model"):
+        rep = inspect_path(path, text)
+        assert rep.kind == "normlab" and rep.placement == "pre-norm"
+        model, corpus = res.runs["layernorm-pre"].load_model(), load_corpus()
+        x = corpus.encode(text)[: rep.tokens].view(-1, 16)
+        with torch.no_grad():
+            emb = model.transformer.wte(x) + model.transformer.wpe(torch.arange(16))
+        assert rep.rows[0]["name"] == "transformer.h.0.ln_1"
+        assert rep.rows[0]["mean_abs_cos"] == pytest.approx(cos_uniform(emb).abs().mean().item(), rel=1e-6)
     printed = capsys.readouterr().out
     assert "final val loss" in printed and f"report: {out_dir / 'report.md'}" in printed
     # a second run loads the finished runs instead of retraining them
