@@ -8,7 +8,7 @@ placement found from the autograd graph, and statistics of the layer's parameter
 Placement is read off the graph of one forward pass: when a residual sum ``a + b`` feeds a norm ``B``,
 an operand that is the *output* of an earlier norm ``A`` means the residual stream is normalized (Post-LN:
 ``B`` — and ``A`` — are ``post``); an operand that is the *input* of an earlier norm ``A`` means the stream
-bypassed ``A`` (``A`` is ``pre``). A last norm left over is the ``final`` norm of a Pre-LN model.
+bypassed ``A`` (``A`` is ``pre``). A last norm left over is the model's ``final`` norm.
 """
 
 from __future__ import annotations
@@ -73,7 +73,8 @@ def _skip(node):
 
 
 def detect_placement(layers: list[tuple[str, nn.Module]], inputs: dict[str, torch.Tensor], outputs: dict[str, torch.Tensor]) -> dict[str, str]:
-    """Per norm layer: ``post``, ``pre``, ``sandwich-out`` (a branch's output norm), ``final`` or ``other``,
+    """Per norm layer: ``post``, ``pre``, ``sandwich-out`` (a branch's output norm), ``final`` (a last norm
+    on the stream, before the head) or ``other``,
     from the autograd graph of one forward pass (see the module docstring)."""
     names = [n for n, _ in layers if n in inputs]
     in_node = {n: _skip(inputs[n].grad_fn) for n in names if inputs[n].grad_fn is not None}
@@ -97,7 +98,7 @@ def detect_placement(layers: list[tuple[str, nn.Module]], inputs: dict[str, torc
                 label[a] = "sandwich-out"
     for i, n in enumerate(names):
         if n not in label:
-            label[n] = "final" if i == len(names) - 1 and "pre" in label.values() else "other"
+            label[n] = "final" if i == len(names) - 1 and label else "other"
     return label
 
 
