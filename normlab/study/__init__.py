@@ -17,7 +17,7 @@ import torch
 
 from normlab.study.config import DEFAULT_VARIANTS, EXPERIMENTS, StudyConfig, StudyConfigError, check_or_write_config
 from normlab.study.data import load_corpus
-from normlab.study.distributed import DistInfo, barrier, setup, teardown
+from normlab.study.distributed import DistInfo, barrier, on_main_then_share, setup, teardown
 from normlab.study.report import Experiment, environment, text_table, write_report
 from normlab.study.train import RunResult, train_run
 
@@ -102,9 +102,7 @@ def _run(cfg: StudyConfig, out: Path, name: str, progress: bool, info: DistInfo,
     for rc in run_configs.values():
         rc.check_valid()
     out_dir = out / name
-    if info.is_main:
-        check_or_write_config(out_dir, {**cfg.to_dict(), "data_digest": corpus.digest}, what="study")
-    barrier(info)
+    on_main_then_share(lambda: check_or_write_config(out_dir, {**cfg.to_dict(), "data_digest": corpus.digest}, what="study"), info)
     log(f"normlab study → {out_dir}  ({len(cfg.variants)} variants × {cfg.steps} steps, corpus {corpus.source}: "
         f"{len(corpus.text):,} chars, vocab {corpus.vocab_size}; {info.world} process(es), {torch.get_num_threads()} threads)")
     load = _load_average()

@@ -80,9 +80,11 @@ def main(args: argparse.Namespace) -> int:
         cfg = config_from_args(args)
         run_study(cfg, out=args.out, name=args.name, progress=not args.no_progress, device=args.device)
     except (StudyConfigError, FileNotFoundError, ValueError) as e:
-        print(f"normlab study: error: {e}", file=sys.stderr)
+        if os.environ.get("RANK", "0") == "0":
+            print(f"normlab study: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as e:
-        print(f"\nnormlab study: {e or 'interrupted'} — re-run the same command to resume", file=sys.stderr)
+        if os.environ.get("RANK", "0") == "0":
+            print(f"\nnormlab study: {e or 'interrupted'} — re-run the same command to resume", file=sys.stderr)
         return 130
     return 0

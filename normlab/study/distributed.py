@@ -67,3 +67,17 @@ def broadcast_object(obj, info: DistInfo):
     box = [obj]
     dist.broadcast_object_list(box, src=0)
     return box[0]
+
+
+def on_main_then_share(fn, info: DistInfo) -> None:
+    """Run ``fn()`` on rank 0; a ``ValueError`` it raises is raised on every rank (no rank is left waiting
+    at the next collective)."""
+    err = None
+    if info.is_main:
+        try:
+            fn()
+        except ValueError as e:
+            err = (type(e), str(e))
+    err = broadcast_object(err, info)
+    if err is not None:
+        raise err[0](err[1])

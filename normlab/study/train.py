@@ -31,7 +31,7 @@ from torch import nn
 from normlab.analysis import ActivationStats, NormTimer, grad_norm_per_layer
 from normlab.study.config import RunConfig, atomic_write_text, check_or_write_config
 from normlab.study.data import Corpus
-from normlab.study.distributed import DistInfo, mean_across
+from normlab.study.distributed import DistInfo, mean_across, on_main_then_share
 
 CHECKPOINT = "checkpoint.pt"
 METRICS = "metrics.jsonl"
@@ -221,9 +221,7 @@ def train_run(
     block_size = rc.model["block_size"]
     corpus.check_block_size(block_size)
     run_dir = Path(run_dir)
-    if info.is_main:
-        check_or_write_config(run_dir, rc.to_dict(), what="run")
-    _barrier(info)
+    on_main_then_share(lambda: check_or_write_config(run_dir, rc.to_dict(), what="run"), info)
     result_path = run_dir / RESULT
     if result_path.exists() and (run_dir / CHECKPOINT).exists():
         return RunResult(name, run_dir, rc, json.loads(result_path.read_text()), read_records(run_dir / METRICS))
