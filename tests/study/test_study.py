@@ -98,6 +98,11 @@ def test_bad_input_is_rejected_before_any_work(tmp_path):
     with pytest.raises(ValueError, match="binary"):
         run_study(out=tmp_path, data=str(tmp_path / "bin"))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bin"]  # no run directory was created
+    # any UTF-8 text file works
+    (tmp_path / "poem.txt").write_text("Ein Männlein steht im Walde ganz still und stumm. ✓\n" * 40)
+    res = run_study(out=tmp_path, name="poem", data=str(tmp_path / "poem.txt"), variants=["rmsnorm-pre"], steps=3,
+                    experiments=[1], progress=False, **{k: v for k, v in TINY.items() if k != "eval_interval"}, eval_interval=3)
+    assert res.runs["rmsnorm-pre"].config.data.endswith("poem.txt") and (tmp_path / "poem" / "report.md").exists()
     r = cli(tmp_path, "--variants", "layernorm-sideways")
     assert r.returncode == 2 and "unknown variant 'layernorm-sideways'" in r.stderr
 
