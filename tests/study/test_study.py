@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from normlab.analysis import cos_uniform
-from normlab.study import StudyConfig, StudyConfigError, run_study
+from normlab.study import StudyConfigError, run_study
 from normlab.study.data import load_corpus
 from normlab.study.train import read_records
 
