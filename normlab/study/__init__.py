@@ -122,7 +122,7 @@ def _run(cfg: StudyConfig, out: Path, name: str, progress: bool, info: DistInfo,
         if 1 in want:
             exps.append(ex.exp1_loss_and_speed(result.runs, cfg, out_dir))
         if 2 in want:
-            exps.append(ex.exp2_grad_at_init(cfg, corpus, out_dir))
+            exps.append(ex.exp2_grad_at_init(cfg, corpus, out_dir, result.runs))
         if 3 in want:
             exps.append(exp3)
         if 4 in want:

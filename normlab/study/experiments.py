@@ -158,6 +158,9 @@ def exp1_loss_and_speed(results: dict[str, RunResult], cfg: StudyConfig, out_dir
                        ["RMSNorm (rmsnorm-pre)", 1e6 * micro["rmsnorm-pre"], f"{isolated:+.1f}%"]]))
         notes.append("Quality counts as comparable when the final validation losses differ by ≤ 0.05 nats/char; "
                      "faster means less time in the norm layers both in isolation and inside training.")
+    for name, r in results.items():
+        if parse_variant(name)[0] == "dyt":
+            notes.append(_dyt_saturation_note(name, r, cfg))
     shares = [100 * r.final["norm_frac"] for r in results.values() if r.final["norm_ms"] > 0]
     if shares:
         notes.append(f"Norm time is measured with forward/backward hooks on the norm modules (fwd + bwd): "
@@ -169,10 +172,36 @@ def exp1_loss_and_speed(results: dict[str, RunResult], cfg: StudyConfig, out_dir
                       data={"micro_s": micro})
 
 
+def _dyt_saturation_note(name: str, r: RunResult, cfg: StudyConfig) -> str:
+    """How much of a trained DyT model's tanh is saturated (|αx| > 9: tanh rounds to ±1 in fp32 and its
+    derivative to 0), and from which logged step its blocks got exactly zero gradient."""
+    from normlab.study.data import load_corpus
+
+    model = r.load_model()
+    corpus = load_corpus(None if r.config.data.startswith("builtin:") else r.config.data)
+    x = corpus.batch("val", 0, cfg.batch_size, r.config.model["block_size"], cfg.seed)[0]
+    with torch.no_grad(), ActivationStats(model, keep_inputs=True) as rec:
+        model(x)
+    layers = dict(find_norm_layers(model))
+    if not rec.order:
+        return f"{name}: no DyT layer ran (placement without norms)."
+    last = rec.order[-1]
+    h = rec.inputs[last][0]
+    sat = (layers[last].alpha.detach().abs() * h.abs() > 9).double().mean().item()
+    dead = [g["step"] for g in r.records if "layer_grad_norm" in g and g["layer_grad_norm"] and not any(g["layer_grad_norm"].values())]
+    text = (f"{name}: the input of its last DyT ({last.replace('transformer.', '')}) has rms "
+            f"{h.double().pow(2).mean().sqrt().item():.3g}; {100 * sat:.0f}% of its entries saturate tanh (|αx| > 9, "
+            "where tanh' rounds to 0 in fp32)")
+    if dead:
+        text += (f", and from logged step {dead[0]} on every block's gradient is exactly 0 — only the embeddings and "
+                 "the head train")
+    return text + ". DyT (Zhu et al. 2025) has no statistics to bound the residual stream; its paper tunes α₀ per model (α₀ = 0.5 here)."
+
+
 # ---------------------------------------------------------------------------------------------------
 # 2. Gradient norm at initialization
 # ---------------------------------------------------------------------------------------------------
-def exp2_grad_at_init(cfg: StudyConfig, corpus: Corpus, out_dir: Path) -> Experiment:
+def exp2_grad_at_init(cfg: StudyConfig, corpus: Corpus, out_dir: Path, results: dict[str, RunResult] | None = None) -> Experiment:
     """‖∂L/∂W^{2,l}‖ (the MLP's output matrix of layer l, as in Xiong et al.) at initialization, for Post-LN
     and Pre-LN at two depths, under the paper's Xavier-style init (std 1/√d) and the library's default."""
     inits = {"Xavier-style, std 1/√d (paper)": cfg.d_model**-0.5, "default, std 0.02": None}
@@ -192,7 +221,16 @@ def exp2_grad_at_init(cfg: StudyConfig, corpus: Corpus, out_dir: Path) -> Experi
                 g = [acc[k] for k in sorted(acc)]
                 curves[(init, depth, placement)] = g
                 rows.append([init, depth, f"{placement}-LN", g[0], g[len(g) // 2], g[-1], g[-1] / g[0]])
-    fig, axes = new_figure(len(inits), 5.5, 4)
+    trained = {n: r for n, r in (results or {}).items() if any("layer_grad_norm" in x for x in r.records)}
+    fig, axes = new_figure(len(inits) + bool(trained), 5.5, 4)
+    if trained:  # per-layer gradient norms recorded while the grid trained (all weight matrices of a layer)
+        ax = axes[-1]
+        for name, r in trained.items():
+            recs = [x for x in r.records if "layer_grad_norm" in x]
+            last = recs[-1]["layer_grad_norm"]
+            ax.plot([int(k) + 1 for k in last], list(last.values()), marker="o", label=f"{name}, step {recs[-1]['step']}")
+        ax.set(xlabel="layer l", ylabel="‖∂L/∂W‖ (all matrices of the layer)", yscale="log", title="end of training (experiment 1 grid)")
+        ax.legend(fontsize=6)
     for ax, init in zip(axes, inits):
         for depth in cfg.grad_depths:
             for placement in ("post", "pre"):
@@ -308,13 +346,21 @@ def exp4_geometry(results: dict[str, RunResult], cfg: StudyConfig, corpus: Corpu
                     y, y2 = layer64(h), layer64(h + c)
                 worst_module = max(worst_module, ((y2 - y).abs().max() / y.abs().max()).item())
             irrev_rows.append([name, worst_formula, worst_module])
-    fig, (ax,) = new_figure(1, 7, 4)
+    fig, (ax, ax_t) = new_figure(2, 6, 4)
     for name, after in per_layer.items():
         ax.plot(range(len(after)), list(after.values()), marker="o", label=name)
     ax.axhline(base, color="k", ls=":", label=f"random baseline √(2/π)/√d = {base:.3f}")
     ax.set(xlabel="norm layer (forward order)", ylabel="mean |cos(h, 1)| of the norm's input", yscale="log",
-           title="alignment of norm inputs with the uniform vector (trained)")
+           title="alignment of norm inputs with 1, trained models")
     ax.legend(fontsize=7)
+    for name in per_layer:  # the activation statistics recorded at every evaluation during training
+        evals = [r for r in results[name].records if r["kind"] == "eval" and r.get("act")]
+        if evals:
+            ax_t.plot([r["step"] for r in evals], [sum(v["in_abs_cos"] for v in r["act"].values()) / len(r["act"]) for r in evals],
+                      marker="o", ms=3, label=name)
+    ax_t.axhline(base, color="k", ls=":")
+    ax_t.set(xlabel="step", ylabel="mean over layers of mean |cos(h, 1)|", yscale="log", title="during training")
+    ax_t.legend(fontsize=7)
     plot = save_figure(fig, out_dir / "exp4_geometry.png")
     claim = ("The inputs to LayerNorm in trained models are nearly orthogonal to the uniform vector 1 "
              "(|cos(h, 1)| at the level of random vectors), so LayerNorm's mean removal is redundant and RMSNorm "
