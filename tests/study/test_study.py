@@ -39,13 +39,14 @@ def cli(out: Path, *args: str, env: dict | None = None, torchrun: bool = False) 
 
 def test_tiny_study_writes_report_plots_and_is_not_retrained(tmp_path, capsys):
     torch.set_num_threads(1)
-    kw = dict(TINY, variants=["layernorm-pre", "rmsnorm-pre", "layernorm-post"], steps=8, warmup_steps=6, grad_depths=[2, 4])
+    kw = dict(TINY, variants=["layernorm-pre", "rmsnorm-pre", "layernorm-post", "dyt-pre"], steps=8, warmup_steps=6, grad_depths=[2, 4])
     res = run_study(out=tmp_path, name="s", progress=False, **kw)
     out_dir = tmp_path / "s"
     report = (out_dir / "report.md").read_text()
     for n in range(1, 7):
         assert f"## {n}. " in report
     assert report.count("**Claim.**") == 6 and report.count("**Verdict: ") == 6
+    assert "- dyt-pre: the input of its last DyT (ln_f) has rms" in report  # the DyT saturation diagnosis
     for png in ("exp1_loss_speed", "exp2_grad_init", "exp3_warmup", "exp4_geometry", "exp5_invariances", "exp6_conversion"):
         data = (out_dir / f"{png}.png").read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000, png
