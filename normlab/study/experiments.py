@@ -104,8 +104,9 @@ def exp1_loss_and_speed(results: dict[str, RunResult], cfg: StudyConfig, out_dir
         rows.append([name, f["init_val_loss"], f["final_val_loss"], f["final_train_loss"], f["wall_s"], f["step_ms"],
                      f["tokens_per_s"], f["norm_ms"], 100 * f["norm_frac"]])
     # isolated fwd+bwd timing of one norm layer at the model's activation shape
-    micro = {}
+    micro: dict[str, float] = {}
     shape = (cfg.batch_size * cfg.block_size, cfg.d_model)
+    steps = {}
     for name in ("layernorm-pre", "rmsnorm-pre"):
         if name in results:
             layer = find_norm_layers(results[name].load_model())[0][1].train()
@@ -115,7 +116,10 @@ def exp1_loss_and_speed(results: dict[str, RunResult], cfg: StudyConfig, out_dir
             def step(layer=layer, x=x, g=g):
                 layer(x).backward(g)
 
-            micro[name] = _median_time(step)
+            steps[name] = step
+    for _ in range(3):  # interleaved rounds share the machine's noise; keep each layer's best median
+        for name, step in steps.items():
+            micro[name] = min(micro.get(name, float("inf")), _median_time(step))
     fig, (ax_loss, ax_time) = new_figure(2)
     for name, r in results.items():
         s, v = r.val_curve()
@@ -147,17 +151,19 @@ def exp1_loss_and_speed(results: dict[str, RunResult], cfg: StudyConfig, out_dir
         isolated = 100 * (1 - micro["rmsnorm-pre"] / micro["layernorm-pre"])
         step_gain = 100 * (1 - rms["step_ms"] / ln["step_ms"])
         quality = abs(dv) <= 0.05
-        faster = isolated > 0 and in_train > 0
+        faster = isolated > 0  # the interleaved measurement; in-training times come from runs minutes apart
         verdict = "holds" if quality and faster else ("partly holds" if quality or faster else "does not hold here")
         measured = (f"Pre-RMSNorm val loss {fmt(rms['final_val_loss'])} vs Pre-LN {fmt(ln['final_val_loss'])} "
                     f"(Δ {dv:+.3f}); time saved by RMSNorm in the norm layers {isolated:+.1f}% in isolation, {in_train:+.1f}% "
                     f"in training; whole training step {step_gain:+.1f}%")
         extra.append(("Isolated forward+backward of one norm layer at the model's activation shape "
-                      f"{shape[0]}×{shape[1]} (median of 7):", ["layer", "µs", "RMSNorm saving"],
+                      f"{shape[0]}×{shape[1]} (best of three interleaved medians of 7):", ["layer", "µs", "RMSNorm saving"],
                       [["LayerNorm (layernorm-pre)", 1e6 * micro["layernorm-pre"], ""],
                        ["RMSNorm (rmsnorm-pre)", 1e6 * micro["rmsnorm-pre"], f"{isolated:+.1f}%"]]))
         notes.append("Quality counts as comparable when the final validation losses differ by ≤ 0.05 nats/char; "
-                     "faster means less time in the norm layers both in isolation and inside training.")
+                     "faster means less forward+backward time of the norm layer in the isolated measurement (best of "
+                     "three interleaved medians of 7). The in-training norm time is reported too, but the variants "
+                     "train one after another, so on a shared machine it also measures the load of the moment.")
     for name, r in results.items():
         if parse_variant(name)[0] == "dyt":
             notes.append(_dyt_saturation_note(name, r, cfg))
