@@ -287,6 +287,10 @@ def exp3_warmup(cfg: StudyConfig, corpus: Corpus, out_dir: Path, info: DistInfo,
                      f["final_train_loss"], f["diverged"]])
         s, l = r.train_curve()
         ax.plot(s, l, ls="-" if warm else "--", lw=1.2, label=f"{placement}-LN, {'warmup' if warm else 'no warmup'}")
+    counts = torch.bincount(corpus.train, minlength=corpus.vocab_size).double()
+    prob = counts[counts > 0] / counts.sum()
+    unigram = -(prob * prob.log()).sum().item()  # the loss of predicting character frequencies only
+    ax.axhline(unigram, color="k", ls=":", lw=1, label=f"unigram entropy {unigram:.2f}")
     ax.set(xlabel="step", ylabel="train loss", title=f"lr {cfg.warmup_lr:g}: with and without warmup")
     ax.set_ylim(top=min(ax.get_ylim()[1], 6))
     ax.legend(fontsize=8)
@@ -304,6 +308,10 @@ def exp3_warmup(cfg: StudyConfig, corpus: Corpus, out_dir: Path, info: DistInfo,
              "decay; same data, seed and model as experiment 1 otherwise. The paper's models are deeper and wider "
              "(6+ layers, d=512) and train far longer; a short run at this size tests the early-training part of the claim only.",
              "Holds when removing warmup raises Post-LN's final val loss by > 0.05 and by > 0.05 more than Pre-LN's."]
+    stuck = [f"{p}-LN {'with' if w else 'without'} warmup" for (p, w), val in v.items() if val > unigram - 0.1]
+    if stuck:
+        notes.append(f"Still on the unigram plateau (final val loss > {unigram - 0.1:.2f}, i.e. within 0.1 nats of the "
+                     f"entropy {unigram:.2f} of predicting character frequencies without context): {', '.join(stuck)}.")
     return Experiment(3, "Warmup sensitivity at a high learning rate", claim, measured, verdict,
                       ["placement", "warmup", "final val loss", "final train loss", "diverged"], rows, plot, notes,
                       data={"post_cost": post_cost, "pre_cost": pre_cost})
