@@ -78,6 +78,32 @@ def check_same(a: torch.Tensor, b: torch.Tensor, name_a: str, name_b: str) -> No
         raise ValueError(f"expected {name_b} on {a.device} (the device of {name_a}), got {b.device}")
 
 
+#: Row reductions sum chunks of at most this many elements first: below torch's parallel grain
+#: (32768 elements), so torch never splits one row's sum across threads.
+ROW_CHUNK = 8192
+
+
+def row_sum(x: torch.Tensor, keepdim: bool = False) -> torch.Tensor:
+    """``Σ`` over the last dim, bitwise a function of each row alone (batch invariance, DESIGN §3).
+
+    ``x.sum(dim=-1)`` is not: torch splits a lone row longer than its parallel grain across threads,
+    so the same row sums in another order alone than inside a batch (or with 1 vs 2 threads).
+    Summing fixed chunks of ``ROW_CHUNK`` elements, then the chunk sums, fixes the order per row."""
+    n = x.shape[-1]
+    if n <= ROW_CHUNK:
+        return x.sum(dim=-1, keepdim=keepdim)
+    full = n - n % ROW_CHUNK
+    parts = x[..., :full].reshape(*x.shape[:-1], full // ROW_CHUNK, ROW_CHUNK).sum(dim=-1)
+    if full < n:
+        parts = torch.cat([parts, x[..., full:].sum(dim=-1, keepdim=True)], dim=-1)
+    return parts.sum(dim=-1, keepdim=keepdim)
+
+
+def row_mean(x: torch.Tensor, keepdim: bool = False) -> torch.Tensor:
+    """Mean over the last dim, batch invariant as :func:`row_sum`."""
+    return row_sum(x, keepdim) / x.shape[-1]
+
+
 def rows(x: torch.Tensor, n: int) -> torch.Tensor:
     """View ``x`` as ``(rows, n)``: the normalized trailing dims flattened."""
     return x.reshape(-1, n)

@@ -35,6 +35,8 @@ from normlab.ops._common import (
     compute_dtype,
     flat_param,
     normalized_size,
+    row_mean,
+    row_sum,
     rows,
     write_out,
     zero_where_no_grad,
@@ -63,7 +65,7 @@ def partial_size(n: int, partial: float | None) -> int:
 # ----------------------------------------------------------------------------------------------
 def _rstd_ref(x: Tensor, eps: float, k: int) -> Tensor:
     xs = x[:, :k].to(compute_dtype(x.dtype))
-    return torch.rsqrt(xs.pow(2).mean(dim=1) + eps)
+    return torch.rsqrt(row_mean(xs.pow(2)) + eps)
 
 
 def rms_norm_fwd_ref(x: Tensor, weight: Optional[Tensor], eps: float, casting: str, offset: float, k: int) -> tuple[Tensor, Tensor]:
@@ -100,7 +102,7 @@ def rms_norm_bwd_ref(
     r = rstd.to(c)[:, None]
     xhat = xf * r
     g = dyf if weight is None else dyf * (weight.to(c) + offset)
-    proj = (g * xhat).sum(dim=1, keepdim=True) / k
+    proj = row_sum(g * xhat, keepdim=True) / k
     dx = r * g
     if k == x.shape[1]:
         dx = dx - r * xhat * proj

@@ -110,11 +110,15 @@ def test_nan_in_one_sample_leaves_others_exact():
     assert torch.equal(w.grad, w_ok.grad) and torch.equal(b.grad, b_ok.grad), "a NaN sample leaked into the parameter gradients"
 
 
-def test_single_value_groups():
-    """A group of one value has deviation 0: y = bias. (torch raises "Expected more than 1 value per
-    channel" when N·C/G·prod(*) == 1 — a BatchNorm check; GroupNorm's statistics are per sample.)"""
+def test_single_value_groups_like_torch():
+    """torch raises "Expected more than 1 value per channel" when N·C/G·prod(*) == 1 (one sample, one
+    value per group); normlab raises the same. With more samples a one-value group has deviation 0: y = bias."""
     b = rand(4, seed=2)
-    assert torch.equal(normlab.group_norm(rand(1, 4, 1), 4, None, b), b.reshape(1, 4, 1))
+    for shape, groups in [((1, 4, 1), 4), ((1, 4), 4), ((1, 2, 1, 1), 2)]:
+        with pytest.raises(ValueError, match=r"Expected more than 1 value per channel when training, got input size \[1, "):
+            F.group_norm(rand(*shape), groups)
+        with pytest.raises(ValueError, match=r"Expected more than 1 value per channel when training, got input size \[1, "):
+            normlab.group_norm(rand(*shape), groups)
     assert torch.equal(normlab.group_norm(rand(3, 2), 2), torch.zeros(3, 2))
     x = rand(2, 4, 1, mean=3.0)
     assert torch.equal(normlab.group_norm(x, 4, None, b), b.reshape(1, 4, 1).expand(2, 4, 1))
@@ -163,7 +167,7 @@ def test_bad_input_messages():
     strided=st.booleans(),
 )
 def test_property_shapes_values_strides(n, groups, per_group, length, scale, mean, dtype, strided):
-    assume(n * per_group * length > 1)  # torch raises there: test_single_value_groups
+    assume(n * per_group * length > 1)  # torch raises there: test_single_value_groups_like_torch
     c = groups * per_group
     base = rand(n, c, 2 * length if strided else length, scale=scale, mean=mean, dtype=torch.float64)
     x = (base[:, :, ::2] if strided else base).to(dtype)
