@@ -176,3 +176,26 @@ def test_property_shapes_values_strides(n, groups, per_group, length, scale, mea
     w, b = rand(c, dtype=dtype, seed=1), rand(c, dtype=dtype, seed=2)
     ref64 = group_norm_reference(x.double(), groups, w.double(), b.double())
     assert_tolerance_rule(normlab.group_norm(x, groups, w, b), F.group_norm(x, groups, w, b), ref64, "property")
+
+
+def test_opcheck():
+    """torch.library's own check of the custom op: schema, fake impl vs real outputs, autograd registration."""
+    x = rand(2, 6, 5).requires_grad_()
+    w, b = rand(6, seed=1).requires_grad_(), rand(6, seed=2).requires_grad_()
+    torch.library.opcheck(torch.ops.normlab.group_norm, (x, 3, w, b, 1e-5))
+    xh = rand(2, 6, 5, dtype=torch.float16).requires_grad_()  # fp16 input, fp32 master weights
+    torch.library.opcheck(torch.ops.normlab.group_norm, (xh, 2, w, None, 1e-5))
+
+
+def test_functional_torch_compile_fullgraph():
+    torch._dynamo.reset()
+    x = rand(2, 6, 5, mean=1.0).requires_grad_()
+    w, b = rand(6, seed=1).requires_grad_(), rand(6, seed=2).requires_grad_()
+
+    def f(x, w, b):
+        return normlab.group_norm(normlab.group_norm(x, 3, w, b), 1).square().mean()
+
+    le, lc = f(x, w, b), torch.compile(f, fullgraph=True, backend="aot_eager")(x, w, b)
+    torch.testing.assert_close(lc, le)
+    for a, e in zip(torch.autograd.grad(lc, (x, w, b)), torch.autograd.grad(le, (x, w, b))):
+        torch.testing.assert_close(a, e)
