@@ -105,8 +105,9 @@ def row_mean(x: torch.Tensor, keepdim: bool = False) -> torch.Tensor:
 
 
 def rows(x: torch.Tensor, n: int) -> torch.Tensor:
-    """View ``x`` as ``(rows, n)``: the normalized trailing dims flattened."""
-    return x.reshape(-1, n)
+    """View ``x`` as ``(rows, n)``: the normalized trailing dims flattened. With ``n == 0`` the input is
+    empty and the row count undetermined: ``(0, 0)``, which reshapes back to any empty shape."""
+    return x.reshape(-1, n) if n else x.reshape(0, 0)
 
 
 def flat_param(p: torch.Tensor | None, n: int) -> torch.Tensor | None:
@@ -130,5 +131,5 @@ def write_out(out: torch.Tensor, input: torch.Tensor, n: int, compute, *params: 
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (input, *params)):
         raise RuntimeError("out= does not support automatic differentiation (an input requires grad)")
     with torch.no_grad():
-        compute(out.view(-1, n))
+        compute(rows(out, n))
     return out

@@ -17,7 +17,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from normlab.ops._common import FLOAT_DTYPES, HALF_DTYPES, check_input, check_param, compute_dtype, zero_where_no_grad
+from normlab.ops._common import FLOAT_DTYPES, HALF_DTYPES, check_input, check_param, compute_dtype, rows, zero_where_no_grad
 
 
 # ----------------------------------------------------------------------------------------------
@@ -53,7 +53,7 @@ def dyt_bwd_ref(
 def _rows(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor]):
     p = weight if weight is not None else bias
     n = 1 if p is None else p.numel()
-    return x.reshape(-1, n), None if weight is None else weight.reshape(n), None if bias is None else bias.reshape(n)
+    return rows(x, n), None if weight is None else weight.reshape(n), None if bias is None else bias.reshape(n)
 
 
 def dyt_reference(input: Tensor, alpha: Tensor, weight: Optional[Tensor] = None, bias: Optional[Tensor] = None) -> Tensor:

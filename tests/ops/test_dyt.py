@@ -100,6 +100,7 @@ def test_zero_size():
     assert y.shape == (0, 6)
     y.sum().backward()
     assert normlab.dyt(torch.randn(2, 0), torch.tensor(0.5)).shape == (2, 0)
+    assert normlab.dyt(torch.randn(2, 0), torch.tensor(0.5), torch.ones(0), torch.zeros(0)).shape == (2, 0)
 
 
 def test_bad_input_messages():

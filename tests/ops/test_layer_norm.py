@@ -410,3 +410,15 @@ def test_property_shapes_values_strides(rows, n, scale, mean, dtype, strided, af
 def test_large_row():
     x = rand(2, 100_000, mean=5.0)
     torch.testing.assert_close(normlab.layer_norm(x, 100_000), F.layer_norm(x, (100_000,)))
+
+
+def test_zero_size_normalized_dim():
+    """An empty normalized dim (as torch: F.layer_norm(randn(2, 0), (0,)) is an empty (2, 0) result)."""
+    for shape in [(2, 0), (3, 2, 0)]:
+        x, w = torch.randn(*shape, requires_grad=True), torch.ones(0, requires_grad=True)
+        y = normlab.layer_norm(x, 0, w, w)
+        assert y.shape == x.shape == F.layer_norm(x, (0,)).shape
+        y.sum().backward()
+        assert x.grad.shape == x.shape and w.grad.shape == (0,)
+        assert normlab.add_layer_norm(x, x, 0)[1].shape == x.shape
+        assert normlab.layer_norm(x.detach(), 0, out=torch.empty(shape)).shape == x.shape

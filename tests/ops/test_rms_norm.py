@@ -305,3 +305,14 @@ def test_opcheck(residual_dtype):
     torch.library.opcheck(
         torch.ops.normlab.add_rms_norm, (x, r, w, 1e-6, "llama", 0.0, 8, residual_dtype or torch.float32, "reference")
     )
+
+
+def test_zero_size_normalized_dim():
+    """An empty normalized dim (as torch: F.rms_norm(randn(2, 0), (0,)) is an empty (2, 0) result)."""
+    for shape in [(2, 0), (3, 2, 0)]:
+        x, w = torch.randn(*shape, requires_grad=True), torch.ones(0, requires_grad=True)
+        y = normlab.rms_norm(x, 0, w, partial=0.5)
+        assert y.shape == x.shape == F.rms_norm(x, (0,)).shape
+        y.sum().backward()
+        assert x.grad.shape == x.shape and w.grad.shape == (0,)
+        assert normlab.add_rms_norm(x, x, 0)[1].shape == x.shape
