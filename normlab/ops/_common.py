@@ -6,6 +6,8 @@ Every check runs before any work and raises with a message naming what was expec
 from __future__ import annotations
 
 import math
+import numbers
+import operator
 from collections.abc import Sequence
 
 import torch
@@ -30,7 +32,13 @@ def check_input(x: torch.Tensor, name: str = "input") -> None:
 
 def normalized_size(x: torch.Tensor, normalized_shape: int | Sequence[int], name: str = "input") -> tuple[tuple[int, ...], int]:
     """Check that ``normalized_shape`` is the trailing shape of ``x``; return it and its element count."""
-    shape = (int(normalized_shape),) if isinstance(normalized_shape, int) else tuple(int(s) for s in normalized_shape)
+    try:
+        if isinstance(normalized_shape, numbers.Integral):
+            shape = (int(normalized_shape),)
+        else:
+            shape = tuple(operator.index(s) for s in normalized_shape)
+    except TypeError:
+        raise TypeError(f"normalized_shape must be an int or a sequence of ints, got {normalized_shape!r}") from None
     if len(shape) == 0:
         raise ValueError("normalized_shape must name at least one dimension, got ()")
     if x.dim() < len(shape) or tuple(x.shape[x.dim() - len(shape):]) != shape:
@@ -56,8 +64,16 @@ def check_param(p: torch.Tensor | None, name: str, shape: tuple[int, ...], x: to
         raise ValueError(f"expected {name} on {x.device} (the input's device), got {p.device}")
 
 
+def as_float(value, name: str, expected: str) -> float:
+    """``float(value)``, or a TypeError naming what ``name`` should be."""
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        raise TypeError(f"{name} must be {expected}, got {value!r}") from None
+
+
 def check_eps(eps: float) -> float:
-    eps = float(eps)
+    eps = as_float(eps, "eps", "a finite number > 0")
     if not (eps > 0 and math.isfinite(eps)):
         raise ValueError(f"eps must be a finite number > 0, got {eps}")
     return eps

@@ -29,7 +29,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from normlab.ops._common import check_choice, check_eps, check_input, check_param, compute_dtype, zero_where_no_grad
+from normlab.ops._common import as_float, check_choice, check_eps, check_input, check_param, compute_dtype, zero_where_no_grad
 
 LAYOUTS = ("NCL", "NLC")
 
@@ -265,7 +265,7 @@ def _check(input, running_mean, running_var, weight, bias, training, momentum, e
         check_param(p, name, (features,), input)
     if not training and (running_mean is None or running_var is None):
         raise ValueError("expected running_mean and running_var tensors when training=False (eval uses running statistics)")
-    if momentum is not None and not (0.0 <= float(momentum) <= 1.0):
+    if momentum is not None and not (0.0 <= as_float(momentum, "momentum", "None or a number in [0, 1]") <= 1.0):
         raise ValueError(f"momentum must be in [0, 1] or None (cumulative average), got {momentum}")
     if momentum is None and training and running_mean is not None and num_batches_tracked is None:
         raise ValueError("momentum=None (cumulative moving average) expects a num_batches_tracked tensor")

@@ -27,6 +27,7 @@ from torch import Tensor
 
 from normlab import dispatch
 from normlab.ops._common import (
+    as_float,
     check_choice,
     check_eps,
     check_input,
@@ -54,7 +55,7 @@ def partial_size(n: int, partial: float | None) -> int:
     """Number of leading elements the RMS is estimated from: ``ceil(n · partial)``."""
     if partial is None:
         return n
-    p = float(partial)
+    p = as_float(partial, "partial", "None or a number in (0, 1]")
     if not (0.0 < p <= 1.0):
         raise ValueError(f"partial must be in (0, 1], got {partial}")
     return max(1, math.ceil(n * p)) if n > 0 else 0
@@ -231,11 +232,13 @@ _add_rms_norm_op.register_autograd(_add_rms_backward, setup_context=_add_rms_set
 # ----------------------------------------------------------------------------------------------
 # Functional API
 # ----------------------------------------------------------------------------------------------
-def _check(x, normalized_shape, weight, eps, casting, partial):
+def _check(x, normalized_shape, weight, eps, casting, partial, offset):
     check_input(x)
     shape, n = normalized_size(x, normalized_shape)
     check_param(weight, "weight", shape, x)
     check_choice(casting, "casting mode", CASTING_MODES)
+    if not math.isfinite(as_float(offset, "offset", "a finite number")):
+        raise ValueError(f"offset must be a finite number, got {offset}")
     return n, resolve_eps(eps, x.dtype), partial_size(n, partial)
 
 
@@ -249,7 +252,7 @@ def rms_norm(
     Mirrors ``torch.nn.functional.rms_norm``; ``casting``, ``offset`` and ``partial`` are described in
     the module docstring. ``out=`` writes into a preallocated tensor (inference only, like torch).
     """
-    n, eps, k = _check(input, normalized_shape, weight, eps, casting, partial)
+    n, eps, k = _check(input, normalized_shape, weight, eps, casting, partial, offset)
     x, w = rows(input, n), flat_param(weight, n)
     name = dispatch.select("rms_norm", x, backend, weight=w, casting=casting, offset=offset, k=k) if x.numel() else dispatch.REFERENCE
     if name != dispatch.REFERENCE:
@@ -267,7 +270,7 @@ def add_rms_norm(
 ) -> tuple[Tensor, Tensor]:
     """Fused residual add + RMSNorm: ``s = input + residual`` (stored in ``residual_dtype``, default the
     input dtype), returns ``(rms_norm(s), s)`` — one read of each input, one write of each output."""
-    n, eps, k = _check(input, normalized_shape, weight, eps, casting, partial)
+    n, eps, k = _check(input, normalized_shape, weight, eps, casting, partial, offset)
     check_same(input, residual, "input", "residual")
     residual_dtype = residual_dtype or input.dtype
     if residual_dtype not in (torch.float32, torch.float64, torch.bfloat16, torch.float16):

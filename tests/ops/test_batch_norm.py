@@ -371,3 +371,8 @@ def test_functional_torch_compile_fullgraph():
     for a, e in zip(state_c, state_e):
         torch.testing.assert_close(a, e)
     assert state_c[2].item() == 2
+
+
+def test_non_numeric_momentum_names_the_expected_value():
+    with pytest.raises(TypeError, match=r"momentum must be None or a number in \[0, 1\], got 'fast'"):
+        normlab.batch_norm(torch.randn(4, 3), torch.zeros(3), torch.ones(3), training=True, momentum="fast")

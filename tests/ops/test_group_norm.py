@@ -153,6 +153,9 @@ def test_bad_input_messages():
             normlab.group_norm(x, 3, eps=eps)
     with pytest.raises(ValueError, match=r"expected input of shape \(N, C, \*\)"):
         normlab.group_norm(torch.randn(6), 3)
+    import numpy as np
+
+    assert torch.equal(normlab.group_norm(x, np.int64(3)), normlab.group_norm(x, 3))  # numpy ints, as torch accepts
 
 
 @settings(max_examples=25, deadline=None)

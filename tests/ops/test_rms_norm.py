@@ -316,3 +316,20 @@ def test_zero_size_normalized_dim():
         y.sum().backward()
         assert x.grad.shape == x.shape and w.grad.shape == (0,)
         assert normlab.add_rms_norm(x, x, 0)[1].shape == x.shape
+
+
+def test_non_numeric_options_name_the_expected_value():
+    x = torch.randn(2, 8)
+    with pytest.raises(TypeError, match="eps must be a finite number > 0, got 'a'"):
+        normlab.rms_norm(x, 8, eps="a")
+    with pytest.raises(TypeError, match=r"partial must be None or a number in \(0, 1\], got 'half'"):
+        normlab.rms_norm(x, 8, partial="half")
+    with pytest.raises(TypeError, match="offset must be a finite number, got 'one'"):
+        normlab.rms_norm(x, 8, offset="one")
+    with pytest.raises(ValueError, match="offset must be a finite number, got nan"):
+        normlab.add_rms_norm(x, x, 8, offset=float("nan"))
+    with pytest.raises(TypeError, match="normalized_shape must be an int or a sequence of ints, got 8.0"):
+        normlab.rms_norm(x, 8.0)
+    import numpy as np
+
+    assert torch.equal(normlab.rms_norm(x, np.int64(8)), normlab.rms_norm(x, 8))  # numpy ints, as the modules
