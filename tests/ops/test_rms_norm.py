@@ -333,3 +333,18 @@ def test_non_numeric_options_name_the_expected_value():
     import numpy as np
 
     assert torch.equal(normlab.rms_norm(x, np.int64(8)), normlab.rms_norm(x, 8))  # numpy ints, as the modules
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_casting_none_and_offsets_textbook(dtype):
+    """Independent formulas for the modes torch has no op for: "none" (input dtype throughout, the mean of
+    squares in fp32), "llama" with an offset and with partial — bitwise for the reference (the spec; fast paths are held to it by test_options_vs_reference)."""
+    x, w, eps = rand(5, 40, dtype=dtype, scale=3.0), rand(40, dtype=dtype, seed=2), 1e-5
+    rstd = torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + eps)
+    none = x * rstd.to(dtype) * (w + 0.5).to(dtype)
+    assert torch.equal(normlab.rms_norm(x, 40, w, eps, casting="none", offset=0.5, backend="reference"), none)
+    llama = (x.float() * rstd).to(dtype) * (w + 0.5)
+    assert torch.equal(normlab.rms_norm(x, 40, w, eps, casting="llama", offset=0.5, backend="reference"), llama)
+    rstd_p = torch.rsqrt(x.float()[:, :10].pow(2).mean(-1, keepdim=True) + eps)  # ceil(40 · 0.25) = 10
+    assert torch.equal(normlab.rms_norm(x, 40, w, eps, partial=0.25, backend="reference"), (x.float() * rstd_p).to(dtype) * w)
+    assert torch.equal(normlab.rms_norm(x, 40, None, eps, casting="none", backend="reference"), x * rstd.to(dtype))
