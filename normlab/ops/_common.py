@@ -121,9 +121,11 @@ def row_mean(x: torch.Tensor, keepdim: bool = False) -> torch.Tensor:
 
 
 def rows(x: torch.Tensor, n: int) -> torch.Tensor:
-    """View ``x`` as ``(rows, n)``: the normalized trailing dims flattened. With ``n == 0`` the input is
-    empty and the row count undetermined: ``(0, 0)``, which reshapes back to any empty shape."""
-    return x.reshape(-1, n) if n else x.reshape(0, 0)
+    """``x`` as contiguous ``(rows, n)`` rows: the normalized trailing dims flattened. Contiguous, so that
+    a result does not depend on the input's memory layout (torch reduces strided rows in another order).
+    With ``n == 0`` the input is empty and the row count undetermined: ``(0, 0)``, which reshapes back
+    to any empty shape."""
+    return x.reshape(-1, n).contiguous() if n else x.reshape(0, 0)
 
 
 def flat_param(p: torch.Tensor | None, n: int) -> torch.Tensor | None:

@@ -36,10 +36,11 @@ LAYOUTS = ("NCL", "NLC")
 
 def as_acb(x: Tensor, layout: str) -> Tensor:
     """View ``x`` as ``(A, C, B)`` with the features at dim 1: NCL ``(N, C, *)`` → ``(N, C, prod(*))``,
-    NLC ``(*, C)`` → ``(prod(*), C, 1)``."""
+    NLC ``(*, C)`` → ``(prod(*), C, 1)``. Contiguous, so that the statistics do not depend on the memory
+    layout of the input (channels-last, transposed…): torch reduces strided data in another order."""
     if layout == "NCL":
-        return x.reshape(x.shape[0], x.shape[1], math.prod(x.shape[2:]))
-    return x.reshape(math.prod(x.shape[:-1]), x.shape[-1], 1)
+        return x.reshape(x.shape[0], x.shape[1], math.prod(x.shape[2:])).contiguous()
+    return x.reshape(math.prod(x.shape[:-1]), x.shape[-1], 1).contiguous()
 
 
 def _bcast(v: Tensor) -> Tensor:

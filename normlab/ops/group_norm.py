@@ -112,7 +112,8 @@ def group_norm_reference(
 
 
 def _ncs(x: Tensor) -> Tensor:
-    return x.reshape(x.shape[0], x.shape[1], math.prod(x.shape[2:]))
+    """``(N, C, *)`` as contiguous ``(N, C, S)``: results independent of the memory layout (channels-last…)."""
+    return x.reshape(x.shape[0], x.shape[1], math.prod(x.shape[2:])).contiguous()
 
 
 # ----------------------------------------------------------------------------------------------
