@@ -175,10 +175,14 @@ def test_nan_row_does_not_leak():
     w_ok = w.detach().clone().requires_grad_()
     y_ok = normlab.rms_norm(x_ok, 32, w_ok)
     assert torch.equal(y[good], y_ok)
-    y[good].sum().backward()
-    y_ok.sum().backward()
+    y[good].square().sum().backward()
+    y_ok.square().sum().backward()
     assert torch.equal(x.grad[good], x_ok.grad)
-    assert torch.equal(w.grad, w_ok.grad), "a NaN/inf row leaked into the weight gradient of other rows"
+    # the weight gradient sums over rows, whose rounding depends on row positions: compare with the same
+    # rows where the NaN/inf rows are replaced by clean ones (unused by the loss either way)
+    x_clean, w_clean = rand(6, 32), w.detach().clone().requires_grad_()
+    normlab.rms_norm(x_clean, 32, w_clean)[good].square().sum().backward()
+    assert torch.isfinite(w.grad).all() and torch.equal(w.grad, w_clean.grad), "a NaN/inf row leaked into the weight gradient"
 
 
 def test_zero_size():
