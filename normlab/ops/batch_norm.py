@@ -29,7 +29,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from normlab.ops._common import as_float, check_choice, check_eps, check_input, check_param, compute_dtype, zero_where_no_grad
+from normlab.ops._common import as_float, check_choice, check_eps, check_input, check_param, compute_dtype, row_sum, zero_where_no_grad
 
 LAYOUTS = ("NCL", "NLC")
 
@@ -47,6 +47,17 @@ def _bcast(v: Tensor) -> Tensor:
     return v[None, :, None]
 
 
+def channel_sum(t: Tensor) -> Tensor:
+    """Per-channel sum of ``(A, C, B)`` over dims 0 and 2, bitwise the same with 1 or 2 threads: over
+    ``B`` then ``A``, each with :func:`row_sum` (torch splits a lone long reduction — one channel —
+    across threads)."""
+    return row_sum(row_sum(t).t())
+
+
+def channel_mean(t: Tensor) -> Tensor:
+    return channel_sum(t) / (t.shape[0] * t.shape[2])
+
+
 # ----------------------------------------------------------------------------------------------
 # Reference (the spec): plain PyTorch on (A, C, B) views
 # ----------------------------------------------------------------------------------------------
@@ -57,11 +68,11 @@ def batch_stats_ref(x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     rounding error of the stored mean; removing it keeps the deviations accurate to the spread of the
     channel rather than to ulp(mean). Variance biased: ``mean(d²)``."""
     xf = x.to(compute_dtype(x.dtype))
-    rough = xf.mean(dim=(0, 2))
+    rough = channel_mean(xf)
     d = xf - _bcast(rough)
-    correction = d.mean(dim=(0, 2))
+    correction = channel_mean(d)
     d = d - _bcast(correction)
-    return d, rough + correction, d.square().mean(dim=(0, 2))
+    return d, rough + correction, channel_mean(d.square())
 
 
 def deviations(x: Tensor, mean: Tensor, correction: Optional[Tensor] | str = None) -> Tensor:
@@ -71,7 +82,7 @@ def deviations(x: Tensor, mean: Tensor, correction: Optional[Tensor] | str = Non
     c = compute_dtype(x.dtype)
     d = x.to(c) - _bcast(mean.to(c))
     if isinstance(correction, str):
-        return d - d.mean(dim=(0, 2), keepdim=True)
+        return d - _bcast(channel_mean(d))
     return d if correction is None else d - _bcast(correction)
 
 
@@ -108,7 +119,7 @@ def batch_norm_bwd_ref(
     rstd = torch.rsqrt(var.to(c) + eps)
     xhat = d * _bcast(rstd)
     gx = zero_where_no_grad(g, g * xhat)
-    sum_g, sum_gx = g.sum(dim=(0, 2)), gx.sum(dim=(0, 2))
+    sum_g, sum_gx = channel_sum(g), channel_sum(gx)
     dw = None if weight is None else sum_gx.to(weight.dtype)
     db = None if bias is None else sum_g.to(bias.dtype)
     scale = rstd if weight is None else rstd * weight.to(c)

@@ -125,3 +125,38 @@ def test_batch_norm_eval_nan_sample_does_not_leak(layout):
     y_ok, dx_ok, dw_ok, db_ok = run(x)
     assert torch.isnan(y[2]).any() and torch.equal(y[GOOD], y_ok[GOOD]) and torch.equal(dx[GOOD], dx_ok[GOOD])
     assert torch.equal(dw, dw_ok) and torch.equal(db, db_ok), "a NaN sample leaked into a parameter gradient"
+
+
+def _grads_of(fn, *shapes_and_params):
+    """Outputs and gradients of every input of ``fn`` for fixed random inputs (created inside)."""
+    ins = [rand(*shape, seed=i, mean=0.5).requires_grad_() for i, shape in enumerate(shapes_and_params)]
+    y = fn(*ins)
+    return [y.detach(), *torch.autograd.grad(y, ins, rand(*y.shape, seed=99))]
+
+
+# ops over more than torch's parallel grain (32768 elements) in one reduction: a channel of BatchNorm(1),
+# DyT's alpha gradient (a sum over every element), LayerNorm's parameter gradients over many rows
+THREAD_CASES = {
+    "dyt": (lambda x, a, w: normlab.dyt(x, a, w), (600, 64), (1,), (64,)),
+    "batch_norm_one_channel": (lambda x, w, b: normlab.batch_norm(x, None, None, w, b, True), (64, 1, 600), (1,), (1,)),
+    "batch_norm": (lambda x, w: normlab.batch_norm(x, None, None, w, None, True, layout="NLC"), (40, 1000, 3), (3,)),
+    "layer_norm": (lambda x, w, b: normlab.layer_norm(x, 64, w, b), (600, 64), (64,), (64,)),
+    "rms_norm": (lambda x, w: normlab.rms_norm(x, 64, w), (600, 64), (64,)),
+    "group_norm": (lambda x, w: normlab.group_norm(x, 1, w), (1, 4, 10000), (4,)),
+}
+
+
+@pytest.mark.parametrize("op", list(THREAD_CASES))
+def test_one_and_two_threads_bitwise(op):
+    """Determinism (DESIGN §3): forward and every gradient bitwise equal with 1 and 2 threads."""
+    fn, *shapes = THREAD_CASES[op]
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = _grads_of(fn, *shapes)
+        torch.set_num_threads(2)
+        two = _grads_of(fn, *shapes)
+    finally:
+        torch.set_num_threads(threads)
+    for i, (a, b) in enumerate(zip(one, two)):
+        assert torch.equal(a, b), f"{op}: {'output' if i == 0 else f'gradient {i}'} differs between 1 and 2 threads"
