@@ -11,6 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import normlab
+import normlab.nn
 from normlab.ops.rms_norm import add_rms_norm_reference, rms_norm_reference
 from tests.helpers import DTYPES, assert_close_same_dtype, assert_tolerance_rule, rand
 
@@ -84,9 +85,15 @@ def test_partial_textbook():
 def test_eps_none_follows_torch():
     x = torch.zeros(2, 8)
     x[0, 0] = 1e-5
-    for dtype in (torch.float32, torch.bfloat16, torch.float64):
+    for dtype in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
         xd = x.to(dtype)
         torch.testing.assert_close(normlab.rms_norm(xd, 8, casting="gemma"), F.rms_norm(xd, (8,)))
+        mine, theirs = normlab.nn.RMSNorm(8, dtype=dtype), torch.nn.RMSNorm(8, dtype=dtype)
+        assert mine.eps is None and theirs.eps is None
+        torch.testing.assert_close(mine(xd), theirs(xd))
+    # float32's eps (1.19e-7) for fp32 and half inputs, float64's (2.2e-16) for fp64: values far apart here
+    assert abs(normlab.rms_norm(x, 8)[0, 0].item() - 1e-5 / (1.25e-11 + torch.finfo(torch.float32).eps) ** 0.5) < 1e-6
+    assert abs(normlab.rms_norm(x.double(), 8)[0, 0].item() - 8**0.5) < 1e-3
 
 
 @pytest.mark.parametrize("casting", ["llama", "gemma", "none"])
