@@ -74,7 +74,7 @@ def as_float(value, name: str, expected: str) -> float:
 
 def check_eps(eps: float) -> float:
     eps = as_float(eps, "eps", "a finite number > 0")
-    if not (eps > 0 and math.isfinite(eps)):
+    if not (0 < eps < math.inf):  # comparisons, not math.isfinite: torch.compile traces them on symbolic floats
         raise ValueError(f"eps must be a finite number > 0, got {eps}")
     return eps
 

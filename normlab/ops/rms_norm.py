@@ -237,7 +237,7 @@ def _check(x, normalized_shape, weight, eps, casting, partial, offset):
     shape, n = normalized_size(x, normalized_shape)
     check_param(weight, "weight", shape, x)
     check_choice(casting, "casting mode", CASTING_MODES)
-    if not math.isfinite(as_float(offset, "offset", "a finite number")):
+    if not (-math.inf < as_float(offset, "offset", "a finite number") < math.inf):
         raise ValueError(f"offset must be a finite number, got {offset}")
     return n, resolve_eps(eps, x.dtype), partial_size(n, partial)
 
