@@ -48,10 +48,12 @@ def _bcast(v: Tensor) -> Tensor:
 
 
 def channel_sum(t: Tensor) -> Tensor:
-    """Per-channel sum of ``(A, C, B)`` over dims 0 and 2, bitwise the same with 1 or 2 threads: over
-    ``B`` then ``A``, each with :func:`row_sum` (torch splits a lone long reduction — one channel —
-    across threads)."""
-    return row_sum(row_sum(t).t())
+    """Per-channel sum of ``(A, C, B)`` over dims 0 and 2, bitwise the same with 1 or 2 threads. torch
+    parallelizes over the channels, except for a single channel: one long reduction that it splits
+    across threads — summed with :func:`row_sum` instead."""
+    if t.shape[1] == 1:
+        return row_sum(t.reshape(-1)).reshape(1)
+    return t.sum(dim=(0, 2))
 
 
 def channel_mean(t: Tensor) -> Tensor:
