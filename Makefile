@@ -21,6 +21,7 @@ test: $(STAMP)
 
 study: $(STAMP)
 	$(VENV)/bin/normlab study
+	@echo "report: $(CURDIR)/runs/default/report.md (plots beside it; re-run to resume, delete runs/default to start over)"
 
 bench: $(STAMP)
 	$(VENV)/bin/normlab bench --quick

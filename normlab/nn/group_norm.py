@@ -38,6 +38,11 @@ class GroupNorm(nn.Module):
                 nn.init.zeros_(self.bias)
 
     def forward(self, input: Tensor) -> Tensor:
+        if input.dim() < 2 or input.shape[1] != self.num_channels:  # also without affine parameters
+            raise ValueError(
+                f"expected input of shape (N, {self.num_channels}, *) ({self.num_channels} = num_channels at dim 1), "
+                f"got shape {list(input.shape)}"
+            )
         return group_norm(input, self.num_groups, self.weight, self.bias, self.eps)
 
     def extra_repr(self) -> str:

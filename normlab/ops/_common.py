@@ -6,6 +6,8 @@ Every check runs before any work and raises with a message naming what was expec
 from __future__ import annotations
 
 import math
+import numbers
+import operator
 from collections.abc import Sequence
 
 import torch
@@ -30,7 +32,13 @@ def check_input(x: torch.Tensor, name: str = "input") -> None:
 
 def normalized_size(x: torch.Tensor, normalized_shape: int | Sequence[int], name: str = "input") -> tuple[tuple[int, ...], int]:
     """Check that ``normalized_shape`` is the trailing shape of ``x``; return it and its element count."""
-    shape = (int(normalized_shape),) if isinstance(normalized_shape, int) else tuple(int(s) for s in normalized_shape)
+    try:
+        if isinstance(normalized_shape, numbers.Integral):
+            shape = (int(normalized_shape),)
+        else:
+            shape = tuple(operator.index(s) for s in normalized_shape)
+    except TypeError:
+        raise TypeError(f"normalized_shape must be an int or a sequence of ints, got {normalized_shape!r}") from None
     if len(shape) == 0:
         raise ValueError("normalized_shape must name at least one dimension, got ()")
     if x.dim() < len(shape) or tuple(x.shape[x.dim() - len(shape):]) != shape:
@@ -56,9 +64,17 @@ def check_param(p: torch.Tensor | None, name: str, shape: tuple[int, ...], x: to
         raise ValueError(f"expected {name} on {x.device} (the input's device), got {p.device}")
 
 
+def as_float(value, name: str, expected: str) -> float:
+    """``float(value)``, or a TypeError naming what ``name`` should be."""
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        raise TypeError(f"{name} must be {expected}, got {value!r}") from None
+
+
 def check_eps(eps: float) -> float:
-    eps = float(eps)
-    if not (eps > 0 and math.isfinite(eps)):
+    eps = as_float(eps, "eps", "a finite number > 0")
+    if not (0 < eps < math.inf):  # comparisons, not math.isfinite: torch.compile traces them on symbolic floats
         raise ValueError(f"eps must be a finite number > 0, got {eps}")
     return eps
 
@@ -78,9 +94,38 @@ def check_same(a: torch.Tensor, b: torch.Tensor, name_a: str, name_b: str) -> No
         raise ValueError(f"expected {name_b} on {a.device} (the device of {name_a}), got {b.device}")
 
 
+#: Row reductions sum chunks of at most this many elements first: below torch's parallel grain
+#: (32768 elements), so torch never splits one row's sum across threads.
+ROW_CHUNK = 8192
+
+
+def row_sum(x: torch.Tensor, keepdim: bool = False) -> torch.Tensor:
+    """``Σ`` over the last dim, bitwise a function of each row alone (batch invariance, DESIGN §3).
+
+    ``x.sum(dim=-1)`` is not: torch splits a lone row longer than its parallel grain across threads,
+    so the same row sums in another order alone than inside a batch (or with 1 vs 2 threads).
+    Summing fixed chunks of ``ROW_CHUNK`` elements, then the chunk sums, fixes the order per row."""
+    n = x.shape[-1]
+    if n <= ROW_CHUNK:
+        return x.sum(dim=-1, keepdim=keepdim)
+    full = n - n % ROW_CHUNK
+    parts = x[..., :full].reshape(*x.shape[:-1], full // ROW_CHUNK, ROW_CHUNK).sum(dim=-1)
+    if full < n:
+        parts = torch.cat([parts, x[..., full:].sum(dim=-1, keepdim=True)], dim=-1)
+    return parts.sum(dim=-1, keepdim=keepdim)
+
+
+def row_mean(x: torch.Tensor, keepdim: bool = False) -> torch.Tensor:
+    """Mean over the last dim, batch invariant as :func:`row_sum`."""
+    return row_sum(x, keepdim) / x.shape[-1]
+
+
 def rows(x: torch.Tensor, n: int) -> torch.Tensor:
-    """View ``x`` as ``(rows, n)``: the normalized trailing dims flattened."""
-    return x.reshape(-1, n)
+    """``x`` as contiguous ``(rows, n)`` rows: the normalized trailing dims flattened. Contiguous, so that
+    a result does not depend on the input's memory layout (torch reduces strided rows in another order).
+    With ``n == 0`` the input is empty and the row count undetermined: ``(0, 0)``, which reshapes back
+    to any empty shape."""
+    return x.reshape(-1, n).contiguous() if n else x.reshape(0, 0)
 
 
 def flat_param(p: torch.Tensor | None, n: int) -> torch.Tensor | None:
@@ -104,5 +149,5 @@ def write_out(out: torch.Tensor, input: torch.Tensor, n: int, compute, *params: 
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (input, *params)):
         raise RuntimeError("out= does not support automatic differentiation (an input requires grad)")
     with torch.no_grad():
-        compute(out.view(-1, n))
+        compute(rows(out, n))
     return out

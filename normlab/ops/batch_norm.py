@@ -29,21 +29,35 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from normlab.ops._common import check_choice, check_eps, check_input, check_param, compute_dtype, zero_where_no_grad
+from normlab.ops._common import as_float, check_choice, check_eps, check_input, check_param, compute_dtype, row_sum, zero_where_no_grad
 
 LAYOUTS = ("NCL", "NLC")
 
 
 def as_acb(x: Tensor, layout: str) -> Tensor:
     """View ``x`` as ``(A, C, B)`` with the features at dim 1: NCL ``(N, C, *)`` → ``(N, C, prod(*))``,
-    NLC ``(*, C)`` → ``(prod(*), C, 1)``."""
+    NLC ``(*, C)`` → ``(prod(*), C, 1)``. Contiguous, so that the statistics do not depend on the memory
+    layout of the input (channels-last, transposed…): torch reduces strided data in another order."""
     if layout == "NCL":
-        return x.reshape(x.shape[0], x.shape[1], math.prod(x.shape[2:]))
-    return x.reshape(math.prod(x.shape[:-1]), x.shape[-1], 1)
+        return x.reshape(x.shape[0], x.shape[1], math.prod(x.shape[2:])).contiguous()
+    return x.reshape(math.prod(x.shape[:-1]), x.shape[-1], 1).contiguous()
 
 
 def _bcast(v: Tensor) -> Tensor:
     return v[None, :, None]
+
+
+def channel_sum(t: Tensor) -> Tensor:
+    """Per-channel sum of ``(A, C, B)`` over dims 0 and 2, bitwise the same with 1 or 2 threads. torch
+    parallelizes over the channels, except for a single channel: one long reduction that it splits
+    across threads — summed with :func:`row_sum` instead."""
+    if t.shape[1] == 1:
+        return row_sum(t.reshape(-1)).reshape(1)
+    return t.sum(dim=(0, 2))
+
+
+def channel_mean(t: Tensor) -> Tensor:
+    return channel_sum(t) / (t.shape[0] * t.shape[2])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -56,11 +70,11 @@ def batch_stats_ref(x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     rounding error of the stored mean; removing it keeps the deviations accurate to the spread of the
     channel rather than to ulp(mean). Variance biased: ``mean(d²)``."""
     xf = x.to(compute_dtype(x.dtype))
-    rough = xf.mean(dim=(0, 2))
+    rough = channel_mean(xf)
     d = xf - _bcast(rough)
-    correction = d.mean(dim=(0, 2))
+    correction = channel_mean(d)
     d = d - _bcast(correction)
-    return d, rough + correction, d.square().mean(dim=(0, 2))
+    return d, rough + correction, channel_mean(d.square())
 
 
 def deviations(x: Tensor, mean: Tensor, correction: Optional[Tensor] | str = None) -> Tensor:
@@ -70,7 +84,7 @@ def deviations(x: Tensor, mean: Tensor, correction: Optional[Tensor] | str = Non
     c = compute_dtype(x.dtype)
     d = x.to(c) - _bcast(mean.to(c))
     if isinstance(correction, str):
-        return d - d.mean(dim=(0, 2), keepdim=True)
+        return d - _bcast(channel_mean(d))
     return d if correction is None else d - _bcast(correction)
 
 
@@ -107,7 +121,7 @@ def batch_norm_bwd_ref(
     rstd = torch.rsqrt(var.to(c) + eps)
     xhat = d * _bcast(rstd)
     gx = zero_where_no_grad(g, g * xhat)
-    sum_g, sum_gx = g.sum(dim=(0, 2)), gx.sum(dim=(0, 2))
+    sum_g, sum_gx = channel_sum(g), channel_sum(gx)
     dw = None if weight is None else sum_gx.to(weight.dtype)
     db = None if bias is None else sum_g.to(bias.dtype)
     scale = rstd if weight is None else rstd * weight.to(c)
@@ -265,7 +279,7 @@ def _check(input, running_mean, running_var, weight, bias, training, momentum, e
         check_param(p, name, (features,), input)
     if not training and (running_mean is None or running_var is None):
         raise ValueError("expected running_mean and running_var tensors when training=False (eval uses running statistics)")
-    if momentum is not None and not (0.0 <= float(momentum) <= 1.0):
+    if momentum is not None and not (0.0 <= as_float(momentum, "momentum", "None or a number in [0, 1]") <= 1.0):
         raise ValueError(f"momentum must be in [0, 1] or None (cumulative average), got {momentum}")
     if momentum is None and training and running_mean is not None and num_batches_tracked is None:
         raise ValueError("momentum=None (cumulative moving average) expects a num_batches_tracked tensor")

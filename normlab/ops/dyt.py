@@ -17,7 +17,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from normlab.ops._common import FLOAT_DTYPES, HALF_DTYPES, check_input, check_param, compute_dtype, zero_where_no_grad
+from normlab.ops._common import FLOAT_DTYPES, HALF_DTYPES, check_input, check_param, compute_dtype, row_sum, rows, zero_where_no_grad
 
 
 # ----------------------------------------------------------------------------------------------
@@ -44,7 +44,8 @@ def dyt_bwd_ref(
     g = dyf if weight is None else dyf * weight.to(c)
     dt = g * (1 - t * t)
     dx = (dt * a).to(x.dtype)
-    dalpha = zero_where_no_grad(dyf, dt * xf).sum().reshape(alpha.shape).to(alpha.dtype)
+    # a sum over every element: row_sum keeps it bitwise the same with 1 or 2 threads
+    dalpha = row_sum(zero_where_no_grad(dyf, dt * xf).reshape(-1)).reshape(alpha.shape).to(alpha.dtype)
     dw = None if weight is None else zero_where_no_grad(dyf, dyf * t).sum(dim=0).to(weight.dtype)
     db = None if bias is None else dyf.sum(dim=0).to(bias.dtype)
     return dx, dalpha, dw, db
@@ -53,7 +54,7 @@ def dyt_bwd_ref(
 def _rows(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor]):
     p = weight if weight is not None else bias
     n = 1 if p is None else p.numel()
-    return x.reshape(-1, n), None if weight is None else weight.reshape(n), None if bias is None else bias.reshape(n)
+    return rows(x, n), None if weight is None else weight.reshape(n), None if bias is None else bias.reshape(n)
 
 
 def dyt_reference(input: Tensor, alpha: Tensor, weight: Optional[Tensor] = None, bias: Optional[Tensor] = None) -> Tensor:

@@ -14,12 +14,13 @@ formula, and the functional API.
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Optional
 
 import torch
 from torch import Tensor
 
-from normlab.ops._common import check_eps, check_input, check_param, compute_dtype, zero_where_no_grad
+from normlab.ops._common import check_eps, check_input, check_param, compute_dtype, row_mean, row_sum, zero_where_no_grad
 
 
 # ----------------------------------------------------------------------------------------------
@@ -30,25 +31,34 @@ def _groups(t: Tensor, num_groups: int) -> Tensor:
     return t.reshape(t.shape[0], num_groups, -1, t.shape[2])
 
 
+def _group_mean(t: Tensor) -> Tensor:
+    """Mean of ``(N, G, C/G, S)`` over each (sample, group), as ``(N, G, 1, 1)``; batch invariant."""
+    return row_mean(t.reshape(t.shape[0], t.shape[1], -1)).reshape(t.shape[0], t.shape[1], 1, 1)
+
+
+def _group_sum(t: Tensor) -> Tensor:
+    return row_sum(t.reshape(t.shape[0], t.shape[1], -1)).reshape(t.shape[0], t.shape[1], 1, 1)
+
+
 def group_deviations(x: Tensor, num_groups: int, mean: Optional[Tensor] = None) -> Tensor:
     """``x - mean`` per (sample, group) as ``(N, G, C/G, S)`` in the compute dtype, corrected for the
     rounding of ``mean`` (corrected two-pass: ``d - mean(d)``, ``d = x - mean`` exact near the mean).
     ``mean`` (shape ``(N·G,)``) defaults to the group means of ``x``."""
     xg = _groups(x.to(compute_dtype(x.dtype)), num_groups)
-    rough = xg.mean(dim=(2, 3), keepdim=True) if mean is None else mean.reshape(x.shape[0], num_groups, 1, 1)
+    rough = _group_mean(xg) if mean is None else mean.reshape(x.shape[0], num_groups, 1, 1)
     d = xg - rough
-    return d - d.mean(dim=(2, 3), keepdim=True)
+    return d - _group_mean(d)
 
 
 def group_stats_ref(x: Tensor, num_groups: int, eps: float) -> tuple[Tensor, Tensor, Tensor]:
     """Deviations ``(N, G, C/G, S)`` and per (sample, group) ``mean`` and ``rstd = 1/sqrt(var + eps)``,
     shape ``(N·G,)``, in the compute dtype; variance biased, ``mean(d²)``."""
     xg = _groups(x.to(compute_dtype(x.dtype)), num_groups)
-    rough = xg.mean(dim=(2, 3), keepdim=True)
+    rough = _group_mean(xg)
     d = xg - rough
-    correction = d.mean(dim=(2, 3), keepdim=True)
+    correction = _group_mean(d)
     d = d - correction
-    return d, (rough + correction).reshape(-1), torch.rsqrt(d.square().mean(dim=(2, 3)).reshape(-1) + eps)
+    return d, (rough + correction).reshape(-1), torch.rsqrt(_group_mean(d.square()).reshape(-1) + eps)
 
 
 def _per_group(v: Tensor, d: Tensor) -> Tensor:
@@ -86,7 +96,7 @@ def group_norm_bwd_ref(
     xhat = d * r
     g = _groups(dyf if weight is None else dyf * weight.to(c)[None, :, None], num_groups)
     m = xhat[0, 0].numel()
-    dx = r * (g - g.sum(dim=(2, 3), keepdim=True) / m - xhat * (g * xhat).sum(dim=(2, 3), keepdim=True) / m)
+    dx = r * (g - _group_sum(g) / m - xhat * _group_sum(g * xhat) / m)
     dw = None if weight is None else zero_where_no_grad(dyf, dyf * xhat.reshape(x.shape)).sum(dim=(0, 2)).to(weight.dtype)
     db = None if bias is None else dyf.sum(dim=(0, 2)).to(bias.dtype)
     return dx.reshape(x.shape).to(x.dtype), dw, db
@@ -102,7 +112,8 @@ def group_norm_reference(
 
 
 def _ncs(x: Tensor) -> Tensor:
-    return x.reshape(x.shape[0], x.shape[1], math.prod(x.shape[2:]))
+    """``(N, C, *)`` as contiguous ``(N, C, S)``: results independent of the memory layout (channels-last…)."""
+    return x.reshape(x.shape[0], x.shape[1], math.prod(x.shape[2:])).contiguous()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -146,13 +157,20 @@ def _check(input, num_groups, weight, bias, eps):
     check_input(input)
     if input.dim() < 2:
         raise ValueError(f"expected input of shape (N, C, *) with at least 2 dims, got shape {list(input.shape)}")
-    if isinstance(num_groups, bool) or not isinstance(num_groups, int) or num_groups < 1:
+    if isinstance(num_groups, bool) or not isinstance(num_groups, numbers.Integral) or num_groups < 1:
         raise ValueError(f"num_groups must be a positive int, got {num_groups!r}")
     channels = input.shape[1]
     if channels % num_groups != 0:
         raise ValueError(
             f"expected the number of channels (input.shape[1] = {channels}) to be divisible by num_groups, "
             f"got num_groups={num_groups}"
+        )
+    # torch's check (F.group_norm → _verify_batch_size): one value per channel-group row in the whole input
+    size = [input.shape[0] * channels // num_groups, int(num_groups), *input.shape[2:]]
+    if size[0] * math.prod(size[2:]) == 1:
+        raise ValueError(
+            f"Expected more than 1 value per channel when training, got input size {size} "
+            f"(as torch.nn.functional.group_norm: N·C/num_groups·prod(input.shape[2:]) must be > 1)"
         )
     check_param(weight, "weight", (channels,), input)
     check_param(bias, "bias", (channels,), input)
@@ -167,5 +185,5 @@ def group_norm(
     eps = _check(input, num_groups, weight, bias, eps)
     if input.numel() == 0:
         return input.clone()  # empty: nothing to normalize
-    y, _, _ = _group_norm_op(_ncs(input), num_groups, weight, bias, eps)
+    y, _, _ = _group_norm_op(_ncs(input), int(num_groups), weight, bias, eps)
     return y.reshape(input.shape)

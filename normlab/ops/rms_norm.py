@@ -27,6 +27,7 @@ from torch import Tensor
 
 from normlab import dispatch
 from normlab.ops._common import (
+    as_float,
     check_choice,
     check_eps,
     check_input,
@@ -35,6 +36,8 @@ from normlab.ops._common import (
     compute_dtype,
     flat_param,
     normalized_size,
+    row_mean,
+    row_sum,
     rows,
     write_out,
     zero_where_no_grad,
@@ -52,7 +55,7 @@ def partial_size(n: int, partial: float | None) -> int:
     """Number of leading elements the RMS is estimated from: ``ceil(n · partial)``."""
     if partial is None:
         return n
-    p = float(partial)
+    p = as_float(partial, "partial", "None or a number in (0, 1]")
     if not (0.0 < p <= 1.0):
         raise ValueError(f"partial must be in (0, 1], got {partial}")
     return max(1, math.ceil(n * p)) if n > 0 else 0
@@ -63,7 +66,7 @@ def partial_size(n: int, partial: float | None) -> int:
 # ----------------------------------------------------------------------------------------------
 def _rstd_ref(x: Tensor, eps: float, k: int) -> Tensor:
     xs = x[:, :k].to(compute_dtype(x.dtype))
-    return torch.rsqrt(xs.pow(2).mean(dim=1) + eps)
+    return torch.rsqrt(row_mean(xs.pow(2)) + eps)
 
 
 def rms_norm_fwd_ref(x: Tensor, weight: Optional[Tensor], eps: float, casting: str, offset: float, k: int) -> tuple[Tensor, Tensor]:
@@ -100,7 +103,7 @@ def rms_norm_bwd_ref(
     r = rstd.to(c)[:, None]
     xhat = xf * r
     g = dyf if weight is None else dyf * (weight.to(c) + offset)
-    proj = (g * xhat).sum(dim=1, keepdim=True) / k
+    proj = row_sum(g * xhat, keepdim=True) / k
     dx = r * g
     if k == x.shape[1]:
         dx = dx - r * xhat * proj
@@ -229,11 +232,13 @@ _add_rms_norm_op.register_autograd(_add_rms_backward, setup_context=_add_rms_set
 # ----------------------------------------------------------------------------------------------
 # Functional API
 # ----------------------------------------------------------------------------------------------
-def _check(x, normalized_shape, weight, eps, casting, partial):
+def _check(x, normalized_shape, weight, eps, casting, partial, offset):
     check_input(x)
     shape, n = normalized_size(x, normalized_shape)
     check_param(weight, "weight", shape, x)
     check_choice(casting, "casting mode", CASTING_MODES)
+    if not (-math.inf < as_float(offset, "offset", "a finite number") < math.inf):
+        raise ValueError(f"offset must be a finite number, got {offset}")
     return n, resolve_eps(eps, x.dtype), partial_size(n, partial)
 
 
@@ -247,7 +252,7 @@ def rms_norm(
     Mirrors ``torch.nn.functional.rms_norm``; ``casting``, ``offset`` and ``partial`` are described in
     the module docstring. ``out=`` writes into a preallocated tensor (inference only, like torch).
     """
-    n, eps, k = _check(input, normalized_shape, weight, eps, casting, partial)
+    n, eps, k = _check(input, normalized_shape, weight, eps, casting, partial, offset)
     x, w = rows(input, n), flat_param(weight, n)
     name = dispatch.select("rms_norm", x, backend, weight=w, casting=casting, offset=offset, k=k) if x.numel() else dispatch.REFERENCE
     if name != dispatch.REFERENCE:
@@ -265,7 +270,7 @@ def add_rms_norm(
 ) -> tuple[Tensor, Tensor]:
     """Fused residual add + RMSNorm: ``s = input + residual`` (stored in ``residual_dtype``, default the
     input dtype), returns ``(rms_norm(s), s)`` — one read of each input, one write of each output."""
-    n, eps, k = _check(input, normalized_shape, weight, eps, casting, partial)
+    n, eps, k = _check(input, normalized_shape, weight, eps, casting, partial, offset)
     check_same(input, residual, "input", "residual")
     residual_dtype = residual_dtype or input.dtype
     if residual_dtype not in (torch.float32, torch.float64, torch.bfloat16, torch.float16):

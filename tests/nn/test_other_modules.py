@@ -167,6 +167,9 @@ def test_groupnorm_matches_torch():
     assert torch.equal(ours.weight, torch.ones(6)) and torch.equal(ours.bias, torch.zeros(6))
     with pytest.raises(ValueError, match=r"num_channels \(6\) must be divisible by num_groups \(4\)"):
         GroupNorm(4, 6)
+    for m in (GroupNorm(2, 6), GroupNorm(2, 6, affine=False)):  # a wrong channel count is caught, weights or not
+        with pytest.raises(ValueError, match=r"expected input of shape \(N, 6, \*\) \(6 = num_channels at dim 1\), got shape \[2, 4, 3\]"):
+            m(torch.randn(2, 4, 3))
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

@@ -336,3 +336,43 @@ def test_property_shapes_values_strides(n, c, length, scale, mean, dtype, layout
     y = normlab.batch_norm(x, None, None, w, b, training=True, layout=layout)
     ref64 = batch_norm_reference(x_ncl.double(), None, None, w.double(), b.double(), True)
     assert_tolerance_rule(from_layout(y, layout), F.batch_norm(x_ncl, None, None, w, b, True), ref64, "property")
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_opcheck(training):
+    """torch.library's own check of the custom op: schema, fake impl vs real outputs, autograd registration."""
+    x = rand(4, 3, 5).requires_grad_()
+    w, b = rand(3, seed=1).requires_grad_(), rand(3, seed=2).requires_grad_()
+    rm, rv = running(3, torch.float32)
+    stats = (None, None) if training else (rm, rv)
+    torch.library.opcheck(torch.ops.normlab.batch_norm, (x, w, b, *stats, training, 1e-5))
+    xh = rand(6, 3, 1, dtype=torch.bfloat16).requires_grad_()  # bf16 input, fp32 master weights
+    torch.library.opcheck(torch.ops.normlab.batch_norm, (xh, w, None, *stats, training, 1e-5))
+
+
+def test_functional_torch_compile_fullgraph():
+    """The functional op traces without a graph break, running-statistics update included."""
+    torch._dynamo.reset()
+    x = rand(4, 3, 5, mean=1.0).requires_grad_()
+    w, b = rand(3, seed=1).requires_grad_(), rand(3, seed=2).requires_grad_()
+
+    def f(x, w, b, rm, rv, nbt):
+        y = normlab.batch_norm(x, rm, rv, w, b, True, None, 1e-5, num_batches_tracked=nbt)
+        z = normlab.batch_norm(y.transpose(1, 2), rm, rv, None, None, False, layout="NLC")
+        return z.square().mean()
+
+    state_e, state_c = [(torch.zeros(3), torch.ones(3), torch.tensor(0)) for _ in range(2)]
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    for _ in range(2):
+        le, lc = f(x, w, b, *state_e), compiled(x, w, b, *state_c)
+        torch.testing.assert_close(lc, le)
+        for a, e in zip(torch.autograd.grad(lc, (x, w, b)), torch.autograd.grad(le, (x, w, b))):
+            torch.testing.assert_close(a, e)
+    for a, e in zip(state_c, state_e):
+        torch.testing.assert_close(a, e)
+    assert state_c[2].item() == 2
+
+
+def test_non_numeric_momentum_names_the_expected_value():
+    with pytest.raises(TypeError, match=r"momentum must be None or a number in \[0, 1\], got 'fast'"):
+        normlab.batch_norm(torch.randn(4, 3), torch.zeros(3), torch.ones(3), training=True, momentum="fast")

@@ -100,6 +100,7 @@ def test_zero_size():
     assert y.shape == (0, 6)
     y.sum().backward()
     assert normlab.dyt(torch.randn(2, 0), torch.tensor(0.5)).shape == (2, 0)
+    assert normlab.dyt(torch.randn(2, 0), torch.tensor(0.5), torch.ones(0), torch.zeros(0)).shape == (2, 0)
 
 
 def test_bad_input_messages():
@@ -120,3 +121,26 @@ def test_bad_input_messages():
         normlab.dyt(torch.ones(2, 6, dtype=torch.int64), torch.tensor([0.5]))
     with pytest.raises(TypeError, match="floating dtype"):
         normlab.dyt(torch.ones(2, 6, dtype=torch.complex64), torch.tensor([0.5]))
+
+
+def test_opcheck():
+    """torch.library's own check of the custom op: schema, fake impl vs real outputs, autograd registration."""
+    x, alpha = rand(3, 8).requires_grad_(), torch.tensor([0.5], requires_grad=True)
+    w, b = rand(8, seed=1).requires_grad_(), rand(8, seed=2).requires_grad_()
+    torch.library.opcheck(torch.ops.normlab.dyt, (x, alpha, w, b))
+    xh = rand(3, 8, dtype=torch.bfloat16).requires_grad_()  # bf16 input, fp32 alpha and master weights
+    torch.library.opcheck(torch.ops.normlab.dyt, (xh, alpha, None, b))
+
+
+def test_functional_torch_compile_fullgraph():
+    torch._dynamo.reset()
+    x, alpha = rand(2, 3, 8).requires_grad_(), torch.tensor([0.5], requires_grad=True)
+    w, b = rand(8, seed=1).requires_grad_(), rand(8, seed=2).requires_grad_()
+
+    def f(x, alpha, w, b):
+        return normlab.dyt(normlab.dyt(x, alpha, w, b), alpha).square().mean()
+
+    le, lc = f(x, alpha, w, b), torch.compile(f, fullgraph=True, backend="aot_eager")(x, alpha, w, b)
+    torch.testing.assert_close(lc, le)
+    for a, e in zip(torch.autograd.grad(lc, (x, alpha, w, b)), torch.autograd.grad(le, (x, alpha, w, b))):
+        torch.testing.assert_close(a, e)

@@ -110,11 +110,15 @@ def test_nan_in_one_sample_leaves_others_exact():
     assert torch.equal(w.grad, w_ok.grad) and torch.equal(b.grad, b_ok.grad), "a NaN sample leaked into the parameter gradients"
 
 
-def test_single_value_groups():
-    """A group of one value has deviation 0: y = bias. (torch raises "Expected more than 1 value per
-    channel" when N·C/G·prod(*) == 1 — a BatchNorm check; GroupNorm's statistics are per sample.)"""
+def test_single_value_groups_like_torch():
+    """torch raises "Expected more than 1 value per channel" when N·C/G·prod(*) == 1 (one sample, one
+    value per group); normlab raises the same. With more samples a one-value group has deviation 0: y = bias."""
     b = rand(4, seed=2)
-    assert torch.equal(normlab.group_norm(rand(1, 4, 1), 4, None, b), b.reshape(1, 4, 1))
+    for shape, groups in [((1, 4, 1), 4), ((1, 4), 4), ((1, 2, 1, 1), 2)]:
+        with pytest.raises(ValueError, match=r"Expected more than 1 value per channel when training, got input size \[1, "):
+            F.group_norm(rand(*shape), groups)
+        with pytest.raises(ValueError, match=r"Expected more than 1 value per channel when training, got input size \[1, "):
+            normlab.group_norm(rand(*shape), groups)
     assert torch.equal(normlab.group_norm(rand(3, 2), 2), torch.zeros(3, 2))
     x = rand(2, 4, 1, mean=3.0)
     assert torch.equal(normlab.group_norm(x, 4, None, b), b.reshape(1, 4, 1).expand(2, 4, 1))
@@ -149,6 +153,9 @@ def test_bad_input_messages():
             normlab.group_norm(x, 3, eps=eps)
     with pytest.raises(ValueError, match=r"expected input of shape \(N, C, \*\)"):
         normlab.group_norm(torch.randn(6), 3)
+    import numpy as np
+
+    assert torch.equal(normlab.group_norm(x, np.int64(3)), normlab.group_norm(x, 3))  # numpy ints, as torch accepts
 
 
 @settings(max_examples=25, deadline=None)
@@ -163,7 +170,7 @@ def test_bad_input_messages():
     strided=st.booleans(),
 )
 def test_property_shapes_values_strides(n, groups, per_group, length, scale, mean, dtype, strided):
-    assume(n * per_group * length > 1)  # torch raises there: test_single_value_groups
+    assume(n * per_group * length > 1)  # torch raises there: test_single_value_groups_like_torch
     c = groups * per_group
     base = rand(n, c, 2 * length if strided else length, scale=scale, mean=mean, dtype=torch.float64)
     x = (base[:, :, ::2] if strided else base).to(dtype)
@@ -172,3 +179,26 @@ def test_property_shapes_values_strides(n, groups, per_group, length, scale, mea
     w, b = rand(c, dtype=dtype, seed=1), rand(c, dtype=dtype, seed=2)
     ref64 = group_norm_reference(x.double(), groups, w.double(), b.double())
     assert_tolerance_rule(normlab.group_norm(x, groups, w, b), F.group_norm(x, groups, w, b), ref64, "property")
+
+
+def test_opcheck():
+    """torch.library's own check of the custom op: schema, fake impl vs real outputs, autograd registration."""
+    x = rand(2, 6, 5).requires_grad_()
+    w, b = rand(6, seed=1).requires_grad_(), rand(6, seed=2).requires_grad_()
+    torch.library.opcheck(torch.ops.normlab.group_norm, (x, 3, w, b, 1e-5))
+    xh = rand(2, 6, 5, dtype=torch.float16).requires_grad_()  # fp16 input, fp32 master weights
+    torch.library.opcheck(torch.ops.normlab.group_norm, (xh, 2, w, None, 1e-5))
+
+
+def test_functional_torch_compile_fullgraph():
+    torch._dynamo.reset()
+    x = rand(2, 6, 5, mean=1.0).requires_grad_()
+    w, b = rand(6, seed=1).requires_grad_(), rand(6, seed=2).requires_grad_()
+
+    def f(x, w, b):
+        return normlab.group_norm(normlab.group_norm(x, 3, w, b), 1).square().mean()
+
+    le, lc = f(x, w, b), torch.compile(f, fullgraph=True, backend="aot_eager")(x, w, b)
+    torch.testing.assert_close(lc, le)
+    for a, e in zip(torch.autograd.grad(lc, (x, w, b)), torch.autograd.grad(le, (x, w, b))):
+        torch.testing.assert_close(a, e)

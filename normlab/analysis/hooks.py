@@ -1,0 +1,149 @@
+"""Forward/backward hooks on normalization modules: activation statistics and time spent inside them."""
+
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+
+from normlab.analysis.geometry import cos_uniform
+
+_NORM_CLASS_HINTS = ("norm", "dyt")
+
+
+def find_norm_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """``model.norm_layers()`` when the model has it (normlab models), else every module whose class name
+    contains "Norm" (torch, Hugging Face) or is DyT — leaves only, in registration order."""
+    if hasattr(model, "norm_layers"):
+        return [(n, m) for n, m in model.norm_layers() if not isinstance(m, nn.Identity)]
+    out = []
+    for name, m in model.named_modules():
+        cls = type(m).__name__.lower()
+        if any(h in cls for h in _NORM_CLASS_HINTS) and not any(True for _ in m.children()):
+            out.append((name, m))
+    return out
+
+
+def _first_tensor(obj) -> torch.Tensor | None:
+    if isinstance(obj, torch.Tensor):
+        return obj
+    if isinstance(obj, (tuple, list)):
+        for o in obj:
+            t = _first_tensor(o)
+            if t is not None:
+                return t
+    return None
+
+
+def tensor_stats(x: torch.Tensor) -> dict[str, float]:
+    """Statistics of a batch of vectors (last dim = features): mean, std, rms, max|x|, mean cos(x, 1)
+    and mean |cos(x, 1)|."""
+    x = x.detach().reshape(-1, x.shape[-1]).double()
+    c = cos_uniform(x)
+    return {
+        "mean": x.mean().item(),
+        "std": x.std(unbiased=False).item(),
+        "rms": x.pow(2).mean().sqrt().item(),
+        "max_abs": x.abs().max().item(),
+        "cos": c.mean().item(),
+        "abs_cos": c.abs().mean().item(),
+    }
+
+
+class ActivationStats:
+    """Records :func:`tensor_stats` of the input and output of every norm layer on each forward.
+
+    ``with ActivationStats(model) as rec: model(x)`` then ``rec.summary()`` → ``{layer: {"in": …,
+    "out": …}}`` (averaged over the calls); ``rec.inputs[layer]`` keeps the raw inputs when
+    ``keep_inputs=True``. ``rec.order`` is the order in which the layers ran.
+    """
+
+    def __init__(self, model: nn.Module, layers: Iterable[tuple[str, nn.Module]] | None = None, *, keep_inputs: bool = False):
+        self.layers = list(layers) if layers is not None else find_norm_layers(model)
+        self.keep_inputs = keep_inputs
+        self.records: dict[str, list[dict]] = defaultdict(list)
+        self.inputs: dict[str, list[torch.Tensor]] = defaultdict(list)
+        self.order: list[str] = []
+        self._handles = []
+
+    def __enter__(self) -> ActivationStats:
+        for name, m in self.layers:
+            self._handles.append(m.register_forward_hook(self._hook(name)))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+
+    def _hook(self, name: str):
+        def hook(module, inputs, output):
+            x, y = _first_tensor(inputs), _first_tensor(output)
+            if x is None or y is None:
+                return
+            if name not in self.order:
+                self.order.append(name)
+            self.records[name].append({"in": tensor_stats(x), "out": tensor_stats(y)})
+            if self.keep_inputs:
+                self.inputs[name].append(x.detach().clone())
+
+        return hook
+
+    def summary(self) -> dict[str, dict[str, dict[str, float]]]:
+        out = {}
+        for name in self.order:
+            recs = self.records[name]
+            out[name] = {
+                side: {k: sum(r[side][k] for r in recs) / len(recs) for k in recs[0][side]} for side in ("in", "out")
+            }
+        return out
+
+
+class NormTimer:
+    """Wall time spent inside norm modules (forward and backward) via module hooks.
+
+    Forward: from the pre-hook to the hook of each norm module. Backward: from the backward pre-hook
+    (gradient w.r.t. the output ready) to the backward hook (gradient w.r.t. the input done). The caller
+    times the whole step; ``rest = step_time − norm_time``.
+    """
+
+    def __init__(self, model: nn.Module, layers: Iterable[tuple[str, nn.Module]] | None = None, *, backward: bool = True):
+        self.layers = list(layers) if layers is not None else find_norm_layers(model)
+        self.backward = backward
+        self.forward_s = 0.0
+        self.backward_s = 0.0
+        self._t0: dict[int, float] = {}
+        self._handles = []
+
+    @property
+    def total_s(self) -> float:
+        return self.forward_s + self.backward_s
+
+    def reset(self) -> None:
+        self.forward_s = self.backward_s = 0.0
+
+    def __enter__(self) -> NormTimer:
+        for _, m in self.layers:
+            key = id(m)
+            self._handles.append(m.register_forward_pre_hook(lambda mod, inp, k=key: self._start(("f", k))))
+            self._handles.append(m.register_forward_hook(lambda mod, inp, out, k=key: self._stop(("f", k), "forward_s")))
+            if self.backward:
+                self._handles.append(m.register_full_backward_pre_hook(lambda mod, go, k=key: self._start(("b", k))))
+                self._handles.append(m.register_full_backward_hook(lambda mod, gi, go, k=key: self._stop(("b", k), "backward_s")))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+
+    def _start(self, key) -> None:
+        self._t0[key] = time.perf_counter()
+
+    def _stop(self, key, field: str) -> None:
+        t0 = self._t0.pop(key, None)
+        if t0 is not None:
+            setattr(self, field, getattr(self, field) + time.perf_counter() - t0)

@@ -1,0 +1,157 @@
+"""The study: train a grid of norm variants on a character-level corpus and report on six published claims.
+
+``normlab.study.run_study(steps=200, variants=["layernorm-pre", "rmsnorm-pre"])`` or ``normlab study``.
+Re-running the same command resumes where it stopped; finished runs are not retrained.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from normlab.study.config import DEFAULT_VARIANTS, EXPERIMENTS, StudyConfig, StudyConfigError, check_or_write_config
+from normlab.study.data import load_corpus
+from normlab.study.distributed import DistInfo, barrier, on_main_then_share, setup, teardown
+from normlab.study.report import Experiment, environment, text_table, write_report
+from normlab.study.train import RunResult, train_run
+
+__all__ = ["run_study", "StudyConfig", "StudyResult", "StudyConfigError", "DEFAULT_VARIANTS", "EXPERIMENTS"]
+
+
+@dataclass
+class StudyResult:
+    out_dir: Path
+    report: Path | None
+    runs: dict[str, RunResult] = field(default_factory=dict)
+    experiments: list[Experiment] = field(default_factory=list)
+
+    def summary(self) -> str:
+        """The table printed at the end: one line per variant, then one per experiment."""
+        parts = []
+        if self.runs:
+            parts.append(text_table(
+                ["variant", "final val loss", "final train loss", "tokens/s", "norm ms/step", "wall s"],
+                [[n, r.final["final_val_loss"], r.final["final_train_loss"], r.final["tokens_per_s"], r.final["norm_ms"], r.final["wall_s"]]
+                 for n, r in self.runs.items()]))
+        if self.experiments:
+            parts.append(text_table(["#", "experiment", "verdict", "measured"],
+                                    [[e.number, e.title, e.verdict, e.measured] for e in self.experiments]))
+        return "\n\n".join(parts)
+
+
+def _load_average() -> float | None:
+    try:
+        return os.getloadavg()[0]
+    except (AttributeError, OSError):
+        return None
+
+
+def default_name(cfg: StudyConfig) -> str:
+    """``default`` for the default study, else ``study-<hash of the config>``."""
+    d = cfg.to_dict()
+    if d == StudyConfig().to_dict():
+        return "default"
+    return "study-" + hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:8]
+
+
+def run_study(
+    config: StudyConfig | None = None,
+    *,
+    out: str | Path = "runs",
+    name: str | None = None,
+    progress: bool = True,
+    device: str | None = None,
+    info: DistInfo | None = None,
+    log=print,
+    **overrides,
+) -> StudyResult:
+    """Run (or resume) the study in ``out/name`` and write ``report.md`` with its plots there.
+
+    ``config`` or keyword ``overrides`` of :class:`StudyConfig` (``steps``, ``variants``, ``n_layer``…).
+    Inside ``torchrun`` the training is data parallel; only rank 0 writes.
+    """
+    from normlab.study import experiments as ex
+
+    cfg = config if config is not None else StudyConfig(**overrides)
+    if config is not None and overrides:
+        raise TypeError("give either a StudyConfig or keyword overrides, not both")
+    own_dist = info is None
+    info = info or setup(device)
+    try:
+        return _run(cfg, Path(out), name or default_name(cfg), progress, info, log, ex)
+    finally:
+        if own_dist:
+            teardown(info)
+
+
+def _run(cfg: StudyConfig, out: Path, name: str, progress: bool, info: DistInfo, log, ex) -> StudyResult:
+    if info.is_main is False:
+        log = lambda *a, **k: None  # noqa: E731
+    # everything that can be wrong is checked before any work
+    corpus = load_corpus(cfg.data)
+    corpus.check_block_size(cfg.block_size)
+    if cfg.batch_size % info.world:
+        raise StudyConfigError(f"batch size {cfg.batch_size} must be divisible by the number of processes {info.world}")
+    run_configs = {v: ex.run_config(cfg, corpus, v) for v in cfg.variants}  # validates every variant's model
+    for rc in run_configs.values():
+        rc.check_valid()
+    out_dir = out / name
+    on_main_then_share(lambda: check_or_write_config(out_dir, {**cfg.to_dict(), "data_digest": corpus.digest}, what="study"), info)
+    log(f"normlab study → {out_dir}  ({len(cfg.variants)} variants × {cfg.steps} steps, corpus {corpus.source}: "
+        f"{len(corpus.text):,} chars, vocab {corpus.vocab_size}; {info.world} process(es), {torch.get_num_threads()} threads)")
+    load = _load_average()
+    if load is not None and load > (os.cpu_count() or 1):
+        log(f"note: the machine is busy (load average {load:.1f} on {os.cpu_count()} cores): timings are noisy and the "
+            f"study takes longer than on an idle machine (running on {torch.get_num_threads()} thread(s))")
+    t0 = time.perf_counter()
+    result = StudyResult(out_dir, None)
+    if {1, 4, 6} & set(cfg.experiments):
+        for v, rc in run_configs.items():
+            result.runs[v] = train_run(v, out_dir / "grid" / v, rc, corpus, info, progress=progress)
+    exps = []
+    want = set(cfg.experiments)
+    if 3 in want:  # trains: every rank takes part
+        exp3 = ex.exp3_warmup(cfg, corpus, out_dir, info, progress)
+    if info.is_main:
+        if 1 in want:
+            exps.append(ex.exp1_loss_and_speed(result.runs, cfg, out_dir))
+        if 2 in want:
+            exps.append(ex.exp2_grad_at_init(cfg, corpus, out_dir, result.runs))
+        if 3 in want:
+            exps.append(exp3)
+        if 4 in want:
+            exps.append(ex.exp4_geometry(result.runs, cfg, corpus, out_dir))
+        if 5 in want:
+            exps.append(ex.exp5_invariances(cfg, out_dir))
+        if 6 in want:
+            exps.append(ex.exp6_conversion(result.runs, cfg, corpus, out_dir))
+        result.experiments = exps
+        env = environment()
+        setup_lines = [
+            f"Model: GPT, {cfg.n_layer} layers, {cfg.n_head} heads, d={cfg.d_model}, context {cfg.block_size}"
+            f"{', preset ' + cfg.preset if cfg.preset else ''}; batch {cfg.batch_size}; AdamW lr {cfg.lr:g} "
+            f"(cosine to {cfg.lr * cfg.min_lr_ratio:g}, warmup {cfg.warmup_iters} steps), weight decay {cfg.weight_decay:g}, "
+            f"grad clip {cfg.grad_clip:g}; {cfg.steps} steps per variant, seed {cfg.seed}, same data order for every variant.",
+            "",
+            f"Data: {corpus.source} — {len(corpus.text):,} characters, vocabulary {corpus.vocab_size}, 90/10 train/val split; "
+            f"validation loss over {cfg.eval_iters} fixed batches.",
+            "",
+            f"Machine: {env['cpu']}, {env['threads']} threads, {info.world} process(es) on {info.device}; "
+            f"torch {env['torch']}, normlab {env['normlab']}, Python {env['python']}. "
+            f"Study time: {time.perf_counter() - t0:.0f} s (this invocation; runs finished earlier are loaded, not retrained)"
+            + (f"; load average at the start {load:.1f}." if load is not None else "."),
+        ]
+        result.report = write_report(out_dir, "normlab study — normalization in Transformers, measured", setup_lines, exps)
+        summary = {"runs": {n: r.final for n, r in result.runs.items()},
+                   "experiments": [{"number": e.number, "title": e.title, "verdict": e.verdict, "measured": e.measured} for e in exps]}
+        (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        log("\n" + result.summary())
+        log(f"\nstudy time {time.perf_counter() - t0:.0f} s — report: {result.report}")
+    barrier(info)
+    return result

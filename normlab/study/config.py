@@ -1,0 +1,157 @@
+"""Study and run configuration; variant names ``<norm>-<placement>``."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+NORMS = ("layernorm", "rmsnorm", "batchnorm", "groupnorm", "dyt", "none")
+PLACEMENTS = ("post", "pre", "sandwich", "deepnorm", "none")
+DEFAULT_VARIANTS = ("layernorm-pre", "layernorm-post", "rmsnorm-pre", "rmsnorm-post", "dyt-pre", "none-pre")
+EXPERIMENTS = (1, 2, 3, 4, 5, 6)
+
+
+class StudyConfigError(ValueError):
+    """A run directory that belongs to another configuration, or an invalid configuration."""
+
+
+def parse_variant(name: str) -> tuple[str, str]:
+    """``"rmsnorm-pre"`` → ``("rmsnorm", "pre")``; a clear error for unknown names."""
+    norm, sep, placement = name.strip().lower().partition("-")
+    if not sep or norm not in NORMS or placement not in PLACEMENTS:
+        raise StudyConfigError(
+            f"unknown variant {name!r}: expected <norm>-<placement> with norm in {list(NORMS)} and "
+            f"placement in {list(PLACEMENTS)}, e.g. 'rmsnorm-pre,batchnorm-post'"
+        )
+    return norm, placement
+
+
+def parse_variants(spec: str | list[str] | tuple[str, ...]) -> list[str]:
+    names = [s.strip().lower() for s in (spec.split(",") if isinstance(spec, str) else spec) if s.strip()]
+    if not names:
+        raise StudyConfigError("--variants: expected at least one variant, e.g. 'layernorm-pre,rmsnorm-pre'")
+    for n in names:
+        parse_variant(n)
+    if len(set(names)) != len(names):
+        raise StudyConfigError(f"--variants: duplicate names in {names}")
+    return names
+
+
+@dataclass
+class RunConfig:
+    """Everything that determines one training run's result (its ``config.json``)."""
+
+    model: dict
+    steps: int
+    batch_size: int
+    lr: float
+    min_lr: float
+    warmup: int
+    weight_decay: float
+    grad_clip: float
+    seed: int
+    eval_interval: int
+    eval_iters: int
+    data: str
+    data_digest: str
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def check_valid(self) -> None:
+        for k in ("steps", "batch_size", "eval_interval", "eval_iters"):
+            if getattr(self, k) < 1:
+                raise StudyConfigError(f"{k} must be ≥ 1, got {getattr(self, k)}")
+        if not 0 <= self.warmup <= self.steps:
+            raise StudyConfigError(f"warmup must be in [0, steps={self.steps}], got {self.warmup}")
+        if self.lr <= 0 or self.min_lr < 0:
+            raise StudyConfigError(f"learning rates must be positive, got lr={self.lr}, min_lr={self.min_lr}")
+
+
+@dataclass
+class StudyConfig:
+    """The whole study: the grid of variants (experiment 1) and the settings of experiments 2–6."""
+
+    variants: list[str] = field(default_factory=lambda: list(DEFAULT_VARIANTS))
+    steps: int = 200
+    batch_size: int = 12
+    block_size: int = 64
+    n_layer: int = 4
+    n_head: int = 4
+    d_model: int = 128
+    preset: str | None = None
+    lr: float = 2e-3
+    min_lr_ratio: float = 0.1
+    warmup: int | None = None  # None → 10 % of steps
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0
+    seed: int = 1337
+    eval_interval: int = 40
+    eval_iters: int = 4
+    data: str | None = None
+    experiments: list[int] = field(default_factory=lambda: list(EXPERIMENTS))
+    # experiment 2: gradient norm at init, at these depths (0 → n_layer and 2·n_layer)
+    grad_depths: list[int] = field(default_factory=list)
+    grad_batches: int = 2
+    # experiment 3: warmup sensitivity at a high learning rate
+    warmup_lr: float = 1e-2
+    warmup_steps: int = 60
+    warmup_warmup: int | None = None  # None → a third of warmup_steps
+
+    def __post_init__(self) -> None:
+        self.variants = parse_variants(self.variants)
+        bad = [e for e in self.experiments if e not in EXPERIMENTS]
+        if bad or not self.experiments:
+            raise StudyConfigError(f"--experiments: expected numbers in {list(EXPERIMENTS)}, got {self.experiments}")
+        if self.d_model % self.n_head:
+            raise StudyConfigError(f"d_model={self.d_model} must be divisible by n_head={self.n_head}")
+        for k in ("steps", "batch_size", "block_size", "n_layer", "n_head", "d_model", "warmup_steps"):
+            if getattr(self, k) < 1:
+                raise StudyConfigError(f"{k} must be ≥ 1, got {getattr(self, k)}")
+        if self.preset not in (None, "gpt2", "llama"):
+            raise StudyConfigError(f"--preset: expected 'gpt2' or 'llama', got {self.preset!r}")
+        if self.warmup_warmup is None:
+            self.warmup_warmup = self.warmup_steps // 3
+        if not 0 < self.warmup_warmup <= self.warmup_steps:
+            raise StudyConfigError(f"warmup of experiment 3 must be in [1, {self.warmup_steps}], got {self.warmup_warmup}")
+        if self.warmup is not None and not 0 <= self.warmup <= self.steps:
+            raise StudyConfigError(f"--warmup must be in [0, steps={self.steps}], got {self.warmup}")
+        if not self.grad_depths:
+            self.grad_depths = [self.n_layer, 2 * self.n_layer]
+
+    @property
+    def warmup_iters(self) -> int:
+        return self.steps // 10 if self.warmup is None else self.warmup
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def check_or_write_config(run_dir: Path, config: dict, what: str = "run") -> None:
+    """Write ``run_dir/config.json``, or check that the one there is the same; a different one is an
+    error (nothing in ``run_dir`` is touched)."""
+    path = run_dir / "config.json"
+    if path.exists():
+        try:
+            old = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise StudyConfigError(f"{path} is unreadable ({e}); delete {run_dir} or choose another --name") from None
+        if old != json.loads(json.dumps(config)):
+            diff = sorted(k for k in set(old) | set(config) if old.get(k) != json.loads(json.dumps(config)).get(k))
+            detail = ", ".join(f"{k}: {old.get(k)!r} there vs {config.get(k)!r} now" for k in diff[:6])
+            raise StudyConfigError(
+                f"{run_dir} holds a {what} with another configuration ({detail}). Nothing was overwritten: "
+                f"use another --name/--out, or delete that directory to start over."
+            )
+        return
+    run_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(path, json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    import os
+
+    os.replace(tmp, path)

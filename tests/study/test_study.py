@@ -1,0 +1,174 @@
+"""``normlab study`` end to end on a tiny configuration: report and plots, resume after SIGKILL/SIGINT with
+bitwise-equal results, config mismatch, and a 2-process torchrun (gloo) run equal to 1 process."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from normlab.analysis import cos_uniform
+from normlab.study import StudyConfigError, run_study
+from normlab.study.data import load_corpus
+from normlab.study.train import read_records
+
+ROOT = Path(__file__).resolve().parents[2]
+TINY = dict(n_layer=2, n_head=2, d_model=32, block_size=16, batch_size=4, eval_interval=4, eval_iters=2)
+TINY_ARGS = ["--n-layer", "2", "--n-head", "2", "--d-model", "32", "--block-size", "16", "--batch-size", "4",
+             "--eval-interval", "4", "--eval-iters", "2", "--threads", "1", "--no-progress"]
+
+
+def cli(out: Path, *args: str, env: dict | None = None, torchrun: bool = False) -> subprocess.CompletedProcess:
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"] if torchrun else [sys.executable]
+    cmd = launcher + ["-m", "normlab", "study", "--out", str(out), "--name", "t", *TINY_ARGS, *args]
+    full_env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", **(env or {})}
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        out_text, err_text = proc.communicate(timeout=180)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)  # the launcher and its workers
+        out_text, err_text = proc.communicate()
+        pytest.fail(f"{' '.join(cmd)} timed out:\n{err_text[-3000:]}")
+    return subprocess.CompletedProcess(cmd, proc.returncode, out_text, err_text)
+
+
+def test_tiny_study_writes_report_plots_and_is_not_retrained(tmp_path, capsys):
+    torch.set_num_threads(1)
+    kw = dict(TINY, variants=["layernorm-pre", "rmsnorm-pre", "layernorm-post", "dyt-pre"], steps=8, warmup_steps=6, grad_depths=[2, 4])
+    res = run_study(out=tmp_path, name="s", progress=False, **kw)
+    out_dir = tmp_path / "s"
+    report = (out_dir / "report.md").read_text()
+    for n in range(1, 7):
+        assert f"## {n}. " in report
+    assert report.count("**Claim.**") == 6 and report.count("**Verdict: ") == 6
+    assert "- dyt-pre: the input of its last DyT (ln_f) has rms" in report  # the DyT saturation diagnosis
+    for png in ("exp1_loss_speed", "exp2_grad_init", "exp3_warmup", "exp4_geometry", "exp5_invariances", "exp6_conversion"):
+        data = (out_dir / f"{png}.png").read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000, png
+    assert [e.number for e in res.experiments] == [1, 2, 3, 4, 5, 6]
+    assert all(e.verdict in ("holds", "partly holds", "does not hold here") for e in res.experiments)
+    assert res.experiments[4].verdict == "holds"  # invariances are exact math
+    recs = read_records(out_dir / "grid" / "rmsnorm-pre" / "metrics.jsonl")
+    train = [r for r in recs if r["kind"] == "train"]
+    assert [r["step"] for r in train] == list(range(1, 9))
+    assert all(r["norm_s"] > 0 and r["tokens_per_s"] > 0 for r in train)
+    assert set(train[0]["layer_grad_norm"]) == {"0", "1"}
+    evals = [r for r in recs if r["kind"] == "eval"]
+    assert [r["step"] for r in evals] == [0, 4, 8] and "act" in evals[-1]
+    # normlab inspect on the trained run directory and on its saved model/: the first norm's input is the
+    # embedding sum, computed directly
+    from normlab.study.inspect import inspect_path
+
+    run_dir = out_dir / "grid" / "layernorm-pre"
+    text = "def f(x):\n    return x + 1  # a sample of Python help text\n" * 4
+    for path in (run_dir, run_dir / "model"):
+        rep = inspect_path(path, text)
+        assert rep.kind == "normlab" and rep.placement == "pre-norm"
+        model, corpus = res.runs["layernorm-pre"].load_model(), load_corpus()
+        x = corpus.encode(text)[: rep.tokens].view(-1, 16)
+        with torch.no_grad():
+            emb = model.transformer.wte(x) + model.transformer.wpe(torch.arange(16))
+        assert rep.rows[0]["name"] == "transformer.h.0.ln_1"
+        assert rep.rows[0]["mean_abs_cos"] == pytest.approx(cos_uniform(emb).abs().mean().item(), rel=1e-6)
+    printed = capsys.readouterr().out
+    assert "final val loss" in printed and f"report: {out_dir / 'report.md'}" in printed
+    # a second run loads the finished runs instead of retraining them
+    before = {p: p.stat().st_mtime_ns for p in (out_dir / "grid").rglob("*")}
+    res2 = run_study(out=tmp_path, name="s", progress=False, **kw)
+    assert {p: p.stat().st_mtime_ns for p in (out_dir / "grid").rglob("*")} == before
+    assert res2.runs["rmsnorm-pre"].final == res.runs["rmsnorm-pre"].final
+    # another configuration in the same directory: a clear error, nothing overwritten
+    cfg_before = (out_dir / "config.json").read_text()
+    with pytest.raises(StudyConfigError, match=r"another configuration \(steps: 8 there vs 9 now"):
+        run_study(out=tmp_path, name="s", progress=False, **{**kw, "steps": 9})
+    assert (out_dir / "config.json").read_text() == cfg_before
+    assert {p: p.stat().st_mtime_ns for p in (out_dir / "grid").rglob("*")} == before
+
+
+def test_bad_input_is_rejected_before_any_work(tmp_path):
+    with pytest.raises(StudyConfigError, match="unknown variant 'fancynorm-pre'"):
+        run_study(out=tmp_path, variants=["fancynorm-pre"])
+    with pytest.raises(FileNotFoundError, match="file not found"):
+        run_study(out=tmp_path, data=str(tmp_path / "missing.txt"))
+    (tmp_path / "bin").write_bytes(b"\x00\x01\x02" * 100)
+    with pytest.raises(ValueError, match="binary"):
+        run_study(out=tmp_path, data=str(tmp_path / "bin"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bin"]  # no run directory was created
+    # any UTF-8 text file works
+    (tmp_path / "poem.txt").write_text("Ein Männlein steht im Walde ganz still und stumm. ✓\n" * 40)
+    res = run_study(out=tmp_path, name="poem", data=str(tmp_path / "poem.txt"), variants=["rmsnorm-pre"], steps=3,
+                    experiments=[1], progress=False, **{k: v for k, v in TINY.items() if k != "eval_interval"}, eval_interval=3)
+    assert res.runs["rmsnorm-pre"].config.data.endswith("poem.txt") and (tmp_path / "poem" / "report.md").exists()
+    r = cli(tmp_path, "--variants", "layernorm-sideways")
+    assert r.returncode == 2 and "unknown variant 'layernorm-sideways'" in r.stderr
+
+
+def _final_state(out: Path, variant: str):
+    run = out / "t" / "grid" / variant
+    ckpt = torch.load(run / "checkpoint.pt", weights_only=False)
+    return read_records(run / "metrics.jsonl"), ckpt["model"], json.loads((run / "result.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    out = tmp_path_factory.mktemp("plain")
+    r = cli(out, "--variants", "rmsnorm-pre", "--steps", "12", "--experiments", "1")
+    assert r.returncode == 0, r.stderr
+    return _final_state(out, "rmsnorm-pre")
+
+
+@pytest.mark.parametrize("signal_name, stop_after, code", [("KILL", 7, -9), ("INT", 6, 130)])
+def test_interrupted_study_resumes_to_the_same_result(tmp_path, uninterrupted, signal_name, stop_after, code):
+    env = {"NORMLAB_STOP_AFTER_STEP": str(stop_after), "NORMLAB_STOP_SIGNAL": signal_name}
+    r = cli(tmp_path, "--variants", "rmsnorm-pre", "--steps", "12", "--experiments", "1", env=env)
+    assert r.returncode == code, r.stderr
+    run = tmp_path / "t" / "grid" / "rmsnorm-pre"
+    ckpt_step = torch.load(run / "checkpoint.pt", weights_only=False)["step"]
+    assert ckpt_step == (4 if signal_name == "KILL" else 6)  # SIGKILL: last periodic checkpoint; SIGINT: saved on the way out
+    assert not (run / "result.json").exists()
+    if signal_name == "INT":
+        assert "re-run the same command to resume" in r.stderr
+    r = cli(tmp_path, "--variants", "rmsnorm-pre", "--steps", "12", "--experiments", "1")
+    assert r.returncode == 0, r.stderr
+    records, state, final = _final_state(tmp_path, "rmsnorm-pre")
+    ref_records, ref_state, ref_final = uninterrupted
+    steps = [x["step"] for x in records if x["kind"] == "train"]
+    assert steps == list(range(1, 13))  # no lost, no repeated step
+    keys = ("kind", "step", "lr", "train_loss", "grad_norm", "val_loss")
+    assert [{k: x.get(k) for k in keys} for x in records] == [{k: x.get(k) for k in keys} for x in ref_records]
+    assert final["final_val_loss"] == ref_final["final_val_loss"]
+    for k in ref_state:
+        assert torch.equal(state[k], ref_state[k]), k  # bitwise: same threads, deterministic CPU kernels
+
+
+def test_torchrun_two_processes_match_one(tmp_path):
+    """2 ranks × 2 rows vs 1 process × 4 rows, same global batches. The only difference is the order of
+    fp32 sums (two half-batch means averaged by the all-reduce vs one mean, BatchNorm's statistics combined
+    across ranks): seen ≤ 1.1e-7 relative in the loss over 8 steps; the bound 1e-5 leaves 100× for other
+    machines and BLAS builds. A wrong split (ranks seeing the same rows)
+    or unaveraged gradients changes the loss by > 1e-2 after a few steps. BatchNorm normalizes over the whole
+    global batch only if its statistics are synchronized across ranks — per-rank statistics of 2 rows × 16
+    tokens would differ at once."""
+    variants = "layernorm-pre,batchnorm-post"  # BatchNorm: statistics synchronized over the 2 ranks
+    args = ("--variants", variants, "--steps", "8", "--experiments", "1", "--lr", "3e-3")
+    r2 = cli(tmp_path / "two", *args, torchrun=True)
+    assert r2.returncode == 0, r2.stderr[-3000:]
+    r1 = cli(tmp_path / "one", *args)
+    assert r1.returncode == 0, r1.stderr
+    for v in variants.split(","):
+        one = read_records(tmp_path / "one" / "t" / "grid" / v / "metrics.jsonl")
+        two = read_records(tmp_path / "two" / "t" / "grid" / v / "metrics.jsonl")
+        l1 = [x["train_loss"] for x in one if x["kind"] == "train"]
+        l2 = [x["train_loss"] for x in two if x["kind"] == "train"]
+        assert len(l1) == len(l2) == 8
+        assert l1 == pytest.approx(l2, rel=1e-5), (l1, l2)
+        assert abs(l1[-1] - l1[0]) > 1e-2  # the trajectory moved: the comparison is not vacuous
+        v1 = [x["val_loss"] for x in one if x["kind"] == "eval"]
+        v2 = [x["val_loss"] for x in two if x["kind"] == "eval"]
+        assert v1 == pytest.approx(v2, rel=1e-5)
+    assert json.loads((tmp_path / "two" / "t" / "grid" / variants.split(",")[0] / "result.json").read_text())["world"] == 2
