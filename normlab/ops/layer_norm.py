@@ -1,0 +1,270 @@
+"""LayerNorm and fused residual-add + LayerNorm.
+
+    y = (x − mean(x)) / sqrt(var(x) + eps) · w + b,   var biased: mean((x − mean(x))²)
+
+Statistics run over the trailing ``normalized_shape`` and accumulate in fp32 (fp64 for fp64 input);
+the variance is computed from deviations (corrected two-pass: ``d = x − mean``, then ``d − mean(d)``
+removes the rounding error of the stored mean), never as ``E[x²] − E[x]²``, which cancels
+catastrophically (negative variances) once the mean is large against the spread (mean 1e4 in fp32). bf16/fp16 input is computed in fp32 and cast once at the end, like ``F.layer_norm``. The
+forward saves only ``mean`` and ``rstd`` per row.
+
+This file holds the reference (the spec), the custom ops with their fake implementations and
+autograd formulas, and the functional API; fast kernels plug in through :mod:`normlab.dispatch`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from normlab import dispatch
+from normlab.ops._common import (
+    FLOAT_DTYPES,
+    check_eps,
+    check_input,
+    check_param,
+    check_same,
+    compute_dtype,
+    flat_param,
+    normalized_size,
+    rows,
+    write_out,
+    zero_where_no_grad,
+)
+
+
+# ----------------------------------------------------------------------------------------------
+# Reference (the spec): plain PyTorch on (rows, n) views
+# ----------------------------------------------------------------------------------------------
+def _deviations(x: Tensor, mean: Tensor) -> Tensor:
+    """``x − mean`` corrected for the rounding of ``mean``: ``d − mean(d)`` with ``d = x − mean``.
+
+    Near the mean ``x − mean`` is exact (Sterbenz), so ``mean(d)`` is the error of the rounded mean;
+    removing it keeps the deviations accurate to the spread of the row instead of to ulp(mean)
+    (mean 10, spread 1e-3 in fp32: 2e-8 instead of up to 5e-4 of output error)."""
+    d = x - mean[:, None]
+    return d - d.mean(dim=1, keepdim=True)
+
+
+def _stats_ref(x: Tensor, eps: float) -> tuple[Tensor, Tensor, Tensor]:
+    """Per-row ``(x − mean, mean, rstd)`` in the compute dtype: corrected two-pass, biased variance
+    ``var = mean((x − mean)²)``."""
+    xc = x.to(compute_dtype(x.dtype))
+    rough = xc.mean(dim=1)
+    d = xc - rough[:, None]
+    correction = d.mean(dim=1)
+    d = d - correction[:, None]
+    return d, rough + correction, torch.rsqrt(d.square().mean(dim=1) + eps)
+
+
+def layer_norm_fwd_ref(
+    x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Reference forward on a ``(rows, n)`` input: returns ``(y, mean, rstd)``."""
+    d, mean, rstd = _stats_ref(x, eps)
+    c = mean.dtype
+    y = d * rstd[:, None]
+    if weight is not None:
+        y = y * weight.to(c)
+    if bias is not None:
+        y = y + bias.to(c)
+    return y.to(x.dtype), mean, rstd
+
+
+def layer_norm_bwd_ref(
+    dy: Tensor, x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], mean: Tensor, rstd: Tensor,
+    eps: float, dsum: Optional[Tensor] = None,
+) -> tuple[Tensor, Optional[Tensor], Optional[Tensor]]:
+    """Reference backward on ``(rows, n)`` views, in the compute dtype.
+
+    With ``g = dy · w`` and ``x̂ = (x − mean) · rstd`` (deviations corrected as in the forward):
+    ``dx = rstd · (g − mean(g) − x̂ · mean(g · x̂))`` (+ ``dsum`` for the fused add),
+    ``dw = Σ_rows dy · x̂`` (exactly 0 where ``dy == 0``), ``db = Σ_rows dy``.
+    Under grad mode (double backward) ``mean`` and ``rstd`` are recomputed from ``x``.
+    """
+    c = compute_dtype(x.dtype)
+    if torch.is_grad_enabled():
+        d, mean, rstd = _stats_ref(x, eps)
+    else:
+        d = _deviations(x.to(c), mean.to(c))
+    dyf = dy.to(c)
+    r = rstd.to(c)[:, None]
+    xhat = d * r
+    g = dyf if weight is None else dyf * weight.to(c)
+    dx = r * (g - g.mean(dim=1, keepdim=True) - xhat * (g * xhat).mean(dim=1, keepdim=True))
+    if dsum is not None:
+        dx = dx + dsum.to(c)
+    dw = None if weight is None else zero_where_no_grad(dyf, dyf * xhat).sum(dim=0).to(weight.dtype)
+    db = None if bias is None else dyf.sum(dim=0).to(bias.dtype)
+    return dx.to(x.dtype), dw, db
+
+
+def layer_norm_reference(
+    x: Tensor, normalized_shape: int | Sequence[int], weight: Optional[Tensor] = None,
+    bias: Optional[Tensor] = None, eps: float = 1e-5,
+) -> Tensor:
+    """The spec, differentiable with plain autograd (no custom op): what every backend must match."""
+    shape, n = normalized_size(x, normalized_shape)
+    y, _, _ = layer_norm_fwd_ref(rows(x, n), flat_param(weight, n), flat_param(bias, n), float(eps))
+    return y.reshape(x.shape)
+
+
+def add_layer_norm_reference(
+    x: Tensor, residual: Tensor, normalized_shape: int | Sequence[int], weight: Optional[Tensor] = None,
+    bias: Optional[Tensor] = None, eps: float = 1e-5, *, residual_dtype: torch.dtype | None = None,
+) -> tuple[Tensor, Tensor]:
+    """The spec of the fused op: ``s = x + residual`` (added in the compute dtype, stored in
+    ``residual_dtype``), then ``(layer_norm(s)`` in the input dtype``, s)``."""
+    c = compute_dtype(x.dtype)
+    s = (x.to(c) + residual.to(c)).to(residual_dtype or x.dtype)
+    y = layer_norm_reference(s, normalized_shape, weight, bias, eps)
+    return y.to(x.dtype), s
+
+
+# ----------------------------------------------------------------------------------------------
+# Custom ops: one forward op per function, dispatched to the chosen backend
+# ----------------------------------------------------------------------------------------------
+def _fwd(backend: str, x, weight, bias, eps, out=None):
+    """Forward on ``(rows, n)``; a kernel writes ``y`` into ``out`` when one is given."""
+    if backend != dispatch.REFERENCE:
+        return dispatch.kernel(backend, "layer_norm_fwd")(x, weight, bias, eps, out=out)
+    y, mean, rstd = layer_norm_fwd_ref(x, weight, bias, eps)
+    return (y if out is None else out.copy_(y)), mean, rstd
+
+
+def _bwd(backend: str, dy, x, weight, bias, mean, rstd, eps, dsum=None):
+    if backend == dispatch.REFERENCE or torch.is_grad_enabled():
+        return layer_norm_bwd_ref(dy, x, weight, bias, mean, rstd, eps, dsum)
+    # incoming gradients may be strided (e.g. the expanded ones of a .sum()); kernels take contiguous rows
+    dsum = None if dsum is None else dsum.contiguous()
+    return dispatch.kernel(backend, "layer_norm_bwd")(dy.contiguous(), x, weight, bias, mean, rstd, dsum)
+
+
+def _stats_fake(x: Tensor, dtype: torch.dtype) -> Tensor:
+    """Per-row statistics of a ``(rows, n)`` tensor of ``dtype``: fp32 (fp64 for fp64)."""
+    return x.new_empty((x.shape[0],), dtype=compute_dtype(dtype))
+
+
+@torch.library.custom_op("normlab::layer_norm", mutates_args=())
+def _layer_norm_op(
+    x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float, backend: str
+) -> tuple[Tensor, Tensor, Tensor]:
+    y, mean, rstd = _fwd(backend, x, weight, bias, eps)
+    return y, mean, rstd
+
+
+@_layer_norm_op.register_fake
+def _(x, weight, bias, eps, backend):
+    return torch.empty_like(x), _stats_fake(x, x.dtype), _stats_fake(x, x.dtype)
+
+
+def _ln_setup(ctx, inputs, output):
+    x, weight, bias, eps, backend = inputs
+    ctx.save_for_backward(x, weight, bias, output[1], output[2])
+    ctx.options = (eps, backend)
+    ctx.mark_non_differentiable(output[1], output[2])
+
+
+def _ln_backward(ctx, dy, _dmean, _drstd):
+    x, weight, bias, mean, rstd = ctx.saved_tensors
+    eps, backend = ctx.options
+    dx, dw, db = _bwd(backend, dy, x, weight, bias, mean, rstd, eps)
+    return dx, dw, db, None, None
+
+
+_layer_norm_op.register_autograd(_ln_backward, setup_context=_ln_setup)
+
+
+@torch.library.custom_op("normlab::add_layer_norm", mutates_args=())
+def _add_layer_norm_op(
+    x: Tensor, residual: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float,
+    residual_dtype: torch.dtype, backend: str,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    if backend == dispatch.REFERENCE:
+        c = compute_dtype(x.dtype)
+        s = (x.to(c) + residual.to(c)).to(residual_dtype)
+        y, mean, rstd = layer_norm_fwd_ref(s, weight, bias, eps)
+        return y.to(x.dtype), s, mean, rstd
+    return dispatch.kernel(backend, "add_layer_norm_fwd")(x, residual, weight, bias, eps, residual_dtype)
+
+
+@_add_layer_norm_op.register_fake
+def _(x, residual, weight, bias, eps, residual_dtype, backend):
+    # the statistics are those of the stored sum s (fp64 when residual_dtype is fp64)
+    stats = _stats_fake(x, residual_dtype)
+    return torch.empty_like(x), torch.empty_like(x, dtype=residual_dtype), stats, stats.clone()
+
+
+def _add_ln_setup(ctx, inputs, output):
+    x, residual, weight, bias, eps, residual_dtype, backend = inputs
+    ctx.save_for_backward(output[1], weight, bias, output[2], output[3])
+    ctx.options = (eps, backend, x.dtype, residual.dtype)
+    ctx.mark_non_differentiable(output[2], output[3])
+
+
+def _add_ln_backward(ctx, dy, dsum, _dmean, _drstd):
+    s, weight, bias, mean, rstd = ctx.saved_tensors
+    eps, backend, x_dtype, r_dtype = ctx.options
+    # under grad mode (double backward) _bwd recomputes the norm from s with the differentiable reference
+    ds, dw, db = _bwd(backend, dy.to(s.dtype), s, weight, bias, mean, rstd, eps, dsum)
+    return ds.to(x_dtype), ds.to(r_dtype), dw, db, None, None, None
+
+
+_add_layer_norm_op.register_autograd(_add_ln_backward, setup_context=_add_ln_setup)
+
+
+# ----------------------------------------------------------------------------------------------
+# Functional API
+# ----------------------------------------------------------------------------------------------
+def _check(x, normalized_shape, weight, bias, eps):
+    check_input(x)
+    shape, n = normalized_size(x, normalized_shape)
+    check_param(weight, "weight", shape, x)
+    check_param(bias, "bias", shape, x)
+    return n, check_eps(eps)
+
+
+def layer_norm(
+    input: Tensor, normalized_shape: int | Sequence[int], weight: Optional[Tensor] = None,
+    bias: Optional[Tensor] = None, eps: float = 1e-5, *, backend: str | None = None, out: Optional[Tensor] = None,
+) -> Tensor:
+    """LayerNorm over the trailing ``normalized_shape``: ``y = (x − mean) / sqrt(var + eps) · w + b``.
+
+    Mirrors ``torch.nn.functional.layer_norm`` (biased variance). ``out=`` writes into a preallocated
+    tensor (inference only, like torch).
+    """
+    n, eps = _check(input, normalized_shape, weight, bias, eps)
+    x, w, b = rows(input, n), flat_param(weight, n), flat_param(bias, n)
+    name = dispatch.select("layer_norm", x, backend, weight=w, bias=b) if x.numel() else dispatch.REFERENCE
+    if name != dispatch.REFERENCE:
+        x = x.contiguous()
+    if out is not None:
+        return write_out(out, input, n, lambda o: _fwd(name, x, w, b, eps, out=o), weight, bias)
+    y, _, _ = _layer_norm_op(x, w, b, eps, name)
+    return y.reshape(input.shape)
+
+
+def add_layer_norm(
+    input: Tensor, residual: Tensor, normalized_shape: int | Sequence[int], weight: Optional[Tensor] = None,
+    bias: Optional[Tensor] = None, eps: float = 1e-5, *, residual_dtype: torch.dtype | None = None,
+    backend: str | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Fused residual add + LayerNorm: ``s = input + residual`` (stored in ``residual_dtype``, default the
+    input dtype), returns ``(layer_norm(s), s)`` — one read of each input, one write of each output."""
+    n, eps = _check(input, normalized_shape, weight, bias, eps)
+    check_same(input, residual, "input", "residual")
+    residual_dtype = residual_dtype or input.dtype
+    if residual_dtype not in FLOAT_DTYPES:
+        raise TypeError(f"residual_dtype must be a floating dtype, got {residual_dtype}")
+    x, r, w, b = rows(input, n), rows(residual, n), flat_param(weight, n), flat_param(bias, n)
+    name = (
+        dispatch.select("add_layer_norm", x, backend, residual=r, weight=w, bias=b, residual_dtype=residual_dtype)
+        if x.numel() else dispatch.REFERENCE
+    )
+    if name != dispatch.REFERENCE:
+        x, r = x.contiguous(), r.contiguous()
+    y, s, _, _ = _add_layer_norm_op(x, r, w, b, eps, residual_dtype, name)
+    return y.reshape(input.shape), s.reshape(input.shape)
