@@ -1,7 +1,8 @@
-"""Every Triton kernel on CPU tensors through Triton's interpreter (``TRITON_INTERPRET=1``): values
-against the references with the tolerance rule (DESIGN.md §4), every option and dtype, rows longer than
-one chunk, parameter gradients, batch invariance and determinism (``torch.equal``).
+"""Every Triton kernel against the references with the tolerance rule (DESIGN.md §4), every option and
+dtype, rows longer than one chunk, parameter gradients, batch invariance and determinism (``torch.equal``).
 
+By default on CPU tensors through Triton's interpreter (``TRITON_INTERPRET=1``, set here before any
+kernel is defined); ``NORMLAB_TEST_DEVICE=cuda`` runs the same tests compiled on a GPU.
 triton is a test dependency: without it this module fails to import — it is never skipped.
 """
 
@@ -11,7 +12,9 @@ import importlib
 import os
 import sys
 
-os.environ["TRITON_INTERPRET"] = "1"  # before any Triton kernel is defined
+DEVICE = os.environ.get("NORMLAB_TEST_DEVICE", "cpu")
+if DEVICE == "cpu":
+    os.environ["TRITON_INTERPRET"] = "1"  # before any Triton kernel is defined
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
@@ -22,9 +25,10 @@ from triton.runtime import interpreter  # noqa: E402
 
 import normlab  # noqa: E402
 from normlab import dispatch  # noqa: E402
-from normlab.ops.layer_norm import add_layer_norm_reference, layer_norm, layer_norm_bwd_ref, layer_norm_fwd_ref  # noqa: E402
+from normlab.ops.layer_norm import add_layer_norm_reference, layer_norm_bwd_ref, layer_norm_fwd_ref  # noqa: E402
 from normlab.ops.rms_norm import add_rms_norm_reference, rms_norm_bwd_ref, rms_norm_fwd_ref  # noqa: E402
-from tests.helpers import assert_close_same_dtype, assert_tolerance_rule, rand  # noqa: E402
+from tests import helpers  # noqa: E402
+from tests.helpers import assert_close_same_dtype, assert_tolerance_rule, max_err  # noqa: E402
 
 
 def _round_fp32_to_bf16_like_gpus(cast_impl):
@@ -45,21 +49,27 @@ if not getattr(interpreter.InterpreterBuilder.cast_impl, "rounds_like_gpus", Fal
     interpreter.InterpreterBuilder.cast_impl = _round_fp32_to_bf16_like_gpus(interpreter.InterpreterBuilder.cast_impl)
 
 
-def _interpreted_backend():
-    """The backend module with its kernels defined for the interpreter (reloaded if an earlier import in
-    this process defined them for the GPU)."""
+def _backend_module():
+    """The backend module, its kernels defined for the interpreter on CPU (reloaded if an earlier import
+    in this process defined them for a GPU)."""
     import normlab.kernels.triton as nt
 
-    if not nt.INTERPRETED:
+    if nt.INTERPRETED != (DEVICE == "cpu"):
         for name in ("_common", "rms_norm", "layer_norm"):
             importlib.reload(sys.modules[f"normlab.kernels.triton.{name}"])
         nt = importlib.reload(nt)
-    assert nt.INTERPRETED
+    assert nt.INTERPRETED == (DEVICE == "cpu")
     return nt
 
 
-nt = _interpreted_backend()
+nt = _backend_module()
 from normlab.kernels.triton import _common  # noqa: E402
+
+
+def rand(*shape, **kwargs):
+    """tests.helpers.rand on the device under test."""
+    return helpers.rand(*shape, **kwargs).to(DEVICE)
+
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 EPS32 = torch.finfo(torch.float32).eps
@@ -171,23 +181,23 @@ def test_add_rms_norm_autograd_through_the_op():
 
 def test_rms_norm_long_rows():
     """n > MAX_BLOCK: the reduction loops over chunks (default block size)."""
-    for dtype in (torch.float32, torch.bfloat16):
-        x, w = rand(3, LONG, dtype=dtype, scale=3.0), rand(LONG, dtype=dtype, seed=1)
+    for dtype in (torch.bfloat16,):
+        x, w = rand(2, LONG, dtype=dtype, scale=3.0), rand(LONG, dtype=dtype, seed=1)
         rstd = _check_rms_fwd(x, w, "llama", 0.0, LONG - 100, f"long {dtype}")
-        _check_rms_bwd(x, w, rstd, 0.0, LONG - 100, rand(3, LONG, dtype=dtype, seed=5), f"long {dtype}")
+        _check_rms_bwd(x, w, rstd, 0.0, LONG - 100, rand(2, LONG, dtype=dtype, seed=5), f"long {dtype}")
 
 
 @pytest.mark.usefixtures("small_chunks")
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_rms_norm_chunked(dtype):
     """Chunks of 16: odd n over several chunks, partial k ending mid-chunk, 3 programs × several rows."""
-    for n, k in ((53, 53), (53, 21), (16, 16), (17, 3)):
-        x = rand(7, n, dtype=dtype)
+    for n, k in ((53, 21), (17, 17)):
+        x = rand(5, n, dtype=dtype)
         for w in (rand(n, dtype=dtype, seed=1), None):
             rstd = _check_rms_fwd(x, w, "llama", 1.0, k, f"chunked n={n} k={k}")
-            _check_rms_bwd(x, w, rstd, 1.0, k, rand(7, n, dtype=dtype, seed=3), f"chunked n={n} k={k}")
-        y, s, _ = nt.add_rms_norm_fwd(x, rand(7, n, dtype=dtype, seed=2), None, EPS32, "none", 0.0, k, torch.float32)
-        assert torch.equal(s, x.float() + rand(7, n, dtype=dtype, seed=2).float())
+            _check_rms_bwd(x, w, rstd, 1.0, k, rand(5, n, dtype=dtype, seed=3), f"chunked n={n} k={k}")
+        y, s, _ = nt.add_rms_norm_fwd(x, rand(5, n, dtype=dtype, seed=2), None, EPS32, "none", 0.0, k, torch.float32)
+        assert torch.equal(s, x.float() + rand(5, n, dtype=dtype, seed=2).float())
 
 
 # ----------------------------------------------------------------------------------------------
@@ -225,12 +235,15 @@ def test_layer_norm(dtype, params):
         _check_ln(x, w, b, None, f"{dtype} {params} n={n}")
 
 
-def test_layer_norm_large_mean():
-    """Mean 1e4, spread 1: the two-pass variance stays exact where E[x²] − E[x]² cancels."""
-    x = rand(4, 200, mean=1e4)
-    _check_ln(x, None, None, None, "mean 1e4")
-    _, _, rstd = nt.layer_norm_fwd(x, None, None, 1e-5)
-    assert torch.isfinite(rstd).all() and (rstd < 2).all()
+@pytest.mark.parametrize("mean, spread", [(1e4, 1.0), (10.0, 1e-3)])
+def test_layer_norm_large_mean_small_spread(mean, spread):
+    """The corrected two-pass statistics: exact where E[x²] − E[x]² cancels (mean 1e4), and fp32 output
+    within a few ulps of the fp64 result where ulp(mean) is comparable to the spread (as the reference)."""
+    x, w, b = rand(4, 257, mean=mean, scale=spread), rand(257, seed=1), rand(257, seed=2)
+    _check_ln(x, w, b, None, f"mean {mean} spread {spread}")
+    y, _, rstd = nt.layer_norm_fwd(x, w, b, 1e-5)
+    y64 = layer_norm_fwd_ref(x.double(), w.double(), b.double(), 1e-5)[0]
+    assert max_err(y, y64) <= 4 * EPS32 * y64.abs().max().item()
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -251,8 +264,8 @@ def test_add_layer_norm(dtype, residual_dtype):
 
 
 def test_layer_norm_long_rows():
-    for dtype in (torch.float32, torch.bfloat16):
-        x = rand(3, LONG, dtype=dtype, scale=2.0, mean=-5.0)
+    for dtype in (torch.float32,):
+        x = rand(2, LONG, dtype=dtype, scale=2.0, mean=-5.0)
         _check_ln(x, rand(LONG, dtype=dtype, seed=1), rand(LONG, dtype=dtype, seed=2), None, f"long {dtype}")
 
 
@@ -260,17 +273,17 @@ def test_layer_norm_long_rows():
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_layer_norm_chunked(dtype):
     """Chunks of 16: Chan's merge of chunk statistics, odd n, 3 programs × several rows."""
-    for n in (53, 16, 17, 1):
-        x = rand(7, n, dtype=dtype, mean=100.0)
+    for n in (53, 17):
+        x = rand(5, n, dtype=dtype, mean=100.0)
         _check_ln(x, rand(n, dtype=dtype, seed=1), rand(n, dtype=dtype, seed=2), None, f"chunked n={n}")
-        _check_ln(x, None, rand(n, dtype=dtype, seed=2), rand(7, n, dtype=dtype, seed=4), f"chunked n={n}", torch_op=False)
+        _check_ln(x, None, rand(n, dtype=dtype, seed=2), rand(5, n, dtype=dtype, seed=4), f"chunked n={n}", torch_op=False)
 
 
 def test_layer_norm_through_the_op():
     n = 40
     x, w, b = rand(3, 5, n).requires_grad_(), rand(n, seed=1).requires_grad_(), rand(n, seed=2).requires_grad_()
     assert dispatch.select("layer_norm", x.reshape(-1, n), "triton", weight=w, bias=b) == "triton"
-    y = layer_norm(x, n, w, b, backend="triton")
+    y = normlab.layer_norm(x, n, w, b, backend="triton")
     y.backward(rand(3, 5, n, seed=3))
     grads = [t.grad.clone() for t in (x, w, b)]
     for t in (x, w, b):
@@ -285,27 +298,27 @@ def test_layer_norm_through_the_op():
 # ----------------------------------------------------------------------------------------------
 # Batch invariance, determinism, parameter-gradient rule, dispatch
 # ----------------------------------------------------------------------------------------------
-def _all_ops(x, r, dy, w, b):
-    """Every kernel's per-row outputs for the rows of x (dx of each backward)."""
-    y1, rstd = nt.rms_norm_fwd(x, w, EPS32, "llama", 1.0, 20)
-    y2, s2, _ = nt.add_rms_norm_fwd(x, r, w, EPS32, "none", 0.0, 33, torch.float32)
-    y3, mean, rstd3 = nt.layer_norm_fwd(x, w, b, 1e-5)
-    y4, s4, _, _ = nt.add_layer_norm_fwd(x, r, w, b, 1e-5, x.dtype)
-    dx1, _ = nt.rms_norm_bwd(dy, x, w, rstd, 1.0, 20, r)
-    dx3, _, _ = nt.layer_norm_bwd(dy, x, w, b, mean, rstd3, None)
-    return y1, rstd, y2, s2, y3, mean, rstd3, y4, s4, dx1, dx3
+@pytest.mark.parametrize("direction", ["forward", "backward"])
+def test_batch_invariance(direction):
+    """A row's outputs are bitwise the same alone, in a batch of 255 and of 300 rows (bf16; forward:
+    the fused RMSNorm and the plain LayerNorm kernel; backward: both kernels, dsum included)."""
+    n = 33 if DEVICE == "cpu" else 4099
+    dt = torch.bfloat16
+    x, r, dy = rand(300, n, dtype=dt), rand(300, n, dtype=dt, seed=1), rand(300, n, dtype=dt, seed=2)
+    w, b = rand(n, dtype=dt, seed=3), rand(n, dtype=dt, seed=4)
+    _, rstd = rms_norm_fwd_ref(x, w, EPS32, "gemma", 0.0, n)
+    _, mean, rstd_l = layer_norm_fwd_ref(x, w, b, 1e-5)
 
+    def outputs(rows):
+        if direction == "forward":
+            return (*nt.add_rms_norm_fwd(x[rows], r[rows], w, EPS32, "none", 1.0, 20, torch.float32),
+                    *nt.layer_norm_fwd(x[rows], w, b, 1e-5))
+        return (nt.rms_norm_bwd(dy[rows], x[rows], w, rstd[rows], 1.0, n, r[rows])[0],
+                nt.layer_norm_bwd(dy[rows], x[rows], w, b, mean[rows], rstd_l[rows])[0])
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_batch_invariance(dtype):
-    """A row's outputs are bitwise the same alone, in a batch of 255 and of 300 rows."""
-    n = 33
-    x, r, dy = rand(300, n, dtype=dtype), rand(300, n, dtype=dtype, seed=1), rand(300, n, dtype=dtype, seed=2)
-    w, b = rand(n, dtype=dtype, seed=3), rand(n, dtype=dtype, seed=4)
-    alone = _all_ops(x[7:8], r[7:8], dy[7:8], w, b)
+    alone = outputs(slice(7, 8))
     for m in (255, 300):
-        batch = _all_ops(x[:m], r[:m], dy[:m], w, b)
-        for a, big in zip(alone, batch):
+        for a, big in zip(alone, outputs(slice(0, m))):
             assert torch.equal(big[7:8], a)
 
 
@@ -323,10 +336,12 @@ def test_backward_rows_do_not_depend_on_the_row_split(monkeypatch):
 
 @pytest.mark.parametrize("chunked", [False, True])
 def test_determinism(chunked, monkeypatch):
-    """Forward and backward, parameter gradients included, are bitwise the same on every run."""
+    """Forward and backward, parameter gradients included, are bitwise the same on every run
+    (backward programs owning several rows each, rows of one chunk and of several)."""
+    monkeypatch.setattr(_common, "MAX_ROW_PROGRAMS", 4)
     if chunked:
         monkeypatch.setattr(_common, "MAX_BLOCK", 16)
-    n, rows = 41, 600  # 600 rows: backward programs own 2 rows each
+    n, rows = (41, 30) if DEVICE == "cpu" else (_common.MAX_BLOCK * 2 + 3 if chunked else 4096, 2000)
 
     def run():
         x, dy, w, b = rand(rows, n), rand(rows, n, seed=1), rand(n, seed=2), rand(n, seed=3)
@@ -338,6 +353,7 @@ def test_determinism(chunked, monkeypatch):
         assert torch.equal(a, b)
 
 
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # the NaN row itself
 @pytest.mark.parametrize("chunked", [False, True])
 def test_nan_row_does_not_leak_into_parameter_gradients(chunked, monkeypatch):
     if chunked:

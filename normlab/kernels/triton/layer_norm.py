@@ -2,11 +2,12 @@
 
     y = (s − mean) · rstd · w + b,   rstd = 1 / sqrt(mean((s − mean)²) + eps),   s = x (+ residual)
 
-Forward: one program per row. The statistics take one pass over the row's chunks: each chunk's mean
-and sum of squared deviations (two-pass within the chunk, never ``E[x²] − E[x]²``) are merged into the
-running ones with Chan's formula — for a row of one chunk this is exactly the two-pass variance. A
-second pass writes ``y`` in fp32 math, cast once at the end.
-Backward: ``dx = rstd · (g − mean(g) − x̂ · mean(g · x̂))`` (+ dsum) with ``g = dy · w``; each program
+Forward: one program per row, three passes over the row's chunks (the first from memory, the others
+from cache): a rough mean; the deviations ``d = s − rough``, whose mean ``c`` is the rounding error of the
+rough mean, and ``var = mean(d²) − c² = mean((d − c)²)`` (the corrected two-pass of the reference, never
+``E[x²] − E[x]²``); then ``y`` in fp32 math, cast once at the end. ``mean = rough + c`` is saved.
+Backward: ``dx = rstd · (g − mean(g) − x̂ · mean(g · x̂))`` (+ dsum) with ``g = dy · w`` and the deviations
+corrected again (``x̂ = (x − mean − mean(x − mean)) · rstd``, as the reference does); each program
 sums ``dy · x̂`` and ``dy`` over its rows into fp32 partial rows of ``dw`` and ``db``, added in a fixed
 order (:func:`sum_partials`).
 """
@@ -29,32 +30,32 @@ def _layer_norm_fwd_kernel(
 ):
     row = tl.program_id(0).to(tl.int64)
     base = row * n
-    count = 0.0
-    mean = 0.0
-    m2 = 0.0  # Σ (s − mean)² of the chunks seen so far
-    for c in tl.range(0, NUM_CHUNKS):
+    acc = tl.zeros([BLOCK], dtype=tl.float32)
+    for c in tl.range(0, NUM_CHUNKS):  # rough mean
         cols = c * BLOCK + tl.arange(0, BLOCK)
         mask = cols < n
         s = _load_sum(X, R, S, base + cols, mask, HAS_RES)
         if HAS_RES:
             tl.store(S + base + cols, s, mask=mask)
-        sf = s.to(tl.float32)
-        chunk_count = tl.minimum(n - c * BLOCK, BLOCK).to(tl.float32)
-        chunk_mean = tl.sum(sf, axis=0) / chunk_count
-        d = tl.where(mask, sf - chunk_mean, 0.0)
-        chunk_m2 = tl.sum(d * d, axis=0)
-        total = count + chunk_count
-        delta = chunk_mean - mean
-        mean = mean + delta * (chunk_count / total)
-        m2 = m2 + chunk_m2 + delta * delta * (count * chunk_count / total)
-        count = total
-    rstd = 1.0 / tl.sqrt(m2 / n + eps)
-    tl.store(MEAN + row, mean)
+        acc += s.to(tl.float32)
+    rough = tl.sum(acc, axis=0) / n
+    acc_d = tl.zeros([BLOCK], dtype=tl.float32)
+    acc_d2 = tl.zeros([BLOCK], dtype=tl.float32)
+    for c in tl.range(0, NUM_CHUNKS):  # deviations d = s − rough: their mean corrects the rough mean
+        cols = c * BLOCK + tl.arange(0, BLOCK)
+        mask = cols < n
+        d = tl.where(mask, _load_sum(X, R, S, base + cols, mask, HAS_RES).to(tl.float32) - rough, 0.0)
+        acc_d += d
+        acc_d2 += d * d
+    correction = tl.sum(acc_d, axis=0) / n
+    var = tl.maximum(tl.sum(acc_d2, axis=0) / n - correction * correction, 0.0)  # mean((d − correction)²)
+    rstd = 1.0 / tl.sqrt(var + eps)
+    tl.store(MEAN + row, rough + correction)
     tl.store(RSTD + row, rstd)
     for c in tl.range(0, NUM_CHUNKS):
         cols = c * BLOCK + tl.arange(0, BLOCK)
         mask = cols < n
-        y = (_load_sum(X, R, S, base + cols, mask, HAS_RES).to(tl.float32) - mean) * rstd
+        y = (_load_sum(X, R, S, base + cols, mask, HAS_RES).to(tl.float32) - rough - correction) * rstd
         if HAS_W:
             y = y * tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
         if HAS_B:
@@ -77,23 +78,26 @@ def _layer_norm_bwd_kernel(
         base = row * n
         mean = tl.load(MEAN + row)
         rstd = tl.load(RSTD + row)
+        sum_d = tl.zeros([BLOCK], dtype=tl.float32)
         sum_g = tl.zeros([BLOCK], dtype=tl.float32)
-        sum_gx = tl.zeros([BLOCK], dtype=tl.float32)
-        for c in tl.range(0, NUM_CHUNKS):  # Σ g and Σ g·x̂
+        sum_gd = tl.zeros([BLOCK], dtype=tl.float32)
+        for c in tl.range(0, NUM_CHUNKS):  # Σ d, Σ g and Σ g·d with d = x − mean
             cols = c * BLOCK + tl.arange(0, BLOCK)
             mask = cols < n
-            xhat = (tl.load(X + base + cols, mask=mask, other=0.0).to(tl.float32) - mean) * rstd
+            d = tl.where(mask, tl.load(X + base + cols, mask=mask, other=0.0).to(tl.float32) - mean, 0.0)
             g = tl.load(DY + base + cols, mask=mask, other=0.0).to(tl.float32)
             if HAS_W:
                 g = g * tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
+            sum_d += d
             sum_g += g
-            sum_gx += g * xhat
+            sum_gd += g * d
+        correction = tl.sum(sum_d, axis=0) / n  # the rounding of the saved mean, as in the forward
         mean_g = tl.sum(sum_g, axis=0) / n
-        mean_gx = tl.sum(sum_gx, axis=0) / n
+        mean_gx = rstd * (tl.sum(sum_gd, axis=0) / n - correction * mean_g)  # mean(g · x̂)
         for c in tl.range(0, NUM_CHUNKS):
             cols = c * BLOCK + tl.arange(0, BLOCK)
             mask = cols < n
-            xhat = (tl.load(X + base + cols, mask=mask, other=0.0).to(tl.float32) - mean) * rstd
+            xhat = (tl.load(X + base + cols, mask=mask, other=0.0).to(tl.float32) - mean - correction) * rstd
             dy = tl.load(DY + base + cols, mask=mask, other=0.0).to(tl.float32)
             g = dy
             if HAS_W:
