@@ -379,8 +379,8 @@ def test_supports_and_dispatch():
     # fp64 is declined: the reference serves it
     x64 = x.double()
     assert dispatch.select("rms_norm", x64, "triton", weight=None, casting="llama", offset=0.0, k=16) == "reference"
-    # CPU tensors never choose triton by default, even under the interpreter
-    assert dispatch.select("layer_norm", x, weight=None, bias=None) != "triton"
+    # chosen by default for CUDA tensors only — CPU tensors never, even under the interpreter
+    assert (dispatch.select("layer_norm", x, weight=None, bias=None) == "triton") == (DEVICE == "cuda")
     assert nt.supports("add_layer_norm", x, residual=x, weight=None, bias=None, residual_dtype=torch.float32)
     assert not nt.supports("add_layer_norm", x, residual=x, weight=None, bias=None, residual_dtype=torch.float64)
     y = normlab.rms_norm(x64, 16, backend="triton")  # falls back, never a wrong answer
