@@ -148,7 +148,9 @@ def _fwd(backend: str, x, weight, eps, casting, offset, k, out=None):
 def _bwd(backend: str, dy, x, weight, rstd, offset, k, eps, dsum=None):
     if backend == dispatch.REFERENCE or torch.is_grad_enabled():
         return rms_norm_bwd_ref(dy, x, weight, rstd, offset, k, eps, dsum)
-    return dispatch.kernel(backend, "rms_norm_bwd")(dy, x, weight, rstd, offset, k, dsum)
+    # incoming gradients may be strided (the expanded ones of a .sum()); kernels take contiguous rows
+    dsum = None if dsum is None else dsum.contiguous()
+    return dispatch.kernel(backend, "rms_norm_bwd")(dy.contiguous(), x, weight, rstd, offset, k, dsum)
 
 
 @torch.library.custom_op("normlab::rms_norm", mutates_args=())
@@ -199,7 +201,7 @@ def _(x, residual, weight, eps, casting, offset, k, residual_dtype, backend):
     return (
         torch.empty_like(x),
         torch.empty_like(x, dtype=residual_dtype),
-        x.new_empty((x.shape[0],), dtype=compute_dtype(x.dtype)),
+        x.new_empty((x.shape[0],), dtype=compute_dtype(residual_dtype)),  # statistics of s
     )
 
 

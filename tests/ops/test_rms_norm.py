@@ -294,3 +294,14 @@ def test_property_shapes_values_strides(rows, n, scale, mean, dtype, strided):
 def test_large_row():
     x = rand(2, 100_000)
     torch.testing.assert_close(normlab.rms_norm(x, 100_000, casting="gemma"), F.rms_norm(x, (100_000,)))
+
+
+@pytest.mark.parametrize("residual_dtype", [None, torch.float64])
+def test_opcheck(residual_dtype):
+    """The custom ops' schema, fake implementations and autograd registration agree with the real op."""
+    x, r = rand(3, 16).requires_grad_(), rand(3, 16, seed=1).requires_grad_()
+    w = rand(16, seed=2).requires_grad_()
+    torch.library.opcheck(torch.ops.normlab.rms_norm, (x, w, 1e-6, "llama", 0.0, 16, "reference"))
+    torch.library.opcheck(
+        torch.ops.normlab.add_rms_norm, (x, r, w, 1e-6, "llama", 0.0, 8, residual_dtype or torch.float32, "reference")
+    )
