@@ -78,10 +78,11 @@ LONG = _common.MAX_BLOCK + 37  # rows longer than one chunk: the looped reductio
 
 @pytest.fixture
 def small_chunks(monkeypatch):
-    """Chunks of 16 elements and at most 3 backward programs: the looped reductions and the
-    multi-row partials on small, fast shapes."""
+    """Chunks of 16 elements and 3 backward programs: the looped reductions and the multi-row partials
+    on small, fast shapes."""
     monkeypatch.setattr(_common, "MAX_BLOCK", 16)
     monkeypatch.setattr(_common, "MAX_ROW_PROGRAMS", 3)
+    monkeypatch.setattr(_common, "MIN_ROWS_PER_PROGRAM", 1)
 
 
 def _param(n, dtype, seed, kind):
@@ -295,6 +296,15 @@ def test_layer_norm_through_the_op():
         torch.testing.assert_close(a, ref, rtol=1e-5, atol=1e-5)
 
 
+def test_out_argument_through_the_op():
+    """``out=`` hands the kernels a preallocated output (inference), same values as a fresh one."""
+    x, w, b = rand(2, 3, 40, dtype=torch.bfloat16), rand(40, seed=1), rand(40, seed=2)
+    for fn in (lambda o=None: normlab.rms_norm(x, 40, w, casting="none", offset=0.5, backend="triton", out=o),
+               lambda o=None: normlab.layer_norm(x, 40, w, b, backend="triton", out=o)):
+        out = torch.empty_like(x)
+        assert fn(out) is out and torch.equal(out, fn())
+
+
 # ----------------------------------------------------------------------------------------------
 # Batch invariance, determinism, parameter-gradient rule, dispatch
 # ----------------------------------------------------------------------------------------------
@@ -327,11 +337,14 @@ def test_backward_rows_do_not_depend_on_the_row_split(monkeypatch):
     x, dy, w = rand(40, 29), rand(40, 29, seed=1), rand(29, seed=2)
     _, rstd = nt.rms_norm_fwd(x, w, EPS32, "gemma", 0.0, 29)
     _, mean, rstd3 = nt.layer_norm_fwd(x, w, w, 1e-5)
-    one = nt.rms_norm_bwd(dy, x, w, rstd, 0.0, 29)[0], nt.layer_norm_bwd(dy, x, w, w, mean, rstd3)[0]
-    monkeypatch.setattr(_common, "MAX_ROW_PROGRAMS", 3)
-    many = nt.rms_norm_bwd(dy, x, w, rstd, 0.0, 29)[0], nt.layer_norm_bwd(dy, x, w, w, mean, rstd3)[0]
-    for a, b in zip(one, many):
-        assert torch.equal(a, b)
+    results = []
+    for programs, min_rows in ((64, 1), (3, 1), (1, 40)):
+        monkeypatch.setattr(_common, "MAX_ROW_PROGRAMS", programs)
+        monkeypatch.setattr(_common, "MIN_ROWS_PER_PROGRAM", min_rows)
+        results.append((nt.rms_norm_bwd(dy, x, w, rstd, 0.0, 29)[0], nt.layer_norm_bwd(dy, x, w, w, mean, rstd3)[0]))
+    for other in results[1:]:
+        for a, b in zip(results[0], other):
+            assert torch.equal(a, b)
 
 
 @pytest.mark.parametrize("chunked", [False, True])
@@ -339,6 +352,7 @@ def test_determinism(chunked, monkeypatch):
     """Forward and backward, parameter gradients included, are bitwise the same on every run
     (backward programs owning several rows each, rows of one chunk and of several)."""
     monkeypatch.setattr(_common, "MAX_ROW_PROGRAMS", 4)
+    monkeypatch.setattr(_common, "MIN_ROWS_PER_PROGRAM", 1)
     if chunked:
         monkeypatch.setattr(_common, "MAX_BLOCK", 16)
     n, rows = (41, 30) if DEVICE == "cpu" else (_common.MAX_BLOCK * 2 + 3 if chunked else 4096, 2000)

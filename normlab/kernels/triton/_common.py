@@ -14,10 +14,12 @@ import triton.language as tl
 
 #: Largest chunk a program holds in registers; longer rows loop over chunks of this size.
 MAX_BLOCK = 8192
-#: Backward programs at most; each owns a contiguous run of ``ceil(rows / programs)`` rows and writes one
-#: fp32 partial row of the weight/bias gradient. A constant (not the GPU's SM count) so that the
-#: parameter gradients are bitwise the same on every device.
-MAX_ROW_PROGRAMS = 512
+#: Backward programs: each owns a contiguous run of rows (at least ``MIN_ROWS_PER_PROGRAM``, so the fp32
+#: partial rows of the weight/bias gradients stay ≤ 1/8 of the rows read) and writes one partial row; at
+#: most ``MAX_ROW_PROGRAMS`` — constants, not the GPU's SM count, so that the parameter gradients are
+#: bitwise the same on every device. The split never changes a row's own arithmetic (dx).
+MAX_ROW_PROGRAMS = 2048
+MIN_ROWS_PER_PROGRAM = 8
 #: Partial rows summed per step and columns per program in :func:`sum_partials`.
 SUM_BLOCK_G, SUM_BLOCK_N = 32, 64
 
@@ -35,7 +37,8 @@ def num_warps(block: int) -> int:
 
 def row_split(rows: int) -> tuple[int, int]:
     """``(programs, rows_per_program)`` of a backward launch: contiguous runs of rows, none empty."""
-    per_program = triton.cdiv(rows, min(rows, MAX_ROW_PROGRAMS))
+    programs = max(1, min(MAX_ROW_PROGRAMS, rows // MIN_ROWS_PER_PROGRAM))
+    per_program = triton.cdiv(rows, programs)
     return triton.cdiv(rows, per_program), per_program
 
 
