@@ -50,7 +50,7 @@ def _sum_partials_kernel(P, OUT, G, n, BLOCK_G: tl.constexpr, BLOCK_N: tl.conste
     for g0 in tl.range(0, G, BLOCK_G):
         g = g0 + tl.arange(0, BLOCK_G)
         mask = (g[:, None] < G) & (cols[None, :] < n)
-        acc += tl.load(P + g[:, None] * n + cols[None, :], mask=mask, other=0.0)
+        acc += tl.load(P + g[:, None].to(tl.int64) * n + cols[None, :], mask=mask, other=0.0)
     tl.store(OUT + cols, tl.sum(acc, axis=0).to(OUT.dtype.element_ty), mask=cols < n)
 
 

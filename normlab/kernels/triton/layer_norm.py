@@ -71,6 +71,8 @@ def _layer_norm_bwd_kernel(
 ):
     pid = tl.program_id(0)
     first = pid.to(tl.int64) * rows_per_program
+    dw_row = DW_PART + pid.to(tl.int64) * n  # this program's partial row
+    db_row = DB_PART + pid.to(tl.int64) * n  # this program's partial row
     last = tl.minimum(first + rows_per_program, rows)
     dw_acc = tl.zeros([BLOCK], dtype=tl.float32)  # this program's partials, when the row is one chunk
     db_acc = tl.zeros([BLOCK], dtype=tl.float32)
@@ -111,20 +113,20 @@ def _layer_norm_bwd_kernel(
                 if NUM_CHUNKS == 1:
                     dw_acc += contribution
                 else:
-                    part = DW_PART + pid * n + cols
+                    part = dw_row + cols
                     tl.store(part, tl.load(part, mask=mask, other=0.0) + contribution, mask=mask)
             if HAS_B:
                 if NUM_CHUNKS == 1:
                     db_acc += dy
                 else:
-                    part = DB_PART + pid * n + cols
+                    part = db_row + cols
                     tl.store(part, tl.load(part, mask=mask, other=0.0) + dy, mask=mask)
     if NUM_CHUNKS == 1:
         cols = tl.arange(0, BLOCK)
         if HAS_W:
-            tl.store(DW_PART + pid * n + cols, dw_acc, mask=cols < n)
+            tl.store(dw_row + cols, dw_acc, mask=cols < n)
         if HAS_B:
-            tl.store(DB_PART + pid * n + cols, db_acc, mask=cols < n)
+            tl.store(db_row + cols, db_acc, mask=cols < n)
 
 
 def _launch_fwd(x, residual, weight, bias, eps, y, s):

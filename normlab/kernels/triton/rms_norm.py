@@ -85,6 +85,7 @@ def _rms_norm_bwd_kernel(
 ):
     pid = tl.program_id(0)
     first = pid.to(tl.int64) * rows_per_program
+    dw_row = DW_PART + pid.to(tl.int64) * n  # this program's partial row
     last = tl.minimum(first + rows_per_program, rows)
     dw_acc = tl.zeros([BLOCK], dtype=tl.float32)  # this program's dw partial, when the row is one chunk
     for row in tl.range(first, last):
@@ -117,11 +118,11 @@ def _rms_norm_bwd_kernel(
                 if NUM_CHUNKS == 1:
                     dw_acc += contribution
                 else:
-                    part = DW_PART + pid * n + cols
+                    part = dw_row + cols
                     tl.store(part, tl.load(part, mask=mask, other=0.0) + contribution, mask=mask)
     if HAS_W and NUM_CHUNKS == 1:
         cols = tl.arange(0, BLOCK)
-        tl.store(DW_PART + pid * n + cols, dw_acc, mask=cols < n)
+        tl.store(dw_row + cols, dw_acc, mask=cols < n)
 
 
 def _launch_fwd(x, residual, weight, eps, casting, offset, k, y, s):
