@@ -1,6 +1,10 @@
 """torch.nn-compatible normalization modules."""
 
+from normlab.nn.batch_norm import BatchNorm
+from normlab.nn.dyt import DyT
+from normlab.nn.group_norm import GroupNorm
 from normlab.nn.layer_norm import AdaLayerNorm, AddLayerNorm, LayerNorm
 from normlab.nn.rms_norm import AddRMSNorm, RMSNorm
 
 __all__ = ["LayerNorm", "AddLayerNorm", "AdaLayerNorm", "RMSNorm", "AddRMSNorm"]
+__all__ += ["BatchNorm", "GroupNorm", "DyT"]

@@ -1,0 +1,169 @@
+"""``normlab.patch(model)``: swap the norm layers of any ``nn.Module`` for normlab modules with the
+same semantics (and normlab's fast kernels); ``normlab.unpatch(model)`` puts the originals back.
+
+What is replaced, by what (the replacement *shares* the original's Parameter and buffer objects, so
+weights, dtype, device — and later training updates — are one and the same):
+
+    torch.nn.LayerNorm (GPT-2, BERT, …)     → LayerNorm  (same normalized_shape, eps, bias)
+    torch.nn.RMSNorm                         → RMSNorm(casting="gemma")  (= F.rms_norm: fp32 throughout)
+    torch.nn.BatchNorm1d                     → BatchNorm(layout="NCL")   (running statistics shared)
+    torch.nn.GroupNorm                       → GroupNorm
+    LlamaRMSNorm, MistralRMSNorm, Qwen2RMSNorm, T5LayerNorm
+                                             → RMSNorm(casting="llama", eps=variance_epsilon)
+    GemmaRMSNorm, Gemma2RMSNorm, Gemma3RMSNorm
+                                             → RMSNorm(casting="gemma", offset=1.0)  (the (1 + w) scale)
+
+Hugging Face classes are recognised by class name plus attributes (a 1-D ``weight`` and
+``variance_epsilon`` / ``eps``); transformers is never imported. Only these exact classes are
+swapped — a subclass may have changed ``forward``. ``target`` picks the families: ``"fast"`` (all),
+``"layernorm"``, ``"rmsnorm"``, ``"batchnorm"``, ``"groupnorm"``.
+
+Known differences: Hugging Face's Llama/Gemma/T5 norms compute in float32 even for float64 inputs
+(normlab computes fp64 in fp64, so a patched fp64 model is *more* accurate, ≈1e-7 away); with a
+float32 weight on a bf16/fp16 input, LlamaRMSNorm returns float32 where normlab returns the input
+dtype. Forward hooks registered on an original module do not move to its replacement.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections import Counter
+from typing import Callable
+
+import torch
+from torch import nn
+
+from normlab.nn import BatchNorm, GroupNorm, LayerNorm, RMSNorm
+
+TARGETS = ("fast", "layernorm", "rmsnorm", "batchnorm", "groupnorm")
+_LLAMA_STYLE = ("LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "T5LayerNorm")
+_GEMMA_STYLE = ("GemmaRMSNorm", "Gemma2RMSNorm", "Gemma3RMSNorm")
+_RECORD = "_normlab_patches"  # attribute on the patched root: [(parent, child name, original module)]
+
+
+def _shared(new: nn.Module, old: nn.Module, names: tuple[str, ...]) -> nn.Module:
+    """``new`` using ``old``'s Parameter/buffer objects for ``names``, in ``old``'s train/eval mode."""
+    for name in names:
+        value = getattr(old, name, None)
+        if value is not None or getattr(new, name, None) is not None:
+            setattr(new, name, value)
+    return new.train(old.training)
+
+
+def _factory(p: torch.Tensor | None) -> dict:
+    return {} if p is None else dict(device=p.device, dtype=p.dtype)
+
+
+def _layer_norm(m: nn.LayerNorm) -> nn.Module:
+    new = LayerNorm(m.normalized_shape, eps=m.eps, elementwise_affine=m.elementwise_affine,
+                    bias=m.bias is not None, **_factory(m.weight))
+    return _shared(new, m, ("weight", "bias"))
+
+
+def _torch_rms_norm(m: nn.RMSNorm) -> nn.Module:
+    new = RMSNorm(m.normalized_shape, eps=m.eps, elementwise_affine=m.elementwise_affine, casting="gemma",
+                  **_factory(m.weight))
+    return _shared(new, m, ("weight",))
+
+
+def _batch_norm(m: nn.BatchNorm1d) -> nn.Module:
+    new = BatchNorm(m.num_features, eps=m.eps, momentum=m.momentum, affine=m.affine,
+                    track_running_stats=m.track_running_stats, layout="NCL", **_factory(m.weight))
+    return _shared(new, m, ("weight", "bias", "running_mean", "running_var", "num_batches_tracked"))
+
+
+def _group_norm(m: nn.GroupNorm) -> nn.Module:
+    new = GroupNorm(m.num_groups, m.num_channels, eps=m.eps, affine=m.affine, **_factory(m.weight))
+    return _shared(new, m, ("weight", "bias"))
+
+
+def _hf_rms_norm(m: nn.Module, casting: str, offset: float, eps: float) -> nn.Module:
+    new = RMSNorm(tuple(m.weight.shape), eps=eps, casting=casting, offset=offset, **_factory(m.weight))
+    return _shared(new, m, ("weight",))
+
+
+def _has_weight(m: nn.Module) -> bool:
+    return isinstance(getattr(m, "weight", None), nn.Parameter) and m.weight.dim() == 1
+
+
+def _rule(m: nn.Module) -> tuple[str, Callable[[], nn.Module]] | None:
+    """(family, build replacement) for a module normlab knows, else None."""
+    t, name = type(m), type(m).__name__
+    if t is nn.LayerNorm:
+        return "layernorm", lambda: _layer_norm(m)
+    if t is nn.RMSNorm:
+        return "rmsnorm", lambda: _torch_rms_norm(m)
+    if t is nn.BatchNorm1d:
+        return "batchnorm", lambda: _batch_norm(m)
+    if t is nn.GroupNorm:
+        return "groupnorm", lambda: _group_norm(m)
+    if name in _LLAMA_STYLE and _has_weight(m) and isinstance(getattr(m, "variance_epsilon", None), float):
+        return "rmsnorm", lambda: _hf_rms_norm(m, "llama", 0.0, m.variance_epsilon)
+    if name in _GEMMA_STYLE and _has_weight(m) and isinstance(getattr(m, "eps", None), float):
+        return "rmsnorm", lambda: _hf_rms_norm(m, "gemma", 1.0, m.eps)
+    return None
+
+
+@dataclasses.dataclass
+class PatchReport:
+    """What :func:`patch` did: ``replaced`` = [(qualified name, original class, normlab class)]."""
+
+    replaced: list[tuple[str, str, str]] = dataclasses.field(default_factory=list)
+
+    @property
+    def counts(self) -> dict[str, int]:
+        """``{"LayerNorm → LayerNorm": n, …}``"""
+        return dict(Counter(f"{a} → {b}" for _, a, b in self.replaced))
+
+    def __len__(self) -> int:
+        return len(self.replaced)
+
+    def __str__(self) -> str:
+        if not self.replaced:
+            return "normlab.patch: nothing replaced"
+        lines = [f"normlab.patch: {len(self.replaced)} modules replaced"]
+        lines += [f"  {n:4d} × {what}" for what, n in self.counts.items()]
+        return "\n".join(lines)
+
+
+def patch(model: nn.Module, *, target: str = "fast") -> PatchReport:
+    """Replace, in place, every norm module of ``model`` that normlab implements exactly (see the
+    module docstring) by its normlab counterpart sharing the same parameters; returns a report.
+    A module shared by several parents gets one replacement. Reversible with :func:`unpatch`."""
+    if target not in TARGETS:
+        raise ValueError(f"unknown target {target!r}; expected one of {', '.join(TARGETS)}")
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"patch expects an nn.Module, got {type(model).__name__}")
+    if _rule(model) is not None:
+        raise ValueError(f"the model itself is a {type(model).__name__}: patch the module that holds it")
+    names: dict[int, str] = {}
+    for n, m in model.named_modules(remove_duplicate=False):
+        names.setdefault(id(m), n)
+    report, record, replacement = PatchReport(), [], {}
+    for parent in list(model.modules()):
+        for child_name, child in list(parent.named_children()):
+            rule = _rule(child)
+            if rule is None or (target != "fast" and rule[0] != target):
+                continue
+            if id(child) not in replacement:
+                replacement[id(child)] = rule[1]()
+                report.replaced.append((names[id(child)], type(child).__name__, type(replacement[id(child)]).__name__))
+            setattr(parent, child_name, replacement[id(child)])
+            record.append((parent, child_name, child))
+    if record:
+        model.__dict__.setdefault(_RECORD, []).append(record)
+    return report
+
+
+def unpatch(model: nn.Module) -> int:
+    """Undo every :func:`patch` of ``model`` (latest first), putting the original module objects back;
+    returns how many slots were restored. Raises ``ValueError`` if the model was never patched."""
+    records = model.__dict__.pop(_RECORD, None)
+    if not records:
+        raise ValueError(f"{type(model).__name__} has no normlab patch to undo")
+    n = 0
+    for record in reversed(records):
+        for parent, child_name, original in reversed(record):
+            setattr(parent, child_name, original)
+            n += 1
+    return n

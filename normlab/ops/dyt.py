@@ -1,0 +1,117 @@
+"""Dynamic Tanh, DyT (Zhu et al. 2025, "Transformers without Normalization").
+
+    y = w · tanh(α · x) + b
+
+``α`` is a learnable scalar (a one-element tensor, init 0.5 in the module); ``w`` and ``b`` have the
+trailing shape they are applied over. No statistics: every element depends on itself alone. Half inputs
+(bf16/fp16) are computed in fp32 and returned in the input dtype.
+
+This file holds the reference (the spec), the custom op with its fake implementation and autograd
+formula, and the functional API.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from normlab.ops._common import FLOAT_DTYPES, HALF_DTYPES, check_input, check_param, compute_dtype, zero_where_no_grad
+
+
+# ----------------------------------------------------------------------------------------------
+# Reference (the spec): plain PyTorch on a (rows, n) view, n the size of the weight/bias
+# ----------------------------------------------------------------------------------------------
+def dyt_fwd_ref(x: Tensor, alpha: Tensor, weight: Optional[Tensor], bias: Optional[Tensor]) -> Tensor:
+    c = compute_dtype(x.dtype)
+    y = torch.tanh(alpha.to(c).reshape(()) * x.to(c))
+    if weight is not None:
+        y = y * weight.to(c)
+    if bias is not None:
+        y = y + bias.to(c)
+    return y.to(x.dtype)
+
+
+def dyt_bwd_ref(
+    dy: Tensor, x: Tensor, alpha: Tensor, weight: Optional[Tensor], bias: Optional[Tensor]
+) -> tuple[Tensor, Tensor, Optional[Tensor], Optional[Tensor]]:
+    """With ``t = tanh(α x)`` and ``g = dy · w``: ``dx = g · α · (1 - t²)``, ``dα = Σ g · x · (1 - t²)``,
+    ``dw = Σ_rows dy · t``, ``db = Σ_rows dy`` (contributions are 0 where ``dy == 0``)."""
+    c = compute_dtype(x.dtype)
+    xf, dyf, a = x.to(c), dy.to(c), alpha.to(c).reshape(())
+    t = torch.tanh(a * xf)
+    g = dyf if weight is None else dyf * weight.to(c)
+    dt = g * (1 - t * t)
+    dx = (dt * a).to(x.dtype)
+    dalpha = zero_where_no_grad(dyf, dt * xf).sum().reshape(alpha.shape).to(alpha.dtype)
+    dw = None if weight is None else zero_where_no_grad(dyf, dyf * t).sum(dim=0).to(weight.dtype)
+    db = None if bias is None else dyf.sum(dim=0).to(bias.dtype)
+    return dx, dalpha, dw, db
+
+
+def _rows(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor]):
+    p = weight if weight is not None else bias
+    n = 1 if p is None else p.numel()
+    return x.reshape(-1, n), None if weight is None else weight.reshape(n), None if bias is None else bias.reshape(n)
+
+
+def dyt_reference(input: Tensor, alpha: Tensor, weight: Optional[Tensor] = None, bias: Optional[Tensor] = None) -> Tensor:
+    """The spec, differentiable with plain autograd (no custom op)."""
+    x, w, b = _rows(input, weight, bias)
+    return dyt_fwd_ref(x, alpha, w, b).reshape(input.shape)
+
+
+# ----------------------------------------------------------------------------------------------
+# Custom op
+# ----------------------------------------------------------------------------------------------
+@torch.library.custom_op("normlab::dyt", mutates_args=())
+def _dyt_op(x: Tensor, alpha: Tensor, weight: Optional[Tensor], bias: Optional[Tensor]) -> Tensor:
+    return dyt_fwd_ref(x, alpha, weight, bias)
+
+
+@_dyt_op.register_fake
+def _(x, alpha, weight, bias):
+    return torch.empty_like(x)
+
+
+def _setup(ctx, inputs, output):
+    ctx.save_for_backward(*inputs)
+
+
+def _backward(ctx, dy):
+    x, alpha, weight, bias = ctx.saved_tensors
+    return dyt_bwd_ref(dy, x, alpha, weight, bias)
+
+
+_dyt_op.register_autograd(_backward, setup_context=_setup)
+
+
+# ----------------------------------------------------------------------------------------------
+# Functional API
+# ----------------------------------------------------------------------------------------------
+def _check(input, alpha, weight, bias):
+    check_input(input)
+    if not isinstance(alpha, Tensor) or alpha.numel() != 1:
+        got = f"shape {list(alpha.shape)}" if isinstance(alpha, Tensor) else type(alpha).__name__
+        raise ValueError(f"expected alpha to be a one-element tensor (a learnable scalar), got {got}")
+    allowed = (input.dtype, torch.float32) if input.dtype in HALF_DTYPES else (input.dtype,)
+    if alpha.dtype not in FLOAT_DTYPES or alpha.dtype not in allowed:
+        raise TypeError(f"expected alpha of dtype {' or '.join(map(str, allowed))} (input is {input.dtype}), got {alpha.dtype}")
+    if alpha.device != input.device:
+        raise ValueError(f"expected alpha on {input.device} (the input's device), got {alpha.device}")
+    p = weight if weight is not None else bias
+    if p is None:
+        return
+    shape = tuple(p.shape)
+    if input.dim() < len(shape) or tuple(input.shape[input.dim() - len(shape):]) != shape:
+        raise ValueError(f"expected input with trailing shape {list(shape)} (the weight/bias shape), got shape {list(input.shape)}")
+    check_param(weight, "weight", shape, input)
+    check_param(bias, "bias", shape, input)
+
+
+def dyt(input: Tensor, alpha: Tensor, weight: Optional[Tensor] = None, bias: Optional[Tensor] = None) -> Tensor:
+    """DyT: ``y = weight · tanh(alpha · input) + bias``, weight/bias over the trailing dims of their shape."""
+    _check(input, alpha, weight, bias)
+    x, w, b = _rows(input, weight, bias)
+    return _dyt_op(x, alpha, w, b).reshape(input.shape)
