@@ -108,6 +108,25 @@ def _add_then(norm):
     return fused
 
 
+def liger_extra_impls() -> dict[str, dict[str, Callable]]:
+    """Liger-Kernel for a runner keyed by op: ``op → {"liger": (n, device) → fn(inputs) | None}``, where
+    ``inputs`` has ``x``, ``residual``, ``weight``, ``bias`` (CUDA devices only; empty without Liger)."""
+    liger = _liger()
+    if liger is None:
+        return {}
+    rms, ln, add_rms = liger
+
+    def on_cuda(make):
+        return lambda n, device: make() if str(device).startswith("cuda") else None
+
+    return {
+        "rms_norm": {"liger": on_cuda(lambda: lambda i: (rms.apply(i.x, i.weight, EPS, 0.0, "llama", False),))},
+        "layer_norm": {"liger": on_cuda(lambda: lambda i: (ln.apply(i.x, i.weight, i.bias, EPS),))},
+        "add_rms_norm": {"liger": on_cuda(
+            lambda: lambda i: tuple(add_rms.apply(i.x, i.residual, i.weight, EPS, 0.0, "llama", False)))},
+    }
+
+
 def implementations(op: str, n: int, compile_reference: bool) -> dict[str, Callable]:
     """Name → function of ``(x, residual, weight, bias)`` returning the op's outputs (a tuple)."""
     if op == "rms_norm":
