@@ -93,6 +93,12 @@ def environment(device: str) -> dict:
 
 
 def main(args: argparse.Namespace) -> int:
+    if args.device.startswith("cuda"):  # GPU path: triton vs torch, compiled reference, Liger-Kernel
+        from normlab.bench import cuda
+
+        if args.out == "runs/bench":
+            args.out = "runs/bench-cuda"
+        return cuda.main(args)
     _ensure_allocator_env()
     from normlab.bench.run import run_all
 
