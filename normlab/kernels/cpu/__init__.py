@@ -10,10 +10,12 @@ Kernel contract: see ``normlab.dispatch`` and the op files; every function takes
 
 from __future__ import annotations
 
+import contextlib
 from typing import Optional
 
 import numpy as np
 import torch
+import numba
 from numba import parallel_chunksize
 
 from normlab import dispatch
@@ -79,6 +81,26 @@ def _rms_weight(weight: torch.Tensor | None, offset: float, casting: str, in_dty
     return _vec(w, n, 1.0), mode
 
 
+#: Below this many elements a call runs on one thread: waking the other threads costs more than the
+#: work (tens of µs idle, milliseconds when another process keeps a core busy). Results do not change:
+#: every row and every chunk partial is computed the same way whatever the thread count.
+SERIAL_BELOW = 1 << 18
+
+
+@contextlib.contextmanager
+def _threads_for(elements: int):
+    if elements >= SERIAL_BELOW or numba.get_num_threads() == 1:
+        with parallel_chunksize(1):  # chunks of rows handed out dynamically: a busy core cannot hold back the other
+            yield
+        return
+    threads = numba.get_num_threads()
+    numba.set_num_threads(1)
+    try:
+        yield
+    finally:
+        numba.set_num_threads(threads)
+
+
 def _fwd(x, residual, residual_dtype, weight_f32, bias_f32, eps, k, layer, mode, out, residual_out):
     rows_, n = x.shape
     x = x.detach().contiguous()
@@ -92,7 +114,7 @@ def _fwd(x, residual, residual_dtype, weight_f32, bias_f32, eps, k, layer, mode,
         r = residual.detach().contiguous()
         s = _output(x, residual_dtype, residual_out, "residual_out")
         fused = True
-    with parallel_chunksize(1):  # chunks of rows handed out dynamically: a busy core cannot hold back the other
+    with _threads_for(x.numel()):
         norm_fwd(_np(x), _np(r), _np(s), fused, _np(y), weight_f32, bias_f32, float(eps), int(k), layer, mode, mean.numpy(), rstd.numpy())
     return y, s, mean, rstd
 
@@ -114,7 +136,7 @@ def _norm_bwd_op(
     db_part = torch.zeros(chunks, n if layer else 0, dtype=torch.float32)
     dw = torch.zeros(n if want_dw else 0, dtype=torch.float32)
     db = torch.zeros(n if want_db else 0, dtype=torch.float32)
-    with parallel_chunksize(1):  # each chunk's partial is the same whichever thread computes it
+    with _threads_for(x.numel()):  # each chunk's partial is the same whichever thread computes it
         norm_bwd(
             _np(dy), _np(x), weight.contiguous().numpy(), mean.contiguous().numpy(),
             rstd.to(_STAT).contiguous().numpy(), k, layer, _np(dsum_t), dsum is not None, _np(dx),
