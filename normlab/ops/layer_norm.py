@@ -28,6 +28,7 @@ from normlab.ops._common import (
     check_param,
     check_same,
     compute_dtype,
+    custom_op_with_eager_twin,
     flat_param,
     normalized_size,
     row_mean,
@@ -149,16 +150,14 @@ def _stats_fake(x: Tensor, dtype: torch.dtype) -> Tensor:
     return x.new_empty((x.shape[0],), dtype=compute_dtype(dtype))
 
 
-@torch.library.custom_op("normlab::layer_norm", mutates_args=())
-def _layer_norm_op(
+def _layer_norm_impl(
     x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float, backend: str
 ) -> tuple[Tensor, Tensor, Tensor]:
     y, mean, rstd = _fwd(backend, x, weight, bias, eps)
     return y, mean, rstd
 
 
-@_layer_norm_op.register_fake
-def _(x, weight, bias, eps, backend):
+def _ln_fake(x, weight, bias, eps, backend):
     return torch.empty_like(x), _stats_fake(x, x.dtype), _stats_fake(x, x.dtype)
 
 
@@ -176,11 +175,10 @@ def _ln_backward(ctx, dy, _dmean, _drstd):
     return dx, dw, db, None, None
 
 
-_layer_norm_op.register_autograd(_ln_backward, setup_context=_ln_setup)
+_layer_norm_op = custom_op_with_eager_twin("normlab::layer_norm", _layer_norm_impl, _ln_fake, _ln_setup, _ln_backward)
 
 
-@torch.library.custom_op("normlab::add_layer_norm", mutates_args=())
-def _add_layer_norm_op(
+def _add_layer_norm_impl(
     x: Tensor, residual: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float,
     residual_dtype: torch.dtype, backend: str,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -192,8 +190,7 @@ def _add_layer_norm_op(
     return dispatch.kernel(backend, "add_layer_norm_fwd")(x, residual, weight, bias, eps, residual_dtype)
 
 
-@_add_layer_norm_op.register_fake
-def _(x, residual, weight, bias, eps, residual_dtype, backend):
+def _add_ln_fake(x, residual, weight, bias, eps, residual_dtype, backend):
     # the statistics are those of the stored sum s (fp64 when residual_dtype is fp64)
     stats = _stats_fake(x, residual_dtype)
     return torch.empty_like(x), torch.empty_like(x, dtype=residual_dtype), stats, stats.clone()
@@ -214,7 +211,9 @@ def _add_ln_backward(ctx, dy, dsum, _dmean, _drstd):
     return ds.to(x_dtype), ds.to(r_dtype), dw, db, None, None, None
 
 
-_add_layer_norm_op.register_autograd(_add_ln_backward, setup_context=_add_ln_setup)
+_add_layer_norm_op = custom_op_with_eager_twin(
+    "normlab::add_layer_norm", _add_layer_norm_impl, _add_ln_fake, _add_ln_setup, _add_ln_backward
+)
 
 
 # ----------------------------------------------------------------------------------------------

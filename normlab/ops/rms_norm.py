@@ -34,6 +34,7 @@ from normlab.ops._common import (
     check_param,
     check_same,
     compute_dtype,
+    custom_op_with_eager_twin,
     flat_param,
     normalized_size,
     row_mean,
@@ -156,16 +157,14 @@ def _bwd(backend: str, dy, x, weight, rstd, offset, k, eps, dsum=None):
     return dispatch.kernel(backend, "rms_norm_bwd")(dy.contiguous(), x, weight, rstd, offset, k, dsum)
 
 
-@torch.library.custom_op("normlab::rms_norm", mutates_args=())
-def _rms_norm_op(
+def _rms_norm_impl(
     x: Tensor, weight: Optional[Tensor], eps: float, casting: str, offset: float, k: int, backend: str
 ) -> tuple[Tensor, Tensor]:
     y, rstd = _fwd(backend, x, weight, eps, casting, offset, k)
     return y, rstd
 
 
-@_rms_norm_op.register_fake
-def _(x, weight, eps, casting, offset, k, backend):
+def _rms_fake(x, weight, eps, casting, offset, k, backend):
     return torch.empty_like(x), x.new_empty((x.shape[0],), dtype=compute_dtype(x.dtype))
 
 
@@ -183,11 +182,10 @@ def _rms_backward(ctx, dy, _drstd):
     return dx, dw, None, None, None, None, None
 
 
-_rms_norm_op.register_autograd(_rms_backward, setup_context=_rms_setup)
+_rms_norm_op = custom_op_with_eager_twin("normlab::rms_norm", _rms_norm_impl, _rms_fake, _rms_setup, _rms_backward)
 
 
-@torch.library.custom_op("normlab::add_rms_norm", mutates_args=())
-def _add_rms_norm_op(
+def _add_rms_norm_impl(
     x: Tensor, residual: Tensor, weight: Optional[Tensor], eps: float, casting: str, offset: float, k: int,
     residual_dtype: torch.dtype, backend: str,
 ) -> tuple[Tensor, Tensor, Tensor]:
@@ -199,8 +197,7 @@ def _add_rms_norm_op(
     return dispatch.kernel(backend, "add_rms_norm_fwd")(x, residual, weight, eps, casting, offset, k, residual_dtype)
 
 
-@_add_rms_norm_op.register_fake
-def _(x, residual, weight, eps, casting, offset, k, residual_dtype, backend):
+def _add_rms_fake(x, residual, weight, eps, casting, offset, k, residual_dtype, backend):
     return (
         torch.empty_like(x),
         torch.empty_like(x, dtype=residual_dtype),
@@ -226,7 +223,9 @@ def _add_rms_backward(ctx, dy, dsum, _drstd):
     return ds.to(x_dtype), ds.to(r_dtype), dw, None, None, None, None, None, None
 
 
-_add_rms_norm_op.register_autograd(_add_rms_backward, setup_context=_add_rms_setup)
+_add_rms_norm_op = custom_op_with_eager_twin(
+    "normlab::add_rms_norm", _add_rms_norm_impl, _add_rms_fake, _add_rms_setup, _add_rms_backward
+)
 
 
 # ----------------------------------------------------------------------------------------------
