@@ -385,7 +385,7 @@ def exp4_geometry(results: dict[str, RunResult], cfg: StudyConfig, corpus: Corpu
         geo = max(ln_ratios) <= GEOMETRY_TOLERANCE
         irrev_ok = all(r[1] < 1e-12 and r[2] < 1e-9 for r in irrev_rows)
         verdict = "holds" if geo and irrev_ok else ("partly holds" if irrev_ok or geo else "does not hold here")
-        measured = (f"trained LayerNorm models: mean |cos(h, 1)| = {', '.join(f'{x:.1f}' for x in ln_ratios)}× the random "
+        measured = (f"trained LayerNorm models: mean |cos(h, 1)| = {', '.join(f'{x:.2f}×' for x in ln_ratios)} the random "
                     f"baseline {base:.3f}; irreversibility max |LN(3h + 5·1) − LN(h)| = "
                     f"{max(r[1] for r in irrev_rows):.1e} (fp64, eps 0); trained modules under h + c·1: {max(r[2] for r in irrev_rows):.1e} relative")
     else:
