@@ -22,6 +22,8 @@ import sys
 import time
 from pathlib import Path
 
+from normlab._machine import cpu_model
+
 MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "4294967296", "MALLOC_TRIM_THRESHOLD_": "68719476736"}
 STANDARD_SHAPES = [(8192, 4096), (32768, 1024), (2048, 8192), (4096, 768)]
 QUICK_SHAPES = [(4096, 768)]
@@ -54,16 +56,6 @@ def _ensure_allocator_env() -> None:
     os.execve(sys.executable, list(sys.orig_argv), env)
 
 
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def environment(device: str) -> dict:
     import numba
     import numpy
@@ -73,7 +65,7 @@ def environment(device: str) -> dict:
 
     load1, load5, _ = os.getloadavg()
     env = {
-        "cpu": _cpu_model(),
+        "cpu": cpu_model(),
         "cores": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "numba_threads": numba.get_num_threads(),

@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 import normlab
+from normlab.bench.cases import llama_rms_norm, textbook_layer_norm
 
 OPS = ("rms_norm", "layer_norm", "add_rms_norm", "add_layer_norm")
 FUSED = {"add_rms_norm", "add_layer_norm"}
@@ -73,20 +74,6 @@ def cuda_time(fn: Callable[[], object], samples: int, min_time: float) -> float:
 
 
 # ---- what is compared -------------------------------------------------------------------------------
-def llama_rms_norm(x, w):
-    """Hugging Face ``LlamaRMSNorm.forward`` — the reference formula a model file writes."""
-    h = x.to(torch.float32)
-    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + EPS)
-    return w * h.to(x.dtype)
-
-
-def textbook_layer_norm(x, w, b):
-    h = x.to(torch.float32)
-    mu = h.mean(-1, keepdim=True)
-    var = (h - mu).pow(2).mean(-1, keepdim=True)
-    return ((h - mu) * torch.rsqrt(var + EPS) * w.float() + b.float()).to(x.dtype)
-
-
 def _liger():
     """Liger-Kernel's autograd functions, or None when it is not installed."""
     try:

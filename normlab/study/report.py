@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 
+from normlab._machine import cpu_model
 from normlab.study.config import atomic_write_text
 
 
@@ -91,19 +92,9 @@ def environment() -> dict:
         "torch": torch.__version__,
         "python": platform.python_version(),
         "machine": platform.machine(),
-        "cpu": _cpu_model(),
+        "cpu": cpu_model(),
         "threads": torch.get_num_threads(),
     }
-
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def write_report(out_dir: Path, title: str, setup: list[str], experiments: list[Experiment]) -> Path:
