@@ -115,5 +115,4 @@ def run_all(ops, shapes, dtypes, modes, device, samples, min_time, compile_refer
                         rec.update(copy_ms=again * 1e3, copy_gbps=copy_bytes / again / 1e9)
                         if "gbps" in rec:
                             rec["pct_copy"] = 100 * rec["gbps"] / rec["copy_gbps"]
-                del dst
     return results
