@@ -7,7 +7,6 @@ it raises ImportError when triton is not installed, and the dispatch falls back 
 
 from __future__ import annotations
 
-
 import torch
 import triton  # noqa: F401  (ImportError here: the dispatch falls back)
 
