@@ -119,12 +119,11 @@ def _fwd(x, residual, residual_dtype, weight_f32, bias_f32, eps, k, layer, mode,
     return y, s, mean, rstd
 
 
-@torch.library.custom_op("normlab::cpu_norm_bwd", mutates_args=())
-def _norm_bwd_op(
+def _norm_bwd(
     dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor, k: int,
     layer: bool, dsum: Optional[torch.Tensor], want_dw: bool, want_db: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The backward kernel as a custom op, so autograd graphs traced by ``torch.compile`` can hold it.
+    """The backward kernel on ``(rows, n)`` rows (a custom op for ``torch.compile``: ``_norm_bwd_op``).
     ``weight`` is fp32 ``offset + w``; gradients not wanted come back empty."""
     rows_, n = x.shape
     x = x.contiguous()
@@ -143,6 +142,15 @@ def _norm_bwd_op(
             dw_part.numpy(), db_part.numpy(), want_dw, want_db, dw.numpy(), db.numpy(),
         )
     return dx, dw, db
+
+
+_norm_bwd_op = torch.library.custom_op("normlab::cpu_norm_bwd", _norm_bwd, mutates_args=())
+
+
+def _backward(*args):
+    """The backward kernel: through its custom op while ``torch.compile`` traces, directly in eager mode
+    (the custom-op dispatcher costs tens of µs per call)."""
+    return _norm_bwd_op(*args) if torch.compiler.is_compiling() else _norm_bwd(*args)
 
 
 @_norm_bwd_op.register_fake
@@ -167,7 +175,7 @@ def rms_norm_fwd(x, weight, eps, casting, offset, k, out=None):
 def rms_norm_bwd(dy, x, weight, rstd, offset, k, dsum=None):
     """``(dx, dw | None)`` from the saved ``rstd``; ``dsum`` (the fused add's gradient) is added to dx."""
     w = _wvec(weight, x.shape[1], x, float(offset))
-    dx, dw, _ = _norm_bwd_op(dy, x, w, rstd.new_empty(0), rstd, int(k), False, dsum, weight is not None, False)
+    dx, dw, _ = _backward(dy, x, w, rstd.new_empty(0), rstd, int(k), False, dsum, weight is not None, False)
     return dx, None if weight is None else dw.to(weight.dtype)
 
 
@@ -189,7 +197,7 @@ def layer_norm_fwd(x, weight, bias, eps, out=None):
 def layer_norm_bwd(dy, x, weight, bias, mean, rstd, dsum=None):
     """``(dx, dw | None, db | None)`` from the saved ``mean``/``rstd``."""
     n = x.shape[1]
-    dx, dw, db = _norm_bwd_op(dy, x, _wvec(weight, n, x), mean, rstd, n, True, dsum, weight is not None, bias is not None)
+    dx, dw, db = _backward(dy, x, _wvec(weight, n, x), mean, rstd, n, True, dsum, weight is not None, bias is not None)
     return dx, None if weight is None else dw.to(weight.dtype), None if bias is None else db.to(bias.dtype)
 
 
