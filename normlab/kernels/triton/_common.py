@@ -54,6 +54,26 @@ def _sum_partials_kernel(P, OUT, G, n, BLOCK_G: tl.constexpr, BLOCK_N: tl.conste
     tl.store(OUT + cols, tl.sum(acc, axis=0).to(OUT.dtype.element_ty), mask=cols < n)
 
 
+@triton.jit
+def accumulate_partial(acc, part_row, cols, mask, value, NUM_CHUNKS: tl.constexpr):
+    """Add one chunk of a row's parameter-gradient contribution to this program's fp32 partial: in
+    registers (``acc``) when a row is one chunk, else into the partial row in memory. Returns ``acc``."""
+    if NUM_CHUNKS == 1:
+        acc += value
+    else:
+        part = part_row + cols
+        tl.store(part, tl.load(part, mask=mask, other=0.0) + value, mask=mask)
+    return acc
+
+
+@triton.jit
+def flush_partial(acc, part_row, n, BLOCK: tl.constexpr, NUM_CHUNKS: tl.constexpr):
+    """Write the register partial of :func:`accumulate_partial` to this program's partial row."""
+    if NUM_CHUNKS == 1:
+        cols = tl.arange(0, BLOCK)
+        tl.store(part_row + cols, acc, mask=cols < n)
+
+
 def sum_partials(partials: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """Column sums of the ``(programs, n)`` fp32 partials, in a fixed order (no atomics), as ``dtype``."""
     g, n = partials.shape

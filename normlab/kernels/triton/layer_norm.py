@@ -18,7 +18,15 @@ import torch
 import triton
 import triton.language as tl
 
-from normlab.kernels.triton._common import block_and_chunks, contiguous, num_warps, row_split, sum_partials
+from normlab.kernels.triton._common import (
+    accumulate_partial,
+    block_and_chunks,
+    contiguous,
+    flush_partial,
+    num_warps,
+    row_split,
+    sum_partials,
+)
 from normlab.kernels.triton.rms_norm import _load_sum
 
 
@@ -110,23 +118,13 @@ def _layer_norm_bwd_kernel(
             tl.store(DX + base + cols, dx.to(DX.dtype.element_ty), mask=mask)
             if HAS_W:
                 contribution = tl.where(dy == 0.0, 0.0, dy * xhat)  # a NaN row never leaks into dw
-                if NUM_CHUNKS == 1:
-                    dw_acc += contribution
-                else:
-                    part = dw_row + cols
-                    tl.store(part, tl.load(part, mask=mask, other=0.0) + contribution, mask=mask)
+                dw_acc = accumulate_partial(dw_acc, dw_row, cols, mask, contribution, NUM_CHUNKS)
             if HAS_B:
-                if NUM_CHUNKS == 1:
-                    db_acc += dy
-                else:
-                    part = db_row + cols
-                    tl.store(part, tl.load(part, mask=mask, other=0.0) + dy, mask=mask)
-    if NUM_CHUNKS == 1:
-        cols = tl.arange(0, BLOCK)
-        if HAS_W:
-            tl.store(dw_row + cols, dw_acc, mask=cols < n)
-        if HAS_B:
-            tl.store(db_row + cols, db_acc, mask=cols < n)
+                db_acc = accumulate_partial(db_acc, db_row, cols, mask, dy, NUM_CHUNKS)
+    if HAS_W:
+        flush_partial(dw_acc, dw_row, n, BLOCK, NUM_CHUNKS)
+    if HAS_B:
+        flush_partial(db_acc, db_row, n, BLOCK, NUM_CHUNKS)
 
 
 def _launch_fwd(x, residual, weight, bias, eps, y, s):

@@ -15,7 +15,15 @@ import torch
 import triton
 import triton.language as tl
 
-from normlab.kernels.triton._common import block_and_chunks, contiguous, num_warps, row_split, sum_partials
+from normlab.kernels.triton._common import (
+    accumulate_partial,
+    block_and_chunks,
+    contiguous,
+    flush_partial,
+    num_warps,
+    row_split,
+    sum_partials,
+)
 
 CASTING_CODES = {"llama": 0, "gemma": 1, "none": 2}
 
@@ -115,14 +123,9 @@ def _rms_norm_bwd_kernel(
             tl.store(DX + base + cols, dx.to(DX.dtype.element_ty), mask=mask)
             if HAS_W:
                 contribution = tl.where(dy == 0.0, 0.0, dy * xhat)  # a NaN row never leaks into dw
-                if NUM_CHUNKS == 1:
-                    dw_acc += contribution
-                else:
-                    part = dw_row + cols
-                    tl.store(part, tl.load(part, mask=mask, other=0.0) + contribution, mask=mask)
-    if HAS_W and NUM_CHUNKS == 1:
-        cols = tl.arange(0, BLOCK)
-        tl.store(dw_row + cols, dw_acc, mask=cols < n)
+                dw_acc = accumulate_partial(dw_acc, dw_row, cols, mask, contribution, NUM_CHUNKS)
+    if HAS_W:
+        flush_partial(dw_acc, dw_row, n, BLOCK, NUM_CHUNKS)
 
 
 def _launch_fwd(x, residual, weight, eps, casting, offset, k, y, s):
