@@ -33,3 +33,18 @@ def assert_close_same_dtype(fast: torch.Tensor, ref: torch.Tensor, ref64: torch.
 def rand(*shape: int, dtype=torch.float32, seed: int = 0, scale: float = 1.0, mean: float = 0.0) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     return (torch.randn(*shape, generator=g, dtype=torch.float64) * scale + mean).to(dtype)
+
+
+def assert_compiled_matches_eager(f, args, wrt, **compile_options) -> None:
+    """``torch.compile(f, fullgraph=True)`` gives the eager value of ``f(*args)`` and the eager gradients
+    with respect to ``wrt``."""
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    eager = f(*args)
+    grads_eager = torch.autograd.grad(eager, wrt)
+    compiled = torch.compile(f, fullgraph=True, **compile_options)(*args)
+    grads_compiled = torch.autograd.grad(compiled, wrt)
+    torch.testing.assert_close(compiled, eager)
+    for c, e in zip(grads_compiled, grads_eager):
+        torch.testing.assert_close(c, e)

@@ -10,7 +10,15 @@ from hypothesis import strategies as st
 
 import normlab
 from normlab.ops.layer_norm import add_layer_norm_reference, layer_norm_reference
-from tests.helpers import ATOL, DTYPES, assert_close_same_dtype, assert_tolerance_rule, max_err, rand
+from tests.helpers import (
+    ATOL,
+    DTYPES,
+    assert_close_same_dtype,
+    assert_compiled_matches_eager,
+    assert_tolerance_rule,
+    max_err,
+    rand,
+)
 
 SHAPES = [(4, 16), (3, 5, 33), (7, 1), (2, 767), (1, 4097)]
 AFFINE = ["none", "weight", "bias", "both"]
@@ -375,7 +383,6 @@ def test_opcheck_fake_and_autograd_registration():
 
 
 def test_torch_compile_fullgraph():
-    torch._dynamo.reset()
     x, r = rand(4, 8, 32).requires_grad_(), rand(4, 8, 32, seed=1)
     w, b = rand(32, seed=2).requires_grad_(), rand(32, seed=3).requires_grad_()
 
@@ -383,13 +390,7 @@ def test_torch_compile_fullgraph():
         y, s = normlab.add_layer_norm(x, r, 32, w, b)
         return normlab.layer_norm(y + s, (8, 32)).square().mean() + normlab.layer_norm(s, 32, w, b).mean()
 
-    eager = f(x, r, w, b)
-    ge = torch.autograd.grad(eager, (x, w, b))
-    compiled = torch.compile(f, fullgraph=True)(x, r, w, b)
-    gc = torch.autograd.grad(compiled, (x, w, b))
-    torch.testing.assert_close(compiled, eager)
-    for a, c in zip(gc, ge):
-        torch.testing.assert_close(a, c)
+    assert_compiled_matches_eager(f, (x, r, w, b), (x, w, b))
 
 
 @settings(max_examples=30, deadline=None)

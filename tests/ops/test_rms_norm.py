@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 import normlab
 import normlab.nn
 from normlab.ops.rms_norm import add_rms_norm_reference, rms_norm_reference
-from tests.helpers import DTYPES, assert_close_same_dtype, assert_tolerance_rule, rand
+from tests.helpers import DTYPES, assert_close_same_dtype, assert_compiled_matches_eager, assert_tolerance_rule, rand
 
 SHAPES = [(4, 16), (3, 5, 33), (7, 1), (2, 767), (1, 4097)]
 
@@ -264,7 +264,6 @@ def test_env_variable_selects_backend(monkeypatch):
 
 
 def test_torch_compile_fullgraph():
-    torch._dynamo.reset()
     x, r = rand(4, 8, 32).requires_grad_(), rand(4, 8, 32, seed=1)
     w = rand(32, seed=2).requires_grad_()
 
@@ -272,13 +271,7 @@ def test_torch_compile_fullgraph():
         y, s = normlab.add_rms_norm(x, r, 32, w, offset=1.0)
         return normlab.rms_norm(y + s, 32, w, partial=0.5).square().mean()
 
-    eager = f(x, r, w)
-    ge = torch.autograd.grad(eager, (x, w))
-    compiled = torch.compile(f, fullgraph=True)(x, r, w)
-    gc = torch.autograd.grad(compiled, (x, w))
-    torch.testing.assert_close(compiled, eager)
-    for a, b in zip(gc, ge):
-        torch.testing.assert_close(a, b)
+    assert_compiled_matches_eager(f, (x, r, w), (x, w))
 
 
 @settings(max_examples=40, deadline=None)
