@@ -175,5 +175,4 @@ def custom_op_with_eager_twin(name: str, impl, fake, setup_context, backward):
     def call(*args):
         return op(*args) if torch.compiler.is_compiling() else twin.apply(*args)
 
-    call.op = op
     return call
