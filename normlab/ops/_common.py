@@ -161,6 +161,7 @@ def custom_op_with_eager_twin(name: str, impl, fake, setup_context, backward):
     op = torch.library.custom_op(name, impl, mutates_args=())
     op.register_fake(fake)
     op.register_autograd(backward, setup_context=setup_context)
+
     def forward(ctx, *args):  # ctx-style: torch binds a setup_context-style Function's args with inspect
         output = impl(*args)
         setup_context(ctx, args, output)
