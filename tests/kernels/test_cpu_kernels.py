@@ -312,11 +312,48 @@ def _all_forward(x, r, w, b):
     n = x.shape[1]
     return [
         K.rms_norm_fwd(x, w, 1e-5, "llama", 0.0, n)[0],
-        K.rms_norm_fwd(x, w, 1e-5, "none", 1.0, n // 2)[0],
+        K.rms_norm_fwd(x, w, 1e-5, "none", 1.0, max(1, n // 2))[0],
         K.layer_norm_fwd(x, w, b, 1e-5)[0],
         *K.add_rms_norm_fwd(x, r, w, 1e-5, "gemma", 0.0, n, x.dtype)[:2],
         *K.add_layer_norm_fwd(x, r, w, b, 1e-5, x.dtype)[:2],
     ]
+
+
+def _all_backward(x, r, w, b, dy):
+    n = x.shape[1]
+    _, rstd = K.rms_norm_fwd(x, w, 1e-5, "llama", 0.0, n)
+    _, rstd_p = K.rms_norm_fwd(x, w, 1e-5, "none", 1.0, max(1, n // 2))
+    _, mean, lrstd = K.layer_norm_fwd(x, w, b, 1e-5)
+    return [
+        *K.rms_norm_bwd(dy, x, w, rstd, 0.0, n),
+        *K.rms_norm_bwd(dy, x, w, rstd_p, 1.0, max(1, n // 2), r),
+        *K.layer_norm_bwd(dy, x, w, b, mean, lrstd),
+        *K.layer_norm_bwd(dy, x, w, b, mean, lrstd, r),
+    ]
+
+
+@pytest.mark.parametrize("dtype", LOW)
+@pytest.mark.parametrize("n", [*ODD_N, 1024])
+def test_streaming_stores_write_the_same_values(dtype, n, monkeypatch):
+    """Large calls write through a staging buffer with non-temporal stores (aligned middle of each row,
+    ordinary stores for the head and tail): bitwise the same outputs and gradients as ordinary stores,
+    whatever the row alignment (odd n: most rows start off a 64-byte boundary)."""
+    rows = 67  # two chunks, the second partial
+    x, r, dy = rand(rows, n, dtype=dtype), rand(rows, n, dtype=dtype, seed=1), rand(rows, n, dtype=dtype, seed=4)
+    w, b = rand(n, dtype=dtype, seed=2), rand(n, dtype=dtype, seed=3)
+    results = {}
+    for stream in (False, True):
+        monkeypatch.setattr(K, "_streams", lambda *_, stream=stream: stream)
+        results[stream] = _all_forward(x, r, w, b) + _all_backward(x, r, w, b, dy)
+        results[stream].append(K.add_rms_norm_fwd(x, r, w, 1e-5, "llama", 0.0, n, torch.float32)[1])  # fp32 s
+    for plain, streamed in zip(results[False], results[True]):
+        assert torch.equal(plain, streamed)
+
+
+def test_streaming_is_chosen_for_large_fp32_calls_only():
+    big = torch.empty(K.STREAM_ABOVE // 4 + 1, dtype=torch.float32)
+    assert K._streams(big, big) and not K._streams(big[:16], big[:16])
+    assert not K._streams(big.to(torch.bfloat16), big)  # 16-bit outputs: compute-bound, never streamed
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -11,6 +11,7 @@ Kernel contract: see ``normlab.dispatch`` and the op files; every function takes
 from __future__ import annotations
 
 import contextlib
+import glob
 from typing import Optional
 
 import numpy as np
@@ -87,6 +88,30 @@ def _rms_weight(weight: torch.Tensor | None, offset: float, casting: str, in_dty
 SERIAL_BELOW = 1 << 18
 
 
+def _last_level_cache_bytes(default: int = 32 << 20) -> int:
+    """The largest cache of CPU 0 from sysfs (Linux), else ``default``."""
+    sizes = []
+    for path in glob.glob("/sys/devices/system/cpu/cpu0/cache/index*/size"):
+        with contextlib.suppress(OSError, ValueError), open(path) as f:
+            text = f.read().strip().upper()
+            scale = {"K": 1 << 10, "M": 1 << 20}.get(text[-1:], 1)
+            sizes.append(int(text.rstrip("KM")) * scale)
+    return max(sizes, default=default)
+
+
+#: fp32 calls that move more bytes than this (the last-level cache) write their outputs with
+#: non-temporal stores: the data cannot stay cached anyway, and ordinary stores would first read every
+#: output line. Below it, outputs stay in cache for the next op. 16-bit outputs never stream: their rows
+#: are compute-bound here, and the staging buffer costs more than the saved reads. The values written
+#: are the same either way.
+STREAM_ABOVE = _last_level_cache_bytes()
+
+
+def _streams(out: torch.Tensor, *others: torch.Tensor) -> bool:
+    moved = sum(t.numel() * t.element_size() for t in (out, *others))
+    return out.dtype == torch.float32 and moved > STREAM_ABOVE
+
+
 @contextlib.contextmanager
 def _threads_for(elements: int):
     if elements >= SERIAL_BELOW or numba.get_num_threads() == 1:
@@ -115,7 +140,10 @@ def _fwd(x, residual, residual_dtype, weight_f32, bias_f32, eps, k, layer, mode,
         s = _output(x, residual_dtype, residual_out, "residual_out")
         fused = True
     with _threads_for(x.numel()):
-        norm_fwd(_np(x), _np(r), _np(s), fused, _np(y), weight_f32, bias_f32, float(eps), int(k), layer, mode, mean.numpy(), rstd.numpy())
+        norm_fwd(
+            _np(x), _np(r), _np(s), fused, _np(y), weight_f32, bias_f32, float(eps), int(k), layer, mode,
+            mean.numpy(), rstd.numpy(), _streams(y, x, r, s) if fused else _streams(y, x),
+        )
     return y, s, mean, rstd
 
 
@@ -140,6 +168,7 @@ def _norm_bwd(
             _np(dy), _np(x), weight.contiguous().numpy(), mean.contiguous().numpy(),
             rstd.to(_STAT).contiguous().numpy(), k, layer, _np(dsum_t), dsum is not None, _np(dx),
             dw_part.numpy(), db_part.numpy(), want_dw, want_db, dw.numpy(), db.numpy(),
+            dsum is None and _streams(dx, dy, x),  # with the fused add's gradient, measured slower streamed
         )
     return dx, dw, db
 

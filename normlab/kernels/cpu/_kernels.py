@@ -1,14 +1,18 @@
-"""The two numba kernels behind every CPU op: one forward, one backward, generic over the norm.
+"""The numba kernels behind every CPU op: one forward, one backward, generic over the norm.
 
-Runtime flags select the norm (``layer``: LayerNorm, else RMSNorm), the fused residual add and the
-casting mode; the I/O dtypes come from the array types (float32, bf16 as uint16, fp16 as int16), so each
-kernel compiles once per dtype combination — a handful of signatures in all, cached on disk.
+Flags select the norm (``layer``: LayerNorm, else RMSNorm), the fused residual add and the casting mode;
+each flag combination is its own compiled kernel (the flags are constants of its loops, so the inner
+loops carry no branches), built on first use and cached on disk, and the I/O dtypes come from the array
+types (float32, bf16 as uint16, fp16 as int16).
 
 Each row takes two passes over its data: one reduction (statistics), one fused elementwise pass that
 reads, normalizes, rounds and writes; the row stays in cache between them, so x is read once from memory.
-Rows are processed in fixed chunks of :data:`CHUNK` rows, in parallel over chunks. A row's result
-depends on that row alone (batch invariance). Weight/bias gradients are accumulated per chunk in fp32,
-then summed over chunks in chunk order: bitwise the same for any thread count.
+Large fp32 calls form the written rows in blocks of :data:`BLOCK` columns in a per-thread buffer and
+write them with non-temporal stores (no read-for-ownership of the output, no eviction of the input):
+the values are the same either way. Rows are processed in fixed chunks of :data:`CHUNK` rows, in
+parallel over chunks. A row's result depends on that row alone (batch invariance). Weight/bias
+gradients are accumulated per chunk in fp32, then summed over chunks in chunk order: bitwise the same
+for any thread count.
 """
 
 from __future__ import annotations
@@ -24,7 +28,10 @@ from normlab.kernels.cpu._numerics import (
     row_sum,
     row_sumsq,
     store,
+    store_fence,
     store_via,
+    aligned_from,
+    stream_cols,
 )
 
 #: Rows per work item and per weight-gradient partial (a constant: never depends on the thread count).
@@ -33,63 +40,217 @@ CHUNK = 64
 #: dtype the mode prescribes, as fp32 values).
 MODE_FP32, MODE_LLAMA, MODE_NONE = 0, 1, 2
 _COLS = 512  # columns per work item of the chunk-partial reduction
+#: Columns per non-temporal block (a whole number of 64-byte lines in every dtype).
+BLOCK = 512
 
+_U = np.uint64
 _ONE = np.float32(1.0)
 _ZERO = np.float32(0.0)
 
 
 @njit(cache=True)
-def _norm_row(a, i, y, w, b, eps, k, layer, mode, mean, rstd):
-    """Normalize row ``i`` of ``a`` into row ``i`` of ``y``; the norm's dtype is ``a``'s (its
-    intermediate roundings), then the result is stored in ``y``'s dtype."""
-    n = a.shape[1]
-    if layer:  # corrected two-pass: deviations from the rounded mean m, minus their mean c
-        nf = np.float32(n)
-        m = row_sum(a, i) / nf
-        sd, sd2 = row_dev_sums(a, i, m)
+def _row_stats(a, ai, eps, k, layer):
+    """``(m, c, rstd)`` of row ``ai``. LayerNorm: the corrected two-pass — the rounded mean m, the mean c
+    of the deviations from it, and rstd from ``Σ (x − m − c)² = Σ (x − m)² − n·c²``; RMSNorm:
+    ``m = c = 0`` and ``rstd = 1/sqrt(Σ_{j<k} x_j²/k + eps)``."""
+    if layer:
+        nf = np.float32(a.shape[1])
+        m = row_sum(a, ai) / nf
+        sd, sd2 = row_dev_sums(a, ai, m)
         c = sd / nf
-        rs = _ONE / np.sqrt(max(sd2 / nf - c * c, _ZERO) + eps)
-        for j in range(n):
-            y[i, j] = store_via(((load(a[i, j]) - m) - c) * rs * w[j] + b[j], a, y)
+        return m, c, _ONE / np.sqrt(max(sd2 / nf - c * c, _ZERO) + eps)
+    return _ZERO, _ZERO, _ONE / np.sqrt(row_sumsq(a, ai, k) / np.float32(k) + eps)
+
+
+@njit(cache=True)
+def _norm_cols(a, ai, y, yi, lo, hi, off, w, b, m, c, rs, layer, mode):
+    """Columns ``lo:hi`` of row ``ai`` of ``a``, normalized, into ``y[yi, lo − off : hi − off]``; the
+    norm's dtype is ``a``'s (its intermediate roundings), then the result is stored in ``y``'s dtype.
+    (Unsigned column indices: numba then emits no negative-index wraparound, and the loops vectorize.)"""
+    lo, hi, off = _U(lo), _U(hi), _U(off)
+    if layer:
+        for j in range(lo, hi):
+            y[yi, j - off] = store_via(((load(a[ai, j]) - m) - c) * rs * w[j] + b[j], a, y)
+    elif mode == MODE_FP32:
+        for j in range(lo, hi):
+            y[yi, j - off] = store_via(load(a[ai, j]) * rs * w[j], a, y)
+    elif mode == MODE_LLAMA:  # x·rstd rounded to the input dtype, then times the weight
+        for j in range(lo, hi):
+            y[yi, j - off] = store_via(rnd(load(a[ai, j]) * rs, a) * w[j], a, y)
+    else:  # none: rstd rounded, x·rstd rounded, times the weight
+        rq = rnd(rs, a)
+        for j in range(lo, hi):
+            y[yi, j - off] = store_via(rnd(load(a[ai, j]) * rq, a) * w[j], a, y)
+
+
+@njit(cache=True)
+def _norm_row(a, ai, y, i, buf, stream, w, b, eps, k, layer, mode, mean, rstd):
+    """Normalize row ``ai`` of ``a`` into row ``i`` of ``y`` (statistics into ``mean[i]``, ``rstd[i]``).
+    ``stream``: the aligned middle of the row goes out in blocks of :data:`BLOCK` columns through
+    ``buf`` with non-temporal stores, interleaved with the computation."""
+    n = a.shape[1]
+    m, c, rs = _row_stats(a, ai, eps, k, layer)
+    width = buf.shape[1]  # a runtime block width: LLVM vectorizes the loop instead of unrolling it
+    j = aligned_from(y, i) if stream else n
+    _norm_cols(a, ai, y, i, 0, j, 0, w, b, m, c, rs, layer, mode)
+    while stream and j + width <= n:
+        _norm_cols(a, ai, buf, 0, j, j + width, j, w, b, m, c, rs, layer, mode)
+        stream_cols(y, i, j, buf, 0, width)
+        j += width
+    _norm_cols(a, ai, y, i, j, n, 0, w, b, m, c, rs, layer, mode)
+    if layer:
         mean[i] = m + c
-    else:
-        rs = _ONE / np.sqrt(row_sumsq(a, i, k) / np.float32(k) + eps)
-        if mode == MODE_FP32:
-            for j in range(n):
-                y[i, j] = store_via(load(a[i, j]) * rs * w[j], a, y)
-        elif mode == MODE_LLAMA:  # x·rstd rounded to the input dtype, then times the weight
-            for j in range(n):
-                y[i, j] = store_via(rnd(load(a[i, j]) * rs, a) * w[j], a, y)
-        else:  # none: rstd rounded, x·rstd rounded, times the weight
-            rq = rnd(rs, a)
-            for j in range(n):
-                y[i, j] = store_via(rnd(load(a[i, j]) * rq, a) * w[j], a, y)
     rstd[i] = rs
 
 
-@njit(parallel=True, cache=True)
-def norm_fwd(x, r, s, fused, y, w, b, eps, k, layer, mode, mean, rstd):
+@njit(cache=True)
+def _add_row(x, r, s, i, sbuf, stream):
+    """``s = x + r`` (fp32 add, rounded to ``s``'s dtype) on row ``i``; when streaming, formed in
+    ``sbuf[0]`` (where the norm then reads it) and streamed out."""
+    n = x.shape[1]
+    if not stream:
+        for t in range(n):
+            s[i, t] = store(load(x[i, t]) + load(r[i, t]), s)
+        return
+    for t in range(n):
+        sbuf[0, t] = store(load(x[i, t]) + load(r[i, t]), s)
+    head = aligned_from(s, i)
+    body = (n - head) // (64 // s.itemsize) * (64 // s.itemsize)
+    for t in range(head):
+        s[i, t] = sbuf[0, t]
+    stream_cols(s, i, head, sbuf, head, body)
+    for t in range(head + body, n):
+        s[i, t] = sbuf[0, t]
+
+
+def _make_fwd(layer: bool, mode: int, fused: bool):
+    """The forward kernel for one norm, casting mode and fused-or-not: the flags are compile-time
+    constants of its loops (branch-free inner loops; a generic kernel with runtime flags is ≈ 30 %
+    slower). Cached on disk per flag combination (numba keys closures by their values)."""
+
+    @njit(parallel=True, cache=True)
+    def kernel(x, r, s, y, w, b, eps, k, mean, rstd, stream):
+        rows, n = x.shape
+        eps32 = np.float32(eps)
+        block = BLOCK if stream else 0
+        for c in prange((rows + CHUNK - 1) // CHUNK):
+            ybuf = np.empty((1, block), y.dtype)
+            sbuf = np.empty((1, n if stream and fused else 0), s.dtype)
+            for i in range(c * CHUNK, min(rows, (c + 1) * CHUNK)):
+                if not fused:
+                    _norm_row(x, i, y, i, ybuf, stream, w, b, eps32, k, layer, mode, mean, rstd)
+                elif stream:
+                    _add_row(x, r, s, i, sbuf, stream)
+                    _norm_row(sbuf, 0, y, i, ybuf, stream, w, b, eps32, k, layer, mode, mean, rstd)
+                else:
+                    _add_row(x, r, s, i, sbuf, stream)
+                    _norm_row(s, i, y, i, ybuf, stream, w, b, eps32, k, layer, mode, mean, rstd)
+            if stream:
+                store_fence()
+
+    return kernel
+
+
+_FWD: dict = {}
+
+
+def norm_fwd(x, r, s, fused, y, w, b, eps, k, layer, mode, mean, rstd, stream):
     """Forward of RMSNorm / LayerNorm, optionally on ``s = x + r`` (fp32 add, stored in ``s``'s dtype).
 
     ``w`` (and ``b`` for LayerNorm) are fp32 rows. RMSNorm: ``y = x·rstd·w`` with
     ``rstd = 1/sqrt(Σ_{j<k} x_j²/k + eps)`` and the casting ``mode``'s intermediate roundings;
     LayerNorm: ``y = (x − mean)·rstd·w + b`` with the corrected two-pass biased variance (deviations from
     the rounded mean, minus their own mean: accurate to the spread of the row, not to ulp(mean)).
+    ``stream``: outputs are written with non-temporal stores (the same values either way).
     """
-    rows, n = x.shape
-    eps32 = np.float32(eps)
-    for c in prange((rows + CHUNK - 1) // CHUNK):
-        for i in range(c * CHUNK, min(rows, (c + 1) * CHUNK)):
-            if fused:
-                for j in range(n):
-                    s[i, j] = store(load(x[i, j]) + load(r[i, j]), s)
-                _norm_row(s, i, y, w, b, eps32, k, layer, mode, mean, rstd)
-            else:
-                _norm_row(x, i, y, w, b, eps32, k, layer, mode, mean, rstd)
+    key = (bool(layer), MODE_FP32 if layer else int(mode), bool(fused))
+    kernel = _FWD.get(key) or _FWD.setdefault(key, _make_fwd(*key))
+    kernel(x, r, s, y, w, b, eps, k, mean, rstd, stream)
 
 
-@njit(parallel=True, cache=True)
-def norm_bwd(dy, x, w, mean, rstd, k, layer, dsum, has_dsum, dx, dw_part, db_part, want_dw, want_db, dw, db):
+@njit(cache=True)
+def _grad_cols(dy, x, w, i, lo, hi, dx, di, off, rs, m, c, mg, mgx, proj, k, layer, dsum, has_dsum, pw, pb):
+    """dx of columns ``lo:hi`` of row ``i`` into ``dx[di, lo − off : hi − off]``; adds their dw/db terms
+    to the chunk partials ``pw``/``pb``."""
+    lo, hi, off, k = _U(lo), _U(hi), _U(off), _U(k)
+    if layer:
+        for j in range(lo, hi):
+            d = load(dy[i, j])
+            xh = ((load(x[i, j]) - m) - c) * rs
+            v = rs * (d * w[j] - mg - xh * mgx)
+            dx[di, j - off] = store(v + load(dsum[i, j]) if has_dsum else v, dx)
+            pw[j] += d * xh if d != _ZERO else _ZERO
+            pb[j] += d
+        return
+    for j in range(lo, min(hi, k)):
+        d = load(dy[i, j])
+        xh = load(x[i, j]) * rs
+        v = rs * (d * w[j]) - rs * xh * proj
+        dx[di, j - off] = store(v + load(dsum[i, j]) if has_dsum else v, dx)
+        pw[j] += d * xh if d != _ZERO else _ZERO
+    for j in range(max(lo, k), hi):
+        d = load(dy[i, j])
+        v = rs * (d * w[j])
+        dx[di, j - off] = store(v + load(dsum[i, j]) if has_dsum else v, dx)
+        pw[j] += d * (load(x[i, j]) * rs) if d != _ZERO else _ZERO
+
+
+@njit(cache=True)
+def _grad_row(dy, x, w, mean, rstd, k, layer, dsum, has_dsum, i, dx, buf, stream, pw, pb):
+    """dx of row ``i`` (the aligned middle streamed through ``buf`` when ``stream``); dw/db terms into
+    ``pw``/``pb``."""
+    n = x.shape[1]
+    nf = np.float32(n)
+    rs = rstd[i]
+    m = mean[i] if layer else _ZERO  # x − 0 is x exactly: one x̂ formula for both norms
+    sum_g, sum_gd, sum_d = row_grad_sums(dy, w, x, i, m)
+    c = sum_d / nf if layer else _ZERO  # x̂ = ((x − mean) − c)·rstd, c the mean deviation, as in the forward
+    mg, mgx = sum_g / nf, rs * (sum_gd - c * sum_g) / nf
+    proj = rs * sum_gd / np.float32(k)
+    width = buf.shape[1]
+    j = aligned_from(dx, i) if stream else n
+    _grad_cols(dy, x, w, i, 0, j, dx, i, 0, rs, m, c, mg, mgx, proj, k, layer, dsum, has_dsum, pw, pb)
+    while stream and j + width <= n:
+        _grad_cols(dy, x, w, i, j, j + width, buf, 0, j, rs, m, c, mg, mgx, proj, k, layer, dsum, has_dsum, pw, pb)
+        stream_cols(dx, i, j, buf, 0, width)
+        j += width
+    _grad_cols(dy, x, w, i, j, n, dx, i, 0, rs, m, c, mg, mgx, proj, k, layer, dsum, has_dsum, pw, pb)
+
+
+def _make_bwd(layer: bool, has_dsum: bool):
+    """The backward kernel for one norm, with or without the fused add's gradient (compile-time flags,
+    as in :func:`_make_fwd`)."""
+
+    @njit(parallel=True, cache=True)
+    def kernel(dy, x, w, mean, rstd, k, dsum, dx, dw_part, db_part, want_dw, want_db, dw, db, stream):
+        rows, n = x.shape
+        nchunks = (rows + CHUNK - 1) // CHUNK
+        for c in prange(nchunks):
+            pw = dw_part[c]
+            pb = db_part[c]
+            dxbuf = np.empty((1, BLOCK if stream else 0), dx.dtype)
+            for i in range(c * CHUNK, min(rows, (c + 1) * CHUNK)):
+                _grad_row(dy, x, w, mean, rstd, k, layer, dsum, has_dsum, i, dx, dxbuf, stream, pw, pb)
+            if stream:
+                store_fence()
+        if want_dw or want_db:
+            for cb in prange((n + _COLS - 1) // _COLS):
+                lo, hi = cb * _COLS, min(n, (cb + 1) * _COLS)
+                for c in range(nchunks):
+                    if want_dw:
+                        for j in range(lo, hi):
+                            dw[j] += dw_part[c, j]
+                    if want_db:
+                        for j in range(lo, hi):
+                            db[j] += db_part[c, j]
+
+    return kernel
+
+
+_BWD: dict = {}
+
+
+def norm_bwd(dy, x, w, mean, rstd, k, layer, dsum, has_dsum, dx, dw_part, db_part, want_dw, want_db, dw, db, stream):
     """Backward of RMSNorm / LayerNorm given the saved per-row ``mean``/``rstd``.
 
     ``x̂ = (x − mean)·rstd`` (RMSNorm: ``x·rstd``), ``g = dy·w``:
@@ -97,48 +258,9 @@ def norm_bwd(dy, x, w, mean, rstd, k, layer, dsum, has_dsum, dx, dw_part, db_par
     LayerNorm ``dx = rstd·(g − mean(g) − x̂·mean(g·x̂))``; ``+ dsum`` (fused add).
     ``dw = Σ_rows dy·x̂`` (0 where dy == 0), ``db = Σ_rows dy``: fp32 partials per chunk of rows
     (``dw_part`` always ``(chunks, n)``, ``db_part`` too for LayerNorm; accumulated in the same pass as
-    dx), then summed over chunks in chunk order into ``dw``/``db`` when wanted.
+    dx), then summed over chunks in chunk order into ``dw``/``db`` when wanted. ``stream``: dx rows go
+    through a per-thread buffer and non-temporal stores (the same values either way).
     """
-    rows, n = x.shape
-    kf, nf = np.float32(k), np.float32(n)
-    nchunks = (rows + CHUNK - 1) // CHUNK
-    for c in prange(nchunks):
-        pw = dw_part[c]
-        pb = db_part[c]
-        for i in range(c * CHUNK, min(rows, (c + 1) * CHUNK)):
-            rs = rstd[i]
-            m = mean[i] if layer else _ZERO  # x − 0 is x exactly: one x̂ formula for both norms
-            sum_g, sum_gd, sum_d = row_grad_sums(dy, w, x, i, m)
-            if layer:  # x̂ = ((x − mean) − c)·rstd with c the mean of the deviations, as in the forward
-                c = sum_d / nf
-                mg, mgx = sum_g / nf, rs * (sum_gd - c * sum_g) / nf
-                for j in range(n):
-                    d = load(dy[i, j])
-                    xh = ((load(x[i, j]) - m) - c) * rs
-                    v = rs * (d * w[j] - mg - xh * mgx)
-                    dx[i, j] = store(v + load(dsum[i, j]) if has_dsum else v, dx)
-                    pw[j] += d * xh if d != _ZERO else _ZERO
-                    pb[j] += d
-            else:
-                proj = rs * sum_gd / kf
-                for j in range(k):
-                    d = load(dy[i, j])
-                    xh = load(x[i, j]) * rs
-                    v = rs * (d * w[j]) - rs * xh * proj
-                    dx[i, j] = store(v + load(dsum[i, j]) if has_dsum else v, dx)
-                    pw[j] += d * xh if d != _ZERO else _ZERO
-                for j in range(k, n):
-                    d = load(dy[i, j])
-                    v = rs * (d * w[j])
-                    dx[i, j] = store(v + load(dsum[i, j]) if has_dsum else v, dx)
-                    pw[j] += d * (load(x[i, j]) * rs) if d != _ZERO else _ZERO
-    if want_dw or want_db:
-        for cb in prange((n + _COLS - 1) // _COLS):
-            lo, hi = cb * _COLS, min(n, (cb + 1) * _COLS)
-            for c in range(nchunks):
-                if want_dw:
-                    for j in range(lo, hi):
-                        dw[j] += dw_part[c, j]
-                if want_db:
-                    for j in range(lo, hi):
-                        db[j] += db_part[c, j]
+    key = (bool(layer), bool(has_dsum))
+    kernel = _BWD.get(key) or _BWD.setdefault(key, _make_bwd(*key))
+    kernel(dy, x, w, mean, rstd, k, dsum, dx, dw_part, db_part, want_dw, want_db, dw, db, stream)

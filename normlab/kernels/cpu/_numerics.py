@@ -19,6 +19,7 @@ from __future__ import annotations
 import numpy as np
 from llvmlite import ir
 from numba import njit, types
+from numba.core import cgutils
 from numba.extending import intrinsic, overload
 
 FP32, BF16, FP16 = 0, 1, 2
@@ -28,7 +29,7 @@ _ZERO = np.float32(0.0)
 _U = np.uint64
 _SIGN32, _ABS32, _INF32 = _U(0x80000000), _U(0x7FFFFFFF), _U(0x7F800000)
 _SH13, _SH16, _SH23 = _U(13), _U(16), _U(23)
-_ONE, _BF16_ROUND, _BF16_QUIET = _U(1), _U(0x7FFF), _U(0x40)
+_ONE = _U(1)
 _F16_ABS, _F16_SIGN, _F16_EXP_SHIFTED = _U(0x7FFF), _U(0x8000), _U(0x0F800000)
 _F16_REBIAS = _U((127 - 15) << 23)
 _F16_MAX_AS_F32 = _U((127 + 16) << 23)  # 65536.0: at or above it the result is inf
@@ -37,7 +38,6 @@ _F16_DENORM_MAGIC = _U(((127 - 15) + (23 - 10) + 1) << 23)  # 0.5
 _F16_NORMAL_BIAS = _U(((15 - 127) << 23) % 2**32 + 0xFFF)
 _F16_INF, _F16_NAN = _U(0x7C00), _U(0x7E00)
 _MASK32 = _U(0xFFFFFFFF)
-_BF16_KEEP = _U(0xFFFF0000)
 _F16_SUBNORMAL_SCALE = np.float32(2.0**-14)
 
 
@@ -65,26 +65,77 @@ def _bits_f32(typingctx, value):
     return types.float32(types.uint32), codegen
 
 
+_I32 = ir.IntType(32)
+
+
+def _i32(v):
+    return ir.Constant(_I32, v)
+
+
+def _bf16_bits_ir(builder, f):
+    """IR: the bf16 bits of the fp32 ``f`` as i32 (nearest even; NaN kept, made quiet)."""
+    u = builder.bitcast(f, _I32)
+    hi = builder.lshr(u, _i32(16))
+    rounded = builder.lshr(builder.add(builder.add(u, _i32(0x7FFF)), builder.and_(hi, _i32(1))), _i32(16))
+    is_nan = builder.fcmp_unordered("uno", f, f)
+    return builder.select(is_nan, builder.or_(hi, _i32(0x40)), rounded)
+
+
+# bf16 conversions are written as LLVM IR on 32-bit integers (numba's integer promotion would widen
+# them to 64 bits and halve the vector width): every loop over a row stays one vectorized pass.
+@intrinsic
+def _bf16_to_f32(typingctx, h):
+    """The fp32 value of the bf16 bit pattern ``h`` (uint16): the bits shifted left by 16 (exact)."""
+    if h != types.uint16:
+        return None
+
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(builder.shl(builder.zext(args[0], _I32), _i32(16)), ir.FloatType())
+
+    return types.float32(types.uint16), codegen
+
+
+@intrinsic
+def _f32_to_bf16(typingctx, f):
+    """The bf16 bit pattern (uint16) of the fp32 ``f``: ``(u + 0x7fff + lsb) >> 16``, ties to even,
+    overflow to ±inf; a NaN stays a NaN (sign and top payload bits kept, made quiet)."""
+    if f != types.float32:
+        return None
+
+    def codegen(context, builder, signature, args):
+        return builder.trunc(_bf16_bits_ir(builder, args[0]), ir.IntType(16))
+
+    return types.uint16(types.float32), codegen
+
+
+@intrinsic
+def _round_bf16(typingctx, f):
+    """``f`` rounded to bf16 (nearest even) and back to fp32; NaN stays NaN."""
+    if f != types.float32:
+        return None
+
+    def codegen(context, builder, signature, args):
+        f = args[0]
+        u = builder.bitcast(f, _I32)
+        hi = builder.shl(builder.lshr(builder.add(builder.add(u, _i32(0x7FFF)), builder.and_(builder.lshr(u, _i32(16)), _i32(1))), _i32(16)), _i32(16))
+        return builder.select(builder.fcmp_unordered("uno", f, f), f, builder.bitcast(hi, ir.FloatType()))
+
+    return types.float32(types.float32), codegen
+
+
 @njit(cache=True)
 def bf16_to_f32(h):
-    return _bits_f32(np.uint32(_U(h) << _SH16))
+    return _bf16_to_f32(h)
 
 
 @njit(cache=True)
 def f32_to_bf16(f):
-    u = _U(_f32_bits(f))
-    if (u & _ABS32) > _INF32:  # NaN: keep sign and payload top bits, force quiet
-        return np.uint16((u >> _SH16) | _BF16_QUIET)
-    return np.uint16(((u + _BF16_ROUND + ((u >> _SH16) & _ONE)) & _MASK32) >> _SH16)
+    return _f32_to_bf16(f)
 
 
 @njit(cache=True)
 def round_bf16(f):
-    """``f`` rounded to bf16 (nearest even) and back, on the fp32 bits; NaN stays NaN."""
-    u = _U(_f32_bits(f))
-    if (u & _ABS32) > _INF32:
-        return f
-    return _bits_f32(np.uint32((u + _BF16_ROUND + ((u >> _SH16) & _ONE)) & _BF16_KEEP))
+    return _round_bf16(f)
 
 
 @njit(cache=True)
@@ -241,3 +292,68 @@ def row_grad_sums(dy, w, x, i, m):
         sgd += g * d
         sd += d
     return sg, sgd, sd
+
+
+# ---- non-temporal row stores ----------------------------------------------------------------------
+# A norm's output is usually larger than the cache when it is large at all. Ordinary stores first read
+# each destination line into the cache (read-for-ownership) and evict the input the next call would
+# find there; non-temporal stores write whole lines straight to memory. The kernels compute a row into
+# a small buffer (in L1/L2) and stream it out when the call's data is larger than the last-level cache.
+_LINE = 64
+
+
+@intrinsic
+def _stream_line(typingctx, dst, i, j, src, si, sj):
+    """The 64 bytes at ``src[si, sj]`` (any alignment) to ``&dst[i, j]`` (64-byte aligned), non-temporal."""
+    if not (isinstance(dst, types.Array) and isinstance(src, types.Array) and dst.dtype == src.dtype):
+        return None
+    sig = types.void(dst, i, j, src, si, sj)
+
+    def codegen(context, builder, signature, args):
+        dty, ity, jty, sty, sity, sjty = signature.args
+
+        def pointer(aty, a, idx):
+            arr = context.make_array(aty)(context, builder, a)
+            inds = [context.cast(builder, v, t, types.intp) for v, t in idx]
+            return cgutils.get_item_pointer(context, builder, aty, arr, inds)
+
+        vec = ir.VectorType(_I32, _LINE // 4).as_pointer()
+        d = pointer(dty, args[0], [(args[1], ity), (args[2], jty)])
+        s = pointer(sty, args[3], [(args[4], sity), (args[5], sjty)])
+        store = builder.store(builder.load(builder.bitcast(s, vec), align=1), builder.bitcast(d, vec), align=_LINE)
+        store.set_metadata("nontemporal", builder.module.add_metadata([_i32(1)]))
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+@intrinsic
+def store_fence(typingctx):
+    """Order this thread's non-temporal stores before anything it does next (``fence``: ``mfence``)."""
+
+    def codegen(context, builder, signature, args):
+        builder.fence("seq_cst")
+        return context.get_dummy_value()
+
+    return types.void(), codegen
+
+
+@njit(cache=True)
+def aligned_from(dst, i):
+    """The first column of row ``i`` of ``dst`` at a 64-byte boundary (``n`` if there is none)."""
+    n = dst.shape[1]
+    size = dst.itemsize
+    addr = dst.ctypes.data + i * dst.strides[0]
+    if addr % size:
+        return n
+    return min(n, ((_LINE - addr % _LINE) % _LINE) // size)
+
+
+@njit(cache=True)
+def stream_cols(dst, i, j, src, sj, count):
+    """``src[0, sj:sj + count]`` into ``dst[i, j:j + count]`` with non-temporal stores; ``&dst[i, j]``
+    is 64-byte aligned and ``count`` a whole number of lines. Call :func:`store_fence` before the
+    thread's work is handed back."""
+    per = _LINE // dst.itemsize
+    for t in range(0, count, per):
+        _stream_line(dst, i, j + t, src, 0, sj + t)
