@@ -11,27 +11,48 @@ import torch
 
 from normlab.bench.cases import Inputs, bytes_moved, implementations, make_inputs
 
+COPY = "copy_"  # the same-run bandwidth ceiling, sampled among the implementations
+
 
 def _sync(device: str) -> Callable[[], None]:
     return torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
 
 
-def median_time(fn: Callable[[], object], sync: Callable[[], None], samples: int, min_time: float) -> float:
-    """Median over ``samples`` of the mean time per call, each sample ≥ ``min_time`` seconds of calls."""
+def _calibrated(fn: Callable[[], object], sync: Callable[[], None], min_time: float) -> int:
+    """Calls per sample so that one sample lasts ≥ ``min_time`` (after a warm-up call)."""
     fn()
     sync()
     t0 = time.perf_counter()
     fn()
     sync()
-    reps = max(1, math.ceil(min_time / max(time.perf_counter() - t0, 1e-7)))
-    times = []
+    return max(1, math.ceil(min_time / max(time.perf_counter() - t0, 1e-7)))
+
+
+def _sample(fn: Callable[[], object], sync: Callable[[], None], reps: int) -> float:
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        fn()
+    sync()
+    return (time.perf_counter() - t0) / reps
+
+
+def interleaved_medians(fns: dict[str, Callable[[], object]], sync: Callable[[], None], samples: int,
+                        min_time: float) -> dict[str, float | Exception]:
+    """Median time per call of each function, sampled round-robin: round r takes one sample of every
+    function in turn, so a slow drift of the machine (another tenant's memory traffic) shifts all of
+    them alike instead of whichever happened to run during it. A function that raises maps to the error."""
+    reps, out = {}, {}
+    for name, fn in fns.items():
+        try:
+            reps[name] = _calibrated(fn, sync, min_time)
+        except Exception as exc:  # report and go on: one failing comparison must not hide the rest
+            out[name] = exc
+    times: dict[str, list[float]] = {name: [] for name in reps}
     for _ in range(samples):
-        t0 = time.perf_counter()
-        for _ in range(reps):
-            fn()
-        sync()
-        times.append((time.perf_counter() - t0) / reps)
-    return statistics.median(times)
+        for name, n in reps.items():
+            times[name].append(_sample(fns[name], sync, n))
+    out.update({name: statistics.median(ts) for name, ts in times.items()})
+    return out
 
 
 def peak_bytes(fn: Callable[[], object], device: str) -> int:
@@ -85,34 +106,27 @@ def run_all(ops, shapes, dtypes, modes, device, samples, min_time, compile_refer
                 dtype = getattr(torch, dtype_name)
                 plain = make_inputs(op, rows, n, dtype, device, requires_grad=False)
                 dst = torch.empty_like(plain.x)
-                copy_s = median_time(lambda: dst.copy_(plain.x), sync, samples, min_time)
                 copy_bytes = 2 * plain.x.numel() * plain.x.element_size()
-                first = len(results)
                 for mode in modes:
                     inputs = plain if mode == "fwd" else make_inputs(op, rows, n, dtype, device, requires_grad=True)
                     grads = [torch.randn(rows, n, generator=torch.Generator().manual_seed(i)).to(dtype=dtype, device=device) for i in (1, 2)]
                     nbytes = bytes_moved(op, mode, inputs)
-                    for name, impl in impls.items():
+                    fns = {name: _runner(impl, inputs, mode, grads) for name, impl in impls.items()}
+                    timed = interleaved_medians({COPY: lambda: dst.copy_(plain.x), **fns}, sync, samples, min_time)
+                    copy_s = timed.pop(COPY)
+                    for name, fn in fns.items():
                         rec = {"op": op, "rows": rows, "n": n, "dtype": dtype_name, "mode": mode, "impl": name,
                                "bytes": nbytes, "copy_ms": copy_s * 1e3, "copy_gbps": copy_bytes / copy_s / 1e9}
-                        fn = _runner(impl, inputs, mode, grads)
-                        try:
-                            s = median_time(fn, sync, samples, min_time)
+                        s = timed[name]
+                        if isinstance(s, Exception):
+                            rec["error"] = f"{type(s).__name__}: {str(s).splitlines()[0][:200]}"
+                        else:
                             rec.update(ms=s * 1e3, gbps=nbytes / s / 1e9)
                             rec["pct_copy"] = 100 * rec["gbps"] / rec["copy_gbps"]
                             if memory and mode == "fwd+bwd":
                                 rec["peak_mb"] = peak_bytes(fn, device) / 2**20
-                        except Exception as exc:  # report and go on: one failing comparison must not hide the rest
-                            rec["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
                         results.append(rec)
                         state = rec.get("error") or f"{rec['ms']:.2f} ms, {rec['pct_copy']:.0f}% of copy"
                         print(f"  {op:15s} {rows}x{n:<5d} {dtype_name:8s} {mode:7s} {name:24s} {state}", flush=True)
                     del inputs, grads
-                # the copy again after the ops; the faster of the two is the ceiling (conservative % of copy)
-                again = median_time(lambda: dst.copy_(plain.x), sync, samples, min_time)
-                if again < copy_s:
-                    for rec in results[first:]:
-                        rec.update(copy_ms=again * 1e3, copy_gbps=copy_bytes / again / 1e9)
-                        if "gbps" in rec:
-                            rec["pct_copy"] = 100 * rec["gbps"] / rec["copy_gbps"]
     return results

@@ -38,3 +38,20 @@ def test_tiny_run_writes_results(tmp_path, monkeypatch):
     table = markdown(data["results"])
     assert "copy_ (same run)" in table and "**normlab**" in table
     assert "vs normlab add, then norm" in (tmp_path / "results.md").read_text()
+
+
+def test_samples_are_taken_round_robin_and_errors_reported():
+    """Every round samples each implementation once, in turn (drift of the machine hits all alike);
+    one that raises is reported as its error without stopping the others."""
+    from normlab.bench.run import interleaved_medians
+
+    calls = []
+
+    def broken():
+        raise RuntimeError("no kernel")
+
+    fns = {"a": lambda: calls.append("a"), "b": lambda: calls.append("b"), "broken": broken}
+    out = interleaved_medians(fns, lambda: None, samples=3, min_time=0.0)
+    assert isinstance(out["broken"], RuntimeError) and out["a"] > 0 and out["b"] > 0
+    sampled = calls[4:]  # after calibration: warm-up and one timed call each
+    assert sampled == ["a", "b"] * 3
