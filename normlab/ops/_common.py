@@ -174,6 +174,10 @@ def custom_op_with_eager_twin(name: str, impl, fake, setup_context, backward):
     )
 
     def call(*args):
-        return op(*args) if torch.compiler.is_compiling() else twin.apply(*args)
+        if torch.compiler.is_compiling():
+            return op(*args)
+        if torch.is_grad_enabled() and any(isinstance(a, torch.Tensor) and a.requires_grad for a in args):
+            return twin.apply(*args)
+        return impl(*args)  # nothing to differentiate: no autograd node (saves ≈ 10 µs per call)
 
     return call
