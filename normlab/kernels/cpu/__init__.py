@@ -15,9 +15,8 @@ import glob
 from typing import Optional
 
 import numpy as np
-import torch
 import numba
-from numba import parallel_chunksize
+import torch
 
 from normlab import dispatch
 from normlab.kernels.cpu._kernels import CHUNK, MODE_FP32, MODE_LLAMA, MODE_NONE, norm_bwd, norm_fwd
@@ -51,7 +50,12 @@ def _rows(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 
 def _vec(p: torch.Tensor | None, n: int, fill: float) -> np.ndarray:
-    return np.full(n, fill, np.float32) if p is None else p.detach().to(torch.float32).contiguous().numpy()
+    if p is None:
+        return np.full(n, fill, np.float32)
+    p = p.detach()
+    if p.dtype != torch.float32 or not p.is_contiguous():
+        p = p.to(torch.float32).contiguous()
+    return p.numpy()
 
 
 def _output(like: torch.Tensor, dtype: torch.dtype, out: torch.Tensor | None, name: str) -> torch.Tensor:
@@ -72,7 +76,7 @@ def _rms_weight(weight: torch.Tensor | None, offset: float, casting: str, in_dty
     input, where the modes coincide): ``w.float() + offset`` in fp32."""
     if in_dtype == torch.float32 or casting == "gemma":
         mode = MODE_FP32
-        w = None if weight is None else weight.float() + offset
+        w = None if weight is None else weight.float() + offset if offset else weight
     elif casting == "llama":
         mode = MODE_LLAMA
         w = None if weight is None else weight.to(in_dtype) + offset
@@ -112,18 +116,35 @@ def _streams(out: torch.Tensor, *others: torch.Tensor) -> bool:
     return out.dtype == torch.float32 and moved > STREAM_ABOVE
 
 
-@contextlib.contextmanager
-def _threads_for(elements: int):
-    if elements >= SERIAL_BELOW or numba.get_num_threads() == 1:
-        with parallel_chunksize(1):  # chunks of rows handed out dynamically: a busy core cannot hold back the other
-            yield
-        return
-    threads = numba.get_num_threads()
-    numba.set_num_threads(1)
+def _thread_controls():
+    """numba's get/set of the thread count and of the parallel chunk size. The C entry points when this
+    numba exposes them (≈ 0.5 µs a call; the public Python wrappers cost several µs, which is the whole
+    kernel time of a small call), else the public functions."""
+    numba.get_num_threads()  # starts the threading layer, which loads the C entry points
     try:
-        yield
+        from numba.np.ufunc.parallel import (
+            _get_num_threads, _get_parallel_chunksize, _set_num_threads, _set_parallel_chunksize,
+        )
+        return _get_num_threads, _set_num_threads, _get_parallel_chunksize, _set_parallel_chunksize
+    except ImportError:  # pragma: no cover - other numba versions
+        return numba.get_num_threads, numba.set_num_threads, numba.get_parallel_chunksize, numba.set_parallel_chunksize
+
+
+_get_threads, _set_threads, _get_chunksize, _set_chunksize = _thread_controls()
+
+
+def _launch(kernel, elements: int, *args) -> None:
+    """Run a parallel kernel with its chunks of rows handed out one at a time (a busy core cannot hold
+    back the other), on one thread below :data:`SERIAL_BELOW` elements."""
+    threads, chunksize = _get_threads(), _get_chunksize()
+    if elements < SERIAL_BELOW:
+        _set_threads(1)
+    _set_chunksize(1)
+    try:
+        kernel(*args)
     finally:
-        numba.set_num_threads(threads)
+        _set_chunksize(chunksize)
+        _set_threads(threads)
 
 
 def _fwd(x, residual, residual_dtype, weight_f32, bias_f32, eps, k, layer, mode, out, residual_out):
@@ -139,11 +160,10 @@ def _fwd(x, residual, residual_dtype, weight_f32, bias_f32, eps, k, layer, mode,
         r = residual.detach().contiguous()
         s = _output(x, residual_dtype, residual_out, "residual_out")
         fused = True
-    with _threads_for(x.numel()):
-        norm_fwd(
-            _np(x), _np(r), _np(s), fused, _np(y), weight_f32, bias_f32, float(eps), int(k), layer, mode,
-            mean.numpy(), rstd.numpy(), _streams(y, x, r, s) if fused else _streams(y, x),
-        )
+    _launch(
+        norm_fwd, x.numel(), _np(x), _np(r), _np(s), fused, _np(y), weight_f32, bias_f32, float(eps), int(k),
+        layer, mode, mean.numpy(), rstd.numpy(), _streams(y, x, r, s) if fused else _streams(y, x),
+    )
     return y, s, mean, rstd
 
 
@@ -163,13 +183,12 @@ def _norm_bwd(
     db_part = torch.zeros(chunks, n if layer else 0, dtype=torch.float32)
     dw = torch.zeros(n if want_dw else 0, dtype=torch.float32)
     db = torch.zeros(n if want_db else 0, dtype=torch.float32)
-    with _threads_for(x.numel()):  # each chunk's partial is the same whichever thread computes it
-        norm_bwd(
-            _np(dy), _np(x), weight.contiguous().numpy(), mean.contiguous().numpy(),
-            rstd.to(_STAT).contiguous().numpy(), k, layer, _np(dsum_t), dsum is not None, _np(dx),
-            dw_part.numpy(), db_part.numpy(), want_dw, want_db, dw.numpy(), db.numpy(),
-            dsum is None and _streams(dx, dy, x),  # with the fused add's gradient, measured slower streamed
-        )
+    _launch(  # each chunk's partial is the same whichever thread computes it
+        norm_bwd, x.numel(), _np(dy), _np(x), weight.contiguous().numpy(), mean.contiguous().numpy(),
+        rstd.to(_STAT).contiguous().numpy(), k, layer, _np(dsum_t), dsum is not None, _np(dx),
+        dw_part.numpy(), db_part.numpy(), want_dw, want_db, dw.numpy(), db.numpy(),
+        dsum is None and _streams(dx, dy, x),  # with the fused add's gradient, measured slower streamed
+    )
     return dx, dw, db
 
 
