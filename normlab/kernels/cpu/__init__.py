@@ -103,12 +103,13 @@ def _last_level_cache_bytes(default: int = 32 << 20) -> int:
     return max(sizes, default=default)
 
 
-#: fp32 calls that move more bytes than this (the last-level cache) write their outputs with
+#: fp32 calls that move more bytes than this (twice the last-level cache) write their outputs with
 #: non-temporal stores: the data cannot stay cached anyway, and ordinary stores would first read every
-#: output line. Below it, outputs stay in cache for the next op. 16-bit outputs never stream: their rows
-#: are compute-bound here, and the staging buffer costs more than the saved reads. The values written
-#: are the same either way.
-STREAM_ABOVE = _last_level_cache_bytes()
+#: output line. Below it, part of the data stays in cache from call to call (measured: streaming a
+#: 4096×768 fused add + LayerNorm, 50 MB moved, took 2.4 ms instead of 1.8). 16-bit outputs never
+#: stream: their rows are compute-bound here, and the staging buffer costs more than the saved reads.
+#: The values written are the same either way.
+STREAM_ABOVE = 2 * _last_level_cache_bytes()
 
 
 def _streams(out: torch.Tensor, *others: torch.Tensor) -> bool:
