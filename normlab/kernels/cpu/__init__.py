@@ -148,22 +148,25 @@ def _launch(kernel, elements: int, *args) -> None:
         _set_threads(threads)
 
 
+_NO_MEAN = np.empty(0, np.float32)  # RMSNorm has no mean: the kernel never touches it
+
+
 def _fwd(x, residual, residual_dtype, weight_f32, bias_f32, eps, k, layer, mode, out, residual_out):
     rows_, n = x.shape
     x = x.detach().contiguous()
     y = _output(x, x.dtype, out, "out")
-    mean = torch.empty(rows_ if layer else 0, dtype=_STAT)
+    mean = torch.empty(rows_, dtype=_STAT) if layer else None
     rstd = torch.empty(rows_, dtype=_STAT)
+    xn = _np(x)
     if residual is None:
-        r = s = x
-        fused = False
+        s, rn, sn, stream = x, xn, xn, _streams(y, x)
     else:
         r = residual.detach().contiguous()
         s = _output(x, residual_dtype, residual_out, "residual_out")
-        fused = True
+        rn, sn, stream = _np(r), _np(s), _streams(y, x, r, s)
     _launch(
-        norm_fwd, x.numel(), _np(x), _np(r), _np(s), fused, _np(y), weight_f32, bias_f32, float(eps), int(k),
-        layer, mode, mean.numpy(), rstd.numpy(), _streams(y, x, r, s) if fused else _streams(y, x),
+        norm_fwd, x.numel(), xn, rn, sn, residual is not None, _np(y), weight_f32, bias_f32, float(eps), int(k),
+        layer, mode, _NO_MEAN if mean is None else mean.numpy(), rstd.numpy(), stream,
     )
     return y, s, mean, rstd
 
