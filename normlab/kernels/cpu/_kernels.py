@@ -48,7 +48,7 @@ _ONE = np.float32(1.0)
 _ZERO = np.float32(0.0)
 
 
-@njit(cache=True)
+@njit(cache=True, inline="always")
 def _row_stats(a, ai, eps, k, layer):
     """``(m, c, rstd)`` of row ``ai``. LayerNorm: the corrected two-pass — the rounded mean m, the mean c
     of the deviations from it, and rstd from ``Σ (x − m − c)² = Σ (x − m)² − n·c²``; RMSNorm:
@@ -62,7 +62,7 @@ def _row_stats(a, ai, eps, k, layer):
     return _ZERO, _ZERO, _ONE / np.sqrt(row_sumsq(a, ai, k) / np.float32(k) + eps)
 
 
-@njit(cache=True)
+@njit(cache=True, inline="always")
 def _norm_cols(a, ai, y, yi, lo, hi, off, w, b, m, c, rs, layer, mode):
     """Columns ``lo:hi`` of row ``ai`` of ``a``, normalized, into ``y[yi, lo − off : hi − off]``; the
     norm's dtype is ``a``'s (its intermediate roundings), then the result is stored in ``y``'s dtype.
@@ -83,7 +83,7 @@ def _norm_cols(a, ai, y, yi, lo, hi, off, w, b, m, c, rs, layer, mode):
             y[yi, j - off] = store_via(rnd(load(a[ai, j]) * rq, a) * w[j], a, y)
 
 
-@njit(cache=True)
+@njit(cache=True, inline="always")
 def _norm_row(a, ai, y, i, buf, stream, w, b, eps, k, layer, mode, mean, rstd):
     """Normalize row ``ai`` of ``a`` into row ``i`` of ``y`` (statistics into ``mean[i]``, ``rstd[i]``).
     ``stream``: the aligned middle of the row goes out in blocks of :data:`BLOCK` columns through
@@ -103,7 +103,7 @@ def _norm_row(a, ai, y, i, buf, stream, w, b, eps, k, layer, mode, mean, rstd):
     rstd[i] = rs
 
 
-@njit(cache=True)
+@njit(cache=True, inline="always")
 def _add_row(x, r, s, i, sbuf, stream):
     """``s = x + r`` (fp32 add, rounded to ``s``'s dtype) on row ``i``; when streaming, formed in
     ``sbuf[0]`` (where the norm then reads it) and streamed out."""
@@ -168,7 +168,7 @@ def norm_fwd(x, r, s, fused, y, w, b, eps, k, layer, mode, mean, rstd, stream):
     kernel(x, r, s, y, w, b, eps, k, mean, rstd, stream)
 
 
-@njit(cache=True)
+@njit(cache=True, inline="always")
 def _grad_cols(dy, x, w, i, lo, hi, dx, di, off, rs, m, c, mg, mgx, proj, k, layer, dsum, has_dsum, pw, pb):
     """dx of columns ``lo:hi`` of row ``i`` into ``dx[di, lo − off : hi − off]``; adds their dw/db terms
     to the chunk partials ``pw``/``pb``."""
@@ -195,7 +195,7 @@ def _grad_cols(dy, x, w, i, lo, hi, dx, di, off, rs, m, c, mg, mgx, proj, k, lay
         pw[j] += d * (load(x[i, j]) * rs) if d != _ZERO else _ZERO
 
 
-@njit(cache=True)
+@njit(cache=True, inline="always")
 def _grad_row(dy, x, w, mean, rstd, k, layer, dsum, has_dsum, i, dx, buf, stream, pw, pb):
     """dx of row ``i`` (the aligned middle streamed through ``buf`` when ``stream``); dw/db terms into
     ``pw``/``pb``."""

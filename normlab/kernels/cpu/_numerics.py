@@ -338,7 +338,7 @@ def store_fence(typingctx):
     return types.void(), codegen
 
 
-@njit(cache=True)
+@njit(cache=True, inline="always")
 def aligned_from(dst, i):
     """The first column of row ``i`` of ``dst`` at a 64-byte boundary (``n`` if there is none)."""
     n = dst.shape[1]
@@ -349,7 +349,7 @@ def aligned_from(dst, i):
     return min(n, ((_LINE - addr % _LINE) % _LINE) // size)
 
 
-@njit(cache=True)
+@njit(cache=True, inline="always")
 def stream_cols(dst, i, j, src, sj, count):
     """``src[0, sj:sj + count]`` into ``dst[i, j:j + count]`` with non-temporal stores; ``&dst[i, j]``
     is 64-byte aligned and ``count`` a whole number of lines. Call :func:`store_fence` before the
