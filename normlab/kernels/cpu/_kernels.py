@@ -24,6 +24,7 @@ from normlab.kernels.cpu._numerics import (
     load,
     rnd,
     row_dev_sums,
+    row_grad_dot,
     row_grad_sums,
     row_sum,
     row_sumsq,
@@ -203,7 +204,10 @@ def _grad_row(dy, x, w, mean, rstd, k, layer, dsum, has_dsum, i, dx, buf, stream
     nf = np.float32(n)
     rs = rstd[i]
     m = mean[i] if layer else _ZERO  # x − 0 is x exactly: one x̂ formula for both norms
-    sum_g, sum_gd, sum_d = row_grad_sums(dy, w, x, i, m)
+    if layer:
+        sum_g, sum_gd, sum_d = row_grad_sums(dy, w, x, i, m)
+    else:  # RMSNorm needs Σ g·x only
+        sum_g, sum_gd, sum_d = _ZERO, row_grad_dot(dy, w, x, i), _ZERO
     c = sum_d / nf if layer else _ZERO  # x̂ = ((x − mean) − c)·rstd, c the mean deviation, as in the forward
     mg, mgx = sum_g / nf, rs * (sum_gd - c * sum_g) / nf
     proj = rs * sum_gd / np.float32(k)

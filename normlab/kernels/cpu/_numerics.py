@@ -280,6 +280,16 @@ def row_dev_sums(a, i, m):
 
 
 @njit(cache=True, fastmath=_REASSOC)
+def row_grad_dot(dy, w, x, i):
+    """``Σ_j g_j·x_j`` on row i with ``g = dy·w``: all the RMSNorm backward needs (over the whole row,
+    partial RMSNorm included: every output depends on rstd)."""
+    s = _ZERO
+    for j in range(x.shape[1]):
+        s += (load(dy[i, j]) * w[j]) * load(x[i, j])
+    return s
+
+
+@njit(cache=True, fastmath=_REASSOC)
 def row_grad_sums(dy, w, x, i, m):
     """``(Σ_j g_j, Σ_j g_j·(x_j − m), Σ_j (x_j − m))`` on row i with ``g = dy·w``."""
     sg = _ZERO
