@@ -17,9 +17,13 @@ for any thread count.
 
 from __future__ import annotations
 
+import hashlib
+from pathlib import Path
+
 import numpy as np
 from numba import njit, prange
 
+from normlab.kernels.cpu import _numerics
 from normlab.kernels.cpu._numerics import (
     load,
     rnd,
@@ -45,6 +49,9 @@ _COLS = 512  # columns per work item of the chunk-partial reduction
 BLOCK = 512
 
 _U = np.uint64
+#: Part of every parallel kernel's cache key (a closure value): numba's disk cache notices edits of the
+#: file a function is defined in, not of the helpers it compiles in from ``_numerics.py``.
+_HELPERS_SOURCE = hashlib.sha256(Path(_numerics.__file__).read_bytes()).hexdigest()[:16]
 _ONE = np.float32(1.0)
 _ZERO = np.float32(0.0)
 
@@ -128,9 +135,12 @@ def _make_fwd(layer: bool, mode: int, fused: bool):
     """The forward kernel for one norm, casting mode and fused-or-not: the flags are compile-time
     constants of its loops (branch-free inner loops; a generic kernel with runtime flags is ≈ 30 %
     slower). Cached on disk per flag combination (numba keys closures by their values)."""
+    helpers = _HELPERS_SOURCE
 
     @njit(parallel=True, cache=True)
     def kernel(x, r, s, y, w, b, eps, k, mean, rstd, stream):
+        if helpers == "":  # never true: makes the helpers' hash part of the cache key
+            return
         rows, n = x.shape
         eps32 = np.float32(eps)
         block = BLOCK if stream else 0
@@ -224,9 +234,12 @@ def _grad_row(dy, x, w, mean, rstd, k, layer, dsum, has_dsum, i, dx, buf, stream
 def _make_bwd(layer: bool, has_dsum: bool):
     """The backward kernel for one norm, with or without the fused add's gradient (compile-time flags,
     as in :func:`_make_fwd`)."""
+    helpers = _HELPERS_SOURCE
 
     @njit(parallel=True, cache=True)
     def kernel(dy, x, w, mean, rstd, k, dsum, dx, dw_part, db_part, want_dw, want_db, dw, db, stream):
+        if helpers == "":  # never true: makes the helpers' hash part of the cache key
+            return
         rows, n = x.shape
         nchunks = (rows + CHUNK - 1) // CHUNK
         for c in prange(nchunks):
