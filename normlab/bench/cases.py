@@ -63,9 +63,16 @@ def textbook_layer_norm(x, w, b):
     return ((h - mu) * torch.rsqrt(var + EPS) * w.float() + b.float()).to(x.dtype)
 
 
+#: normlab with one rounding (``x·rstd·w`` in fp32, rounded once): in bf16/fp16 what ``F.rms_norm``
+#: computes, and what inductor compiles the Llama formula to (it drops the ``.to(dtype)`` round trip of
+#: ``x·rstd``). The ``normlab`` row rounds twice, as the Llama formula does in eager mode.
+ONE_ROUNDING = "normlab, one rounding"
+
+
 def _impls_rms(n):
     return {
         "normlab": lambda i: (normlab.rms_norm(i.x, n, i.weight, EPS),),
+        ONE_ROUNDING: lambda i: (normlab.rms_norm(i.x, n, i.weight, EPS, casting="gemma"),),
         "torch": lambda i: (F.rms_norm(i.x, (n,), i.weight, EPS),),
         "reference": lambda i: (llama_rms_norm(i.x, i.weight),),
     }
