@@ -72,13 +72,18 @@ def _i32(v):
     return ir.Constant(_I32, v)
 
 
+def _rne_upper_half(builder, u):
+    """IR: the upper 16 bits of the fp32 bits ``u`` (i32) rounded to nearest even:
+    ``(u + 0x7fff + lsb) >> 16``; a finite value past the largest bf16 rounds to ±inf (NaN: see callers)."""
+    lsb = builder.and_(builder.lshr(u, _i32(16)), _i32(1))
+    return builder.lshr(builder.add(builder.add(u, _i32(0x7FFF)), lsb), _i32(16))
+
+
 def _bf16_bits_ir(builder, f):
     """IR: the bf16 bits of the fp32 ``f`` as i32 (nearest even; NaN kept, made quiet)."""
     u = builder.bitcast(f, _I32)
-    hi = builder.lshr(u, _i32(16))
-    rounded = builder.lshr(builder.add(builder.add(u, _i32(0x7FFF)), builder.and_(hi, _i32(1))), _i32(16))
-    is_nan = builder.fcmp_unordered("uno", f, f)
-    return builder.select(is_nan, builder.or_(hi, _i32(0x40)), rounded)
+    quiet_nan = builder.or_(builder.lshr(u, _i32(16)), _i32(0x40))
+    return builder.select(builder.fcmp_unordered("uno", f, f), quiet_nan, _rne_upper_half(builder, u))
 
 
 # bf16 conversions are written as LLVM IR on 32-bit integers (numba's integer promotion would widen
@@ -116,9 +121,8 @@ def _round_bf16(typingctx, f):
 
     def codegen(context, builder, signature, args):
         f = args[0]
-        u = builder.bitcast(f, _I32)
-        hi = builder.shl(builder.lshr(builder.add(builder.add(u, _i32(0x7FFF)), builder.and_(builder.lshr(u, _i32(16)), _i32(1))), _i32(16)), _i32(16))
-        return builder.select(builder.fcmp_unordered("uno", f, f), f, builder.bitcast(hi, ir.FloatType()))
+        rounded = builder.shl(_rne_upper_half(builder, builder.bitcast(f, _I32)), _i32(16))
+        return builder.select(builder.fcmp_unordered("uno", f, f), f, builder.bitcast(rounded, ir.FloatType()))
 
     return types.float32(types.float32), codegen
 
