@@ -25,6 +25,7 @@ from numba import njit, prange
 
 from normlab.kernels.cpu import _numerics
 from normlab.kernels.cpu._numerics import (
+    LINE,
     load,
     rnd,
     row_dev_sums,
@@ -123,7 +124,8 @@ def _add_row(x, r, s, i, sbuf, stream):
     for t in range(n):
         sbuf[0, t] = store(load(x[i, t]) + load(r[i, t]), s)
     head = aligned_from(s, i)
-    body = (n - head) // (64 // s.itemsize) * (64 // s.itemsize)
+    per_line = LINE // s.itemsize
+    body = (n - head) // per_line * per_line
     for t in range(head):
         s[i, t] = sbuf[0, t]
     stream_cols(s, i, head, sbuf, head, body)

@@ -313,7 +313,7 @@ def row_grad_sums(dy, w, x, i, m):
 # each destination line into the cache (read-for-ownership) and evict the input the next call would
 # find there; non-temporal stores write whole lines straight to memory. The kernels compute a row into
 # a small buffer (in L1/L2) and stream it out when the call's data is larger than the last-level cache.
-_LINE = 64
+LINE = 64
 
 
 @intrinsic
@@ -331,10 +331,10 @@ def _stream_line(typingctx, dst, i, j, src, si, sj):
             inds = [context.cast(builder, v, t, types.intp) for v, t in idx]
             return cgutils.get_item_pointer(context, builder, aty, arr, inds)
 
-        vec = ir.VectorType(_I32, _LINE // 4).as_pointer()
+        vec = ir.VectorType(_I32, LINE // 4).as_pointer()
         d = pointer(dty, args[0], [(args[1], ity), (args[2], jty)])
         s = pointer(sty, args[3], [(args[4], sity), (args[5], sjty)])
-        store = builder.store(builder.load(builder.bitcast(s, vec), align=1), builder.bitcast(d, vec), align=_LINE)
+        store = builder.store(builder.load(builder.bitcast(s, vec), align=1), builder.bitcast(d, vec), align=LINE)
         store.set_metadata("nontemporal", builder.module.add_metadata([_i32(1)]))
         return context.get_dummy_value()
 
@@ -360,7 +360,7 @@ def aligned_from(dst, i):
     addr = dst.ctypes.data + i * dst.strides[0]
     if addr % size:
         return n
-    return min(n, ((_LINE - addr % _LINE) % _LINE) // size)
+    return min(n, ((LINE - addr % LINE) % LINE) // size)
 
 
 @njit(cache=True, inline="always")
@@ -368,6 +368,6 @@ def stream_cols(dst, i, j, src, sj, count):
     """``src[0, sj:sj + count]`` into ``dst[i, j:j + count]`` with non-temporal stores; ``&dst[i, j]``
     is 64-byte aligned and ``count`` a whole number of lines. Call :func:`store_fence` before the
     thread's work is handed back."""
-    per = _LINE // dst.itemsize
+    per = LINE // dst.itemsize
     for t in range(0, count, per):
         _stream_line(dst, i, j + t, src, 0, sj + t)
