@@ -311,8 +311,9 @@ def row_grad_sums(dy, w, x, i, m):
 # ---- non-temporal row stores ----------------------------------------------------------------------
 # A norm's output is usually larger than the cache when it is large at all. Ordinary stores first read
 # each destination line into the cache (read-for-ownership) and evict the input the next call would
-# find there; non-temporal stores write whole lines straight to memory. The kernels compute a row into
-# a small buffer (in L1/L2) and stream it out when the call's data is larger than the last-level cache.
+# find there; non-temporal stores write whole lines straight to memory. The kernels compute a row in
+# blocks into a small buffer (in L1) and stream each block out, when the call moves more data than the
+# cache could keep (``STREAM_ABOVE`` in the backend).
 LINE = 64
 
 
