@@ -5,6 +5,8 @@ from __future__ import annotations
 from collections import defaultdict
 from pathlib import Path
 
+from normlab.bench.cases import ONE_ROUNDING
+
 
 def _groups(results):
     groups = defaultdict(list)
@@ -76,8 +78,6 @@ def summary(results: list[dict]) -> str:
     """One row per (op, shape, dtype, mode): normlab's % of copy, its speed-up over each comparison and
     its peak memory against torch's (fwd+bwd). RMSNorm gets a second row for normlab with one rounding
     (the numerics of ``F.rms_norm`` and of the compiled reference in bf16/fp16)."""
-    from normlab.bench.cases import ONE_ROUNDING
-
     groups = _groups(results)
     mine = ("normlab", ONE_ROUNDING)
     others = []

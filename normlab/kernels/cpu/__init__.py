@@ -76,7 +76,7 @@ def _rms_weight(weight: torch.Tensor | None, offset: float, casting: str, in_dty
     input, where the modes coincide): ``w.float() + offset`` in fp32."""
     if in_dtype == torch.float32 or casting == "gemma":
         mode = MODE_FP32
-        w = None if weight is None else weight.float() + offset if offset else weight
+        w = weight if weight is None or not offset else weight.float() + offset
     elif casting == "llama":
         mode = MODE_LLAMA
         w = None if weight is None else weight.to(in_dtype) + offset

@@ -17,6 +17,7 @@ for any thread count.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from pathlib import Path
 
@@ -133,6 +134,7 @@ def _add_row(x, r, s, i, sbuf, stream):
         s[i, t] = sbuf[0, t]
 
 
+@functools.cache
 def _make_fwd(layer: bool, mode: int, fused: bool):
     """The forward kernel for one norm, casting mode and fused-or-not: the flags are compile-time
     constants of its loops (branch-free inner loops; a generic kernel with runtime flags is ≈ 30 %
@@ -164,9 +166,6 @@ def _make_fwd(layer: bool, mode: int, fused: bool):
     return kernel
 
 
-_FWD: dict = {}
-
-
 def norm_fwd(x, r, s, fused, y, w, b, eps, k, layer, mode, mean, rstd, stream):
     """Forward of RMSNorm / LayerNorm, optionally on ``s = x + r`` (fp32 add, stored in ``s``'s dtype).
 
@@ -176,8 +175,7 @@ def norm_fwd(x, r, s, fused, y, w, b, eps, k, layer, mode, mean, rstd, stream):
     the rounded mean, minus their own mean: accurate to the spread of the row, not to ulp(mean)).
     ``stream``: outputs are written with non-temporal stores (the same values either way).
     """
-    key = (bool(layer), MODE_FP32 if layer else int(mode), bool(fused))
-    kernel = _FWD.get(key) or _FWD.setdefault(key, _make_fwd(*key))
+    kernel = _make_fwd(bool(layer), MODE_FP32 if layer else int(mode), bool(fused))
     kernel(x, r, s, y, w, b, eps, k, mean, rstd, stream)
 
 
@@ -233,6 +231,7 @@ def _grad_row(dy, x, w, mean, rstd, k, layer, dsum, has_dsum, i, dx, buf, stream
     _grad_cols(dy, x, w, i, j, n, dx, i, 0, rs, m, c, mg, mgx, proj, k, layer, dsum, has_dsum, pw, pb)
 
 
+@functools.cache
 def _make_bwd(layer: bool, has_dsum: bool):
     """The backward kernel for one norm, with or without the fused add's gradient (compile-time flags,
     as in :func:`_make_fwd`)."""
@@ -266,9 +265,6 @@ def _make_bwd(layer: bool, has_dsum: bool):
     return kernel
 
 
-_BWD: dict = {}
-
-
 def norm_bwd(dy, x, w, mean, rstd, k, layer, dsum, has_dsum, dx, dw_part, db_part, want_dw, want_db, dw, db, stream):
     """Backward of RMSNorm / LayerNorm given the saved per-row ``mean``/``rstd``.
 
@@ -280,6 +276,5 @@ def norm_bwd(dy, x, w, mean, rstd, k, layer, dsum, has_dsum, dx, dw_part, db_par
     dx), then summed over chunks in chunk order into ``dw``/``db`` when wanted. ``stream``: dx rows go
     through a per-thread buffer and non-temporal stores (the same values either way).
     """
-    key = (bool(layer), bool(has_dsum))
-    kernel = _BWD.get(key) or _BWD.setdefault(key, _make_bwd(*key))
+    kernel = _make_bwd(bool(layer), bool(has_dsum))
     kernel(dy, x, w, mean, rstd, k, dsum, dx, dw_part, db_part, want_dw, want_db, dw, db, stream)
