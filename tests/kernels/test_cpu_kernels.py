@@ -6,6 +6,8 @@ generic kernels for fp32 and uint16 (bf16/fp16) arrays.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numba
 import numpy as np
 import pytest
@@ -478,3 +480,57 @@ def test_bf16_round_trip_equals_encode_then_decode():
     nan = np.isnan(want[:5000])
     assert np.array_equal(np.isnan(got), nan)
     assert np.array_equal(got[~nan].view(np.uint32), want[:5000][~nan].view(np.uint32))
+
+
+# ---- bf16 through the hardware rounding ---------------------------------------------------------------
+def _bf16_special_outputs() -> list[torch.Tensor]:
+    """Every bf16 → bf16 forward on rows that meet each case of the hardware rounding: ordinary rows,
+    a NaN, an inf, subnormal inputs and results, an all-zero row, overflow to inf; weights with tiny
+    entries (subnormal products) and a bias that is the whole output where the weight is 0."""
+    outs = []
+    for n in (48, 67, 4097):
+        x = rand(16, n, dtype=torch.float32, seed=n)
+        x[8, 5] = float("nan")
+        x[9, n // 2] = float("inf")
+        x[10, :3] = torch.tensor([1e-38, 2e-39, -3e-40])
+        x[11] = 0.0
+        x[12] *= 1e38
+        x, r = x.to(torch.bfloat16), rand(16, n, dtype=torch.bfloat16, seed=n + 1)
+        for tiny in (False, True):
+            w, b = rand(n, dtype=torch.float32, seed=2) * 3, rand(n, dtype=torch.float32, seed=3)
+            if tiny:
+                w[1], w[3], b[3], w[n - 1] = 1e-38, 0.0, 1e-39, 3e38
+            w, b = w.to(torch.bfloat16), b.to(torch.bfloat16)
+            for casting in ("llama", "gemma", "none"):
+                outs += K.rms_norm_fwd(x, w, 1e-6, casting, 0.0, n)
+                outs += K.add_rms_norm_fwd(x, r, w, 1e-6, casting, 0.0, n, torch.bfloat16)
+            outs += K.rms_norm_fwd(x, w, 0.0, "gemma", 1.0, n)  # eps 0: the zero row's rstd is inf
+            outs += K.layer_norm_fwd(x, w, b, 1e-6)
+            outs += K.add_layer_norm_fwd(x, r, w, b, 1e-6, torch.bfloat16)
+    return outs
+
+
+def test_hardware_bf16_rounding_writes_the_exact_values(tmp_path):
+    """With AVX512-BF16, bf16 rows are rounded 16 values at a time by ``vcvtneps2bf16``, which flushes
+    subnormals and writes its own NaN; blocks that meet either are formed again exactly. The outputs are
+    bitwise those of the exact integer rounding alone (``NORMLAB_BF16_HARDWARE=0``, another process),
+    NaN payloads and signed zeros included. (Without AVX512-BF16 both runs take the exact path.)"""
+    import os
+    import subprocess
+    import sys
+
+    from normlab.kernels.cpu import _numerics
+
+    exact_file = tmp_path / "exact.pt"
+    code = (
+        "import torch, tests.kernels.test_cpu_kernels as t; "
+        f"torch.save(t._bf16_special_outputs(), {str(exact_file)!r})"
+    )
+    env = {**os.environ, "NORMLAB_BF16_HARDWARE": "0"}
+    subprocess.run([sys.executable, "-c", code], env=env, check=True, cwd=Path(__file__).parents[2])
+    exact = torch.load(exact_file)
+    fast = _bf16_special_outputs()
+    assert len(fast) == len(exact)
+    for i, (a, b) in enumerate(zip(fast, exact)):
+        bits = torch.int16 if a.dtype == torch.bfloat16 else torch.int32
+        assert torch.equal(a.view(bits), b.view(bits)), f"output {i} differs ({_numerics.HARDWARE_BF16=})"

@@ -7,6 +7,8 @@ types (float32, bf16 as uint16, fp16 as int16).
 
 Each row takes two passes over its data: one reduction (statistics), one fused elementwise pass that
 reads, normalizes, rounds and writes; the row stays in cache between them, so x is read once from memory.
+bf16 → bf16 rows round through ``vcvtneps2bf16`` where the CPU has it (``_numerics.hardware_block``: a
+block that meets a NaN or a subnormal is formed again with the exact integer rounding).
 Large fp32 calls form the written rows in blocks of :data:`BLOCK` columns in a per-thread buffer and
 write them with non-temporal stores (no read-for-ownership of the output, no eviction of the input):
 the values are the same either way. Rows are processed in fixed chunks of :data:`CHUNK` rows, in
@@ -26,7 +28,12 @@ from numba import njit, prange
 
 from normlab.kernels.cpu import _numerics
 from normlab.kernels.cpu._numerics import (
+    BLOCK_LN,
+    BLOCK_RMS,
+    BLOCK_RMS_ROUNDED,
+    HARDWARE_BF16,
     LINE,
+    hardware_block,
     load,
     rnd,
     row_dev_sums,
@@ -52,8 +59,9 @@ BLOCK = 512
 
 _U = np.uint64
 #: Part of every parallel kernel's cache key (a closure value): numba's disk cache notices edits of the
-#: file a function is defined in, not of the helpers it compiles in from ``_numerics.py``.
-_HELPERS_SOURCE = hashlib.sha256(Path(_numerics.__file__).read_bytes()).hexdigest()[:16]
+#: file a function is defined in, not of the helpers it compiles in from ``_numerics.py`` (nor whether
+#: the hardware bf16 rounding is compiled in).
+_HELPERS_SOURCE = hashlib.sha256(Path(_numerics.__file__).read_bytes()).hexdigest()[:16] + str(HARDWARE_BF16)
 _ONE = np.float32(1.0)
 _ZERO = np.float32(0.0)
 
@@ -77,6 +85,14 @@ def _norm_cols(a, ai, y, yi, lo, hi, off, w, b, m, c, rs, layer, mode):
     """Columns ``lo:hi`` of row ``ai`` of ``a``, normalized, into ``y[yi, lo − off : hi − off]``; the
     norm's dtype is ``a``'s (its intermediate roundings), then the result is stored in ``y``'s dtype.
     (Unsigned column indices: numba then emits no negative-index wraparound, and the loops vectorize.)"""
+    rq = rnd(rs, a) if mode == MODE_NONE else rs  # none: rstd rounded too
+    # bf16 → bf16: whole 16-value blocks through the hardware rounding first, the rest exactly
+    if layer:
+        lo = hardware_block(BLOCK_LN, a, ai, lo, hi, y, yi, off, w, b, m, c, rs)
+    elif mode == MODE_FP32:
+        lo = hardware_block(BLOCK_RMS, a, ai, lo, hi, y, yi, off, w, b, m, c, rs)
+    else:
+        lo = hardware_block(BLOCK_RMS_ROUNDED, a, ai, lo, hi, y, yi, off, w, b, m, c, rq)
     lo, hi, off = _U(lo), _U(hi), _U(off)
     if layer:
         for j in range(lo, hi):
@@ -84,11 +100,7 @@ def _norm_cols(a, ai, y, yi, lo, hi, off, w, b, m, c, rs, layer, mode):
     elif mode == MODE_FP32:
         for j in range(lo, hi):
             y[yi, j - off] = store_via(load(a[ai, j]) * rs * w[j], a, y)
-    elif mode == MODE_LLAMA:  # x·rstd rounded to the input dtype, then times the weight
-        for j in range(lo, hi):
-            y[yi, j - off] = store_via(rnd(load(a[ai, j]) * rs, a) * w[j], a, y)
-    else:  # none: rstd rounded, x·rstd rounded, times the weight
-        rq = rnd(rs, a)
+    else:  # llama / none: x·rstd rounded to the input dtype, then times the weight
         for j in range(lo, hi):
             y[yi, j - off] = store_via(rnd(load(a[ai, j]) * rq, a) * w[j], a, y)
 

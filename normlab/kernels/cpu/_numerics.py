@@ -16,10 +16,12 @@ of the thread count — so results stay batch invariant and deterministic.
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 from llvmlite import ir
 from numba import njit, types
-from numba.core import cgutils
+from numba.core import cgutils, errors
 from numba.extending import intrinsic, overload
 
 FP32, BF16, FP16 = 0, 1, 2
@@ -372,3 +374,162 @@ def stream_cols(dst, i, j, src, sj, count):
     per = LINE // dst.itemsize
     for t in range(0, count, per):
         _stream_line(dst, i, j + t, src, 0, sj + t)
+
+
+# ---- bf16 rows through the hardware rounding (AVX512-BF16) ----------------------------------------
+# ``vcvtneps2bf16`` rounds 16 fp32 values to bf16 (nearest even) in one instruction, against ≈ 7 for
+# the integer formula above, but it flushes subnormal inputs and results to zero and writes its own NaN.
+# The block functions below form bf16 → bf16 rows 16 values at a time with it and classify every value
+# they round (``vfpclassps``: NaN or subnormal); a block that met one reports it and the caller forms
+# it again with the exact formula. Same formula, same operation order, no contraction: the values
+# written are those of the scalar path (tested bitwise, both paths).
+def _hardware_bf16() -> bool:
+    import llvmlite.binding as llvm
+    from numba.core import config
+
+    if os.environ.get("NORMLAB_BF16_HARDWARE", "1") == "0":
+        return False  # the exact integer rounding everywhere (for comparisons)
+    if config.CPU_NAME not in (None, "host") or config.CPU_FEATURES:
+        return False  # a portable or cross-compiled cache: no host-only instructions
+    features = llvm.get_host_cpu_features()
+    return all(features.get(f, False) for f in ("avx512f", "avx512bw", "avx512dq", "avx512bf16"))
+
+
+#: Whether bf16 rows use the hardware rounding (this CPU has AVX512-BF16; part of the kernels' cache key).
+HARDWARE_BF16 = _hardware_bf16()
+#: Values per hardware block (one 512-bit vector of fp32).
+LANES = 16
+
+
+class _BFloat(ir.types._BaseFloatType):
+    """LLVM's ``bfloat`` type (llvmlite names none)."""
+
+    null = "0.0"
+    intrinsic_name = "bf16"
+
+    def __str__(self):
+        return "bfloat"
+
+
+_BFloat._create_instance()
+_V16 = {t: ir.VectorType(t, LANES) for t in (_I32, ir.IntType(16), ir.FloatType(), ir.IntType(1))}
+_NAN_OR_SUBNORMAL = 0x01 | 0x20 | 0x80  # vfpclassps: quiet NaN, denormal, signalling NaN
+#: Block formulas: RMSNorm, one rounding (``x·rs·w``); RMSNorm, x·rs rounded first; LayerNorm.
+BLOCK_RMS, BLOCK_RMS_ROUNDED, BLOCK_LN = 0, 1, 2
+
+
+def _splat(builder, value, vty):
+    undef = ir.Constant(vty, ir.Undefined)
+    one = builder.insert_element(undef, value, _i32(0))
+    return builder.shuffle_vector(one, undef, ir.Constant(_V16[_I32], [0] * LANES))
+
+
+def _bf16_block_intrinsic(formula):
+    """The block function of one formula (see :data:`BLOCK_RMS`)."""
+
+    def typer(typingctx, a, ai, lo, count, y, yi, ylo, w, b, m, c, rs):
+        return types.uint8(a, ai, lo, count, y, yi, ylo, w, b, m, c, rs), lambda *cg: _bf16_block_ir(formula, *cg)
+
+    typer.__name__ = f"_bf16_block_{formula}"
+    return intrinsic(typer)
+
+
+def _bf16_block_ir(formula, context, builder, signature, args):
+    """IR of a block function: columns ``lo : lo + count`` (``count`` a multiple of 16) of the bf16 row
+    ``a[ai]``, normalized by ``formula`` and rounded by ``vcvtneps2bf16``, into ``y[yi, ylo:]``; returns
+    1 when a rounded value was NaN or subnormal (the block must then be formed again exactly), else 0."""
+    a, ai, lo, count, y, yi, ylo, w, b, m, c, rs = args
+    aty, aity, loty, cty, yty, yity, ylty, wty, bty = signature.args[:9]
+    intp = context.get_value_type(types.intp)
+    f32, i16, i1 = ir.FloatType(), ir.IntType(16), ir.IntType(1)
+
+    def index(v, t):
+        return context.cast(builder, v, t, types.intp)
+
+    def vector_ptr(arty, arr, idx, elem):
+        ary = context.make_array(arty)(context, builder, arr)
+        return builder.bitcast(cgutils.get_item_pointer(context, builder, arty, ary, idx), _V16[elem].as_pointer())
+
+    lo_ = index(lo, loty)
+    xp = vector_ptr(aty, a, [index(ai, aity), lo_], i16)
+    yp = vector_ptr(yty, y, [index(yi, yity), index(ylo, ylty)], i16)
+    wp = vector_ptr(wty, w, [lo_], f32)
+    bp = vector_ptr(bty, b, [lo_], f32)
+    mv, cv, rsv = (_splat(builder, v, _V16[f32]) for v in (m, c, rs))
+    shift = _splat(builder, _i32(16), _V16[_I32])
+    classify = cgutils.get_or_insert_function(
+        builder.module, ir.FunctionType(_V16[i1], [_V16[f32], _I32]), "llvm.x86.avx512.fpclass.ps.512"
+    )
+    bf16_vec = ir.VectorType(_BFloat(), LANES)
+    nvec = builder.udiv(index(count, cty), ir.Constant(intp, LANES))
+    none = ir.Constant(_V16[i1], [0] * LANES)
+    entry = builder.block
+    loop = builder.append_basic_block("bf16.block")
+    done = builder.append_basic_block("bf16.done")
+    builder.cbranch(builder.icmp_unsigned("!=", nvec, ir.Constant(intp, 0)), loop, done)
+
+    builder.position_at_end(loop)
+    k = builder.phi(intp)
+    bad = builder.phi(_V16[i1])
+
+    def weight():
+        return builder.load(builder.gep(wp, [k]), align=4)
+
+    def special(v):
+        return builder.call(classify, [v, _i32(_NAN_OR_SUBNORMAL)])
+
+    xv = builder.load(builder.gep(xp, [k]), align=2)
+    xv = builder.bitcast(builder.shl(builder.zext(xv, _V16[_I32]), shift), _V16[f32])
+    if formula == BLOCK_LN:  # ((x − m) − c)·rs·w + b
+        v = builder.fmul(builder.fmul(builder.fsub(builder.fsub(xv, mv), cv), rsv), weight())
+        v = builder.fadd(v, builder.load(builder.gep(bp, [k]), align=4))
+        seen = special(v)
+    elif formula == BLOCK_RMS:  # x·rs·w
+        v = builder.fmul(builder.fmul(xv, rsv), weight())
+        seen = special(v)
+    else:  # x·rs rounded to bf16, then times the weight
+        t = builder.fmul(xv, rsv)
+        v = builder.fmul(builder.fpext(builder.fptrunc(t, bf16_vec), _V16[f32]), weight())
+        seen = builder.or_(special(t), special(v))
+    builder.store(builder.bitcast(builder.fptrunc(v, bf16_vec), _V16[i16]), builder.gep(yp, [k]), align=2)
+    bad_next = builder.or_(bad, seen)
+    k_next = builder.add(k, ir.Constant(intp, 1))
+    k.add_incoming(ir.Constant(intp, 0), entry)
+    k.add_incoming(k_next, loop)
+    bad.add_incoming(none, entry)
+    bad.add_incoming(bad_next, loop)
+    builder.cbranch(builder.icmp_unsigned("<", k_next, nvec), loop, done)
+
+    builder.position_at_end(done)
+    result = builder.phi(_V16[i1])
+    result.add_incoming(none, entry)
+    result.add_incoming(bad_next, loop)
+    flagged = builder.icmp_unsigned("!=", builder.bitcast(result, ir.IntType(LANES)), ir.Constant(ir.IntType(LANES), 0))
+    return builder.zext(flagged, ir.IntType(8))
+
+
+_BF16_BLOCKS = {f: _bf16_block_intrinsic(f) for f in (BLOCK_RMS, BLOCK_RMS_ROUNDED, BLOCK_LN)}
+
+
+def hardware_block(kind, a, ai, lo, hi, y, yi, off, w, b, m, c, rs):
+    """Form what it can of columns ``lo:hi`` of row ``ai`` of ``a`` (formula ``kind``) into
+    ``y[yi, lo − off : hi − off]`` with the hardware bf16 rounding, and return the first column left to
+    the exact loop: ``lo`` when nothing applies (not bf16 → bf16, no AVX512-BF16, or a NaN / subnormal
+    met), else ``lo`` plus a whole number of 16-value blocks."""
+
+
+@overload(hardware_block, jit_options={"cache": True}, inline="always")
+def _hardware_block(kind, a, ai, lo, hi, y, yi, off, w, b, m, c, rs):
+    if not (HARDWARE_BF16 and _dtype_of(a) == types.uint16 and _dtype_of(y) == types.uint16):
+        return lambda kind, a, ai, lo, hi, y, yi, off, w, b, m, c, rs: lo
+    if not isinstance(kind, types.IntegerLiteral):
+        raise errors.TypingError("hardware_block: the formula must be a compile-time constant")
+    block = _BF16_BLOCKS[kind.literal_value]
+
+    def impl(kind, a, ai, lo, hi, y, yi, off, w, b, m, c, rs):
+        count = (hi - lo) // LANES * LANES
+        if count == 0 or block(a, ai, lo, count, y, yi, lo - off, w, b, m, c, rs):
+            return lo
+        return lo + count
+
+    return impl
