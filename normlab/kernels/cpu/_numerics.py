@@ -395,23 +395,29 @@ def _hardware_bf16() -> bool:
     return all(features.get(f, False) for f in ("avx512f", "avx512bw", "avx512dq", "avx512bf16"))
 
 
+def _bfloat_type():
+    """LLVM's ``bfloat`` type. llvmlite names none: built on its (private) float-type base class, and
+    ``None`` where that differs — the hardware rounding is then simply not used."""
+    try:
+
+        class BFloat(ir.types._BaseFloatType):
+            null = "0.0"
+            intrinsic_name = "bf16"
+
+            def __str__(self):
+                return "bfloat"
+
+        BFloat._create_instance()
+        return BFloat()
+    except (AttributeError, TypeError):
+        return None
+
+
+_BFLOAT = _bfloat_type()
 #: Whether bf16 rows use the hardware rounding (this CPU has AVX512-BF16; part of the kernels' cache key).
-HARDWARE_BF16 = _hardware_bf16()
+HARDWARE_BF16 = _BFLOAT is not None and _hardware_bf16()
 #: Values per hardware block (one 512-bit vector of fp32).
 LANES = 16
-
-
-class _BFloat(ir.types._BaseFloatType):
-    """LLVM's ``bfloat`` type (llvmlite names none)."""
-
-    null = "0.0"
-    intrinsic_name = "bf16"
-
-    def __str__(self):
-        return "bfloat"
-
-
-_BFloat._create_instance()
 _V16 = {t: ir.VectorType(t, LANES) for t in (_I32, ir.IntType(16), ir.FloatType(), ir.IntType(1))}
 _NAN_OR_SUBNORMAL = 0x01 | 0x20 | 0x80  # vfpclassps: quiet NaN, denormal, signalling NaN
 #: Block formulas: RMSNorm, one rounding (``x·rs·w``); RMSNorm, x·rs rounded first; LayerNorm.
@@ -460,7 +466,7 @@ def _bf16_block_ir(formula, context, builder, signature, args):
     classify = cgutils.get_or_insert_function(
         builder.module, ir.FunctionType(_V16[i1], [_V16[f32], _I32]), "llvm.x86.avx512.fpclass.ps.512"
     )
-    bf16_vec = ir.VectorType(_BFloat(), LANES)
+    bf16_vec = ir.VectorType(_BFLOAT, LANES)
     nvec = builder.udiv(index(count, cty), ir.Constant(intp, LANES))
     none = ir.Constant(_V16[i1], [0] * LANES)
     entry = builder.block
