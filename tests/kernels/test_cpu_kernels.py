@@ -484,9 +484,10 @@ def test_bf16_round_trip_equals_encode_then_decode():
 
 # ---- bf16 through the hardware rounding ---------------------------------------------------------------
 def _bf16_special_outputs() -> list[torch.Tensor]:
-    """Every bf16 → bf16 forward on rows that meet each case of the hardware rounding: ordinary rows,
-    a NaN, an inf, subnormal inputs and results, an all-zero row, overflow to inf; weights with tiny
-    entries (subnormal products) and a bias that is the whole output where the weight is 0."""
+    """Every bf16 → bf16 forward on rows that meet each case of the hardware rounding: ordinary rows
+    (proven free of NaN and subnormals: no classification), a NaN, an inf, subnormal inputs and results
+    anywhere in the row, an all-zero row, overflow to inf; weights with tiny entries (subnormal products)
+    and a bias that is the whole output where the weight is 0."""
     outs = []
     for n in (48, 67, 4097):
         x = rand(16, n, dtype=torch.float32, seed=n)
@@ -495,6 +496,8 @@ def _bf16_special_outputs() -> list[torch.Tensor]:
         x[10, :3] = torch.tensor([1e-38, 2e-39, -3e-40])
         x[11] = 0.0
         x[12] *= 1e38
+        x[13, -1] = 2e-39  # a subnormal in the last column (the scalar tail of the row proof)
+        x[14, 1::37] = 3e-39  # subnormals spread over the row proof's vectors
         x, r = x.to(torch.bfloat16), rand(16, n, dtype=torch.bfloat16, seed=n + 1)
         for tiny in (False, True):
             w, b = rand(n, dtype=torch.float32, seed=2) * 3, rand(n, dtype=torch.float32, seed=3)
@@ -505,6 +508,7 @@ def _bf16_special_outputs() -> list[torch.Tensor]:
                 outs += K.rms_norm_fwd(x, w, 1e-6, casting, 0.0, n)
                 outs += K.add_rms_norm_fwd(x, r, w, 1e-6, casting, 0.0, n, torch.bfloat16)
             outs += K.rms_norm_fwd(x, w, 0.0, "gemma", 1.0, n)  # eps 0: the zero row's rstd is inf
+            outs += K.rms_norm_fwd(x, w, 1e-6, "llama", 0.0, max(1, n // 3))  # partial: no row proof
             outs += K.layer_norm_fwd(x, w, b, 1e-6)
             outs += K.add_layer_norm_fwd(x, r, w, b, 1e-6, torch.bfloat16)
     return outs

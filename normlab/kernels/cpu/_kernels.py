@@ -35,6 +35,7 @@ from normlab.kernels.cpu._numerics import (
     LINE,
     hardware_block,
     load,
+    proven_normal,
     rnd,
     row_dev_sums,
     row_grad_dot,
@@ -46,6 +47,7 @@ from normlab.kernels.cpu._numerics import (
     store_via,
     aligned_from,
     stream_cols,
+    weight_bounds,
 )
 
 #: Rows per work item and per weight-gradient partial (a constant: never depends on the thread count).
@@ -81,18 +83,18 @@ def _row_stats(a, ai, eps, k, layer):
 
 
 @njit(cache=True, inline="always")
-def _norm_cols(a, ai, y, yi, lo, hi, off, w, b, m, c, rs, layer, mode):
+def _norm_cols(a, ai, y, yi, lo, hi, off, w, b, m, c, rs, layer, mode, checked):
     """Columns ``lo:hi`` of row ``ai`` of ``a``, normalized, into ``y[yi, lo − off : hi − off]``; the
     norm's dtype is ``a``'s (its intermediate roundings), then the result is stored in ``y``'s dtype.
+    ``rs``: rstd as the mode multiplies it (casting none: rounded). ``checked``: see :func:`hardware_block`.
     (Unsigned column indices: numba then emits no negative-index wraparound, and the loops vectorize.)"""
-    rq = rnd(rs, a) if mode == MODE_NONE else rs  # none: rstd rounded too
     # bf16 → bf16: whole 16-value blocks through the hardware rounding first, the rest exactly
     if layer:
-        lo = hardware_block(BLOCK_LN, a, ai, lo, hi, y, yi, off, w, b, m, c, rs)
+        lo = hardware_block(BLOCK_LN, checked, a, ai, lo, hi, y, yi, off, w, b, m, c, rs)
     elif mode == MODE_FP32:
-        lo = hardware_block(BLOCK_RMS, a, ai, lo, hi, y, yi, off, w, b, m, c, rs)
+        lo = hardware_block(BLOCK_RMS, checked, a, ai, lo, hi, y, yi, off, w, b, m, c, rs)
     else:
-        lo = hardware_block(BLOCK_RMS_ROUNDED, a, ai, lo, hi, y, yi, off, w, b, m, c, rq)
+        lo = hardware_block(BLOCK_RMS_ROUNDED, checked, a, ai, lo, hi, y, yi, off, w, b, m, c, rs)
     lo, hi, off = _U(lo), _U(hi), _U(off)
     if layer:
         for j in range(lo, hi):
@@ -102,24 +104,27 @@ def _norm_cols(a, ai, y, yi, lo, hi, off, w, b, m, c, rs, layer, mode):
             y[yi, j - off] = store_via(load(a[ai, j]) * rs * w[j], a, y)
     else:  # llama / none: x·rstd rounded to the input dtype, then times the weight
         for j in range(lo, hi):
-            y[yi, j - off] = store_via(rnd(load(a[ai, j]) * rq, a) * w[j], a, y)
+            y[yi, j - off] = store_via(rnd(load(a[ai, j]) * rs, a) * w[j], a, y)
 
 
 @njit(cache=True, inline="always")
-def _norm_row(a, ai, y, i, buf, stream, w, b, eps, k, layer, mode, mean, rstd):
+def _norm_row(a, ai, y, i, buf, stream, w, b, eps, k, layer, mode, mean, rstd, w_min, w_finite):
     """Normalize row ``ai`` of ``a`` into row ``i`` of ``y`` (statistics into ``mean[i]``, ``rstd[i]``).
     ``stream``: the aligned middle of the row goes out in blocks of :data:`BLOCK` columns through
-    ``buf`` with non-temporal stores, interleaved with the computation."""
+    ``buf`` with non-temporal stores, interleaved with the computation. ``w_min``, ``w_finite``: the
+    weights' :func:`weight_bounds`, for the proof that a bf16 RMSNorm row needs no classification."""
     n = a.shape[1]
     m, c, rs = _row_stats(a, ai, eps, k, layer)
+    rq = rnd(rs, a) if mode == MODE_NONE else rs  # casting none: rstd rounded too
+    checked = layer or not proven_normal(a, ai, k, rq, w_min, w_finite)
     width = buf.shape[1]  # a runtime block width: LLVM vectorizes the loop instead of unrolling it
     j = aligned_from(y, i) if stream else n
-    _norm_cols(a, ai, y, i, 0, j, 0, w, b, m, c, rs, layer, mode)
+    _norm_cols(a, ai, y, i, 0, j, 0, w, b, m, c, rq, layer, mode, checked)
     while stream and j + width <= n:
-        _norm_cols(a, ai, buf, 0, j, j + width, j, w, b, m, c, rs, layer, mode)
+        _norm_cols(a, ai, buf, 0, j, j + width, j, w, b, m, c, rq, layer, mode, checked)
         stream_cols(y, i, j, buf, 0, width)
         j += width
-    _norm_cols(a, ai, y, i, j, n, 0, w, b, m, c, rs, layer, mode)
+    _norm_cols(a, ai, y, i, j, n, 0, w, b, m, c, rq, layer, mode, checked)
     if layer:
         mean[i] = m + c
     rstd[i] = rs
@@ -159,19 +164,23 @@ def _make_fwd(layer: bool, mode: int, fused: bool):
             return
         rows, n = x.shape
         eps32 = np.float32(eps)
+        if fused:  # what the proof of bf16 RMSNorm rows needs to know of the weights
+            w_min, w_finite = weight_bounds(s, w)
+        else:
+            w_min, w_finite = weight_bounds(x, w)
         block = BLOCK if stream else 0
         for c in prange((rows + CHUNK - 1) // CHUNK):
             ybuf = np.empty((1, block), y.dtype)
             sbuf = np.empty((1, n if stream and fused else 0), s.dtype)
             for i in range(c * CHUNK, min(rows, (c + 1) * CHUNK)):
                 if not fused:
-                    _norm_row(x, i, y, i, ybuf, stream, w, b, eps32, k, layer, mode, mean, rstd)
+                    _norm_row(x, i, y, i, ybuf, stream, w, b, eps32, k, layer, mode, mean, rstd, w_min, w_finite)
                 elif stream:
                     _add_row(x, r, s, i, sbuf, stream)
-                    _norm_row(sbuf, 0, y, i, ybuf, stream, w, b, eps32, k, layer, mode, mean, rstd)
+                    _norm_row(sbuf, 0, y, i, ybuf, stream, w, b, eps32, k, layer, mode, mean, rstd, w_min, w_finite)
                 else:
                     _add_row(x, r, s, i, sbuf, stream)
-                    _norm_row(s, i, y, i, ybuf, stream, w, b, eps32, k, layer, mode, mean, rstd)
+                    _norm_row(s, i, y, i, ybuf, stream, w, b, eps32, k, layer, mode, mean, rstd, w_min, w_finite)
             if stream:
                 store_fence()
 

@@ -430,20 +430,22 @@ def _splat(builder, value, vty):
     return builder.shuffle_vector(one, undef, ir.Constant(_V16[_I32], [0] * LANES))
 
 
-def _bf16_block_intrinsic(formula):
-    """The block function of one formula (see :data:`BLOCK_RMS`)."""
+def _bf16_block_intrinsic(formula, checked):
+    """The block function of one formula (see :data:`BLOCK_RMS`), classifying what it rounds or not."""
 
     def typer(typingctx, a, ai, lo, count, y, yi, ylo, w, b, m, c, rs):
-        return types.uint8(a, ai, lo, count, y, yi, ylo, w, b, m, c, rs), lambda *cg: _bf16_block_ir(formula, *cg)
+        sig = types.uint8(a, ai, lo, count, y, yi, ylo, w, b, m, c, rs)
+        return sig, lambda *cg: _bf16_block_ir(formula, checked, *cg)
 
-    typer.__name__ = f"_bf16_block_{formula}"
+    typer.__name__ = f"_bf16_block_{formula}_{'checked' if checked else 'proven'}"
     return intrinsic(typer)
 
 
-def _bf16_block_ir(formula, context, builder, signature, args):
+def _bf16_block_ir(formula, checked, context, builder, signature, args):
     """IR of a block function: columns ``lo : lo + count`` (``count`` a multiple of 16) of the bf16 row
     ``a[ai]``, normalized by ``formula`` and rounded by ``vcvtneps2bf16``, into ``y[yi, ylo:]``; returns
-    1 when a rounded value was NaN or subnormal (the block must then be formed again exactly), else 0."""
+    1 when a rounded value was NaN or subnormal (the block must then be formed again exactly), else 0.
+    Unchecked (``checked`` false: the caller proved that no such value can occur), it returns 0."""
     a, ai, lo, count, y, yi, ylo, w, b, m, c, rs = args
     aty, aity, loty, cty, yty, yity, ylty, wty, bty = signature.args[:9]
     intp = context.get_value_type(types.intp)
@@ -482,7 +484,7 @@ def _bf16_block_ir(formula, context, builder, signature, args):
         return builder.load(builder.gep(wp, [k]), align=4)
 
     def special(v):
-        return builder.call(classify, [v, _i32(_NAN_OR_SUBNORMAL)])
+        return builder.call(classify, [v, _i32(_NAN_OR_SUBNORMAL)]) if checked else none
 
     xv = builder.load(builder.gep(xp, [k]), align=2)
     xv = builder.bitcast(builder.shl(builder.zext(xv, _V16[_I32]), shift), _V16[f32])
@@ -514,28 +516,162 @@ def _bf16_block_ir(formula, context, builder, signature, args):
     return builder.zext(flagged, ir.IntType(8))
 
 
-_BF16_BLOCKS = {f: _bf16_block_intrinsic(f) for f in (BLOCK_RMS, BLOCK_RMS_ROUNDED, BLOCK_LN)}
+_BF16_BLOCKS = {(f, checked): _bf16_block_intrinsic(f, checked) for f in (BLOCK_RMS, BLOCK_RMS_ROUNDED, BLOCK_LN)
+                for checked in (True, False)}
 
 
-def hardware_block(kind, a, ai, lo, hi, y, yi, off, w, b, m, c, rs):
+def hardware_block(kind, checked, a, ai, lo, hi, y, yi, off, w, b, m, c, rs):
     """Form what it can of columns ``lo:hi`` of row ``ai`` of ``a`` (formula ``kind``) into
     ``y[yi, lo − off : hi − off]`` with the hardware bf16 rounding, and return the first column left to
     the exact loop: ``lo`` when nothing applies (not bf16 → bf16, no AVX512-BF16, or a NaN / subnormal
-    met), else ``lo`` plus a whole number of 16-value blocks."""
+    met), else ``lo`` plus a whole number of 16-value blocks. ``checked`` false: the caller proved that
+    no rounded value is NaN or subnormal (:func:`proven_normal`), so none is classified."""
 
 
 @overload(hardware_block, jit_options={"cache": True}, inline="always")
-def _hardware_block(kind, a, ai, lo, hi, y, yi, off, w, b, m, c, rs):
+def _hardware_block(kind, checked, a, ai, lo, hi, y, yi, off, w, b, m, c, rs):
     if not (HARDWARE_BF16 and _dtype_of(a) == types.uint16 and _dtype_of(y) == types.uint16):
-        return lambda kind, a, ai, lo, hi, y, yi, off, w, b, m, c, rs: lo
+        return lambda kind, checked, a, ai, lo, hi, y, yi, off, w, b, m, c, rs: lo
     if not isinstance(kind, types.IntegerLiteral):
         raise errors.TypingError("hardware_block: the formula must be a compile-time constant")
-    block = _BF16_BLOCKS[kind.literal_value]
+    with_check, without = _BF16_BLOCKS[kind.literal_value, True], _BF16_BLOCKS[kind.literal_value, False]
 
-    def impl(kind, a, ai, lo, hi, y, yi, off, w, b, m, c, rs):
+    def impl(kind, checked, a, ai, lo, hi, y, yi, off, w, b, m, c, rs):
         count = (hi - lo) // LANES * LANES
-        if count == 0 or block(a, ai, lo, count, y, yi, lo - off, w, b, m, c, rs):
+        if count == 0:
+            return lo
+        if not checked:
+            without(a, ai, lo, count, y, yi, lo - off, w, b, m, c, rs)
+            return lo + count
+        if with_check(a, ai, lo, count, y, yi, lo - off, w, b, m, c, rs):
             return lo
         return lo + count
+
+    return impl
+
+
+# ---- proving a bf16 RMSNorm row free of NaN and subnormals -----------------------------------------
+#: bf16 values per iteration of :func:`_bf16_min_abs_bits`: 4 vectors of 32, 4 independent minima.
+MIN_ABS_STEP = 4 * 2 * LANES
+
+
+@intrinsic
+def _bf16_min_abs_bits(typingctx, a, ai, count):
+    """``min(|h| − 1)`` over the first ``count`` (a multiple of :data:`MIN_ABS_STEP`) bf16 bit patterns
+    ``h`` of row ``ai``, in 16-bit unsigned arithmetic: a zero wraps to 0xFFFF, so this is the smallest
+    nonzero magnitude − 1 (0xFFFF: no nonzero value). ``vpminuw`` on 4 independent vectors of 32."""
+    if not (isinstance(a, types.Array) and a.dtype == types.uint16):
+        return None
+    sig = types.uint16(a, ai, count)
+
+    def codegen(context, builder, signature, args):
+        aty, ity, cty = signature.args
+        intp = context.get_value_type(types.intp)
+        i16, lanes, unroll = ir.IntType(16), 2 * LANES, MIN_ABS_STEP // (2 * LANES)
+        vty = ir.VectorType(i16, lanes)
+        ary = context.make_array(aty)(context, builder, args[0])
+        row = [context.cast(builder, args[1], ity, types.intp), context.get_constant(types.intp, 0)]
+        base = builder.bitcast(cgutils.get_item_pointer(context, builder, aty, ary, row), vty.as_pointer())
+        steps = builder.udiv(context.cast(builder, args[2], cty, types.intp), ir.Constant(intp, MIN_ABS_STEP))
+        magnitude, one = ir.Constant(vty, [0x7FFF] * lanes), ir.Constant(vty, [1] * lanes)
+        start = ir.Constant(vty, [0xFFFF] * lanes)
+        umin = cgutils.get_or_insert_function(builder.module, ir.FunctionType(vty, [vty, vty]), "llvm.umin.v32i16")
+        entry = builder.block
+        loop, combine = builder.append_basic_block("minabs.loop"), builder.append_basic_block("minabs.combine")
+        done = builder.append_basic_block("minabs.done")
+        builder.cbranch(builder.icmp_unsigned("!=", steps, ir.Constant(intp, 0)), loop, done)
+        builder.position_at_end(loop)
+        k = builder.phi(intp)
+        accs = [builder.phi(vty) for _ in range(unroll)]
+        first = builder.mul(k, ir.Constant(intp, unroll))
+        nexts = []
+        for u, acc in enumerate(accs):
+            h = builder.load(builder.gep(base, [builder.add(first, ir.Constant(intp, u))]), align=2)
+            nexts.append(builder.call(umin, [acc, builder.sub(builder.and_(h, magnitude), one)]))
+        k_next = builder.add(k, ir.Constant(intp, 1))
+        k.add_incoming(ir.Constant(intp, 0), entry)
+        k.add_incoming(k_next, loop)
+        for acc, nxt in zip(accs, nexts):
+            acc.add_incoming(start, entry)
+            acc.add_incoming(nxt, loop)
+        builder.cbranch(builder.icmp_unsigned("<", k_next, steps), loop, combine)
+        builder.position_at_end(combine)
+        total = nexts[0]
+        for nxt in nexts[1:]:
+            total = builder.call(umin, [total, nxt])
+        builder.branch(done)
+        builder.position_at_end(done)
+        result = builder.phi(vty)
+        result.add_incoming(start, entry)
+        result.add_incoming(total, combine)
+        reduce = cgutils.get_or_insert_function(
+            builder.module, ir.FunctionType(i16, [vty]), "llvm.vector.reduce.umin.v32i16"
+        )
+        return builder.call(reduce, [result])
+
+    return sig, codegen
+
+
+@njit(cache=True)
+def _min_abs_tail(a, ai, lo, least):
+    """:func:`_bf16_min_abs_bits` continued over columns ``lo:`` of row ``ai``, one value at a time."""
+    for j in range(lo, a.shape[1]):
+        magnitude = np.int64(a[ai, j]) & 0x7FFF
+        if magnitude != 0 and magnitude - 1 < least:
+            least = magnitude - 1
+    return least
+
+
+_SMALLEST_SAFE = 2.0**-124  # see proven_normal
+_INF64 = np.inf
+
+
+@njit(cache=True)
+def _weight_bounds(w):
+    least, most = _U(0xFFFFFFFF), _U(0)
+    for j in range(w.shape[0]):
+        magnitude = _U(_f32_bits(w[j])) & _ABS32
+        least = min(least, (magnitude - _ONE) & _MASK32)  # a zero wraps to the largest value
+        most = max(most, magnitude)
+    smallest = np.inf if least == _MASK32 else np.float64(_bits_f32(np.uint32(least + _ONE)))
+    return smallest, most < _INF32
+
+
+def weight_bounds(x, w):
+    """``(smallest nonzero |w|, all finite)`` of an fp32 weight row (inf when all are zero), wanted by
+    :func:`proven_normal` for bf16 rows only (elsewhere ``(1.0, False)`` without a look at ``w``)."""
+
+
+@overload(weight_bounds, jit_options={"cache": True})
+def _weight_bounds_overload(x, w):
+    if not (HARDWARE_BF16 and _dtype_of(x) == types.uint16):
+        return lambda x, w: (1.0, False)
+    return lambda x, w: _weight_bounds(w)
+
+
+def proven_normal(a, ai, k, rs, w_min, w_finite):
+    """Whether RMSNorm can round every value of bf16 row ``ai`` with no NaN and no subnormal, rounded
+    ``x·rs`` and ``x·rs·w`` alike (then the hardware blocks need not classify). Holds when the row's
+    statistic covers the whole row (``k = n``) and ``0 < rs < ∞`` (so every x is finite and
+    ``|x·rs| ≤ √n``), the weights are finite, and ``min|x|·rs·min(1, min|w|) ≥ 2⁻¹²⁴`` over nonzero x
+    and w: every product is then 0 or above 2⁻¹²⁵ after its roundings (each loses less than 2⁻⁸)."""
+
+
+@overload(proven_normal, jit_options={"cache": True}, inline="always")
+def _proven_normal(a, ai, k, rs, w_min, w_finite):
+    if not (HARDWARE_BF16 and _dtype_of(a) == types.uint16):
+        return lambda a, ai, k, rs, w_min, w_finite: False
+
+    def impl(a, ai, k, rs, w_min, w_finite):
+        n = a.shape[1]
+        r = np.float64(rs)
+        if not (k == n and w_finite and 0.0 < r < _INF64):
+            return False
+        body = n // MIN_ABS_STEP * MIN_ABS_STEP
+        least = _min_abs_tail(a, ai, body, np.int64(_bf16_min_abs_bits(a, ai, body)))
+        if least == 0xFFFF:
+            return True  # an all-zero row: every product is ±0
+        x_min = np.float64(bf16_to_f32(np.uint16(least + 1)))
+        return x_min * r * min(1.0, w_min) >= _SMALLEST_SAFE
 
     return impl
