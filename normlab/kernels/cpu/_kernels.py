@@ -33,6 +33,7 @@ from normlab.kernels.cpu._numerics import (
     BLOCK_RMS_ROUNDED,
     HARDWARE_BF16,
     LINE,
+    aligned_from,
     hardware_block,
     load,
     proven_normal,
@@ -45,7 +46,6 @@ from normlab.kernels.cpu._numerics import (
     store,
     store_fence,
     store_via,
-    aligned_from,
     stream_cols,
     weight_bounds,
 )
