@@ -486,8 +486,8 @@ def test_bf16_round_trip_equals_encode_then_decode():
 def _bf16_special_outputs() -> list[torch.Tensor]:
     """Every bf16 → bf16 forward on rows that meet each case of the hardware rounding: ordinary rows
     (proven free of NaN and subnormals: no classification), a NaN, an inf, subnormal inputs and results
-    anywhere in the row, an all-zero row, overflow to inf; weights with tiny entries (subnormal products)
-    and a bias that is the whole output where the weight is 0."""
+    anywhere in the row, a fused add whose sum is subnormal, an all-zero row, overflow to inf; weights
+    with tiny entries (subnormal products) and a bias that is the whole output where the weight is 0."""
     outs = []
     for n in (48, 67, 4097):
         x = rand(16, n, dtype=torch.float32, seed=n)
@@ -499,6 +499,7 @@ def _bf16_special_outputs() -> list[torch.Tensor]:
         x[13, -1] = 2e-39  # a subnormal in the last column (the scalar tail of the row proof)
         x[14, 1::37] = 3e-39  # subnormals spread over the row proof's vectors
         x, r = x.to(torch.bfloat16), rand(16, n, dtype=torch.bfloat16, seed=n + 1)
+        x[15, -1], r[15, -1] = 1.5e-38, -1.4e-38  # two normal values whose sum is subnormal
         for tiny in (False, True):
             w, b = rand(n, dtype=torch.float32, seed=2) * 3, rand(n, dtype=torch.float32, seed=3)
             if tiny:

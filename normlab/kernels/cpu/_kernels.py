@@ -34,6 +34,7 @@ from normlab.kernels.cpu._numerics import (
     HARDWARE_BF16,
     LINE,
     aligned_from,
+    hardware_add,
     hardware_block,
     load,
     proven_normal,
@@ -136,7 +137,7 @@ def _add_row(x, r, s, i, sbuf, stream):
     ``sbuf[0]`` (where the norm then reads it) and streamed out."""
     n = x.shape[1]
     if not stream:
-        for t in range(n):
+        for t in range(hardware_add(x, r, s, i), n):
             s[i, t] = store(load(x[i, t]) + load(r[i, t]), s)
         return
     for t in range(n):

@@ -441,6 +441,61 @@ def _bf16_block_intrinsic(formula, checked):
     return intrinsic(typer)
 
 
+def _vector_ptr(context, builder, arty, arr, idx, elem):
+    """IR: ``&arr[idx]`` (``idx`` already intp values) as a pointer to 16-lane vectors of ``elem``."""
+    ary = context.make_array(arty)(context, builder, arr)
+    return builder.bitcast(cgutils.get_item_pointer(context, builder, arty, ary, idx), _V16[elem].as_pointer())
+
+
+def _load_bf16(builder, ptr, k):
+    """IR: the ``k``-th 16 bf16 values at ``ptr`` as fp32 (bits shifted left by 16)."""
+    h = builder.zext(builder.load(builder.gep(ptr, [k]), align=2), _V16[_I32])
+    return builder.bitcast(builder.shl(h, _splat(builder, _i32(16), _V16[_I32])), _V16[ir.FloatType()])
+
+
+def _store_bf16(builder, v, ptr, k):
+    """IR: 16 fp32 values rounded by ``vcvtneps2bf16``, stored as the ``k``-th 16 bf16 at ``ptr``."""
+    bits = builder.bitcast(builder.fptrunc(v, ir.VectorType(_BFLOAT, LANES)), _V16[ir.IntType(16)])
+    builder.store(bits, builder.gep(ptr, [k]), align=2)
+
+
+def _special(builder, v):
+    """IR: which of 16 fp32 values are NaN or subnormal (``vfpclassps``), as a 16-lane mask."""
+    classify = cgutils.get_or_insert_function(
+        builder.module, ir.FunctionType(_V16[ir.IntType(1)], [_V16[ir.FloatType()], _I32]),
+        "llvm.x86.avx512.fpclass.ps.512",
+    )
+    return builder.call(classify, [v, _i32(_NAN_OR_SUBNORMAL)])
+
+
+def _vector_loop(builder, nvec, body):
+    """IR: ``body(k)`` for ``k`` in ``range(nvec)``; ``body`` returns a 16-lane mask of values that need
+    the exact path (or None); returns an i8, 1 when some lane of some block was set."""
+    i1 = ir.IntType(1)
+    none = ir.Constant(_V16[i1], [0] * LANES)
+    entry = builder.block
+    loop = builder.append_basic_block("bf16.block")
+    done = builder.append_basic_block("bf16.done")
+    builder.cbranch(builder.icmp_unsigned("!=", nvec, ir.Constant(nvec.type, 0)), loop, done)
+    builder.position_at_end(loop)
+    k = builder.phi(nvec.type)
+    bad = builder.phi(_V16[i1])
+    seen = body(k)
+    bad_next = bad if seen is None else builder.or_(bad, seen)
+    k_next = builder.add(k, ir.Constant(nvec.type, 1))
+    k.add_incoming(ir.Constant(nvec.type, 0), entry)
+    k.add_incoming(k_next, loop)
+    bad.add_incoming(none, entry)
+    bad.add_incoming(bad_next, loop)
+    builder.cbranch(builder.icmp_unsigned("<", k_next, nvec), loop, done)
+    builder.position_at_end(done)
+    result = builder.phi(_V16[i1])
+    result.add_incoming(none, entry)
+    result.add_incoming(bad_next, loop)
+    flagged = builder.icmp_unsigned("!=", builder.bitcast(result, ir.IntType(LANES)), ir.Constant(ir.IntType(LANES), 0))
+    return builder.zext(flagged, ir.IntType(8))
+
+
 def _bf16_block_ir(formula, checked, context, builder, signature, args):
     """IR of a block function: columns ``lo : lo + count`` (``count`` a multiple of 16) of the bf16 row
     ``a[ai]``, normalized by ``formula`` and rounded by ``vcvtneps2bf16``, into ``y[yi, ylo:]``; returns
@@ -448,72 +503,88 @@ def _bf16_block_ir(formula, checked, context, builder, signature, args):
     Unchecked (``checked`` false: the caller proved that no such value can occur), it returns 0."""
     a, ai, lo, count, y, yi, ylo, w, b, m, c, rs = args
     aty, aity, loty, cty, yty, yity, ylty, wty, bty = signature.args[:9]
-    intp = context.get_value_type(types.intp)
-    f32, i16, i1 = ir.FloatType(), ir.IntType(16), ir.IntType(1)
+    f32, i16 = ir.FloatType(), ir.IntType(16)
 
     def index(v, t):
         return context.cast(builder, v, t, types.intp)
 
-    def vector_ptr(arty, arr, idx, elem):
-        ary = context.make_array(arty)(context, builder, arr)
-        return builder.bitcast(cgutils.get_item_pointer(context, builder, arty, ary, idx), _V16[elem].as_pointer())
-
     lo_ = index(lo, loty)
-    xp = vector_ptr(aty, a, [index(ai, aity), lo_], i16)
-    yp = vector_ptr(yty, y, [index(yi, yity), index(ylo, ylty)], i16)
-    wp = vector_ptr(wty, w, [lo_], f32)
-    bp = vector_ptr(bty, b, [lo_], f32)
+    xp = _vector_ptr(context, builder, aty, a, [index(ai, aity), lo_], i16)
+    yp = _vector_ptr(context, builder, yty, y, [index(yi, yity), index(ylo, ylty)], i16)
+    wp = _vector_ptr(context, builder, wty, w, [lo_], f32)
+    bp = _vector_ptr(context, builder, bty, b, [lo_], f32)
     mv, cv, rsv = (_splat(builder, v, _V16[f32]) for v in (m, c, rs))
-    shift = _splat(builder, _i32(16), _V16[_I32])
-    classify = cgutils.get_or_insert_function(
-        builder.module, ir.FunctionType(_V16[i1], [_V16[f32], _I32]), "llvm.x86.avx512.fpclass.ps.512"
-    )
-    bf16_vec = ir.VectorType(_BFLOAT, LANES)
-    nvec = builder.udiv(index(count, cty), ir.Constant(intp, LANES))
-    none = ir.Constant(_V16[i1], [0] * LANES)
-    entry = builder.block
-    loop = builder.append_basic_block("bf16.block")
-    done = builder.append_basic_block("bf16.done")
-    builder.cbranch(builder.icmp_unsigned("!=", nvec, ir.Constant(intp, 0)), loop, done)
-
-    builder.position_at_end(loop)
-    k = builder.phi(intp)
-    bad = builder.phi(_V16[i1])
-
-    def weight():
-        return builder.load(builder.gep(wp, [k]), align=4)
 
     def special(v):
-        return builder.call(classify, [v, _i32(_NAN_OR_SUBNORMAL)]) if checked else none
+        return _special(builder, v) if checked else None
 
-    xv = builder.load(builder.gep(xp, [k]), align=2)
-    xv = builder.bitcast(builder.shl(builder.zext(xv, _V16[_I32]), shift), _V16[f32])
-    if formula == BLOCK_LN:  # ((x − m) − c)·rs·w + b
-        v = builder.fmul(builder.fmul(builder.fsub(builder.fsub(xv, mv), cv), rsv), weight())
-        v = builder.fadd(v, builder.load(builder.gep(bp, [k]), align=4))
-        seen = special(v)
-    elif formula == BLOCK_RMS:  # x·rs·w
-        v = builder.fmul(builder.fmul(xv, rsv), weight())
-        seen = special(v)
-    else:  # x·rs rounded to bf16, then times the weight
-        t = builder.fmul(xv, rsv)
-        v = builder.fmul(builder.fpext(builder.fptrunc(t, bf16_vec), _V16[f32]), weight())
-        seen = builder.or_(special(t), special(v))
-    builder.store(builder.bitcast(builder.fptrunc(v, bf16_vec), _V16[i16]), builder.gep(yp, [k]), align=2)
-    bad_next = builder.or_(bad, seen)
-    k_next = builder.add(k, ir.Constant(intp, 1))
-    k.add_incoming(ir.Constant(intp, 0), entry)
-    k.add_incoming(k_next, loop)
-    bad.add_incoming(none, entry)
-    bad.add_incoming(bad_next, loop)
-    builder.cbranch(builder.icmp_unsigned("<", k_next, nvec), loop, done)
+    def body(k):
+        xv = _load_bf16(builder, xp, k)
+        weight = builder.load(builder.gep(wp, [k]), align=4)
+        seen = None
+        if formula == BLOCK_LN:  # ((x − m) − c)·rs·w + b
+            v = builder.fmul(builder.fmul(builder.fsub(builder.fsub(xv, mv), cv), rsv), weight)
+            v = builder.fadd(v, builder.load(builder.gep(bp, [k]), align=4))
+        elif formula == BLOCK_RMS:  # x·rs·w
+            v = builder.fmul(builder.fmul(xv, rsv), weight)
+        else:  # x·rs rounded to bf16, then times the weight
+            t = builder.fmul(xv, rsv)
+            rounded = builder.fpext(builder.fptrunc(t, ir.VectorType(_BFLOAT, LANES)), _V16[f32])
+            v = builder.fmul(rounded, weight)
+            seen = special(t)
+        _store_bf16(builder, v, yp, k)
+        last = special(v)
+        return last if seen is None else builder.or_(seen, last)
 
-    builder.position_at_end(done)
-    result = builder.phi(_V16[i1])
-    result.add_incoming(none, entry)
-    result.add_incoming(bad_next, loop)
-    flagged = builder.icmp_unsigned("!=", builder.bitcast(result, ir.IntType(LANES)), ir.Constant(ir.IntType(LANES), 0))
-    return builder.zext(flagged, ir.IntType(8))
+    nvec = builder.udiv(index(count, cty), ir.Constant(context.get_value_type(types.intp), LANES))
+    return _vector_loop(builder, nvec, body)
+
+
+@intrinsic
+def _bf16_add_block(typingctx, x, r, i, count, s):
+    """``s[i, :count] = x[i, :count] + r[i, :count]`` (bf16, fp32 add, ``count`` a multiple of 16)
+    rounded by ``vcvtneps2bf16``; returns 1 when a sum was NaN or subnormal (form the row again exactly)."""
+    if not all(isinstance(t, types.Array) and t.dtype == types.uint16 for t in (x, r, s)):
+        return None
+    sig = types.uint8(x, r, i, count, s)
+
+    def codegen(context, builder, signature, args):
+        xty, rty, ity, cty, sty = signature.args
+        row = [context.cast(builder, args[2], ity, types.intp), context.get_constant(types.intp, 0)]
+        i16 = ir.IntType(16)
+        xp, rp, sp = (
+            _vector_ptr(context, builder, t, v, row, i16) for t, v in ((xty, args[0]), (rty, args[1]), (sty, args[4]))
+        )
+
+        def body(k):
+            v = builder.fadd(_load_bf16(builder, xp, k), _load_bf16(builder, rp, k))
+            _store_bf16(builder, v, sp, k)
+            return _special(builder, v)
+
+        count = context.cast(builder, args[3], cty, types.intp)
+        return _vector_loop(builder, builder.udiv(count, context.get_constant(types.intp, LANES)), body)
+
+    return sig, codegen
+
+
+def hardware_add(x, r, s, i):
+    """``s[i] = x[i] + r[i]`` for whole 16-value blocks with the hardware bf16 rounding; returns the
+    first column left to the exact loop (0 when nothing applies: not all bf16, no AVX512-BF16, or a NaN
+    or subnormal sum met)."""
+
+
+@overload(hardware_add, jit_options={"cache": True}, inline="always")
+def _hardware_add(x, r, s, i):
+    if not (HARDWARE_BF16 and all(_dtype_of(t) == types.uint16 for t in (x, r, s))):
+        return lambda x, r, s, i: 0
+
+    def impl(x, r, s, i):
+        count = x.shape[1] // LANES * LANES
+        if count == 0 or _bf16_add_block(x, r, i, count, s):
+            return 0
+        return count
+
+    return impl
 
 
 _BF16_BLOCKS = {(f, checked): _bf16_block_intrinsic(f, checked) for f in (BLOCK_RMS, BLOCK_RMS_ROUNDED, BLOCK_LN)
