@@ -40,7 +40,9 @@ def interleaved_medians(fns: dict[str, Callable[[], object]], sync: Callable[[],
                         min_time: float) -> dict[str, float | Exception]:
     """Median time per call of each function, sampled round-robin: round r takes one sample of every
     function in turn, so a slow drift of the machine (another tenant's memory traffic) shifts all of
-    them alike instead of whichever happened to run during it. A function that raises maps to the error."""
+    them alike instead of whichever happened to run during it. Each round starts one function further
+    on: the sample taken just after another function's (its cache footprint, its threads winding down)
+    falls to each function in turn. A function that raises maps to the error."""
     reps, out = {}, {}
     for name, fn in fns.items():
         try:
@@ -48,9 +50,10 @@ def interleaved_medians(fns: dict[str, Callable[[], object]], sync: Callable[[],
         except Exception as exc:  # report and go on: one failing comparison must not hide the rest
             out[name] = exc
     times: dict[str, list[float]] = {name: [] for name in reps}
-    for _ in range(samples):
-        for name, n in reps.items():
-            times[name].append(_sample(fns[name], sync, n))
+    names = list(reps)
+    for r in range(samples):
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            times[name].append(_sample(fns[name], sync, reps[name]))
     out.update({name: statistics.median(ts) for name, ts in times.items()})
     return out
 
