@@ -8,6 +8,8 @@ Half-precision tensors reach numba as bit patterns (numba has no float16/bfloat1
   values past the largest bf16 round to ±inf.
 - fp16 ↔ fp32: exact decode (subnormals, inf, NaN); encode rounds to nearest even, overflow → ±inf,
   fp16 subnormals rounded by one fp32 addition of a magic constant (the hardware rounds to even).
+- bf16 → bf16 rows on AVX512-BF16 CPUs: 16-lane blocks rounded by ``vcvtneps2bf16`` (last section),
+  with the exact rounding wherever a NaN or a subnormal occurs; bitwise the same values.
 
 Row reductions (``row_sum``, ``row_sumsq``, …) may re-associate (``fastmath={"reassoc"}``) so LLVM
 vectorizes them: their order is a function of the loop and the row length only — never of the batch or
