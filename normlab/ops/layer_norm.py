@@ -166,9 +166,12 @@ def _ln_setup(ctx, inputs, output):
     ctx.save_for_backward(x, weight, bias, output[1], output[2])
     ctx.options = (eps, backend)
     ctx.mark_non_differentiable(output[1], output[2])
+    ctx.set_materialize_grads(False)  # no zero tensors for the statistics' gradients (they have none)
 
 
 def _ln_backward(ctx, dy, _dmean, _drstd):
+    if dy is None:
+        return (None,) * 5
     x, weight, bias, mean, rstd = ctx.saved_tensors
     eps, backend = ctx.options
     dx, dw, db = _bwd(backend, dy, x, weight, bias, mean, rstd, eps)
@@ -201,11 +204,14 @@ def _add_ln_setup(ctx, inputs, output):
     ctx.save_for_backward(output[1], weight, bias, output[2], output[3])
     ctx.options = (eps, backend, x.dtype, residual.dtype)
     ctx.mark_non_differentiable(output[2], output[3])
+    ctx.set_materialize_grads(False)  # unused outputs' gradients stay None: no zero tensors
 
 
 def _add_ln_backward(ctx, dy, dsum, _dmean, _drstd):
     s, weight, bias, mean, rstd = ctx.saved_tensors
     eps, backend, x_dtype, r_dtype = ctx.options
+    if dy is None:  # only s was used: its gradient passes through the add
+        return None if dsum is None else dsum.to(x_dtype), None if dsum is None else dsum.to(r_dtype), *(None,) * 5
     # under grad mode (double backward) _bwd recomputes the norm from s with the differentiable reference
     ds, dw, db = _bwd(backend, dy.to(s.dtype), s, weight, bias, mean, rstd, eps, dsum)
     return ds.to(x_dtype), ds.to(r_dtype), dw, db, None, None, None

@@ -173,9 +173,12 @@ def _rms_setup(ctx, inputs, output):
     ctx.save_for_backward(x, weight, output[1])
     ctx.options = (offset, k, eps, backend)
     ctx.mark_non_differentiable(output[1])
+    ctx.set_materialize_grads(False)  # no zero tensor for rstd's gradient (it has none)
 
 
 def _rms_backward(ctx, dy, _drstd):
+    if dy is None:
+        return (None,) * 7
     x, weight, rstd = ctx.saved_tensors
     offset, k, eps, backend = ctx.options
     dx, dw = _bwd(backend, dy, x, weight, rstd, offset, k, eps)
@@ -210,11 +213,14 @@ def _add_rms_setup(ctx, inputs, output):
     ctx.save_for_backward(output[1], weight, output[2])
     ctx.options = (offset, k, eps, backend, x.dtype, residual.dtype)
     ctx.mark_non_differentiable(output[2])
+    ctx.set_materialize_grads(False)  # unused outputs' gradients stay None: no zero tensors
 
 
 def _add_rms_backward(ctx, dy, dsum, _drstd):
     s, weight, rstd = ctx.saved_tensors
     offset, k, eps, backend, x_dtype, r_dtype = ctx.options
+    if dy is None:  # only s was used: its gradient passes through the add
+        return None if dsum is None else dsum.to(x_dtype), None if dsum is None else dsum.to(r_dtype), *(None,) * 7
     if torch.is_grad_enabled():
         # double backward: recompute the norm from s with the differentiable reference
         ds, dw = rms_norm_bwd_ref(dy.to(s.dtype), s, weight, rstd, offset, k, eps, dsum)

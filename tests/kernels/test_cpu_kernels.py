@@ -390,8 +390,9 @@ def _grads(dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_determinism_runs_and_threads(dtype):
+def test_determinism_runs_and_threads(dtype, monkeypatch):
     """Bitwise equal across runs and across 1 vs 2 numba threads, forward and weight/bias gradients."""
+    monkeypatch.setattr(K, "SERIAL_BELOW", 0)  # these small calls would otherwise run on one thread
     before = numba.get_num_threads()
     try:
         numba.set_num_threads(1)
@@ -402,6 +403,61 @@ def test_determinism_runs_and_threads(dtype):
         numba.set_num_threads(before)
     for a, b, c in zip(one, two, again):
         assert torch.equal(a, b) and torch.equal(b, c)
+
+
+@pytest.mark.parametrize("layer", [False, True])
+def test_weight_grads_fold_chunk_partials_in_chunk_order(layer, monkeypatch):
+    """dw / db are the fp32 sum, in chunk order, of every chunk's partial, however many threads computed
+    the chunks (and however few partial slots they had): the partials of each chunk alone, folded here
+    one after another, give the same bits."""
+    rows, n = 23 * K.CHUNK + 5, 129
+    x, dy = rand(rows, n), rand(rows, n, seed=1)
+    w, b = rand(n, seed=2), rand(n, seed=3)
+
+    def grads(xs, dys):
+        if layer:
+            _, mean, rstd = K.layer_norm_fwd(xs, w, b, 1e-5)
+            return K.layer_norm_bwd(dys, xs, w, b, mean, rstd)[1:]
+        _, rstd = K.rms_norm_fwd(xs, w, 1e-5, "llama", 0.0, n)
+        return K.rms_norm_bwd(dys, xs, w, rstd, 0.0, n)[1:]
+
+    folded = [torch.zeros(n) for _ in range(2 if layer else 1)]
+    for lo in range(0, rows, K.CHUNK):
+        for acc, part in zip(folded, grads(x[lo:lo + K.CHUNK], dy[lo:lo + K.CHUNK])):
+            acc += part  # one chunk alone: its partial, added to zeros
+    monkeypatch.setattr(K, "SERIAL_BELOW", 0)
+    before = numba.get_num_threads()
+    try:
+        for threads in (1, min(2, numba.config.NUMBA_NUM_THREADS)):
+            numba.set_num_threads(threads)
+            for got, want in zip(grads(x, dy), folded):
+                assert torch.equal(got, want)
+    finally:
+        numba.set_num_threads(before)
+
+
+@pytest.mark.parametrize("op", ["layer_norm", "rms_norm"])
+def test_fwd_bwd_peak_memory_not_above_torch(op):
+    """Peak of the bytes allocated through torch during forward + backward (the bench's measure):
+    normlab's is no higher than torch's — the weight-gradient partials take one slot per thread, as
+    torch's per-thread buffers, and no zero gradient is made for the statistics."""
+    from normlab.bench.run import peak_bytes
+
+    rows, n = 1024, 512  # above SERIAL_BELOW: both threads, 16 chunks
+    x, dy = rand(rows, n).requires_grad_(), rand(rows, n, seed=1)
+    w, b = rand(n, seed=2).requires_grad_(), rand(n, seed=3).requires_grad_()
+    if op == "layer_norm":
+        ours, theirs = (lambda: normlab.layer_norm(x, n, w, b)), (lambda: F.layer_norm(x, (n,), w, b))
+    else:
+        ours, theirs = (lambda: normlab.rms_norm(x, n, w)), (lambda: F.rms_norm(x, (n,), w))
+    params = (x, w, b) if op == "layer_norm" else (x, w)
+    before = torch.get_num_threads()
+    torch.set_num_threads(numba.get_num_threads())  # torch's buffers: one per thread
+    try:
+        peaks = [peak_bytes(lambda f=f: torch.autograd.grad(f(), params, dy), "cpu") for f in (ours, theirs)]
+    finally:
+        torch.set_num_threads(before)
+    assert peaks[0] <= peaks[1], peaks
 
 
 def test_nan_row_does_not_leak_into_parameter_grads():

@@ -220,6 +220,27 @@ def test_add_layer_norm_grads_match_unfused():
         torch.testing.assert_close(a, c, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+@pytest.mark.parametrize("use", ["y", "s"])
+def test_add_layer_norm_grads_with_one_output_unused(backend, use):
+    """Only y or only s in the loss: the unused output's gradient is None (not a zero tensor) and the
+    gradients equal the unfused graph's."""
+    x, r = rand(4, 24).requires_grad_(), rand(4, 24, seed=1).requires_grad_()
+    w, b = rand(24, seed=2).requires_grad_(), rand(24, seed=3).requires_grad_()
+    y, s = normlab.add_layer_norm(x, r, 24, w, b, backend=backend)
+    (y.square().sum() if use == "y" else s.sum()).backward()
+    got = [t.grad for t in (x, r, w, b)]
+    for t in (x, r, w, b):
+        t.grad = None
+    s2 = x + r
+    (normlab.layer_norm(s2, 24, w, b, backend=backend).square().sum() if use == "y" else s2.sum()).backward()
+    for a, e in zip(got, (x.grad, r.grad, w.grad, b.grad)):
+        if e is None:
+            assert a is None
+        else:
+            torch.testing.assert_close(a, e, rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_batch_invariance(dtype):
     big = rand(300, 257, dtype=dtype, mean=2.0)

@@ -146,6 +146,27 @@ def test_add_rms_norm_grads_match_unfused():
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+@pytest.mark.parametrize("use", ["y", "s"])
+def test_add_rms_norm_grads_with_one_output_unused(backend, use):
+    """Only y or only s in the loss: the unused output's gradient is None (not a zero tensor) and the
+    gradients equal the unfused graph's."""
+    x, r = rand(4, 24).requires_grad_(), rand(4, 24, seed=1).requires_grad_()
+    w = rand(24, seed=2).requires_grad_()
+    y, s = normlab.add_rms_norm(x, r, 24, w, backend=backend)
+    (y.square().sum() if use == "y" else s.sum()).backward()
+    got = [t.grad for t in (x, r, w)]
+    for t in (x, r, w):
+        t.grad = None
+    s2 = x + r
+    (normlab.rms_norm(s2, 24, w, backend=backend).square().sum() if use == "y" else s2.sum()).backward()
+    for a, b in zip(got, (x.grad, r.grad, w.grad)):
+        if b is None:
+            assert a is None
+        else:
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_batch_invariance(dtype):
     big = rand(300, 257, dtype=dtype)

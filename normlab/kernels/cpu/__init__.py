@@ -182,15 +182,16 @@ def _norm_bwd(
     dy = _rows(dy, x.dtype)
     dsum_t = x if dsum is None else _rows(dsum, x.dtype)
     dx = torch.empty_like(x)
-    chunks = (rows_ + CHUNK - 1) // CHUNK
-    dw_part = torch.zeros(chunks, n, dtype=torch.float32)  # the kernel accumulates these whether wanted or not
-    db_part = torch.zeros(chunks, n if layer else 0, dtype=torch.float32)
+    # one partial slot per thread (as torch's per-thread buffers); the kernel folds them in chunk order
+    workers = 1 if x.numel() < SERIAL_BELOW else max(1, min(_get_threads(), (rows_ + CHUNK - 1) // CHUNK))
+    slot_w = torch.empty(workers, n, dtype=torch.float32)  # accumulated whether wanted or not
+    slot_b = torch.empty(workers, n if layer else 0, dtype=torch.float32)
     dw = torch.zeros(n if want_dw else 0, dtype=torch.float32)
     db = torch.zeros(n if want_db else 0, dtype=torch.float32)
     _launch(  # each chunk's partial is the same whichever thread computes it
         norm_bwd, x.numel(), _np(dy), _np(x), weight.contiguous().numpy(), mean.contiguous().numpy(),
         rstd.to(_STAT).contiguous().numpy(), k, layer, _np(dsum_t), dsum is not None, _np(dx),
-        dw_part.numpy(), db_part.numpy(), want_dw, want_db, dw.numpy(), db.numpy(),
+        slot_w.numpy(), slot_b.numpy(), want_dw, want_db, dw.numpy(), db.numpy(),
         dsum is None and _streams(dx, dy, x),  # with the fused add's gradient, measured slower streamed
     )
     return dx, dw, db
@@ -212,8 +213,12 @@ def _(dy, x, weight, mean, rstd, k, layer, dsum, want_dw, want_db):
 
 
 def _wvec(p: torch.Tensor | None, n: int, x: torch.Tensor, offset: float = 0.0) -> torch.Tensor:
-    """fp32 ``offset + w`` (ones without a weight) as a tensor (traceable)."""
-    return x.new_ones(n, dtype=torch.float32) if p is None else p.detach().to(torch.float32) + offset
+    """fp32 ``offset + w`` (ones without a weight) as a tensor (traceable; an fp32 weight without offset
+    as it is, no copy)."""
+    if p is None:
+        return x.new_ones(n, dtype=torch.float32)
+    w = p.detach().to(torch.float32)
+    return w + offset if offset else w
 
 
 # ---- the kernel contract -----------------------------------------------------------------------

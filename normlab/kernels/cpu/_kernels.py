@@ -13,8 +13,10 @@ Large fp32 calls form the written rows in blocks of :data:`BLOCK` columns in a p
 write them with non-temporal stores (no read-for-ownership of the output, no eviction of the input):
 the values are the same either way. Rows are processed in fixed chunks of :data:`CHUNK` rows, in
 parallel over chunks. A row's result depends on that row alone (batch invariance). Weight/bias
-gradients are accumulated per chunk in fp32, then summed over chunks in chunk order: bitwise the same
-for any thread count.
+gradients are accumulated per chunk in fp32 (one partial slot per thread), and each chunk's partial is
+added into the result in chunk order as soon as every earlier chunk's is (the threads take chunks in
+increasing order from an atomic counter and wait for their turn): bitwise the same for any thread count,
+with no more memory than torch's per-thread buffers.
 """
 
 from __future__ import annotations
@@ -34,10 +36,12 @@ from normlab.kernels.cpu._numerics import (
     HARDWARE_BF16,
     LINE,
     aligned_from,
+    fetch_add,
     hardware_add,
     hardware_block,
     load,
     proven_normal,
+    publish,
     rnd,
     row_dev_sums,
     row_grad_dot,
@@ -48,6 +52,7 @@ from normlab.kernels.cpu._numerics import (
     store_fence,
     store_via,
     stream_cols,
+    wait_until,
     weight_bounds,
 )
 
@@ -56,7 +61,6 @@ CHUNK = 64
 #: RMSNorm casting modes as the kernel sees them (the weight passed in is already ``offset + w`` in the
 #: dtype the mode prescribes, as fp32 values).
 MODE_FP32, MODE_LLAMA, MODE_NONE = 0, 1, 2
-_COLS = 512  # columns per work item of the chunk-partial reduction
 #: Columns per non-temporal block (a whole number of 64-byte lines in every dtype).
 BLOCK = 512
 
@@ -260,43 +264,51 @@ def _make_bwd(layer: bool, has_dsum: bool):
     helpers = _HELPERS_SOURCE
 
     @njit(parallel=True, cache=True)
-    def kernel(dy, x, w, mean, rstd, k, dsum, dx, dw_part, db_part, want_dw, want_db, dw, db, stream):
+    def kernel(dy, x, w, mean, rstd, k, dsum, dx, slot_w, slot_b, order, want_dw, want_db, dw, db, stream):
         if helpers == "":  # never true: makes the helpers' hash part of the cache key
             return
         rows, n = x.shape
         nchunks = (rows + CHUNK - 1) // CHUNK
-        for c in prange(nchunks):
-            pw = dw_part[c]
-            pb = db_part[c]
+        slots = slot_w.shape[0]
+        for _ in prange(slots):  # one worker per slot; workers take the chunks in increasing order
             dxbuf = np.empty((1, BLOCK if stream else 0), dx.dtype)
-            for i in range(c * CHUNK, min(rows, (c + 1) * CHUNK)):
-                _grad_row(dy, x, w, mean, rstd, k, layer, dsum, has_dsum, i, dx, dxbuf, stream, pw, pb)
-            if stream:
-                store_fence()
-        if want_dw or want_db:
-            for cb in prange((n + _COLS - 1) // _COLS):
-                lo, hi = cb * _COLS, min(n, (cb + 1) * _COLS)
-                for c in range(nchunks):
-                    if want_dw:
-                        for j in range(lo, hi):
-                            dw[j] += dw_part[c, j]
-                    if want_db:
-                        for j in range(lo, hi):
-                            db[j] += db_part[c, j]
+            c = fetch_add(order, 0, 1)
+            while c < nchunks:
+                pw = slot_w[c % slots]
+                pb = slot_b[c % slots]
+                wait_until(order, 1, c - slots + 1)  # the slot's previous chunk is folded
+                pw[:] = _ZERO
+                pb[:] = _ZERO
+                for i in range(c * CHUNK, min(rows, (c + 1) * CHUNK)):
+                    _grad_row(dy, x, w, mean, rstd, k, layer, dsum, has_dsum, i, dx, dxbuf, stream, pw, pb)
+                if stream:
+                    store_fence()
+                wait_until(order, 1, c)  # every earlier chunk is folded: fold this one, in chunk order
+                if want_dw:
+                    for j in range(n):
+                        dw[j] += pw[j]
+                if want_db:
+                    for j in range(n):
+                        db[j] += pb[j]
+                publish(order, 1, c + 1)
+                c = fetch_add(order, 0, 1)
 
     return kernel
 
 
-def norm_bwd(dy, x, w, mean, rstd, k, layer, dsum, has_dsum, dx, dw_part, db_part, want_dw, want_db, dw, db, stream):
+def norm_bwd(dy, x, w, mean, rstd, k, layer, dsum, has_dsum, dx, slot_w, slot_b, want_dw, want_db, dw, db, stream):
     """Backward of RMSNorm / LayerNorm given the saved per-row ``mean``/``rstd``.
 
     ``x̂ = (x − mean)·rstd`` (RMSNorm: ``x·rstd``), ``g = dy·w``:
     RMSNorm ``dx_j = rstd·g_j − [j<k]·rstd·x̂_j·Σ_i g_i x̂_i / k``;
     LayerNorm ``dx = rstd·(g − mean(g) − x̂·mean(g·x̂))``; ``+ dsum`` (fused add).
-    ``dw = Σ_rows dy·x̂`` (0 where dy == 0), ``db = Σ_rows dy``: fp32 partials per chunk of rows
-    (``dw_part`` always ``(chunks, n)``, ``db_part`` too for LayerNorm; accumulated in the same pass as
-    dx), then summed over chunks in chunk order into ``dw``/``db`` when wanted. ``stream``: dx rows go
-    through a per-thread buffer and non-temporal stores (the same values either way).
+    ``dw = Σ_rows dy·x̂`` (0 where dy == 0), ``db = Σ_rows dy``: an fp32 partial per chunk of rows
+    (accumulated in the same pass as dx), added into ``dw``/``db`` (zeros) in chunk order as the chunks
+    complete — whichever thread computed them, so the gradients are bitwise the same for any thread
+    count. The partials live in ``slot_w``/``slot_b`` (``(slots, n)``, ``slot_b`` ``(slots, 0)`` for
+    RMSNorm): one slot per worker, chunk ``c`` in slot ``c % slots`` once chunk ``c − slots`` is folded.
+    ``stream``: dx rows go through a per-thread buffer and non-temporal stores (the same values).
     """
     kernel = _make_bwd(bool(layer), bool(has_dsum))
-    kernel(dy, x, w, mean, rstd, k, dsum, dx, dw_part, db_part, want_dw, want_db, dw, db, stream)
+    order = np.zeros(2, np.int64)  # [next chunk to take, chunks folded]
+    kernel(dy, x, w, mean, rstd, k, dsum, dx, slot_w, slot_b, order, want_dw, want_db, dw, db, stream)

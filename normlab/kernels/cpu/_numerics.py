@@ -19,6 +19,7 @@ of the thread count — so results stay batch invariant and deterministic.
 from __future__ import annotations
 
 import os
+import platform
 
 import numpy as np
 from llvmlite import ir
@@ -376,6 +377,79 @@ def stream_cols(dst, i, j, src, sj, count):
     per = LINE // dst.itemsize
     for t in range(0, count, per):
         _stream_line(dst, i, j + t, src, 0, sj + t)
+
+
+# ---- ordering between the threads of one kernel (the in-order fold of weight-gradient partials) ----
+_X86 = platform.machine().lower() in ("x86_64", "amd64", "i386", "i686")
+
+
+def _counter_pointer(context, builder, arty, arr, idx, ity):
+    ary = context.make_array(arty)(context, builder, arr)
+    return cgutils.get_item_pointer(context, builder, arty, ary, [context.cast(builder, idx, ity, types.intp)])
+
+
+def _is_counter_array(arr):
+    return isinstance(arr, types.Array) and arr.ndim == 1 and arr.dtype == types.int64
+
+
+@intrinsic
+def fetch_add(typingctx, arr, i, value):
+    """``arr[i] += value`` atomically (sequentially consistent); returns the value before the add."""
+    if not _is_counter_array(arr):
+        return None
+    sig = types.int64(arr, i, value)
+
+    def codegen(context, builder, signature, args):
+        ptr = _counter_pointer(context, builder, signature.args[0], args[0], args[1], signature.args[1])
+        v = context.cast(builder, args[2], signature.args[2], types.int64)
+        return builder.atomic_rmw("add", ptr, v, "seq_cst")
+
+    return sig, codegen
+
+
+@intrinsic
+def wait_until(typingctx, arr, i, value):
+    """Spin until ``arr[i] >= value`` (acquire loads: what the thread that stored it wrote before its
+    :func:`publish` is visible after). ``pause`` between polls on x86."""
+    if not _is_counter_array(arr):
+        return None
+    sig = types.void(arr, i, value)
+
+    def codegen(context, builder, signature, args):
+        ptr = _counter_pointer(context, builder, signature.args[0], args[0], args[1], signature.args[1])
+        target = context.cast(builder, args[2], signature.args[2], types.int64)
+        poll = builder.append_basic_block("wait.poll")
+        spin = builder.append_basic_block("wait.spin")
+        done = builder.append_basic_block("wait.done")
+        builder.branch(poll)
+        builder.position_at_end(poll)
+        ready = builder.icmp_signed(">=", builder.load_atomic(ptr, "acquire", 8), target)
+        builder.cbranch(ready, done, spin)
+        builder.position_at_end(spin)
+        if _X86:
+            pause = ir.FunctionType(ir.VoidType(), [])
+            builder.call(cgutils.get_or_insert_function(builder.module, pause, "llvm.x86.sse2.pause"), [])
+        builder.branch(poll)
+        builder.position_at_end(done)
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+@intrinsic
+def publish(typingctx, arr, i, value):
+    """``arr[i] = value`` with release ordering: everything this thread wrote before is visible to a
+    thread whose :func:`wait_until` sees it."""
+    if not _is_counter_array(arr):
+        return None
+    sig = types.void(arr, i, value)
+
+    def codegen(context, builder, signature, args):
+        ptr = _counter_pointer(context, builder, signature.args[0], args[0], args[1], signature.args[1])
+        builder.store_atomic(context.cast(builder, args[2], signature.args[2], types.int64), ptr, "release", 8)
+        return context.get_dummy_value()
+
+    return sig, codegen
 
 
 # ---- bf16 rows through the hardware rounding (AVX512-BF16) ----------------------------------------
