@@ -28,7 +28,7 @@ def markdown(results: list[dict]) -> str:
                 lines.append(f"| {op} | {rows}×{n} | {dtype} | {mode} | {r['impl']} | error: {r['error']} | | | | |")
                 continue
             speed = "—" if ours is None or r is ours else f"{r['ms'] / ours['ms']:.2f}×"
-            peak = f"{r['peak_mb']:.0f}" if "peak_mb" in r else ""
+            peak = f"{r['peak_mb']:.2f}" if "peak_mb" in r else ""
             name = f"**{r['impl']}**" if r is ours else r["impl"]
             lines.append(
                 f"| {op} | {rows}×{n} | {dtype} | {mode} | {name} | {r['ms']:.2f} | {r['gbps']:.1f} | {r['pct_copy']:.0f} % | {speed} | {peak} |"
@@ -97,6 +97,6 @@ def summary(results: list[dict]) -> str:
             speed = [f"{by[o]['ms'] / ours['ms']:.2f}×" if o in by else "—" for o in others]
             peak = ""
             if "peak_mb" in ours and "torch" in by and "peak_mb" in by["torch"]:
-                peak = f"{ours['peak_mb']:.0f} / {by['torch']['peak_mb']:.0f}"
+                peak = f"{ours['peak_mb']:.2f} / {by['torch']['peak_mb']:.2f}"
             lines.append(f"| {label} | {rows}×{n} | {dtype} | {mode} | {ours['ms']:.2f} | {ours['pct_copy']:.0f} % | " + " | ".join(speed) + f" | {peak} |")
     return "\n".join(lines) + "\n"

@@ -381,6 +381,7 @@ def stream_cols(dst, i, j, src, sj, count):
 
 # ---- ordering between the threads of one kernel (the in-order fold of weight-gradient partials) ----
 _X86 = platform.machine().lower() in ("x86_64", "amd64", "i386", "i686")
+_POSIX = os.name == "posix"
 
 
 def _counter_pointer(context, builder, arty, arr, idx, ity):
@@ -407,10 +408,16 @@ def fetch_add(typingctx, arr, i, value):
     return sig, codegen
 
 
+#: Polls of :func:`wait_until` before it starts giving its core away between polls.
+SPIN_POLLS = 2000
+
+
 @intrinsic
 def wait_until(typingctx, arr, i, value):
-    """Spin until ``arr[i] >= value`` (acquire loads: what the thread that stored it wrote before its
-    :func:`publish` is visible after). ``pause`` between polls on x86."""
+    """Wait until ``arr[i] >= value`` (acquire loads: what the thread that stored it wrote before its
+    :func:`publish` is visible after). Polls with ``pause`` (x86), then, after :data:`SPIN_POLLS`,
+    calls ``sched_yield`` between polls (POSIX): with more threads than cores, the thread waited for may
+    need this core to finish."""
     if not _is_counter_array(arr):
         return None
     sig = types.void(arr, i, value)
@@ -418,17 +425,25 @@ def wait_until(typingctx, arr, i, value):
     def codegen(context, builder, signature, args):
         ptr = _counter_pointer(context, builder, signature.args[0], args[0], args[1], signature.args[1])
         target = context.cast(builder, args[2], signature.args[2], types.int64)
+        i64, void = ir.IntType(64), ir.FunctionType(ir.VoidType(), [])
+        entry = builder.block
         poll = builder.append_basic_block("wait.poll")
         spin = builder.append_basic_block("wait.spin")
         done = builder.append_basic_block("wait.done")
         builder.branch(poll)
         builder.position_at_end(poll)
+        polls = builder.phi(i64)
         ready = builder.icmp_signed(">=", builder.load_atomic(ptr, "acquire", 8), target)
         builder.cbranch(ready, done, spin)
         builder.position_at_end(spin)
         if _X86:
-            pause = ir.FunctionType(ir.VoidType(), [])
-            builder.call(cgutils.get_or_insert_function(builder.module, pause, "llvm.x86.sse2.pause"), [])
+            builder.call(cgutils.get_or_insert_function(builder.module, void, "llvm.x86.sse2.pause"), [])
+        if _POSIX:
+            with builder.if_then(builder.icmp_signed(">=", polls, ir.Constant(i64, SPIN_POLLS)), likely=False):
+                yield_ = ir.FunctionType(ir.IntType(32), [])
+                builder.call(cgutils.get_or_insert_function(builder.module, yield_, "sched_yield"), [])
+        polls.add_incoming(ir.Constant(i64, 0), entry)
+        polls.add_incoming(builder.add(polls, ir.Constant(i64, 1)), builder.block)
         builder.branch(poll)
         builder.position_at_end(done)
         return context.get_dummy_value()
