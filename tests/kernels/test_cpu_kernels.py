@@ -17,7 +17,9 @@ import torch.nn.functional as F
 import normlab
 from normlab import dispatch
 from normlab.kernels import cpu as K
-from normlab.kernels.cpu._numerics import BF16, FP16, decode, encode
+from normlab.kernels.cpu._numerics import (
+    BF16, FP16, HARDWARE_BF16, _bf16_sumsq_exact, _bf16_sumsq_hardware, decode, encode, row_sumsq_min,
+)
 from normlab.ops.rms_norm import rms_norm_bwd_ref, rms_norm_fwd_ref
 from tests.helpers import ATOL, assert_close_same_dtype, assert_tolerance_rule, rand
 
@@ -522,6 +524,50 @@ def test_out_buffers():
     out = torch.empty(8, 32, dtype=torch.bfloat16)
     xb = x.bfloat16()
     assert normlab.rms_norm(xb, 32, w, out=out) is out and torch.equal(out, normlab.rms_norm(xb, 32, w))
+
+
+@pytest.mark.skipif(not HARDWARE_BF16, reason="needs AVX512-BF16 (vdpbf16ps)")
+def test_bf16_sum_of_squares_vdpbf16ps_equals_its_emulation():
+    """The bf16 RMSNorm statistic: ``vdpbf16ps`` gives bitwise the sums of the emulated order wherever
+    the magnitudes allow it (every nonzero |x| in [2⁻⁶³, 2⁶⁴)), and rows outside that range (subnormal
+    squares, overflow, NaN, inf) are summed by the emulation; the sums stay accurate (fp64 check)."""
+    rng = np.random.default_rng(5)
+    rows, n = 400, 1024 + 128 * 3
+    exps = rng.integers(-63, 63, size=(rows, n))
+    exps[:100] = rng.integers(-8, 8, size=(100, n))  # typical activations
+    v = np.ldexp(rng.uniform(1, 2, size=(rows, n)), exps) * rng.choice([-1.0, 1.0], size=(rows, n))
+    v[::7, 3] = 0.0
+    v[300] = np.ldexp(rng.uniform(1, 2, size=n), rng.integers(-75, -64, size=n))  # subnormal squares only
+    v[301] = np.ldexp(rng.uniform(1, 2, size=n), rng.integers(-70, -60, size=n))  # some of them
+    v[302] = 2.0**-64  # the largest bf16 below 2⁻⁶³ ...
+    v[302, 5] = 2.0**-63  # ... next to the smallest allowed value
+    outside = np.array([2.0**-130, 2.0**64, 3e38, np.inf, np.nan], np.float32)
+    for r, value in enumerate(outside):  # one value out of range in an ordinary row
+        v[303 + r, 17 + r] = value
+    bits = torch.from_numpy(v.astype(np.float32)).bfloat16().view(torch.int16).numpy().view(np.uint16).copy()
+    hardware, exact, used = _sums_of_squares(bits)
+    inside = np.ones(rows, bool)
+    inside[300:303 + len(outside)] = False
+    assert not np.array_equal(hardware[300:303].view(np.uint32), exact[300:303].view(np.uint32))  # flushed
+    assert np.array_equal(hardware[inside].view(np.uint32), exact[inside].view(np.uint32))
+    assert np.array_equal(used.view(np.uint32), exact.view(np.uint32))  # the fallback rows included
+    want = (torch.from_numpy(bits.view(np.int16)).view(torch.bfloat16).double() ** 2).sum(1).numpy()
+    finite = np.isfinite(want) & (want < 3e38)
+    np.testing.assert_allclose(exact[finite], want[finite], rtol=64 * EPS32)
+
+
+@numba.njit
+def _sums_fill(bits, hardware, exact, used):
+    for i in range(bits.shape[0]):
+        hardware[i] = _bf16_sumsq_hardware(bits, i, bits.shape[1])[0]
+        exact[i] = _bf16_sumsq_exact(bits, i, bits.shape[1])[0]
+        used[i] = row_sumsq_min(bits, i, bits.shape[1])[0]
+
+
+def _sums_of_squares(bits):
+    out = [np.empty(bits.shape[0], np.float32) for _ in range(3)]
+    _sums_fill(bits, *out)
+    return out
 
 
 def test_bf16_round_trip_equals_encode_then_decode():

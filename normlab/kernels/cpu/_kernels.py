@@ -47,7 +47,7 @@ from normlab.kernels.cpu._numerics import (
     row_grad_dot,
     row_grad_sums,
     row_sum,
-    row_sumsq,
+    row_sumsq_min,
     store,
     store_fence,
     store_via,
@@ -75,16 +75,18 @@ _ZERO = np.float32(0.0)
 
 @njit(cache=True, inline="always")
 def _row_stats(a, ai, eps, k, layer):
-    """``(m, c, rstd)`` of row ``ai``. LayerNorm: the corrected two-pass — the rounded mean m, the mean c
-    of the deviations from it, and rstd from ``Σ (x − m − c)² = Σ (x − m)² − n·c²``; RMSNorm:
-    ``m = c = 0`` and ``rstd = 1/sqrt(Σ_{j<k} x_j²/k + eps)``."""
+    """``(m, c, rstd, least)`` of row ``ai``. LayerNorm: the corrected two-pass — the rounded mean m, the
+    mean c of the deviations from it, and rstd from ``Σ (x − m − c)² = Σ (x − m)² − n·c²``; RMSNorm:
+    ``m = c = 0`` and ``rstd = 1/sqrt(Σ_{j<k} x_j²/k + eps)``, with the row's smallest bf16 magnitude
+    from the same pass (``least``, for :func:`proven_normal`; 0xFFFF for LayerNorm)."""
     if layer:
         nf = np.float32(a.shape[1])
         m = row_sum(a, ai) / nf
         sd, sd2 = row_dev_sums(a, ai, m)
         c = sd / nf
-        return m, c, _ONE / np.sqrt(max(sd2 / nf - c * c, _ZERO) + eps)
-    return _ZERO, _ZERO, _ONE / np.sqrt(row_sumsq(a, ai, k) / np.float32(k) + eps)
+        return m, c, _ONE / np.sqrt(max(sd2 / nf - c * c, _ZERO) + eps), np.int64(0xFFFF)
+    ss, least = row_sumsq_min(a, ai, k)
+    return _ZERO, _ZERO, _ONE / np.sqrt(ss / np.float32(k) + eps), least
 
 
 @njit(cache=True, inline="always")
@@ -119,9 +121,9 @@ def _norm_row(a, ai, y, i, buf, stream, w, b, eps, k, layer, mode, mean, rstd, w
     ``buf`` with non-temporal stores, interleaved with the computation. ``w_min``, ``w_finite``: the
     weights' :func:`weight_bounds`, for the proof that a bf16 RMSNorm row needs no classification."""
     n = a.shape[1]
-    m, c, rs = _row_stats(a, ai, eps, k, layer)
+    m, c, rs, least = _row_stats(a, ai, eps, k, layer)
     rq = rnd(rs, a) if mode == MODE_NONE else rs  # casting none: rstd rounded too
-    checked = layer or not proven_normal(a, ai, k, rq, w_min, w_finite)
+    checked = layer or not proven_normal(a, ai, k, rq, w_min, w_finite, least)
     width = buf.shape[1]  # a runtime block width: LLVM vectorizes the loop instead of unrolling it
     j = aligned_from(y, i) if stream else n
     _norm_cols(a, ai, y, i, 0, j, 0, w, b, m, c, rq, layer, mode, checked)

@@ -712,71 +712,173 @@ def _hardware_block(kind, checked, a, ai, lo, hi, y, yi, off, w, b, m, c, rs):
     return impl
 
 
-# ---- proving a bf16 RMSNorm row free of NaN and subnormals -----------------------------------------
-#: bf16 values per iteration of :func:`_bf16_min_abs_bits`: 4 vectors of 32, 4 independent minima.
-MIN_ABS_STEP = 4 * 2 * LANES
+# ---- the bf16 sum of squares, in a fixed order (AVX512-BF16: vdpbf16ps) -----------------------------
+#: bf16 values per iteration of the bf16 sum of squares: 4 independent vectors of 32.
+SUMSQ_STEP = 4 * 2 * LANES
+#: ``vdpbf16ps`` forms exactly the emulated sums when every nonzero |x| lies in [2⁻⁶³, 2⁶⁴): each
+#: square is then a normal fp32 number (the instruction flushes subnormals) and finite.
+_DP_LEAST, _DP_MOST = 0x2000 - 1, 0x5F80  # bf16 bits of 2⁻⁶³ (less one, as ``least`` counts) and 2⁶⁴
 
 
-@intrinsic
-def _bf16_min_abs_bits(typingctx, a, ai, count):
-    """``min(|h| − 1)`` over the first ``count`` (a multiple of :data:`MIN_ABS_STEP`) bf16 bit patterns
-    ``h`` of row ``ai``, in 16-bit unsigned arithmetic: a zero wraps to 0xFFFF, so this is the smallest
-    nonzero magnitude − 1 (0xFFFF: no nonzero value). ``vpminuw`` on 4 independent vectors of 32."""
-    if not (isinstance(a, types.Array) and a.dtype == types.uint16):
-        return None
-    sig = types.uint16(a, ai, count)
+def _tree_sum(builder, v, lanes):
+    """IR: the lanes of ``v`` summed halves first (16 → 8 → 4 → 2 → 1): a fixed order."""
+    while lanes > 1:
+        half = lanes // 2
+        lo = builder.shuffle_vector(v, v, ir.Constant(ir.VectorType(_I32, half), list(range(half))))
+        hi = builder.shuffle_vector(v, v, ir.Constant(ir.VectorType(_I32, half), list(range(half, lanes))))
+        v, lanes = builder.fadd(lo, hi), half
+    return builder.extract_element(v, _i32(0))
 
-    def codegen(context, builder, signature, args):
-        aty, ity, cty = signature.args
-        intp = context.get_value_type(types.intp)
-        i16, lanes, unroll = ir.IntType(16), 2 * LANES, MIN_ABS_STEP // (2 * LANES)
-        vty = ir.VectorType(i16, lanes)
-        ary = context.make_array(aty)(context, builder, args[0])
-        row = [context.cast(builder, args[1], ity, types.intp), context.get_constant(types.intp, 0)]
-        base = builder.bitcast(cgutils.get_item_pointer(context, builder, aty, ary, row), vty.as_pointer())
-        steps = builder.udiv(context.cast(builder, args[2], cty, types.intp), ir.Constant(intp, MIN_ABS_STEP))
-        magnitude, one = ir.Constant(vty, [0x7FFF] * lanes), ir.Constant(vty, [1] * lanes)
-        start = ir.Constant(vty, [0xFFFF] * lanes)
-        umin = cgutils.get_or_insert_function(builder.module, ir.FunctionType(vty, [vty, vty]), "llvm.umin.v32i16")
-        entry = builder.block
-        loop, combine = builder.append_basic_block("minabs.loop"), builder.append_basic_block("minabs.combine")
-        done = builder.append_basic_block("minabs.done")
-        builder.cbranch(builder.icmp_unsigned("!=", steps, ir.Constant(intp, 0)), loop, done)
-        builder.position_at_end(loop)
-        k = builder.phi(intp)
-        accs = [builder.phi(vty) for _ in range(unroll)]
-        first = builder.mul(k, ir.Constant(intp, unroll))
-        nexts = []
-        for u, acc in enumerate(accs):
-            h = builder.load(builder.gep(base, [builder.add(first, ir.Constant(intp, u))]), align=2)
-            nexts.append(builder.call(umin, [acc, builder.sub(builder.and_(h, magnitude), one)]))
-        k_next = builder.add(k, ir.Constant(intp, 1))
-        k.add_incoming(ir.Constant(intp, 0), entry)
-        k.add_incoming(k_next, loop)
-        for acc, nxt in zip(accs, nexts):
-            acc.add_incoming(start, entry)
-            acc.add_incoming(nxt, loop)
-        builder.cbranch(builder.icmp_unsigned("<", k_next, steps), loop, combine)
-        builder.position_at_end(combine)
-        total = nexts[0]
-        for nxt in nexts[1:]:
-            total = builder.call(umin, [total, nxt])
-        builder.branch(done)
-        builder.position_at_end(done)
-        result = builder.phi(vty)
-        result.add_incoming(start, entry)
-        result.add_incoming(total, combine)
-        reduce = cgutils.get_or_insert_function(
-            builder.module, ir.FunctionType(i16, [vty]), "llvm.vector.reduce.umin.v32i16"
-        )
-        return builder.call(reduce, [result])
 
-    return sig, codegen
+def _bf16_sumsq_intrinsic(hardware):
+    """``(Σ x², least, most)`` over the first ``count`` (a multiple of :data:`SUMSQ_STEP`) values of the
+    bf16 row ``ai``, in one pass. Order: vector u (32 values, 16 pairs) of every step of 128 adds, in
+    lane j, the square of its value 2j + 1 and then that of its value 2j into accumulator u
+    (``(acc + x₂ⱼ₊₁²) + x₂ⱼ²``, every operation rounded); then ``(acc₀ + acc₁) + (acc₂ + acc₃)`` and the
+    16 lanes halves first. ``hardware``: the pair step is one ``vdpbf16ps`` (the same roundings, exact
+    where :data:`_DP_LEAST` / :data:`_DP_MOST` hold: the caller checks); else the squares are formed
+    from the pair's bits (odd value: the high half as is, even value: shifted up). ``least`` = min
+    (|h| − 1) over the bit patterns (a zero wraps to 0xFFFF), ``most`` = max |h|, 16-bit unsigned."""
+
+    def typer(typingctx, a, ai, count):
+        if not (isinstance(a, types.Array) and a.dtype == types.uint16):
+            return None
+        sig = types.Tuple((types.float32, types.uint16, types.uint16))(a, ai, count)
+        return sig, lambda *cg: _bf16_sumsq_ir(hardware, *cg)
+
+    typer.__name__ = f"_bf16_sumsq_{'hardware' if hardware else 'exact'}"
+    return intrinsic(typer)
+
+
+def _bf16_sumsq_ir(hardware, context, builder, signature, args):
+    aty, ity, cty = signature.args
+    intp = context.get_value_type(types.intp)
+    f32, i16, unroll = ir.FloatType(), ir.IntType(16), SUMSQ_STEP // (2 * LANES)
+    hty, fty, pty = ir.VectorType(i16, 2 * LANES), _V16[f32], _V16[_I32]
+    ary = context.make_array(aty)(context, builder, args[0])
+    row = [context.cast(builder, args[1], ity, types.intp), context.get_constant(types.intp, 0)]
+    base = builder.bitcast(cgutils.get_item_pointer(context, builder, aty, ary, row), hty.as_pointer())
+    steps = builder.udiv(context.cast(builder, args[2], cty, types.intp), ir.Constant(intp, SUMSQ_STEP))
+    magnitude, one = ir.Constant(hty, [0x7FFF] * 2 * LANES), ir.Constant(hty, [1] * 2 * LANES)
+    zero, none, low = ir.Constant(fty, [0.0] * LANES), ir.Constant(hty, [0xFFFF] * 2 * LANES), ir.Constant(hty, None)
+    umin, umax = (cgutils.get_or_insert_function(builder.module, ir.FunctionType(hty, [hty, hty]), f"llvm.{op}.v32i16")
+                  for op in ("umin", "umax"))
+    bty = ir.VectorType(_BFLOAT, 2 * LANES)
+    dot = cgutils.get_or_insert_function(
+        builder.module, ir.FunctionType(fty, [fty, bty, bty]), "llvm.x86.avx512bf16.dpbf16ps.512"
+    ) if hardware else None
+    high, sixteen = ir.Constant(pty, [0xFFFF0000] * LANES), ir.Constant(pty, [16] * LANES)
+
+    def pair_step(acc, h):
+        if hardware:
+            b = builder.bitcast(h, bty)
+            return builder.call(dot, [acc, b, b])
+        pairs = builder.bitcast(h, pty)
+        odd = builder.bitcast(builder.and_(pairs, high), fty)
+        even = builder.bitcast(builder.shl(pairs, sixteen), fty)
+        return builder.fadd(builder.fadd(acc, builder.fmul(odd, odd)), builder.fmul(even, even))
+
+    entry = builder.block
+    loop, combine = builder.append_basic_block("sumsq.loop"), builder.append_basic_block("sumsq.combine")
+    done = builder.append_basic_block("sumsq.done")
+    builder.cbranch(builder.icmp_unsigned("!=", steps, ir.Constant(intp, 0)), loop, done)
+    builder.position_at_end(loop)
+    t = builder.phi(intp)
+    accs, mins, maxs = ([builder.phi(ty) for _ in range(unroll)] for ty in (fty, hty, hty))
+    acc_next, min_next, max_next = [], [], []
+    first = builder.mul(t, ir.Constant(intp, unroll))
+    for u in range(unroll):
+        h = builder.load(builder.gep(base, [builder.add(first, ir.Constant(intp, u))]), align=2)
+        mag = builder.and_(h, magnitude)
+        acc_next.append(pair_step(accs[u], h))
+        min_next.append(builder.call(umin, [mins[u], builder.sub(mag, one)]))
+        max_next.append(builder.call(umax, [maxs[u], mag]))
+    t_next = builder.add(t, ir.Constant(intp, 1))
+    t.add_incoming(ir.Constant(intp, 0), entry)
+    t.add_incoming(t_next, loop)
+    for phis, nexts, start in ((accs, acc_next, zero), (mins, min_next, none), (maxs, max_next, low)):
+        for phi, nxt in zip(phis, nexts):
+            phi.add_incoming(start, entry)
+            phi.add_incoming(nxt, loop)
+    builder.cbranch(builder.icmp_unsigned("<", t_next, steps), loop, combine)
+    builder.position_at_end(combine)
+    total = builder.fadd(builder.fadd(acc_next[0], acc_next[1]), builder.fadd(acc_next[2], acc_next[3]))
+
+    def fold(fn, vs):
+        return builder.call(fn, [builder.call(fn, [vs[0], vs[1]]), builder.call(fn, [vs[2], vs[3]])])
+
+    least, most = fold(umin, min_next), fold(umax, max_next)
+    builder.branch(done)
+    builder.position_at_end(done)
+    results = []
+    for start, value in ((zero, total), (none, least), (low, most)):
+        phi = builder.phi(value.type)
+        phi.add_incoming(start, entry)
+        phi.add_incoming(value, combine)
+        results.append(phi)
+    reduce_min, reduce_max = (
+        cgutils.get_or_insert_function(builder.module, ir.FunctionType(i16, [hty]), f"llvm.vector.reduce.{op}.v32i16")
+        for op in ("umin", "umax")
+    )
+    total = _tree_sum(builder, results[0], LANES)
+    out = [total, builder.call(reduce_min, [results[1]]), builder.call(reduce_max, [results[2]])]
+    return context.make_tuple(builder, signature.return_type, out)
+
+
+_bf16_sumsq_exact = _bf16_sumsq_intrinsic(False)
+_bf16_sumsq_hardware = _bf16_sumsq_intrinsic(True)
+
+
+def row_sumsq_min(a, ai, k):
+    """``(Σ_{j<k} a_ij², least)``. bf16 rows: the sum in the fixed order of :func:`_bf16_sumsq_intrinsic`
+    (``vdpbf16ps`` where the CPU has it and the row's magnitudes allow, the same roundings otherwise),
+    then the last ``k mod 128`` squares one by one; ``least`` = min(|h| − 1) over the whole row's bit
+    patterns when ``k = n`` (what :func:`proven_normal` needs; 0xFFFF otherwise). Other dtypes:
+    :func:`row_sumsq` and 0xFFFF."""
+
+
+@overload(row_sumsq_min, jit_options={"cache": True}, inline="always")
+def _row_sumsq_min(a, ai, k):
+    if _dtype_of(a) != types.uint16:
+        return lambda a, ai, k: (row_sumsq(a, ai, k), np.int64(0xFFFF))
+    if HARDWARE_BF16:
+
+        def pass_over(a, ai, body):
+            fast = _bf16_sumsq_hardware(a, ai, body)
+            # exact unless a square could be subnormal (flushed) or infinite: then the emulation
+            return fast if fast[1] >= _DP_LEAST and fast[2] < _DP_MOST else _bf16_sumsq_exact(a, ai, body)
+    else:
+
+        def pass_over(a, ai, body):
+            return _bf16_sumsq_exact(a, ai, body)
+
+    pass_over = njit(cache=True)(pass_over)
+
+    def impl(a, ai, k):
+        body = k // SUMSQ_STEP * SUMSQ_STEP
+        total, least, _ = pass_over(a, ai, body)
+        return _sumsq_tail(a, ai, body, k, total), _min_abs_tail(a, ai, body, np.int64(least), k)
+
+    return impl
 
 
 @njit(cache=True)
-def _min_abs_tail(a, ai, lo, least):
-    """:func:`_bf16_min_abs_bits` continued over columns ``lo:`` of row ``ai``, one value at a time."""
+def _sumsq_tail(a, ai, lo, k, total):
+    """``total`` plus the squares of columns ``lo:k`` of row ``ai``, one at a time, in order."""
+    for j in range(lo, k):
+        v = load(a[ai, j])
+        total += v * v
+    return total
+
+
+# ---- proving a bf16 RMSNorm row free of NaN and subnormals -----------------------------------------
+@njit(cache=True)
+def _min_abs_tail(a, ai, lo, least, k):
+    """The smallest ``|h| − 1`` of :func:`row_sumsq_min`, continued over columns ``lo:`` of row ``ai``
+    one value at a time — when the statistic covers the whole row (``k = n``; else ``least`` as it is:
+    the proof does not apply)."""
+    if k != a.shape[1]:
+        return least
     for j in range(lo, a.shape[1]):
         magnitude = np.int64(a[ai, j]) & 0x7FFF
         if magnitude != 0 and magnitude - 1 < least:
@@ -811,26 +913,24 @@ def _weight_bounds_overload(x, w):
     return lambda x, w: _weight_bounds(w)
 
 
-def proven_normal(a, ai, k, rs, w_min, w_finite):
+def proven_normal(a, ai, k, rs, w_min, w_finite, least):
     """Whether RMSNorm can round every value of bf16 row ``ai`` with no NaN and no subnormal, rounded
     ``x·rs`` and ``x·rs·w`` alike (then the hardware blocks need not classify). Holds when the row's
     statistic covers the whole row (``k = n``) and ``0 < rs < ∞`` (so every x is finite and
     ``|x·rs| ≤ √n``), the weights are finite, and ``min|x|·rs·min(1, min|w|) ≥ 2⁻¹²⁴`` over nonzero x
-    and w: every product is then 0 or above 2⁻¹²⁵ after its roundings (each loses less than 2⁻⁸)."""
+    and w: every product is then 0 or above 2⁻¹²⁵ after its roundings (each loses less than 2⁻⁸).
+    ``least``: the row's smallest nonzero magnitude − 1, in bits (from :func:`row_sumsq_min`)."""
 
 
 @overload(proven_normal, jit_options={"cache": True}, inline="always")
-def _proven_normal(a, ai, k, rs, w_min, w_finite):
+def _proven_normal(a, ai, k, rs, w_min, w_finite, least):
     if not (HARDWARE_BF16 and _dtype_of(a) == types.uint16):
-        return lambda a, ai, k, rs, w_min, w_finite: False
+        return lambda a, ai, k, rs, w_min, w_finite, least: False
 
-    def impl(a, ai, k, rs, w_min, w_finite):
-        n = a.shape[1]
+    def impl(a, ai, k, rs, w_min, w_finite, least):
         r = np.float64(rs)
-        if not (k == n and w_finite and 0.0 < r < _INF64):
+        if not (k == a.shape[1] and w_finite and 0.0 < r < _INF64):
             return False
-        body = n // MIN_ABS_STEP * MIN_ABS_STEP
-        least = _min_abs_tail(a, ai, body, np.int64(_bf16_min_abs_bits(a, ai, body)))
         if least == 0xFFFF:
             return True  # an all-zero row: every product is ±0
         x_min = np.float64(bf16_to_f32(np.uint16(least + 1)))
