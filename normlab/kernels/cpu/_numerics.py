@@ -482,6 +482,8 @@ def _hardware_bf16() -> bool:
         return False  # the exact integer rounding everywhere (for comparisons)
     if config.CPU_NAME not in (None, "host") or config.CPU_FEATURES:
         return False  # a portable or cross-compiled cache: no host-only instructions
+    if llvm.llvm_version_info[0] < 18:
+        return False  # bfloat-typed x86 intrinsics and bfloat fptrunc lowering: LLVM 17 and later
     features = llvm.get_host_cpu_features()
     return all(features.get(f, False) for f in ("avx512f", "avx512bw", "avx512dq", "avx512bf16"))
 
