@@ -384,9 +384,13 @@ _X86 = platform.machine().lower() in ("x86_64", "amd64", "i386", "i686")
 _POSIX = os.name == "posix"
 
 
-def _counter_pointer(context, builder, arty, arr, idx, ity):
-    ary = context.make_array(arty)(context, builder, arr)
-    return cgutils.get_item_pointer(context, builder, arty, ary, [context.cast(builder, idx, ity, types.intp)])
+def _counter_operands(context, builder, signature, args):
+    """IR: ``&arr[i]`` and ``value`` (as int64) from the arguments ``(arr, i, value)`` of a counter
+    intrinsic."""
+    aty, ity, vty = signature.args
+    ary = context.make_array(aty)(context, builder, args[0])
+    ptr = cgutils.get_item_pointer(context, builder, aty, ary, [context.cast(builder, args[1], ity, types.intp)])
+    return ptr, context.cast(builder, args[2], vty, types.int64)
 
 
 def _is_counter_array(arr):
@@ -401,9 +405,7 @@ def fetch_add(typingctx, arr, i, value):
     sig = types.int64(arr, i, value)
 
     def codegen(context, builder, signature, args):
-        ptr = _counter_pointer(context, builder, signature.args[0], args[0], args[1], signature.args[1])
-        v = context.cast(builder, args[2], signature.args[2], types.int64)
-        return builder.atomic_rmw("add", ptr, v, "seq_cst")
+        return builder.atomic_rmw("add", *_counter_operands(context, builder, signature, args), "seq_cst")
 
     return sig, codegen
 
@@ -423,8 +425,7 @@ def wait_until(typingctx, arr, i, value):
     sig = types.void(arr, i, value)
 
     def codegen(context, builder, signature, args):
-        ptr = _counter_pointer(context, builder, signature.args[0], args[0], args[1], signature.args[1])
-        target = context.cast(builder, args[2], signature.args[2], types.int64)
+        ptr, target = _counter_operands(context, builder, signature, args)
         i64, void = ir.IntType(64), ir.FunctionType(ir.VoidType(), [])
         entry = builder.block
         poll = builder.append_basic_block("wait.poll")
@@ -460,8 +461,8 @@ def publish(typingctx, arr, i, value):
     sig = types.void(arr, i, value)
 
     def codegen(context, builder, signature, args):
-        ptr = _counter_pointer(context, builder, signature.args[0], args[0], args[1], signature.args[1])
-        builder.store_atomic(context.cast(builder, args[2], signature.args[2], types.int64), ptr, "release", 8)
+        ptr, value = _counter_operands(context, builder, signature, args)
+        builder.store_atomic(value, ptr, "release", 8)
         return context.get_dummy_value()
 
     return sig, codegen
