@@ -539,8 +539,10 @@ def test_bf16_sum_of_squares_vdpbf16ps_equals_its_emulation():
     v[::7, 3] = 0.0
     v[300] = np.ldexp(rng.uniform(1, 2, size=n), rng.integers(-75, -64, size=n))  # subnormal squares only
     v[301] = np.ldexp(rng.uniform(1, 2, size=n), rng.integers(-70, -60, size=n))  # some of them
-    v[302] = 2.0**-64  # the largest bf16 below 2⁻⁶³ ...
+    v[302] = (2 - 2.0**-7) * 2.0**-64  # the largest bf16 below 2⁻⁶³ (0x1FFF) ...
     v[302, 5] = 2.0**-63  # ... next to the smallest allowed value
+    v[299] = 2.0**-63  # the limits themselves, 0x2000 and 0x5F7F: still the instruction's
+    v[299, 1::97] = (2 - 2.0**-7) * 2.0**63
     outside = np.array([2.0**-130, 2.0**64, 3e38, np.inf, np.nan], np.float32)
     for r, value in enumerate(outside):  # one value out of range in an ordinary row
         v[303 + r, 17 + r] = value

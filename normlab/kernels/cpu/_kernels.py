@@ -272,7 +272,9 @@ def _make_bwd(layer: bool, has_dsum: bool):
         rows, n = x.shape
         nchunks = (rows + CHUNK - 1) // CHUNK
         slots = slot_w.shape[0]
-        for _ in prange(slots):  # one worker per slot; workers take the chunks in increasing order
+        # one worker per slot; workers take the chunks in increasing order. Nothing in the loop may raise:
+        # a worker that left without publishing its chunk would leave the others waiting forever.
+        for _ in prange(slots):
             dxbuf = np.empty((1, BLOCK if stream else 0), dx.dtype)
             c = fetch_add(order, 0, 1)
             while c < nchunks:

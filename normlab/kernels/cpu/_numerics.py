@@ -484,7 +484,7 @@ def _hardware_bf16() -> bool:
     if config.CPU_NAME not in (None, "host") or config.CPU_FEATURES:
         return False  # a portable or cross-compiled cache: no host-only instructions
     if llvm.llvm_version_info[0] < 18:
-        return False  # bfloat-typed x86 intrinsics and bfloat fptrunc lowering: LLVM 17 and later
+        return False  # bfloat-typed x86 intrinsics (LLVM 17) and their fptrunc lowering: 18 to be safe
     features = llvm.get_host_cpu_features()
     return all(features.get(f, False) for f in ("avx512f", "avx512bw", "avx512dq", "avx512bf16"))
 
