@@ -855,6 +855,7 @@ def _row_sumsq_min(a, ai, k):
         def pass_over(a, ai, body):
             return _bf16_sumsq_exact(a, ai, body)
 
+    # pass_over and the tails are calls, not inlined: numba's inliner warns about names rebound in branches
     pass_over = njit(cache=True)(pass_over)
 
     def impl(a, ai, k):
