@@ -535,10 +535,11 @@ def _bf16_block_intrinsic(formula, checked):
     return intrinsic(typer)
 
 
-def _vector_ptr(context, builder, arty, arr, idx, elem):
-    """IR: ``&arr[idx]`` (``idx`` already intp values) as a pointer to 16-lane vectors of ``elem``."""
+def _vector_ptr(context, builder, arty, arr, idx, elem, lanes=LANES):
+    """IR: ``&arr[idx]`` (``idx`` already intp values) as a pointer to vectors of ``lanes`` ``elem``."""
     ary = context.make_array(arty)(context, builder, arr)
-    return builder.bitcast(cgutils.get_item_pointer(context, builder, arty, ary, idx), _V16[elem].as_pointer())
+    ptr = cgutils.get_item_pointer(context, builder, arty, ary, idx)
+    return builder.bitcast(ptr, ir.VectorType(elem, lanes).as_pointer())
 
 
 def _load_bf16(builder, ptr, k):
@@ -758,9 +759,8 @@ def _bf16_sumsq_ir(hardware, context, builder, signature, args):
     intp = context.get_value_type(types.intp)
     f32, i16, unroll = ir.FloatType(), ir.IntType(16), SUMSQ_STEP // (2 * LANES)
     hty, fty, pty = ir.VectorType(i16, 2 * LANES), _V16[f32], _V16[_I32]
-    ary = context.make_array(aty)(context, builder, args[0])
     row = [context.cast(builder, args[1], ity, types.intp), context.get_constant(types.intp, 0)]
-    base = builder.bitcast(cgutils.get_item_pointer(context, builder, aty, ary, row), hty.as_pointer())
+    base = _vector_ptr(context, builder, aty, args[0], row, i16, 2 * LANES)
     steps = builder.udiv(context.cast(builder, args[2], cty, types.intp), ir.Constant(intp, SUMSQ_STEP))
     magnitude, one = ir.Constant(hty, [0x7FFF] * 2 * LANES), ir.Constant(hty, [1] * 2 * LANES)
     zero, none, low = ir.Constant(fty, [0.0] * LANES), ir.Constant(hty, [0xFFFF] * 2 * LANES), ir.Constant(hty, None)
