@@ -6,6 +6,7 @@ generic kernels for fp32 and uint16 (bf16/fp16) arrays.
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import numba
@@ -391,18 +392,25 @@ def _grads(dtype):
     return y, dx, dw, yl, dxl, dwl, dbl
 
 
+@contextlib.contextmanager
+def _numba_threads(threads, monkeypatch):
+    """Kernel calls on ``threads`` numba threads (at most the pool's), small ones included."""
+    monkeypatch.setattr(K, "SERIAL_BELOW", 0)  # small calls would otherwise run on one thread
+    before = numba.get_num_threads()
+    numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
+    try:
+        yield
+    finally:
+        numba.set_num_threads(before)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_determinism_runs_and_threads(dtype, monkeypatch):
     """Bitwise equal across runs and across 1 vs 2 numba threads, forward and weight/bias gradients."""
-    monkeypatch.setattr(K, "SERIAL_BELOW", 0)  # these small calls would otherwise run on one thread
-    before = numba.get_num_threads()
-    try:
-        numba.set_num_threads(1)
+    with _numba_threads(1, monkeypatch):
         one = _grads(dtype)
-        numba.set_num_threads(min(2, numba.config.NUMBA_NUM_THREADS))
+    with _numba_threads(2, monkeypatch):
         two, again = _grads(dtype), _grads(dtype)
-    finally:
-        numba.set_num_threads(before)
     for a, b, c in zip(one, two, again):
         assert torch.equal(a, b) and torch.equal(b, c)
 
@@ -427,15 +435,10 @@ def test_weight_grads_fold_chunk_partials_in_chunk_order(layer, monkeypatch):
     for lo in range(0, rows, K.CHUNK):
         for acc, part in zip(folded, grads(x[lo:lo + K.CHUNK], dy[lo:lo + K.CHUNK])):
             acc += part  # one chunk alone: its partial, added to zeros
-    monkeypatch.setattr(K, "SERIAL_BELOW", 0)
-    before = numba.get_num_threads()
-    try:
-        for threads in (1, min(2, numba.config.NUMBA_NUM_THREADS)):
-            numba.set_num_threads(threads)
+    for threads in (1, 2):
+        with _numba_threads(threads, monkeypatch):
             for got, want in zip(grads(x, dy), folded):
                 assert torch.equal(got, want)
-    finally:
-        numba.set_num_threads(before)
 
 
 @pytest.mark.parametrize("op", ["layer_norm", "rms_norm"])
