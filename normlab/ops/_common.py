@@ -138,16 +138,37 @@ def zero_where_no_grad(dy: torch.Tensor, contribution: torch.Tensor) -> torch.Te
     return torch.where(dy == 0, torch.zeros((), dtype=contribution.dtype, device=contribution.device), contribution)
 
 
+def overlaps(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether two tensors may share memory: the same storage and intersecting byte extents."""
+    if a.device != b.device or a.numel() == 0 or b.numel() == 0:
+        return False
+    if a.untyped_storage().data_ptr() != b.untyped_storage().data_ptr():
+        return False
+
+    def extent(t):
+        start = t.data_ptr()
+        return start, start + (sum((size - 1) * abs(stride) for size, stride in zip(t.shape, t.stride())) + 1) * t.element_size()
+
+    (a0, a1), (b0, b1) = extent(a), extent(b)
+    return a0 < b1 and b0 < a1
+
+
 def write_out(out: torch.Tensor, input: torch.Tensor, n: int, compute, *params: torch.Tensor | None) -> torch.Tensor:
     """``out=`` as in torch: a contiguous tensor of the input's shape, dtype and device; no autograd.
-    ``compute(out_rows)`` writes the result into the ``(rows, n)`` view of ``out``."""
+    ``compute(out_rows)`` writes the result into the ``(rows, n)`` view of ``out``, which must not share
+    memory with the input or the parameters (a kernel reads a row after writing part of it)."""
+    if not isinstance(out, torch.Tensor):
+        raise TypeError(f"out must be a tensor, got {type(out).__name__}")
     if out.shape != input.shape or out.dtype != input.dtype or out.device != input.device or not out.is_contiguous():
         raise ValueError(
             f"out must be a contiguous tensor of shape {list(input.shape)}, dtype {input.dtype} and device "
             f"{input.device}, got {list(out.shape)}, {out.dtype}, {out.device}"
         )
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (input, *params)):
-        raise RuntimeError("out= does not support automatic differentiation (an input requires grad)")
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (input, out, *params)):
+        raise RuntimeError("out= does not support automatic differentiation (an input or out requires grad)")
+    for name, t in zip(("input", "weight", "bias"), (input, *params)):
+        if t is not None and overlaps(out, t):
+            raise ValueError(f"out shares memory with the {name}: pass a separate buffer")
     with torch.no_grad():
         compute(rows(out, n))
     return out
