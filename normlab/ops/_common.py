@@ -147,7 +147,8 @@ def overlaps(a: torch.Tensor, b: torch.Tensor) -> bool:
 
     def extent(t):
         start = t.data_ptr()
-        return start, start + (sum((size - 1) * abs(stride) for size, stride in zip(t.shape, t.stride())) + 1) * t.element_size()
+        last = sum((size - 1) * stride for size, stride in zip(t.shape, t.stride()))
+        return start, start + (last + 1) * t.element_size()
 
     (a0, a1), (b0, b1) = extent(a), extent(b)
     return a0 < b1 and b0 < a1

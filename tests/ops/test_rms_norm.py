@@ -270,7 +270,7 @@ def test_out_sharing_memory_with_an_input_is_refused(backend):
     """A kernel writes part of a row before it has read all of it (and re-reads a bf16 block it must
     form again exactly): an ``out`` overlapping the input would give wrong rows, so it is refused before
     anything is written. Cases: shifted by a row, the input itself, the weight inside ``out``."""
-    buf, b = rand(9, 32), rand(32, seed=2)
+    buf = rand(9, 32)
     cases = [(buf[:-1], rand(32, seed=1), buf[1:]), (buf[:-1], rand(32, seed=1), buf[:-1])]
     holder = rand(8, 32, seed=3)
     cases.append((rand(8, 32, seed=4), holder[5], holder))
