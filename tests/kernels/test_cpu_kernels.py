@@ -21,7 +21,7 @@ from normlab.kernels import cpu as K
 from normlab.kernels.cpu._numerics import (
     BF16, FP16, HARDWARE_BF16, _bf16_sumsq_exact, _bf16_sumsq_hardware, decode, encode, row_sumsq_min,
 )
-from normlab.ops.rms_norm import rms_norm_bwd_ref, rms_norm_fwd_ref
+from normlab.ops.rms_norm import partial_size, rms_norm_bwd_ref, rms_norm_fwd_ref
 from tests.helpers import ATOL, assert_close_same_dtype, assert_tolerance_rule, rand
 
 HALF = [torch.bfloat16, torch.float16]
@@ -109,7 +109,7 @@ def test_encode_rounds_to_nearest_even(dtype, kind):
 @pytest.mark.parametrize("partial", [None, 0.3])
 def test_rms_forward_options(dtype, casting, offset, partial):
     x, w = rand(5, 67, dtype=dtype, mean=0.5), rand(67, dtype=dtype, seed=1)
-    k = 67 if partial is None else int(np.ceil(67 * partial))
+    k = partial_size(67, partial)
     y, rstd = K.rms_norm_fwd(x, w, 1e-5, casting, offset, k)
     y_same, rstd_same = rms_norm_fwd_ref(x, w, 1e-5, casting, offset, k)
     y64, _ = rms_norm_fwd_ref(x.double(), w.double(), 1e-5, casting, offset, k)
@@ -142,7 +142,7 @@ def test_rms_odd_sizes_vs_torch(dtype, n):
 @pytest.mark.parametrize("partial,offset,affine,dsum", [(None, 0.0, True, False), (0.4, 1.0, True, True), (None, 0.0, False, True)])
 def test_rms_backward(dtype, n, partial, offset, affine, dsum):
     """Gradients vs the fp64 reference; torch's place in the rule is the reference in the same dtype."""
-    k = n if partial is None else max(1, int(np.ceil(n * partial)))
+    k = partial_size(n, partial)
     x, dy = rand(4, n, dtype=dtype, seed=2), rand(4, n, dtype=dtype, seed=3)
     w = rand(n, dtype=dtype, seed=4) if affine else None
     ds = rand(4, n, dtype=dtype, seed=5) if dsum else None

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -12,7 +10,7 @@ from hypothesis import strategies as st
 
 import normlab
 import normlab.nn
-from normlab.ops.rms_norm import add_rms_norm_reference, rms_norm_reference
+from normlab.ops.rms_norm import add_rms_norm_reference, partial_size, rms_norm_reference
 from tests.helpers import DTYPES, assert_close_same_dtype, assert_compiled_matches_eager, assert_tolerance_rule, rand
 
 SHAPES = [(4, 16), (3, 5, 33), (7, 1), (2, 767), (1, 4097)]
@@ -74,10 +72,17 @@ def test_options_vs_reference(dtype, casting, partial, offset):
     assert_close_same_dtype(fast, same, ref64, f"{casting} p={partial} o={offset}")
 
 
+@pytest.mark.parametrize("n, p, k", [(10, 0.3, 3), (100, 0.07, 7), (100, 0.071, 8), (4096, 1 / 16, 256), (3, 0.5, 2),
+                                     (7, 1e-9, 1), (1000, 0.1234567, 124), (5, 1.0, 5), (0, 0.5, 0)])
+def test_partial_size_is_the_ceil_of_the_decimal(n, p, k):
+    """``partial`` is the decimal as written: 100 · 0.07 is 7.000000000000001 in binary floats."""
+    assert partial_size(n, p) == k
+
+
 def test_partial_textbook():
     """pRMSNorm: the RMS of the first ceil(n·p) elements normalizes the whole row."""
     x, w = rand(3, 10, dtype=torch.float64), rand(10, dtype=torch.float64, seed=1)
-    k = math.ceil(10 * 0.3)
+    k = 3  # ceil(10 · 0.3); in binary floats 10 * 0.3 is 3.0000000000000004, whose ceil is 4
     rms = x[:, :k].pow(2).mean(-1, keepdim=True).add(1e-8).sqrt()
     torch.testing.assert_close(normlab.rms_norm(x, 10, w, 1e-8, partial=0.3), x / rms * w, rtol=0, atol=1e-14)
 
