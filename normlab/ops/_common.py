@@ -138,6 +138,19 @@ def zero_where_no_grad(dy: torch.Tensor, contribution: torch.Tensor) -> torch.Te
     return torch.where(dy == 0, torch.zeros((), dtype=contribution.dtype, device=contribution.device), contribution)
 
 
+def empty_output(input: torch.Tensor, channel_dim: int, *params: torch.Tensor | None) -> torch.Tensor:
+    """The output of a norm on an empty input: an empty copy of it that still depends on the per-channel
+    parameters (those broadcast along ``channel_dim``), so that autograd gives them zero gradients as
+    torch does instead of cutting them off."""
+    out = input.clone()
+    for p in params:
+        if p is not None:
+            shape = [1] * input.dim()
+            shape[channel_dim] = p.numel()
+            out = out + (p.reshape(shape) * 0).to(out.dtype)
+    return out
+
+
 def overlaps(a: torch.Tensor, b: torch.Tensor) -> bool:
     """Whether two tensors may share memory: the same storage and intersecting byte extents."""
     if a.device != b.device or a.numel() == 0 or b.numel() == 0:

@@ -29,7 +29,17 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from normlab.ops._common import as_float, check_choice, check_eps, check_input, check_param, compute_dtype, row_sum, zero_where_no_grad
+from normlab.ops._common import (
+    as_float,
+    check_choice,
+    check_eps,
+    check_input,
+    check_param,
+    compute_dtype,
+    empty_output,
+    row_sum,
+    zero_where_no_grad,
+)
 
 LAYOUTS = ("NCL", "NLC")
 
@@ -277,6 +287,11 @@ def _check(input, running_mean, running_var, weight, bias, training, momentum, e
     features = input.shape[1] if layout == "NCL" else input.shape[-1]
     for p, name in ((weight, "weight"), (bias, "bias"), (running_mean, "running_mean"), (running_var, "running_var")):
         check_param(p, name, (features,), input)
+    if (running_mean is None) != (running_var is None):
+        raise ValueError("running_mean and running_var must either both be None or neither be None")
+    for p, name in ((running_mean, "running_mean"), (running_var, "running_var")):
+        if p is not None and p.requires_grad:
+            raise ValueError(f"{name} is a statistics buffer, updated in place: it must not require grad")
     if not training and (running_mean is None or running_var is None):
         raise ValueError("expected running_mean and running_var tensors when training=False (eval uses running statistics)")
     if momentum is not None and not (0.0 <= as_float(momentum, "momentum", "None or a number in [0, 1]") <= 1.0):
@@ -314,7 +329,7 @@ def batch_norm(
         if training and num_batches_tracked is not None:
             with torch.no_grad():
                 num_batches_tracked.add_(1)
-        return input.clone()
+        return empty_output(input, 1 if layout == "NCL" else input.dim() - 1, weight, bias)
     stats = (None, None) if training else (running_mean, running_var)  # eval normalizes with the running ones
     y, mean, var = _batch_norm_op(x, weight, bias, *stats, bool(training), eps)
     if training:

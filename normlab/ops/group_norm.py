@@ -20,7 +20,16 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from normlab.ops._common import check_eps, check_input, check_param, compute_dtype, row_mean, row_sum, zero_where_no_grad
+from normlab.ops._common import (
+    check_eps,
+    check_input,
+    check_param,
+    compute_dtype,
+    empty_output,
+    row_mean,
+    row_sum,
+    zero_where_no_grad,
+)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -184,6 +193,6 @@ def group_norm(
     ``num_groups``, per-channel ``weight``/``bias`` of shape ``(C,)``."""
     eps = _check(input, num_groups, weight, bias, eps)
     if input.numel() == 0:
-        return input.clone()  # empty: nothing to normalize
+        return empty_output(input, 1, weight, bias)  # nothing to normalize
     y, _, _ = _group_norm_op(_ncs(input), int(num_groups), weight, bias, eps)
     return y.reshape(input.shape)

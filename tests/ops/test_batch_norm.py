@@ -216,6 +216,19 @@ def test_zero_size():
     assert torch.equal(rm, torch.zeros(4)) and torch.equal(rv, torch.ones(4)) and nbt.item() == 4
 
 
+@pytest.mark.parametrize("layout, shape", [("NCL", (0, 4)), ("NCL", (0, 4, 3)), ("NLC", (2, 0, 4))])
+def test_empty_batch_keeps_parameter_gradients(layout, shape):
+    """An empty batch: empty output, the counter counts it (as torch), and weight and bias get zero
+    gradients instead of being cut off from the loss."""
+    x = torch.randn(*shape, requires_grad=True)
+    w, b = torch.ones(4, requires_grad=True), torch.zeros(4, requires_grad=True)
+    count = torch.zeros((), dtype=torch.long)
+    y = normlab.batch_norm(x, None, None, w, b, training=True, layout=layout, num_batches_tracked=count)
+    assert y.shape == x.shape and y.requires_grad and int(count) == 1
+    y.sum().backward()
+    assert torch.equal(w.grad, torch.zeros(4)) and torch.equal(b.grad, torch.zeros(4))
+
+
 def test_bad_input_messages():
     x, rm, rv = torch.randn(4, 3, 5), torch.zeros(3), torch.ones(3)
     with pytest.raises(ValueError, match=r"expected weight of shape \[3\]"):
@@ -243,6 +256,11 @@ def test_bad_input_messages():
         normlab.batch_norm(x, rm, rv, training=True, momentum=1.5)
     with pytest.raises(ValueError, match="momentum=None .* expects a num_batches_tracked tensor"):
         normlab.batch_norm(x, rm, rv, training=True, momentum=None)
+    for pair in ((None, rv), (rm, None)):
+        with pytest.raises(ValueError, match="must either both be None or neither"):
+            normlab.batch_norm(x, *pair, training=True, momentum=None)
+    with pytest.raises(ValueError, match="running_mean is a statistics buffer.*must not require grad"):
+        normlab.batch_norm(x, rm.clone().requires_grad_(), rv, training=True)
     assert torch.equal(rm, torch.zeros(3)) and torch.equal(rv, torch.ones(3)), "a failed call changed the running stats"
 
 

@@ -125,12 +125,18 @@ def test_single_value_groups_like_torch():
     torch.testing.assert_close(F.group_norm(x, 4, None, b), b.reshape(1, 4, 1).expand(2, 4, 1), rtol=0, atol=1e-3)
 
 
-def test_zero_size():
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_zero_size(dtype):
+    """Empty inputs give empty outputs that still depend on the parameters: torch's zero gradients for
+    weight and bias (an empty micro-batch must not break ``loss.backward()``)."""
     for shape in [(0, 4), (0, 4, 3), (2, 4, 0)]:
-        x = torch.randn(*shape, requires_grad=True)
-        y = normlab.group_norm(x, 2, torch.ones(4), torch.zeros(4))
-        assert y.shape == x.shape == F.group_norm(x, 2).shape
+        x = torch.randn(*shape, dtype=dtype, requires_grad=True)
+        w, b = torch.ones(4, requires_grad=True), torch.zeros(4, requires_grad=True)
+        y = normlab.group_norm(x, 2, w, b)
+        assert y.shape == x.shape == F.group_norm(x, 2).shape and y.dtype == dtype
         y.sum().backward()
+        assert torch.equal(x.grad, torch.zeros_like(x))
+        assert torch.equal(w.grad, torch.zeros(4)) and torch.equal(b.grad, torch.zeros(4))
 
 
 def test_bad_input_messages():
