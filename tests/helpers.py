@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+
+import numba
 import torch
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
@@ -48,3 +51,20 @@ def assert_compiled_matches_eager(f, args, wrt, **compile_options) -> None:
     torch.testing.assert_close(compiled, eager)
     for c, e in zip(grads_compiled, grads_eager):
         torch.testing.assert_close(c, e)
+
+
+@contextlib.contextmanager
+def threads(count: int, monkeypatch):
+    """Run torch and the numba kernels on ``count`` threads (numba: at most its pool's), small kernel
+    calls included (they would otherwise run on one thread below ``SERIAL_BELOW`` elements)."""
+    from normlab.kernels import cpu
+
+    monkeypatch.setattr(cpu, "SERIAL_BELOW", 0)
+    before = torch.get_num_threads(), numba.get_num_threads()
+    torch.set_num_threads(count)
+    numba.set_num_threads(min(count, numba.config.NUMBA_NUM_THREADS))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before[0])
+        numba.set_num_threads(before[1])

@@ -6,7 +6,6 @@ generic kernels for fp32 and uint16 (bf16/fp16) arrays.
 
 from __future__ import annotations
 
-import contextlib
 from pathlib import Path
 
 import numba
@@ -22,7 +21,7 @@ from normlab.kernels.cpu._numerics import (
     BF16, FP16, HARDWARE_BF16, _bf16_sumsq_exact, _bf16_sumsq_hardware, decode, encode, row_sumsq_min,
 )
 from normlab.ops.rms_norm import partial_size, rms_norm_bwd_ref, rms_norm_fwd_ref
-from tests.helpers import ATOL, assert_close_same_dtype, assert_tolerance_rule, rand
+from tests.helpers import ATOL, assert_close_same_dtype, assert_tolerance_rule, rand, threads
 
 HALF = [torch.bfloat16, torch.float16]
 LOW = [torch.float32, *HALF]
@@ -392,24 +391,12 @@ def _grads(dtype):
     return y, dx, dw, yl, dxl, dwl, dbl
 
 
-@contextlib.contextmanager
-def _numba_threads(threads, monkeypatch):
-    """Kernel calls on ``threads`` numba threads (at most the pool's), small ones included."""
-    monkeypatch.setattr(K, "SERIAL_BELOW", 0)  # small calls would otherwise run on one thread
-    before = numba.get_num_threads()
-    numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
-    try:
-        yield
-    finally:
-        numba.set_num_threads(before)
-
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_determinism_runs_and_threads(dtype, monkeypatch):
     """Bitwise equal across runs and across 1 vs 2 numba threads, forward and weight/bias gradients."""
-    with _numba_threads(1, monkeypatch):
+    with threads(1, monkeypatch):
         one = _grads(dtype)
-    with _numba_threads(2, monkeypatch):
+    with threads(2, monkeypatch):
         two, again = _grads(dtype), _grads(dtype)
     for a, b, c in zip(one, two, again):
         assert torch.equal(a, b) and torch.equal(b, c)
@@ -435,8 +422,8 @@ def test_weight_grads_fold_chunk_partials_in_chunk_order(layer, monkeypatch):
     for lo in range(0, rows, K.CHUNK):
         for acc, part in zip(folded, grads(x[lo:lo + K.CHUNK], dy[lo:lo + K.CHUNK])):
             acc += part  # one chunk alone: its partial, added to zeros
-    for threads in (1, 2):
-        with _numba_threads(threads, monkeypatch):
+    for count in (1, 2):
+        with threads(count, monkeypatch):
             for got, want in zip(grads(x, dy), folded):
                 assert torch.equal(got, want)
 

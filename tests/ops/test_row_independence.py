@@ -6,9 +6,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import normlab
-from tests.helpers import rand
+from tests.helpers import assert_tolerance_rule, rand, threads
 
 N = 24
 W, B = rand(N, seed=1), rand(N, seed=2)
@@ -46,7 +47,7 @@ def test_batch_invariance(op):
 
 
 @pytest.mark.parametrize("op", ["layer_norm", "rms_norm", "add_layer_norm", "group_norm_one_group"])
-def test_long_rows_batch_and_thread_invariant(op):
+def test_long_rows_batch_and_thread_invariant(op, monkeypatch):
     """Rows longer than torch's parallel grain (32768): a lone row is summed in the same order as in a
     batch and with 1 or 2 threads (torch's own x.mean(dim=-1) is neither); dx of the row too."""
     f = ROW_OPS[op]
@@ -59,17 +60,31 @@ def test_long_rows_batch_and_thread_invariant(op):
         (dx,) = torch.autograd.grad(y, xs, dy[rows])
         return y.detach(), dx
 
-    threads = torch.get_num_threads()
-    try:
-        torch.set_num_threads(2)
+    with threads(2, monkeypatch):
         y_alone, dx_alone = run(slice(1, 2))
         y_batch, dx_batch = run(slice(0, 3))
-        torch.set_num_threads(1)
+    with threads(1, monkeypatch):
         y_one, dx_one = run(slice(1, 2))
-    finally:
-        torch.set_num_threads(threads)
     assert torch.equal(y_batch[1:2], y_alone) and torch.equal(dx_batch[1:2], dx_alone), f"{op}: not batch invariant"
     assert torch.equal(y_one, y_alone) and torch.equal(dx_one, dx_alone), f"{op}: 1 vs 2 threads differ"
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_reference_long_rows_match_torch(dtype):
+    """The reference sums rows longer than ``ROW_CHUNK`` (8192) chunk by chunk: every chunk and the tail
+    must count. fp64 takes the reference path anyway; fp32 is forced onto it."""
+    n = 3 * 8192 + 123
+    x = rand(3, n, dtype=dtype, mean=2.0)
+    cases = {
+        "layer_norm": (lambda t: normlab.layer_norm(t, n, eps=1e-6), lambda t: F.layer_norm(t, (n,), eps=1e-6)),
+        "rms_norm": (lambda t: normlab.rms_norm(t, n, eps=1e-6), lambda t: F.rms_norm(t, (n,), eps=1e-6)),
+        "group_norm": (lambda t: normlab.group_norm(t.reshape(3, 1, n), 1), lambda t: F.group_norm(t.reshape(3, 1, n), 1)),
+        "batch_norm": (lambda t: normlab.batch_norm(t.reshape(3, 1, n), None, None, training=True),
+                       lambda t: F.batch_norm(t.reshape(3, 1, n), None, None, training=True)),
+    }
+    with normlab.backend("reference"):
+        for name, (ours, theirs) in cases.items():
+            assert_tolerance_rule(ours(x), theirs(x), theirs(x.double()), name)
 
 
 def _nan_rows(x: torch.Tensor) -> torch.Tensor:
@@ -147,16 +162,13 @@ THREAD_CASES = {
 
 
 @pytest.mark.parametrize("op", list(THREAD_CASES))
-def test_one_and_two_threads_bitwise(op):
-    """Determinism (DESIGN §3): forward and every gradient bitwise equal with 1 and 2 threads."""
+def test_one_and_two_threads_bitwise(op, monkeypatch):
+    """Determinism (DESIGN §3): forward and every gradient bitwise equal with 1 and 2 threads (torch's
+    and the numba kernels', which small calls would otherwise run on one)."""
     fn, *shapes = THREAD_CASES[op]
-    threads = torch.get_num_threads()
-    try:
-        torch.set_num_threads(1)
+    with threads(1, monkeypatch):
         one = _grads_of(fn, *shapes)
-        torch.set_num_threads(2)
+    with threads(2, monkeypatch):
         two = _grads_of(fn, *shapes)
-    finally:
-        torch.set_num_threads(threads)
     for i, (a, b) in enumerate(zip(one, two)):
         assert torch.equal(a, b), f"{op}: {'output' if i == 0 else f'gradient {i}'} differs between 1 and 2 threads"
