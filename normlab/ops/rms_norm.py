@@ -76,18 +76,23 @@ def _rstd_ref(x: Tensor, eps: float, k: int) -> Tensor:
 def rms_norm_fwd_ref(x: Tensor, weight: Optional[Tensor], eps: float, casting: str, offset: float, k: int) -> tuple[Tensor, Tensor]:
     """Reference forward on a ``(rows, n)`` input: returns ``(y, rstd)``."""
     rstd = _rstd_ref(x, eps, k)
-    c = rstd.dtype
+    return rms_norm_apply_ref(x, weight, rstd, casting, offset), rstd
+
+
+def rms_norm_apply_ref(x: Tensor, weight: Optional[Tensor], rstd: Tensor, casting: str, offset: float) -> Tensor:
+    """``y`` from the per-row ``rstd`` with the casting mode's roundings (the reference's second half:
+    a kernel given the same rstd must agree bitwise)."""
     if casting == "none":
         y = x * rstd.to(x.dtype)[:, None]
         if weight is not None:
             y = y * (weight + offset).to(x.dtype)
-        return y, rstd
-    y = x.to(c) * rstd[:, None]
+        return y
+    y = x.to(rstd.dtype) * rstd[:, None]
     if weight is None:
-        return y.to(x.dtype), rstd
+        return y.to(x.dtype)
     if casting == "llama":
-        return y.to(x.dtype) * (weight.to(x.dtype) + offset), rstd
-    return (y * (weight.to(c) + offset)).to(x.dtype), rstd
+        return y.to(x.dtype) * (weight.to(x.dtype) + offset)
+    return (y * (weight.to(rstd.dtype) + offset)).to(x.dtype)
 
 
 def rms_norm_bwd_ref(

@@ -20,7 +20,7 @@ from normlab.kernels import cpu as K
 from normlab.kernels.cpu._numerics import (
     BF16, FP16, HARDWARE_BF16, _bf16_sumsq_exact, _bf16_sumsq_hardware, decode, encode, row_sumsq_min,
 )
-from normlab.ops.rms_norm import partial_size, rms_norm_bwd_ref, rms_norm_fwd_ref
+from normlab.ops.rms_norm import partial_size, rms_norm_apply_ref, rms_norm_bwd_ref, rms_norm_fwd_ref
 from tests.helpers import ATOL, assert_close_same_dtype, assert_tolerance_rule, rand, threads
 
 HALF = [torch.bfloat16, torch.float16]
@@ -117,14 +117,18 @@ def test_rms_forward_options(dtype, casting, offset, partial):
     torch.testing.assert_close(rstd, rstd_same, rtol=1e-6, atol=0)
 
 
-def test_rms_llama_and_none_round_like_the_reference():
-    """With the same rstd, the half casting modes apply exactly the reference's intermediate roundings."""
-    x, w = rand(64, 256, dtype=torch.bfloat16), rand(256, dtype=torch.bfloat16, seed=3)
+@pytest.mark.parametrize("dtype", LOW)
+@pytest.mark.parametrize("weight_dtype", ["input", "fp32"])
+def test_rms_casting_modes_round_exactly_like_the_reference(dtype, weight_dtype):
+    """Given the kernel's rstd, every casting mode's output is the reference's second half bitwise, with
+    weights in the input dtype or fp32 masters (accuracy alone cannot tell: a skipped intermediate
+    rounding is more accurate, not less)."""
+    x = rand(64, 256, dtype=dtype)
+    w = rand(256, dtype=dtype if weight_dtype == "input" else torch.float32, seed=3)
     for casting in ("llama", "none", "gemma"):
-        y, _ = K.rms_norm_fwd(x, w, 1e-5, casting, 0.5, 256)
-        y_ref, _ = rms_norm_fwd_ref(x, w, 1e-5, casting, 0.5, 256)
-        mismatch = (y != y_ref).float().mean().item()
-        assert mismatch < 0.01, f"{casting}: {mismatch:.2%} of elements differ from the reference"
+        for offset in (0.0, 0.5):
+            y, rstd = K.rms_norm_fwd(x, w, 1e-5, casting, offset, 256)
+            assert torch.equal(y, rms_norm_apply_ref(x, w, rstd, casting, offset)), f"{casting} offset={offset}"
 
 
 @pytest.mark.parametrize("dtype", LOW)

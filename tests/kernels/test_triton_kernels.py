@@ -27,7 +27,12 @@ from triton.runtime import interpreter  # noqa: E402
 import normlab  # noqa: E402
 from normlab import dispatch  # noqa: E402
 from normlab.ops.layer_norm import add_layer_norm_reference, layer_norm_bwd_ref, layer_norm_fwd_ref  # noqa: E402
-from normlab.ops.rms_norm import add_rms_norm_reference, rms_norm_bwd_ref, rms_norm_fwd_ref  # noqa: E402
+from normlab.ops.rms_norm import (  # noqa: E402
+    add_rms_norm_reference,
+    rms_norm_apply_ref,
+    rms_norm_bwd_ref,
+    rms_norm_fwd_ref,
+)
 from tests import helpers  # noqa: E402
 from tests.helpers import assert_close_same_dtype, assert_tolerance_rule, max_err  # noqa: E402
 
@@ -109,6 +114,9 @@ def _check_rms_fwd(x, w, casting, offset, k, what):
     assert y.dtype == x.dtype and rstd.dtype == torch.float32 and rstd.shape == (x.shape[0],)
     assert_close_same_dtype(y, y_same, y64, f"rms_norm y {what}")
     assert_tolerance_rule(rstd, rstd_same, rstd64, f"rms_norm rstd {what}")
+    # the casting mode's roundings, exactly: given the kernel's rstd, the reference's second half
+    # (accuracy alone cannot tell: a skipped intermediate rounding is more accurate, not less)
+    assert torch.equal(y, rms_norm_apply_ref(x, w, rstd, casting, offset)), f"rms_norm roundings {what}"
     return rstd
 
 
