@@ -236,6 +236,19 @@ def _check_ln(x, w, b, dsum, what, torch_op=True):
             assert_close_same_dtype(got, s, r, f"layer_norm {name} {what}")
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_weight_grads_over_many_programs(dtype, monkeypatch):
+    """More backward programs than :func:`sum_partials` adds per step: every partial row counts."""
+    monkeypatch.setattr(_common, "MIN_ROWS_PER_PROGRAM", 1)
+    rows, n = 100, 40
+    assert _common.row_split(rows)[0] > 2 * _common.SUM_BLOCK_G
+    x = rand(rows, n, dtype=dtype, mean=0.5)
+    w, b = _param(n, dtype, 1, "dtype"), _param(n, dtype, 2, "dtype")
+    rstd = _check_rms_fwd(x, w, "gemma", 0.0, n, f"{rows} programs")
+    _check_rms_bwd(x, w, rstd, 0.0, n, None, f"{rows} programs")
+    _check_ln(x, w, b, None, f"{rows} programs")
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("params", ["wb", "w", "b", "none", "fp32"])
 def test_layer_norm(dtype, params):
