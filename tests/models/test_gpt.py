@@ -239,6 +239,32 @@ def test_nanogpt_state_dict_loads_into_gpt2_preset():
         GPT.from_nanogpt_state_dict({k: v for k, v in sd.items() if "ln_f" not in k}, cfg)
 
 
+@pytest.mark.parametrize("placement", PLACEMENTS)
+def test_block_computes_its_placement_formula(placement):
+    """Each placement's residual formula (DESIGN §6), written out from the block's own sublayers:
+    post N(x + F(x)); pre x + F(N(x)); sandwich x + N₂(F(N₁(x))); DeepNorm N(α·x + F(x)), α = (2M)^¼;
+    none x + F(x)."""
+    cfg = GPTConfig(**{**TINY, "n_layer": 3}, placement=placement)
+    torch.manual_seed(0)
+    block = Block(cfg, layer_idx=0).eval()
+    x = torch.randn(2, 5, cfg.d_model) * 3 + 1
+    attn, mlp = (lambda t: block.attn(t, None)), block.mlp
+    if placement == "pre":
+        h = x + attn(block.ln_1(x))
+        want = h + mlp(block.ln_2(h))
+    elif placement == "sandwich":
+        h = x + block.ln_1_out(attn(block.ln_1(x)))
+        want = h + block.ln_2_out(mlp(block.ln_2(h)))
+    elif placement in ("post", "deepnorm"):
+        alpha = (2 * cfg.n_layer) ** 0.25 if placement == "deepnorm" else 1.0
+        h = block.ln_1(alpha * x + attn(x))
+        want = block.ln_2(alpha * h + mlp(h))
+    else:
+        h = x + attn(x)
+        want = h + mlp(h)
+    torch.testing.assert_close(block(x), want, rtol=0, atol=0)
+
+
 def test_block_standalone():
     cfg = GPTConfig(**TINY, placement="sandwich")
     block = Block(cfg, layer_idx=1)
