@@ -69,10 +69,12 @@ def test_hf_gpt2_conversion_is_exact(dtype):
 
 
 def test_hf_gpt2_maps_to_normlab_gpt():
-    hf = randomize(GPT2LMHeadModel(GPT2Config(vocab_size=32, n_positions=16, n_embd=32, n_layer=2, n_head=2)))
+    """Weights and settings: a non-default LayerNorm epsilon must carry over too."""
+    hf = randomize(GPT2LMHeadModel(GPT2Config(vocab_size=32, n_positions=16, n_embd=32, n_layer=2, n_head=2,
+                                              layer_norm_epsilon=1e-3)))
     hf = hf.double().eval()
     gpt = gpt_from_hf_gpt2(hf)
-    assert gpt.config.mlp == "gelu_tanh" and gpt.config.tie_embeddings
+    assert gpt.config.mlp == "gelu_tanh" and gpt.config.tie_embeddings and gpt.config.eps == 1e-3
     idx = probe(32)
     assert (hf(idx).logits - gpt(idx)[0]).abs().max().item() < 1e-12
 
@@ -139,3 +141,47 @@ def test_reachable_as_normlab_convert():
     import normlab
 
     assert normlab.convert.pre_ln_to_pre_rmsnorm is pre_ln_to_pre_rmsnorm
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["--probe-batch", "0"], "argument --probe-batch: expected a positive integer, got '0'"),
+    (["--probe-len", "-1"], "argument --probe-len: expected a positive integer, got '-1'"),
+])
+def test_cli_bad_probe_is_a_usage_error(tmp_path, capsys, args, expected):
+    from normlab.cli import main
+
+    save_pretrained(GPT(GPTConfig.preset("gpt2", **TINY)), tmp_path / "src")
+    with pytest.raises(SystemExit) as e:
+        main(["convert", str(tmp_path / "src"), str(tmp_path / "dst"), *args])
+    assert e.value.code == 2 and expected in capsys.readouterr().err
+    assert not (tmp_path / "dst").exists()
+
+
+def test_cli_probe_longer_than_block_size_is_refused(tmp_path, capsys):
+    from normlab.cli import main
+
+    save_pretrained(GPT(GPTConfig.preset("gpt2", **TINY)), tmp_path / "src")
+    assert main(["convert", str(tmp_path / "src"), str(tmp_path / "dst"), "--probe-len", "17"]) == 2
+    assert "error: --probe-len 17 exceeds the model's block_size 16" in capsys.readouterr().err
+    assert not (tmp_path / "dst").exists()
+
+
+@pytest.mark.parametrize("dst", [".", "./", "../src", "sub"])
+def test_cli_refuses_dst_that_is_or_is_inside_src(tmp_path, capsys, dst):
+    from normlab.cli import main
+
+    src = tmp_path / "src"
+    save_pretrained(GPT(GPTConfig.preset("gpt2", **TINY)), src)
+    before = {p.name: p.read_bytes() for p in src.iterdir()}
+    assert main(["convert", str(src), str(src / dst)]) == 2
+    assert "is SRC" in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in src.iterdir()} == before  # untouched, and no sub/ either
+
+
+def test_cli_refuses_dst_that_is_a_file(tmp_path, capsys):
+    from normlab.cli import main
+
+    save_pretrained(GPT(GPTConfig.preset("gpt2", **TINY)), tmp_path / "src")
+    (tmp_path / "dst").write_text("x")
+    assert main(["convert", str(tmp_path / "src"), str(tmp_path / "dst")]) == 2
+    assert "exists and is not a directory" in capsys.readouterr().err

@@ -11,18 +11,21 @@ from transformers import (BertConfig, BertForMaskedLM, GemmaConfig, GemmaForCaus
 import normlab
 from normlab import nn as nnl
 
+# non-default norm epsilons, so that a replacement that dropped one would show in the outputs
 SMALL = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4)
+EPS = dict(rms_norm_eps=1e-3)
 
 
 def tiny(name: str) -> nn.Module:
     if name == "gpt2":
-        return GPT2LMHeadModel(GPT2Config(vocab_size=64, n_positions=32, n_embd=32, n_layer=2, n_head=4, bos_token_id=0, eos_token_id=0))
+        return GPT2LMHeadModel(GPT2Config(vocab_size=64, n_positions=32, n_embd=32, n_layer=2, n_head=4, bos_token_id=0, eos_token_id=0,
+                                          layer_norm_epsilon=1e-3))
     if name == "llama":
-        return LlamaForCausalLM(LlamaConfig(**SMALL, num_key_value_heads=2, max_position_embeddings=32))
+        return LlamaForCausalLM(LlamaConfig(**SMALL, **EPS, num_key_value_heads=2, max_position_embeddings=32))
     if name == "gemma":
-        return GemmaForCausalLM(GemmaConfig(**SMALL, num_key_value_heads=2, head_dim=8, max_position_embeddings=32))
+        return GemmaForCausalLM(GemmaConfig(**SMALL, **EPS, num_key_value_heads=2, head_dim=8, max_position_embeddings=32))
     if name == "bert":
-        return BertForMaskedLM(BertConfig(**SMALL, max_position_embeddings=32))
+        return BertForMaskedLM(BertConfig(**SMALL, max_position_embeddings=32, layer_norm_eps=1e-3))
     raise AssertionError(name)
 
 
@@ -94,14 +97,15 @@ def test_gemma_offset_and_llama_casting_options():
     g, l = gemma.model.norm, llama.model.norm
     assert (type(g), g.casting, g.offset, type(l), l.casting, l.offset) == \
         (nnl.RMSNorm, "gemma", 1.0, nnl.RMSNorm, "llama", 0.0)
-    assert g.weight is weight and g.eps == 1e-6
+    assert g.weight is weight and g.eps == 1e-3
 
 
 def norm_zoo() -> nn.Module:
     shared = nn.LayerNorm(8)
     return nn.ModuleDict(dict(
-        ln=nn.LayerNorm(8, eps=1e-3, bias=False), rms=nn.RMSNorm(8), rms_noaffine=nn.RMSNorm(8, elementwise_affine=False),
-        bn=nn.BatchNorm1d(8), gn=nn.GroupNorm(2, 8), a=nn.Sequential(shared, nn.Linear(8, 8)), b=nn.Sequential(shared),
+        ln=nn.LayerNorm(8, eps=1e-3, bias=False), rms=nn.RMSNorm(8, eps=1e-2),
+        rms_noaffine=nn.RMSNorm(8, elementwise_affine=False), bn=nn.BatchNorm1d(8, eps=1e-2, momentum=0.3),
+        gn=nn.GroupNorm(2, 8, eps=1e-2), a=nn.Sequential(shared, nn.Linear(8, 8)), b=nn.Sequential(shared),
         other=nn.BatchNorm2d(8),
     ))
 
@@ -124,6 +128,10 @@ def test_torch_norms_are_replaced_with_shared_parameters():
         assert (zoo[name](x) - originals[name].double()(x)).abs().max().item() <= 1e-12
     zoo.bn.train()(x)                                                       # running stats land in the original
     assert originals["bn"].num_batches_tracked.item() == 1
+    torch.testing.assert_close(zoo.bn.running_mean, 0.3 * x.mean(0))        # with its momentum
+    stats = zoo.bn.running_mean, zoo.bn.running_var
+    want = torch.nn.functional.batch_norm(x, *stats, zoo.bn.weight, zoo.bn.bias, False, 0.0, 1e-2)
+    assert (zoo.bn.eval()(x) - want).abs().max().item() <= 1e-12           # and its eps
     normlab.unpatch(zoo)
     assert all(zoo.get_submodule(n) is m for n, m in originals.items() if n)
 
