@@ -294,6 +294,11 @@ class GPT(nn.Module):
         B, T = idx.shape
         if T > self.config.block_size:
             raise ValueError(f"sequence length {T} exceeds block_size {self.config.block_size}")
+        if idx.device.type == "cpu" and idx.numel() and not torch.compiler.is_compiling():
+            # (on a GPU this check would wait for the device at every step; its embedding asserts instead)
+            lo, hi = (int(v) for v in idx.aminmax())
+            if lo < 0 or hi >= self.config.vocab_size:
+                raise ValueError(f"token ids must be in [0, vocab_size={self.config.vocab_size}), got ids from {lo} to {hi}")
         x = self.transformer.wte(idx)
         rope = None
         if self.config.pos == "learned":

@@ -136,6 +136,9 @@ def test_bad_input_raises():
         model(torch.zeros(1, TINY["block_size"] + 1, dtype=torch.long))
     with pytest.raises(ValueError, match="int64"):
         model(torch.zeros(1, 4))
+    for bad in (TINY["vocab_size"], -1):
+        with pytest.raises(ValueError, match=r"token ids must be in \[0, vocab_size=16\)"):
+            model(torch.full((2, 4), bad, dtype=torch.long))
 
 
 @pytest.mark.parametrize("placement", PLACEMENTS)
