@@ -121,9 +121,10 @@ class AdaLayerNorm(nn.Module):
                 f"(the batch of c), got {list(input.shape)}"
             )
         y = layer_norm(input, shape, None, None, self.eps)
-        scale, shift = self.scale_shift(c).chunk(2, dim=-1)
+        # the condition in the module's dtype (a bf16 c with fp32 parameters); the result in the input's
+        scale, shift = self.scale_shift(c.to(self.scale_shift.weight.dtype)).chunk(2, dim=-1)
         view = (c.shape[0],) + (1,) * (input.dim() - 1 - len(shape)) + shape
-        return y * (1 + scale.reshape(view)) + shift.reshape(view)
+        return (y * (1 + scale.reshape(view)) + shift.reshape(view)).to(input.dtype)
 
     def extra_repr(self) -> str:
         return f"{self.normalized_shape}, cond_dim={self.cond_dim}, eps={self.eps}"

@@ -149,6 +149,18 @@ def test_ada_layer_norm_vs_formula_and_gradcheck(shape):
     assert torch.autograd.gradcheck(f, (x, c, w, b))
 
 
+@pytest.mark.parametrize("c_dtype", [torch.float32, torch.bfloat16])
+def test_ada_layer_norm_half_input_with_fp32_module(c_dtype):
+    """Like every other layer, the output is in the input's dtype; a bf16 condition meets fp32
+    parameters in their dtype. The modulation runs in fp32 and is rounded once."""
+    m = randomize(AdaLayerNorm(16, cond_dim=5))
+    x, c = rand(2, 7, 16, dtype=torch.bfloat16, mean=1.0), rand(2, 5, seed=1, dtype=c_dtype)
+    y = m(x, c)
+    assert y.dtype == torch.bfloat16
+    want = ada_formula(x.float(), c.float(), m.scale_shift, 1e-5)
+    assert (y.float() - want).abs().max().item() <= 2 ** -7 * want.abs().max().item() + 1e-2
+
+
 def test_ada_layer_norm_bad_condition_shape():
     m = AdaLayerNorm(16, cond_dim=5)
     x = torch.randn(2, 7, 16)
