@@ -23,22 +23,29 @@ import time
 from pathlib import Path
 
 from normlab._machine import cpu_model
+from normlab.bench.cases import OPS
+from normlab.cli import comma_list, device, positive_int, shape
 
 MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "4294967296", "MALLOC_TRIM_THRESHOLD_": "68719476736"}
 STANDARD_SHAPES = [(8192, 4096), (32768, 1024), (2048, 8192), (4096, 768)]
 QUICK_SHAPES = [(4096, 768)]
 DTYPES = ("float32", "bfloat16")
+ALL_DTYPES = (*DTYPES, "float16")
 MODES = ("fwd", "fwd+bwd")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quick", action="store_true", help="one shape (4096x768), no torch.compile: under 2 minutes")
-    parser.add_argument("--ops", default="rms_norm,layer_norm,add_rms_norm,add_layer_norm", help="comma-separated ops")
-    parser.add_argument("--shapes", default=None, help="comma-separated ROWSxN (default: the standard shapes)")
-    parser.add_argument("--dtypes", default=",".join(DTYPES), help="comma-separated: float32,bfloat16,float16")
-    parser.add_argument("--modes", default=",".join(MODES), help="fwd, fwd+bwd or both")
-    parser.add_argument("--device", default="cpu", help="device of the tensors (cpu, cuda)")
-    parser.add_argument("--threads", type=int, default=None, help="torch and numba threads (default: all cores)")
+    parser.add_argument("--ops", type=comma_list(str, OPS), default=list(OPS),
+                        help=f"comma-separated, of {', '.join(OPS)} (default: all)")
+    parser.add_argument("--shapes", type=comma_list(shape), default=None,
+                        help="comma-separated ROWSxN, positive integers (default: the standard shapes)")
+    parser.add_argument("--dtypes", type=comma_list(str, ALL_DTYPES), default=list(DTYPES),
+                        help=f"comma-separated, of {', '.join(ALL_DTYPES)} (default: {','.join(DTYPES)})")
+    parser.add_argument("--modes", type=comma_list(str, MODES), default=list(MODES),
+                        help=f"comma-separated, of {', '.join(MODES)} (default: both)")
+    parser.add_argument("--device", type=device, default="cpu", help="device of the tensors: cpu, cuda or cuda:N (default: cpu)")
+    parser.add_argument("--threads", type=positive_int, default=None, help="torch and numba threads, ≥ 1 (default: all cores)")
     parser.add_argument("--samples", type=int, default=7, help="samples per measurement (median taken; at least 7)")
     parser.add_argument("--min-time", type=float, default=0.03, help="seconds per sample (at least 0.03)")
     parser.add_argument("--compile", dest="compile", action="store_true", default=None, help="include torch.compile of the reference (default: on unless --quick)")
@@ -90,6 +97,9 @@ def main(args: argparse.Namespace) -> int:
 
         if args.out == "runs/bench":
             args.out = "runs/bench-cuda"
+        # cuda.main reads its own parser's comma-separated strings
+        args.ops, args.dtypes, args.modes = (",".join(v) for v in (args.ops, args.dtypes, args.modes))
+        args.shapes = args.shapes and ",".join(f"{rows}x{n}" for rows, n in args.shapes)
         return cuda.main(args)
     _ensure_allocator_env()
     from normlab.bench.run import run_all
@@ -103,9 +113,7 @@ def main(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
         numba.set_num_threads(min(args.threads, numba.config.NUMBA_NUM_THREADS))
     compile_ref = (not args.quick) if args.compile is None else args.compile
-    shapes = QUICK_SHAPES if args.quick and not args.shapes else (
-        [tuple(int(v) for v in s.lower().split("x")) for s in args.shapes.split(",")] if args.shapes else STANDARD_SHAPES
-    )
+    shapes = args.shapes or (QUICK_SHAPES if args.quick else STANDARD_SHAPES)
     env = environment(args.device)
     print(f"normlab bench — {env['cpu']}, {env['cores']} cores; threads torch {env['torch_threads']} / numba {env['numba_threads']}")
     print(f"versions: python {env['python']}, torch {env['torch']}, numba {env['numba']}, numpy {env['numpy']}, normlab {env['normlab']}")
@@ -115,7 +123,7 @@ def main(args: argparse.Namespace) -> int:
         print(f"WARNING: machine not idle (load average {env['load_average'][0]}); figures taken under load")
     t0 = time.time()
     results = run_all(
-        ops=args.ops.split(","), shapes=shapes, dtypes=args.dtypes.split(","), modes=args.modes.split(","),
+        ops=args.ops, shapes=shapes, dtypes=args.dtypes, modes=args.modes,
         device=args.device, samples=args.samples, min_time=args.min_time, compile_reference=compile_ref,
         memory=args.memory,
     )

@@ -29,11 +29,13 @@ import argparse
 import copy
 import dataclasses
 import json
+import sys
 from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 
+from normlab.cli import positive_int
 from normlab.models.gpt import GPT, GPTConfig
 from normlab.models.norms import RMSNormWithBias
 from normlab.models.serialization import is_normlab_dir, load_pretrained, save_pretrained
@@ -208,8 +210,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("dst", metavar="DST", help="where to write the converted normlab model directory")
     parser.add_argument("--dtype", choices=("float32", "float64"), default="float64",
                         help="dtype of the probe comparison (default float64); the saved weights keep SRC's dtype")
-    parser.add_argument("--probe-batch", type=int, default=4, help="sequences in the probe batch (default 4)")
-    parser.add_argument("--probe-len", type=int, default=None, help="probe sequence length (default: min(block_size, 64))")
+    parser.add_argument("--probe-batch", type=positive_int, default=4, help="sequences in the probe batch, ≥ 1 (default 4)")
+    parser.add_argument("--probe-len", type=positive_int, default=None,
+                        help="probe sequence length, 1 to block_size (default: min(block_size, 64))")
     parser.add_argument("--seed", type=int, default=0)
 
 
@@ -234,9 +237,20 @@ def _logits(model: nn.Module, idx: Tensor) -> Tensor:
     return out[0] if isinstance(out, tuple) else out.logits
 
 
+def _usage_error(why: str) -> int:
+    print(f"normlab convert: error: {why}", file=sys.stderr)
+    return 2
+
+
 def main(args: argparse.Namespace) -> int:
     src, dst = Path(args.src), Path(args.dst)
+    if dst.resolve() == src.resolve() or src.resolve() in dst.resolve().parents:
+        return _usage_error(f"DST {str(dst)!r} is SRC {str(src)!r} or inside it: choose a directory outside SRC")
+    if dst.exists() and not dst.is_dir():
+        return _usage_error(f"DST {str(dst)!r} exists and is not a directory")
     original, gpt = _load_src(src)
+    if args.probe_len is not None and args.probe_len > gpt.config.block_size:
+        return _usage_error(f"--probe-len {args.probe_len} exceeds the model's block_size {gpt.config.block_size}")
     try:
         converted = pre_ln_to_pre_rmsnorm(gpt)
     except ValueError as e:

