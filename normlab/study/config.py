@@ -113,7 +113,7 @@ class StudyConfig:
         if self.preset not in (None, "gpt2", "llama"):
             raise StudyConfigError(f"--preset: expected 'gpt2' or 'llama', got {self.preset!r}")
         if self.warmup_warmup is None:
-            self.warmup_warmup = self.warmup_steps // 3
+            self.warmup_warmup = max(1, self.warmup_steps // 3)
         if not 0 < self.warmup_warmup <= self.warmup_steps:
             raise StudyConfigError(f"warmup of experiment 3 must be in [1, {self.warmup_steps}], got {self.warmup_warmup}")
         if self.warmup is not None and not 0 <= self.warmup <= self.steps:

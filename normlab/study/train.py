@@ -182,8 +182,23 @@ def _summarize(records: list[dict], rc: RunConfig, tokens_per_step: int, elapsed
         "norm_ms": 1e3 * norm_s,
         "norm_frac": norm_s / step_s if step_s else float("nan"),
         "tokens_per_s": tokens_per_step / step_s if step_s else float("nan"),
-        "diverged": any(not math.isfinite(r["train_loss"]) for r in train),
+        "diverged": _diverged(train, evals),
     }
+
+
+#: A run whose last validation loss is this many nats above its loss at initialization has diverged.
+DIVERGED_ABOVE_INIT = 1.0
+
+
+def _diverged(train: list[dict], evals: list[dict]) -> bool:
+    """A non-finite training loss, or a last validation loss that is not finite or lies more than
+    :data:`DIVERGED_ABOVE_INIT` above the untrained model's (an exploded run can stay finite: 1e5 nats)."""
+    if any(not math.isfinite(r["train_loss"]) for r in train):
+        return True
+    if len(evals) < 2:
+        return False
+    first, last = evals[0]["val_loss"], evals[-1]["val_loss"]
+    return not math.isfinite(last) or last > first + DIVERGED_ABOVE_INIT
 
 
 @torch.no_grad()

@@ -13,6 +13,7 @@ import torch
 
 from normlab.analysis import cos_uniform
 from normlab.study import StudyConfigError, run_study
+from normlab.study.config import StudyConfig
 from normlab.study.data import load_corpus
 from normlab.study.train import read_records
 
@@ -60,6 +61,15 @@ def test_tiny_study_writes_report_plots_and_is_not_retrained(tmp_path, capsys):
     assert set(train[0]["layer_grad_norm"]) == {"0", "1"}
     evals = [r for r in recs if r["kind"] == "eval"]
     assert [r["step"] for r in evals] == [0, 4, 8] and "act" in evals[-1]
+    assert res.runs["rmsnorm-pre"].final["final_val_loss"] == evals[-1]["val_loss"]
+    # experiment 3's arms: the same high learning rate, reached through 2 warmup steps or at once
+    first_lr = {arm: next(r for r in read_records(out_dir / "warmup" / arm / "metrics.jsonl") if r["kind"] == "train")
+                for arm in ("post-LN-warmup", "post-LN-nowarmup", "pre-LN-warmup", "pre-LN-nowarmup")}
+    peak = StudyConfig().warmup_lr
+    for placement in ("post", "pre"):
+        warm, cold = first_lr[f"{placement}-LN-warmup"], first_lr[f"{placement}-LN-nowarmup"]
+        assert warm["step"] == cold["step"] == 1
+        assert cold["lr"] == pytest.approx(2 * warm["lr"]) and cold["lr"] == pytest.approx(peak)
     # normlab inspect on the trained run directory and on its saved model/: the first norm's input is the
     # embedding sum, computed directly
     from normlab.study.inspect import inspect_path

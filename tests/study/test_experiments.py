@@ -1,0 +1,90 @@
+"""The study's measurements and verdicts on known inputs: the learning-rate schedule, divergence,
+experiment 2's per-layer gradient norms against a hand computation, experiment 3's two arms and its
+verdict on synthetic losses."""
+
+from __future__ import annotations
+
+import math
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from normlab.study.config import StudyConfig
+from normlab.study.data import load_corpus
+from normlab.study.experiments import exp2_grad_at_init, model_config, warmup_verdict
+from normlab.study.train import _diverged, build_model, lr_at
+
+NAN, INF = math.nan, math.inf
+
+
+def test_lr_schedule_closed_form():
+    """Linear warmup to ``lr`` over ``warmup`` steps, then cosine from ``lr`` to ``min_lr`` at the last step."""
+    rc = SimpleNamespace(steps=21, lr=1.0, min_lr=0.1, warmup=5)  # what lr_at reads of a RunConfig
+    assert [lr_at(s, rc) for s in range(5)] == pytest.approx([0.2, 0.4, 0.6, 0.8, 1.0])
+    assert lr_at(5, rc) == pytest.approx(1.0)
+    assert lr_at(5 + 15 // 2, rc) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 7 / 15)))
+    assert lr_at(20, rc) == pytest.approx(0.1)
+    assert lr_at(0, SimpleNamespace(steps=10, lr=0.5, min_lr=0.0, warmup=0)) == 0.5
+
+
+def _records(train_losses, val_losses):
+    return [{"train_loss": v} for v in train_losses], [{"val_loss": v} for v in val_losses]
+
+
+@pytest.mark.parametrize("train, val, diverged", [
+    ([3.0, 2.5, 2.0], [4.6, 2.1], False),
+    ([3.0, NAN, NAN], [4.6, NAN], True),       # a NaN loss
+    ([3.0, INF, 2.0], [4.6, 2.1], True),       # an inf on the way
+    ([3.0, 9e4, 1e5], [4.6, 1e5], True),       # exploded but finite
+    ([3.0, 4.0, 5.0], [4.6, 5.7], True),       # more than 1 nat above the untrained model
+    ([3.0, 4.0, 5.0], [4.6, 5.5], False),
+    ([3.0], [], False),
+])
+def test_divergence(train, val, diverged):
+    assert _diverged(*_records(train, val)) is diverged
+
+
+def _arms(post_off, post_on, pre_off, pre_on):
+    """Experiment 3's runs: (placement, warmup) → (final val loss, diverged)."""
+    def run(v):
+        return (v, not math.isfinite(v) or v > 100)
+    return {("post", False): run(post_off), ("post", True): run(post_on), ("pre", False): run(pre_off), ("pre", True): run(pre_on)}
+
+
+@pytest.mark.parametrize("losses, verdict", [
+    ((2.5, 2.0, 2.02, 2.0), "holds"),                 # Post-LN needs warmup, Pre-LN does not
+    ((NAN, 2.0, 2.0, 2.0), "holds"),                  # Post-LN without warmup diverged: the strongest support
+    ((1e5, 2.0, 2.0, 2.0), "holds"),                  # ... also when its loss stayed finite
+    ((2.5, 2.0, 2.5, 2.0), "partly holds"),           # both need it
+    ((NAN, 2.0, NAN, 2.0), "partly holds"),           # both diverge without it
+    ((1.99, 2.0, 1.9, 2.0), "does not hold here"),    # dropping warmup helped both
+    ((2.0, 2.0, 2.3, 2.0), "does not hold here"),     # only Pre-LN needs it
+    ((NAN, NAN, 2.0, 2.0), "does not hold here"),     # Post-LN diverged with warmup too: nothing to compare
+])
+def test_warmup_verdict(losses, verdict):
+    assert warmup_verdict(_arms(*losses))[0] == verdict
+
+
+def test_exp2_is_the_mlp_output_matrix_gradient_at_init(tmp_path):
+    """Experiment 2's per-layer values are ‖∂L/∂W^{2,l}‖ of the freshly initialised model, averaged over
+    the batches, layer 1 first — computed here by hand from the modules."""
+    torch.set_num_threads(1)
+    cfg = StudyConfig(n_layer=2, n_head=2, d_model=32, block_size=16, batch_size=4, grad_depths=[2, 3], grad_batches=2,
+                      experiments=[2])
+    corpus = load_corpus()
+    exp = exp2_grad_at_init(cfg, corpus, tmp_path)
+    for depth in cfg.grad_depths:
+        for placement in ("post", "pre"):
+            model = build_model(model_config(cfg, corpus.vocab_size, f"layernorm-{placement}", n_layer=depth), cfg.seed)
+            want = [0.0] * depth
+            for i in range(cfg.grad_batches):
+                x, y = corpus.batch("train", i, cfg.batch_size, cfg.block_size, cfg.seed)
+                model.zero_grad()
+                model(x, y)[1].backward()
+                for layer, block in enumerate(model.transformer.h):
+                    want[layer] += block.mlp.c_proj.weight.grad.norm().item() / cfg.grad_batches
+            got = exp.data[f"default, std 0.02|{depth}|{placement}"]
+            assert got == pytest.approx(want, rel=1e-6), (depth, placement)
+            row = next(r for r in exp.rows if r[0] == "default, std 0.02" and r[1] == depth and r[2] == f"{placement}-LN")
+            assert row[-1] == pytest.approx(want[-1] / want[0], rel=1e-6)  # last / first
