@@ -229,7 +229,10 @@ def _load_src(src: Path) -> tuple[nn.Module, GPT]:
             raise SystemExit("normlab convert: a Hugging Face SRC needs transformers (pip install normlab[hf])") from e
         hf = GPT2LMHeadModel.from_pretrained(src).eval()
         return hf, gpt_from_hf_gpt2(hf)
-    raise SystemExit(f"normlab convert: {src} is neither a normlab model directory nor a Hugging Face GPT-2 directory")
+    hint = ""
+    if is_normlab_dir(src / "model"):
+        hint = f" (a study run directory: its model is {src / 'model'})"
+    raise SystemExit(f"normlab convert: {src} is neither a normlab model directory nor a Hugging Face GPT-2 directory{hint}")
 
 
 def _logits(model: nn.Module, idx: Tensor) -> Tensor:
@@ -254,7 +257,7 @@ def main(args: argparse.Namespace) -> int:
     try:
         converted = pre_ln_to_pre_rmsnorm(gpt)
     except ValueError as e:
-        print(f"normlab convert: {e}")
+        print(f"normlab convert: {e}", file=sys.stderr)
         return 1
     save_pretrained(converted, dst)
     reloaded = load_pretrained(dst).eval()

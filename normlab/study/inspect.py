@@ -256,9 +256,16 @@ def _inspect_hf(p: Path, text: str, max_tokens: int) -> InspectReport:
         from transformers import AutoModel, AutoTokenizer
     except ImportError as e:
         raise RuntimeError("inspect: loading a Hugging Face model needs `transformers` (pip install 'normlab[hf]')") from e
-    tok = AutoTokenizer.from_pretrained(p, local_files_only=True)
+    no_tokenizer = (f"{p}: no usable tokenizer in this directory (a model saved without its tokenizer: "
+                    "save the tokenizer beside it, e.g. tokenizer.save_pretrained(dir))")
+    try:
+        tok = AutoTokenizer.from_pretrained(p, local_files_only=True)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{no_tokenizer}; transformers said: {str(e).splitlines()[0]}") from None
     model = AutoModel.from_pretrained(p, local_files_only=True).eval()
     enc = tok(text, return_tensors="pt", truncation=True, max_length=max_tokens)
+    if enc["input_ids"].numel() == 0:
+        raise ValueError(f"{no_tokenizer}; it turned the text into no tokens")
     desc = f"{type(model).__name__} ({model.config.model_type}), {model.num_parameters():,} parameters"
     return inspect_model(model, lambda: model(**enc), source=str(p), kind="huggingface", description=desc,
                          tokens=int(enc["input_ids"].numel()))

@@ -133,8 +133,16 @@ def test_cli_refuses_post_ln(tmp_path, capsys):
 
     save_pretrained(GPT(GPTConfig(**TINY, placement="post")), tmp_path / "src")
     assert main(["convert", str(tmp_path / "src"), str(tmp_path / "dst")]) == 1
-    assert "placement is 'post'" in capsys.readouterr().out
+    assert "placement is 'post'" in capsys.readouterr().err
     assert not (tmp_path / "dst").exists()
+
+
+def test_cli_points_from_a_run_directory_to_its_model(tmp_path):
+    from normlab.cli import main
+
+    save_pretrained(GPT(GPTConfig(**TINY)), tmp_path / "run" / "model")
+    with pytest.raises(SystemExit, match=r"a study run directory: its model is .*run/model"):
+        main(["convert", str(tmp_path / "run"), str(tmp_path / "dst")])
 
 
 def test_reachable_as_normlab_convert():

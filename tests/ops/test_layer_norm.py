@@ -341,8 +341,9 @@ def test_out_argument():
 
 
 def test_kernel_contract(monkeypatch):
-    """The op side of the kernel contract (HELPERS.md): a backend gets 2-D contiguous tensors and the
-    documented arguments — checked with a stand-in backend built from the reference."""
+    """The op side of the kernel contract (written out in ``normlab/kernels/cpu/__init__.py``): a backend
+    gets 2-D contiguous tensors and the documented arguments — checked with a stand-in backend built from
+    the reference."""
     from normlab import dispatch
     from normlab.ops.layer_norm import layer_norm_bwd_ref, layer_norm_fwd_ref
 

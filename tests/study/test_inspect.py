@@ -86,6 +86,16 @@ def test_inspect_cli_prints_the_table(capsys):
     assert "placement found: post-norm" in out and "encoder.layer.5.output.LayerNorm" in out
 
 
+def test_hf_model_saved_without_its_tokenizer(tmp_path):
+    """A Hugging Face directory with weights but no tokenizer (what ``model.save_pretrained`` alone
+    writes): a clear error, not a reshape failure on zero tokens."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    GPT2LMHeadModel(GPT2Config(vocab_size=32, n_positions=16, n_embd=16, n_layer=1, n_head=2)).save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="no usable tokenizer in this directory"):
+        inspect_path(tmp_path)
+
+
 def test_inspect_bad_paths(tmp_path, capsys):
     with pytest.raises(FileNotFoundError, match="no such directory"):
         inspect_path(tmp_path / "nope")
