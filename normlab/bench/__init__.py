@@ -24,7 +24,7 @@ from pathlib import Path
 
 from normlab._machine import cpu_model
 from normlab.bench.cases import OPS
-from normlab.cli import comma_list, device, positive_int, shape
+from normlab.cli import comma_list, device, positive_float, positive_int, shape
 
 MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "4294967296", "MALLOC_TRIM_THRESHOLD_": "68719476736"}
 STANDARD_SHAPES = [(8192, 4096), (32768, 1024), (2048, 8192), (4096, 768)]
@@ -47,7 +47,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", type=device, default="cpu", help="device of the tensors: cpu, cuda or cuda:N (default: cpu)")
     parser.add_argument("--threads", type=positive_int, default=None, help="torch and numba threads, ≥ 1 (default: all cores)")
     parser.add_argument("--samples", type=int, default=7, help="samples per measurement (median taken; at least 7)")
-    parser.add_argument("--min-time", type=float, default=0.03, help="seconds per sample (at least 0.03)")
+    parser.add_argument("--min-time", type=positive_float, default=0.03, help="seconds per sample (at least 0.03)")
     parser.add_argument("--compile", dest="compile", action="store_true", default=None, help="include torch.compile of the reference (default: on unless --quick)")
     parser.add_argument("--no-compile", dest="compile", action="store_false")
     parser.add_argument("--no-memory", dest="memory", action="store_false", help="skip the peak-memory measurement")

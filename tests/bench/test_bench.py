@@ -84,6 +84,7 @@ TINY = ["--shapes", "8x8", "--ops", "rms_norm", "--dtypes", "float32", "--modes"
     (["--threads", "-1"], "--threads: expected a positive integer"),
     (["--threads", "0"], "--threads: expected a positive integer"),
     (["--device", "tpu"], "--device: expected cpu, cuda or cuda:N, got 'tpu'"),
+    (["--min-time", "nan"], "--min-time: expected a finite number > 0, got 'nan'"),
 ])
 def test_bad_arguments_are_usage_errors(tmp_path, capsys, monkeypatch, args, expected):
     from normlab.cli import main as cli
