@@ -164,6 +164,18 @@ def unpatch(model: nn.Module) -> int:
     n = 0
     for record in reversed(records):
         for parent, child_name, original in reversed(record):
-            setattr(parent, child_name, original)
+            setattr(parent, child_name, _hand_back(original, getattr(parent, child_name)))
             n += 1
     return n
+
+
+def _hand_back(original: nn.Module, replacement: nn.Module) -> nn.Module:
+    """``original``, carrying over what happened to its replacement while patched: the tensors that
+    ``.to()`` / ``.double()`` put in place of the shared ones (buffers always; parameters when torch is
+    set to overwrite them on conversion) and the train/eval mode."""
+    for store in ("_parameters", "_buffers"):
+        mine, theirs = getattr(original, store), getattr(replacement, store)
+        for name in mine:
+            if isinstance(theirs.get(name), torch.Tensor):
+                mine[name] = theirs[name]
+    return original.train(replacement.training)

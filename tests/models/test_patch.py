@@ -132,8 +132,12 @@ def test_torch_norms_are_replaced_with_shared_parameters():
     stats = zoo.bn.running_mean, zoo.bn.running_var
     want = torch.nn.functional.batch_norm(x, *stats, zoo.bn.weight, zoo.bn.bias, False, 0.0, 1e-2)
     assert (zoo.bn.eval()(x) - want).abs().max().item() <= 1e-12           # and its eps
+    running_mean = zoo.bn.running_mean
     normlab.unpatch(zoo)
     assert all(zoo.get_submodule(n) is m for n, m in originals.items() if n)
+    # what happened while patched stays: .double() replaced the buffers, the step updated them, eval()
+    assert zoo.bn.running_mean is running_mean and zoo.bn.running_var.dtype == torch.float64
+    assert not zoo.bn.training and zoo.gn.weight.dtype == torch.float64
 
 
 def test_target_filters_families():
