@@ -131,6 +131,23 @@ def test_rms_casting_modes_round_exactly_like_the_reference(dtype, weight_dtype)
             assert torch.equal(y, rms_norm_apply_ref(x, w, rstd, casting, offset)), f"{casting} offset={offset}"
 
 
+@pytest.mark.parametrize("n", [8193, 100_000])
+def test_long_rows_far_from_zero_meet_the_tolerance_rule(n):
+    """fp32 rows of values all near 10⁴: every square has the same sign, and one running sum per vector
+    lane piled up n/64 half-ulps (4e-6 relative at n = 8193, twice torch's cascade sum's error plus
+    atol). The blocked sums keep the kernels within the rule, forward and backward."""
+    x = rand(1, n, dtype=torch.float64, scale=1e-3, mean=1e4).float()
+    w, dy = rand(n, seed=1), rand(1, n, seed=2)
+    y, rstd = K.rms_norm_fwd(x, w, EPS32, "gemma", 0.0, n)
+    ref64, rstd64 = rms_norm_fwd_ref(x.double(), w.double(), EPS32, "gemma", 0.0, n)
+    assert_tolerance_rule(y, F.rms_norm(x, (n,), w), ref64, f"rms n={n}")
+    dx, _ = K.rms_norm_bwd(dy, x, w, rstd, 0.0, n)
+    xt = x.clone().requires_grad_()
+    (dx_torch,) = torch.autograd.grad(F.rms_norm(xt, (n,), w), xt, dy)
+    dx64, _ = rms_norm_bwd_ref(dy.double(), x.double(), w.double(), rstd64, 0.0, n, EPS32)
+    assert_tolerance_rule(dx, dx_torch, dx64, f"rms dx n={n}")
+
+
 @pytest.mark.parametrize("dtype", LOW)
 @pytest.mark.parametrize("n", ODD_N)
 def test_rms_odd_sizes_vs_torch(dtype, n):
