@@ -73,3 +73,21 @@ def test_unknown_names_raise_and_every_backend_is_reported():
         dispatch.register("gpu", "rms_norm_fwd", lambda *a: None)
     status = dispatch.available()
     assert set(status) == {"triton", "cpu", "reference"} and status["reference"] == "ok"
+
+
+@pytest.mark.parametrize("transform", ["grad", "vmap"])
+def test_torch_func_transforms_get_a_clear_error_and_the_references_work(transform):
+    """normlab's ops are custom autograd functions, which torch.func cannot transform: a clear error
+    pointing to the plain-PyTorch references, which can (checked against torch's own op)."""
+    import torch.nn.functional as F
+
+    from normlab.ops.rms_norm import rms_norm_reference
+
+    x, w = torch.randn(2, 3, 16, dtype=torch.float64), torch.randn(16, dtype=torch.float64)
+    apply = (lambda f: torch.func.grad(lambda t: f(t).sum())) if transform == "grad" else torch.func.vmap
+    for op in (lambda t: normlab.rms_norm(t, 16, w), lambda t: normlab.layer_norm(t, 16, w),
+               lambda t: normlab.group_norm(t, 1), lambda t: normlab.batch_norm(t, None, None, training=True)):
+        with pytest.raises(RuntimeError, match="do not support torch.func transforms.*rms_norm_reference"):
+            apply(op)(x)
+    ours = apply(lambda t: rms_norm_reference(t, 16, w, casting="gemma"))(x)
+    torch.testing.assert_close(ours, apply(lambda t: F.rms_norm(t, (16,), w))(x))

@@ -24,6 +24,12 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
 def check_input(x: torch.Tensor, name: str = "input") -> None:
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if not torch.compiler.is_compiling() and torch._C._are_functorch_transforms_active():
+        raise RuntimeError(
+            "normlab's ops do not support torch.func transforms (grad, vmap, jvp, jacrev, …): their kernels "
+            "are custom autograd functions. Use torch.autograd (backward, torch.autograd.grad), or under "
+            "torch.func the plain-PyTorch references (normlab.ops.rms_norm.rms_norm_reference and the like)"
+        )
     if x.dtype not in FLOAT_DTYPES:
         raise TypeError(
             f"{name} must have a floating dtype (float32, float64, bfloat16 or float16), got {x.dtype}"
