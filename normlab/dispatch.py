@@ -77,9 +77,9 @@ def _ensure_loaded(name: str) -> _Backend | None:
     return _registry.get(name)
 
 
-def _check_name(name: str) -> str:
+def _check_name(name: str, where: str = "") -> str:
     if name not in KNOWN_BACKENDS:
-        raise ValueError(f"unknown backend {name!r}; expected one of {sorted(KNOWN_BACKENDS)}")
+        raise ValueError(f"unknown backend {name!r}{where}; expected one of {sorted(KNOWN_BACKENDS)}")
     return name
 
 
@@ -89,7 +89,7 @@ def requested_backend() -> str | None:
     if stack:
         return stack[-1]
     env = os.environ.get("NORMLAB_BACKEND")
-    return _check_name(env) if env else None
+    return _check_name(env, " in the environment variable NORMLAB_BACKEND") if env else None
 
 
 @contextlib.contextmanager

@@ -66,6 +66,9 @@ def test_choice_order_call_then_block_then_environment(stand_in, monkeypatch):
     assert dispatch.select("rms_norm", x, "cpu") == "cpu"  # the call beats the environment
     normlab.rms_norm(x, 16)
     assert stand_in["calls"] == []
+    monkeypatch.setenv("NORMLAB_BACKEND", "CPU")
+    with pytest.raises(ValueError, match="unknown backend 'CPU' in the environment variable NORMLAB_BACKEND"):
+        normlab.rms_norm(x, 16)
 
 
 def test_unknown_names_raise_and_every_backend_is_reported():
