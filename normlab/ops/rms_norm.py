@@ -27,6 +27,7 @@ from torch import Tensor
 
 from normlab import dispatch
 from normlab.ops._common import (
+    HALF_DTYPES,
     as_float,
     check_choice,
     check_eps,
@@ -245,6 +246,14 @@ _add_rms_norm_op = custom_op_with_eager_twin(
 # ----------------------------------------------------------------------------------------------
 # Functional API
 # ----------------------------------------------------------------------------------------------
+def _upcast_half_weight(weight, x):
+    """A bf16/fp16 weight on a float32/float64 input, exactly upcast: ``torch.nn.RMSNorm(d).half()`` takes
+    float32 input and returns float32 (torch's LayerNorm refuses the mix, and so does normlab's)."""
+    if isinstance(weight, Tensor) and isinstance(x, Tensor) and weight.dtype in HALF_DTYPES and x.dtype in (torch.float32, torch.float64):
+        return weight.to(x.dtype)
+    return weight
+
+
 def _check(x, normalized_shape, weight, eps, casting, partial, offset):
     check_input(x)
     shape, n = normalized_size(x, normalized_shape)
@@ -265,6 +274,7 @@ def rms_norm(
     Mirrors ``torch.nn.functional.rms_norm``; ``casting``, ``offset`` and ``partial`` are described in
     the module docstring. ``out=`` writes into a preallocated tensor (inference only, like torch).
     """
+    weight = _upcast_half_weight(weight, input)
     n, eps, k = _check(input, normalized_shape, weight, eps, casting, partial, offset)
     x, w = rows(input, n), flat_param(weight, n)
     name = dispatch.select("rms_norm", x, backend, weight=w, casting=casting, offset=offset, k=k) if x.numel() else dispatch.REFERENCE
@@ -283,6 +293,7 @@ def add_rms_norm(
 ) -> tuple[Tensor, Tensor]:
     """Fused residual add + RMSNorm: ``s = input + residual`` (stored in ``residual_dtype``, default the
     input dtype), returns ``(rms_norm(s), s)`` — one read of each input, one write of each output."""
+    weight = _upcast_half_weight(weight, input)
     n, eps, k = _check(input, normalized_shape, weight, eps, casting, partial, offset)
     check_same(input, residual, "input", "residual")
     residual_dtype = residual_dtype or input.dtype

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 from torch import nn
@@ -147,6 +149,25 @@ def test_ada_layer_norm_vs_formula_and_gradcheck(shape):
     w, b = m.scale_shift.weight, m.scale_shift.bias
     f = lambda x, c, w, b: torch.func.functional_call(m, {"scale_shift.weight": w, "scale_shift.bias": b}, (x, c))  # noqa: E731
     assert torch.autograd.gradcheck(f, (x, c, w, b))
+
+
+@pytest.mark.parametrize("half", [torch.float16, torch.bfloat16])
+def test_half_rms_norm_module_on_fp32_input_as_torch(half):
+    """``torch.nn.RMSNorm(d).half()`` takes float32 input and returns float32 (the weight upcast, exactly);
+    so does normlab's, with the weight's gradient in its own dtype."""
+    ours, theirs = RMSNorm(16).to(half), nn.RMSNorm(16).to(half)
+    with torch.no_grad():
+        ours.weight.copy_(rand(16, seed=1))
+        theirs.weight.copy_(ours.weight)
+    x = rand(3, 16)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch warns about the mixed dtypes
+        want = theirs(x)
+    y = ours(x)
+    assert y.dtype == want.dtype == torch.float32
+    torch.testing.assert_close(y, want)
+    y.sum().backward()
+    assert ours.weight.grad.dtype == half
 
 
 @pytest.mark.parametrize("c_dtype", [torch.float32, torch.bfloat16])
