@@ -249,7 +249,8 @@ _add_rms_norm_op = custom_op_with_eager_twin(
 def _upcast_half_weight(weight, x):
     """A bf16/fp16 weight on a float32/float64 input, exactly upcast: ``torch.nn.RMSNorm(d).half()`` takes
     float32 input and returns float32 (torch's LayerNorm refuses the mix, and so does normlab's)."""
-    if isinstance(weight, Tensor) and isinstance(x, Tensor) and weight.dtype in HALF_DTYPES and x.dtype in (torch.float32, torch.float64):
+    wide_input = isinstance(x, Tensor) and x.dtype in (torch.float32, torch.float64)
+    if wide_input and isinstance(weight, Tensor) and weight.dtype in HALF_DTYPES:
         return weight.to(x.dtype)
     return weight
 
