@@ -97,9 +97,6 @@ def main(args: argparse.Namespace) -> int:
 
         if args.out == "runs/bench":
             args.out = "runs/bench-cuda"
-        # cuda.main reads its own parser's comma-separated strings
-        args.ops, args.dtypes, args.modes = (",".join(v) for v in (args.ops, args.dtypes, args.modes))
-        args.shapes = args.shapes and ",".join(f"{rows}x{n}" for rows, n in args.shapes)
         return cuda.main(args)
     _ensure_allocator_env()
     from normlab.bench.run import run_all

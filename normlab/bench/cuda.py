@@ -25,25 +25,34 @@ import torch
 import torch.nn.functional as F
 
 import normlab
-from normlab.bench.cases import llama_rms_norm, textbook_layer_norm
+from normlab.bench import MODES, QUICK_SHAPES, STANDARD_SHAPES
+from normlab.bench.cases import FUSED, OPS, llama_rms_norm, textbook_layer_norm
+from normlab.cli import comma_list, device, positive_float, positive_int, shape
 
-OPS = ("rms_norm", "layer_norm", "add_rms_norm", "add_layer_norm")
-FUSED = {"add_rms_norm", "add_layer_norm"}
-STANDARD_SHAPES = [(8192, 4096), (32768, 1024), (2048, 8192), (4096, 768)]
-QUICK_SHAPES = [(4096, 768)]
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 EPS = 1e-6
 
 
+def _cuda_device(s: str) -> str:
+    """``cuda`` or ``cuda:N``, visible to torch (:func:`normlab.cli.device` without ``cpu``)."""
+    if not device(s).startswith("cuda"):
+        raise argparse.ArgumentTypeError(f"expected cuda or cuda:N, got {s!r}")
+    return s
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quick", action="store_true", help="one shape (4096x768), no torch.compile")
-    parser.add_argument("--ops", default=",".join(OPS), help="comma-separated ops")
-    parser.add_argument("--shapes", default=None, help="comma-separated ROWSxN (default: the standard shapes)")
-    parser.add_argument("--dtypes", default="float32,bfloat16", help="comma-separated: float32,bfloat16,float16")
-    parser.add_argument("--modes", default="fwd,fwd+bwd", help="fwd, fwd+bwd or both")
-    parser.add_argument("--device", default="cuda", help="a CUDA device")
-    parser.add_argument("--samples", type=int, default=7, help="samples per measurement (median taken; at least 7)")
-    parser.add_argument("--min-time", type=float, default=0.03, help="seconds per sample (at least 0.03)")
+    parser.add_argument("--ops", type=comma_list(str, OPS), default=list(OPS),
+                        help=f"comma-separated, of {', '.join(OPS)} (default: all)")
+    parser.add_argument("--shapes", type=comma_list(shape), default=None,
+                        help="comma-separated ROWSxN, positive integers (default: the standard shapes)")
+    parser.add_argument("--dtypes", type=comma_list(str, tuple(DTYPES)), default=["float32", "bfloat16"],
+                        help=f"comma-separated, of {', '.join(DTYPES)} (default: float32,bfloat16)")
+    parser.add_argument("--modes", type=comma_list(str, MODES), default=list(MODES),
+                        help=f"comma-separated, of {', '.join(MODES)} (default: both)")
+    parser.add_argument("--device", type=_cuda_device, default="cuda", help="a CUDA device: cuda or cuda:N")
+    parser.add_argument("--samples", type=positive_int, default=7, help="samples per measurement (median taken; at least 7)")
+    parser.add_argument("--min-time", type=positive_float, default=0.03, help="seconds per sample (at least 0.03)")
     parser.add_argument("--compile", dest="compile", action="store_true", default=None, help="include torch.compile of the reference (default: on unless --quick)")
     parser.add_argument("--no-compile", dest="compile", action="store_false")
     parser.add_argument("--out", default="runs/bench-cuda", help="directory for results.json and results.md")
@@ -272,9 +281,7 @@ def main(args: argparse.Namespace) -> int:
 
     device = torch.device(args.device)
     compile_ref = (not args.quick) if args.compile is None else args.compile
-    shapes = QUICK_SHAPES if args.quick and not args.shapes else (
-        [tuple(int(v) for v in s.lower().split("x")) for s in args.shapes.split(",")] if args.shapes else STANDARD_SHAPES
-    )
+    shapes = args.shapes or (QUICK_SHAPES if args.quick else STANDARD_SHAPES)
     name = torch.cuda.get_device_name(device)
     liger = _liger()
     env = {"gpu": name, "torch": torch.__version__, "triton": triton.__version__, "cuda": torch.version.cuda,
@@ -286,11 +293,11 @@ def main(args: argparse.Namespace) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     results = []
-    for op in args.ops.split(","):
+    for op in args.ops:
         for rows, n in shapes:
             impls = implementations(op, n, compile_ref)
-            for dtype_name in args.dtypes.split(","):
-                for mode in args.modes.split(","):
+            for dtype_name in args.dtypes:
+                for mode in args.modes:
                     case = run_case(op, rows, n, DTYPES[dtype_name], mode, device, impls, args.samples, args.min_time)
                     results.extend(case)
                     pct = {r["impl"]: round(r["% of copy"]) for r in case if "ms" in r}
