@@ -450,7 +450,7 @@ def test_weight_grads_fold_chunk_partials_in_chunk_order(layer, monkeypatch):
 
 
 @pytest.mark.parametrize("op", ["layer_norm", "rms_norm"])
-def test_fwd_bwd_peak_memory_not_above_torch(op):
+def test_fwd_bwd_peak_memory_not_above_torch(op, monkeypatch):
     """Peak of the bytes allocated through torch during forward + backward (the bench's measure):
     normlab's is no higher than torch's — the weight-gradient partials take one slot per thread, as
     torch's per-thread buffers, and no zero gradient is made for the statistics."""
@@ -464,12 +464,8 @@ def test_fwd_bwd_peak_memory_not_above_torch(op):
     else:
         ours, theirs = (lambda: normlab.rms_norm(x, n, w)), (lambda: F.rms_norm(x, (n,), w))
     params = (x, w, b) if op == "layer_norm" else (x, w)
-    before = torch.get_num_threads()
-    torch.set_num_threads(numba.get_num_threads())  # torch's buffers: one per thread
-    try:
+    with threads(numba.get_num_threads(), monkeypatch):  # torch's buffers: one per thread, as many as numba's
         peaks = [peak_bytes(lambda f=f: torch.autograd.grad(f(), params, dy), "cpu") for f in (ours, theirs)]
-    finally:
-        torch.set_num_threads(before)
     assert peaks[0] <= peaks[1], peaks
 
 
