@@ -8,7 +8,6 @@ import math
 from types import SimpleNamespace
 
 import pytest
-import torch
 
 from normlab.study.config import StudyConfig
 from normlab.study.data import load_corpus
@@ -69,7 +68,6 @@ def test_warmup_verdict(losses, verdict):
 def test_exp2_is_the_mlp_output_matrix_gradient_at_init(tmp_path):
     """Experiment 2's per-layer values are ‖∂L/∂W^{2,l}‖ of the freshly initialised model, averaged over
     the batches, layer 1 first — computed here by hand from the modules."""
-    torch.set_num_threads(1)
     cfg = StudyConfig(n_layer=2, n_head=2, d_model=32, block_size=16, batch_size=4, grad_depths=[2, 3], grad_batches=2,
                       experiments=[2])
     corpus = load_corpus()
