@@ -650,3 +650,48 @@ def test_hardware_bf16_rounding_writes_the_exact_values(tmp_path):
     for i, (a, b) in enumerate(zip(fast, exact)):
         bits = torch.int16 if a.dtype == torch.bfloat16 else torch.int32
         assert torch.equal(a.view(bits), b.view(bits)), f"output {i} differs ({_numerics.HARDWARE_BF16=})"
+
+
+@pytest.mark.skipif(not HARDWARE_BF16, reason="the bf16 weights are read by the AVX512-BF16 blocks only")
+def test_bf16_weights_write_the_same_values(monkeypatch):
+    """Large, wide bf16 RMSNorm calls read the weights as bf16 bit patterns (the same values, half the
+    bytes in cache): forced onto every call, each output and statistic is bitwise the one of the fp32
+    weights, on rows with NaN, inf, subnormals, zeros and overflow, every casting mode, fused or not."""
+    plain = _bf16_special_outputs()
+    used = []
+    kernel = K.norm_fwd
+    monkeypatch.setattr(K, "norm_fwd", lambda *args: used.append(args[-1] is not None) or kernel(*args))
+    monkeypatch.setattr(K, "HALF_WEIGHT_ROW", 0)
+    monkeypatch.setattr(K, "HALF_WEIGHT_MOVED", 0)
+    half = _bf16_special_outputs()
+    # per row length and weight set: 3 castings × {rms_norm, add_rms_norm}, and the partial llama call;
+    # not gemma with offset 1 (fp32 weights), nor LayerNorm
+    assert used.count(True) == 3 * 2 * (3 * 2 + 1)
+    for i, (a, b) in enumerate(zip(half, plain)):
+        bits = torch.int16 if a.dtype == torch.bfloat16 else torch.int32
+        assert torch.equal(a.view(bits), b.view(bits)), f"output {i} differs"
+
+
+def test_bf16_weights_are_chosen_for_large_wide_bf16_calls_only():
+    n = 4096
+    rows = K.HALF_WEIGHT_MOVED // (2 * 2 * n) + 1
+    x, y = torch.empty(rows, n, dtype=torch.bfloat16), torch.empty(rows, n, dtype=torch.bfloat16)
+    w16 = np.zeros(n, np.uint16)
+    chosen = K._half_weight(w16, y, [y, x])
+    assert chosen is (w16 if HARDWARE_BF16 else None)
+    assert K._half_weight(w16, y[:16], [y[:16], x[:16]]) is None  # in cache: the widening costs more
+    narrow = torch.empty(rows * 8, n // 8, dtype=torch.bfloat16)  # its rows and weights fit in L1 anyway
+    assert K._half_weight(w16[: n // 8], narrow, [narrow, narrow]) is None
+    assert K._half_weight(None, y, [y, x]) is None
+    half = x.view(torch.float16)
+    assert K._half_weight(w16, half, [half, half]) is None
+    # which weights are exact in bf16: the mode's own bf16 values, never an fp32 offset + w
+    wb, wf = rand(n, dtype=torch.bfloat16), rand(n, dtype=torch.float32)
+    exact = {c: K._rms_weight(wb, 0.0, c, torch.bfloat16, n)[2] for c in ("llama", "none", "gemma")}
+    bits = wb.view(torch.int16).numpy().view(np.uint16)
+    assert all(v is not None and np.array_equal(v, bits) for v in exact.values())
+    assert K._rms_weight(wb, 1.0, "llama", torch.bfloat16, n)[2] is not None  # w.to(bf16) + 1 in bf16
+    assert K._rms_weight(wb, 1.0, "gemma", torch.bfloat16, n)[2] is None  # w.float() + 1 in fp32
+    assert K._rms_weight(wf, 0.0, "gemma", torch.bfloat16, n)[2] is None
+    assert K._rms_weight(wb, 0.0, "llama", torch.float16, n)[2] is None
+    assert K._rms_weight(None, 0.0, "llama", torch.bfloat16, n)[2] is None

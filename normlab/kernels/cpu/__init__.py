@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import glob
+from pathlib import Path
 from typing import Optional
 
 import numpy as np
@@ -20,6 +21,7 @@ import torch
 
 from normlab import dispatch
 from normlab.kernels.cpu._kernels import CHUNK, MODE_FP32, MODE_LLAMA, MODE_NONE, norm_bwd, norm_fwd
+from normlab.kernels.cpu._numerics import HARDWARE_BF16
 
 __all__ = [
     "CHUNK",
@@ -70,7 +72,8 @@ def _output(like: torch.Tensor, dtype: torch.dtype, out: torch.Tensor | None, na
 
 
 def _rms_weight(weight: torch.Tensor | None, offset: float, casting: str, in_dtype: torch.dtype, n: int):
-    """``offset + w`` exactly as the reference forms it, as fp32 values, and the kernel's mode.
+    """``offset + w`` exactly as the reference forms it, as fp32 values, the kernel's mode, and (bf16
+    input, when those values are bf16 ones) their bf16 bit patterns, else None.
 
     llama: ``w.to(in) + offset`` in the input dtype; none: ``(w + offset).to(in)``; gemma (and any fp32
     input, where the modes coincide): ``w.float() + offset`` in fp32."""
@@ -83,7 +86,8 @@ def _rms_weight(weight: torch.Tensor | None, offset: float, casting: str, in_dty
     else:
         mode = MODE_NONE
         w = None if weight is None else (weight + offset).to(in_dtype)
-    return _vec(w, n, 1.0), mode
+    exact = w is not None and in_dtype == torch.bfloat16 and w.dtype == torch.bfloat16
+    return _vec(w, n, 1.0), mode, _np(w.contiguous()) if exact else None
 
 
 #: Below this many elements a call runs on one thread: waking the other threads costs more than the
@@ -92,15 +96,26 @@ def _rms_weight(weight: torch.Tensor | None, offset: float, casting: str, in_dty
 SERIAL_BELOW = 1 << 18
 
 
-def _last_level_cache_bytes(default: int = 32 << 20) -> int:
-    """The largest cache of CPU 0 from sysfs (Linux), else ``default``."""
-    sizes = []
-    for path in glob.glob("/sys/devices/system/cpu/cpu0/cache/index*/size"):
-        with contextlib.suppress(OSError, ValueError), open(path) as f:
-            text = f.read().strip().upper()
+def _caches() -> list[tuple[int, str, int]]:
+    """``(level, type, bytes)`` of each cache of CPU 0 from sysfs (Linux; empty elsewhere)."""
+    caches = []
+    for index in glob.glob("/sys/devices/system/cpu/cpu0/cache/index*"):
+        with contextlib.suppress(OSError, ValueError):
+            text = Path(index, "size").read_text().strip().upper()
             scale = {"K": 1 << 10, "M": 1 << 20}.get(text[-1:], 1)
-            sizes.append(int(text.rstrip("KM")) * scale)
-    return max(sizes, default=default)
+            level = int(Path(index, "level").read_text())
+            caches.append((level, Path(index, "type").read_text().strip(), int(text.rstrip("KM")) * scale))
+    return caches
+
+
+def _last_level_cache_bytes(default: int = 32 << 20) -> int:
+    """The largest cache of CPU 0, else ``default``."""
+    return max((size for _, _, size in _caches()), default=default)
+
+
+def _l1_data_bytes(default: int = 32 << 10) -> int:
+    """The level-1 data cache of CPU 0, else ``default``."""
+    return min((size for level, kind, size in _caches() if level == 1 and kind != "Instruction"), default=default)
 
 
 #: fp32 calls that move more bytes than this (twice the last-level cache) write their outputs with
@@ -112,9 +127,31 @@ def _last_level_cache_bytes(default: int = 32 << 20) -> int:
 STREAM_ABOVE = 2 * _last_level_cache_bytes()
 
 
+def _moved(*tensors: torch.Tensor) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
 def _streams(out: torch.Tensor, *others: torch.Tensor) -> bool:
-    moved = sum(t.numel() * t.element_size() for t in (out, *others))
-    return out.dtype == torch.float32 and moved > STREAM_ABOVE
+    return out.dtype == torch.float32 and _moved(out, *others) > STREAM_ABOVE
+
+
+#: bf16 RMSNorm rows read bf16 weights (the same values, half the bytes) in their elementwise pass when
+#: that pass's rows and fp32 weights fill the L1 data cache (``n · (bytes per column of the rows + 4) ≥
+#: L1``: 8 KB in + 8 KB out + 16 KB of weights at n = 4096) and the call moves at least the last-level
+#: cache (its rows come from memory). Time against fp32 weights, paired in one process (docs/benchmarks.md):
+#: 8192×4096 0.72–0.89×, 2048×4096 0.80–0.89×, 2048×8192 0.84–1.02×, fused add 0.95–1.01×; with the
+#: data in cache the extra widening costs 8–19 % (1024×4096 1.13×, 4096×2048 1.19×), so not there.
+HALF_WEIGHT_ROW = _l1_data_bytes()
+HALF_WEIGHT_MOVED = _last_level_cache_bytes()
+
+
+def _half_weight(w_bf16: np.ndarray | None, y: torch.Tensor, rows: list[torch.Tensor]) -> np.ndarray | None:
+    """``w_bf16`` when the call qualifies (above), else None. ``rows``: every tensor the call reads or writes."""
+    if w_bf16 is None or not HARDWARE_BF16 or any(t.dtype != torch.bfloat16 for t in rows):
+        return None
+    n = y.shape[1]
+    fills_l1 = n * (sum(t.element_size() for t in rows) + 4) >= HALF_WEIGHT_ROW
+    return w_bf16 if fills_l1 and _moved(*rows) >= HALF_WEIGHT_MOVED else None
 
 
 def _thread_controls():
@@ -151,7 +188,7 @@ def _launch(kernel, elements: int, *args) -> None:
 _NO_MEAN = np.empty(0, np.float32)  # RMSNorm has no mean: the kernel never touches it
 
 
-def _fwd(x, residual, residual_dtype, weight_f32, bias_f32, eps, k, layer, mode, out, residual_out):
+def _fwd(x, residual, residual_dtype, weight_f32, bias_f32, eps, k, layer, mode, out, residual_out, weight_bf16=None):
     rows_, n = x.shape
     x = x.detach().contiguous()
     y = _output(x, x.dtype, out, "out")
@@ -159,14 +196,15 @@ def _fwd(x, residual, residual_dtype, weight_f32, bias_f32, eps, k, layer, mode,
     rstd = torch.empty(rows_, dtype=_STAT)
     xn = _np(x)
     if residual is None:
-        s, rn, sn, stream = x, xn, xn, _streams(y, x)
+        s, rn, sn, rows = x, xn, xn, [y, x]
     else:
         r = residual.detach().contiguous()
         s = _output(x, residual_dtype, residual_out, "residual_out")
-        rn, sn, stream = _np(r), _np(s), _streams(y, x, r, s)
+        rn, sn, rows = _np(r), _np(s), [y, x, r, s]
     _launch(
         norm_fwd, x.numel(), xn, rn, sn, residual is not None, _np(y), weight_f32, bias_f32, float(eps), int(k),
-        layer, mode, _NO_MEAN if mean is None else mean.numpy(), rstd.numpy(), stream,
+        layer, mode, _NO_MEAN if mean is None else mean.numpy(), rstd.numpy(), _streams(*rows),
+        _half_weight(weight_bf16, y, rows),
     )
     return y, s, mean, rstd
 
@@ -224,8 +262,8 @@ def _wvec(p: torch.Tensor | None, n: int, x: torch.Tensor, offset: float = 0.0) 
 # ---- the kernel contract -----------------------------------------------------------------------
 def rms_norm_fwd(x, weight, eps, casting, offset, k, out=None):
     """``(y, rstd)``: RMSNorm of the ``(rows, n)`` input with the reference's casting rules."""
-    w, mode = _rms_weight(weight, float(offset), casting, x.dtype, x.shape[1])
-    y, _, _, rstd = _fwd(x, None, None, w, w, eps, k, False, mode, out, None)
+    w, mode, w_bf16 = _rms_weight(weight, float(offset), casting, x.dtype, x.shape[1])
+    y, _, _, rstd = _fwd(x, None, None, w, w, eps, k, False, mode, out, None, w_bf16)
     return y, rstd
 
 
@@ -239,8 +277,8 @@ def rms_norm_bwd(dy, x, weight, rstd, offset, k, dsum=None):
 def add_rms_norm_fwd(x, residual, weight, eps, casting, offset, k, residual_dtype, out=None, residual_out=None):
     """``(y, s, rstd)`` with ``s = x + residual`` (fp32 add, stored in ``residual_dtype``) and
     ``y = rms_norm(s)`` in ``x``'s dtype."""
-    w, mode = _rms_weight(weight, float(offset), casting, residual_dtype, x.shape[1])
-    y, s, _, rstd = _fwd(x, residual, residual_dtype, w, w, eps, k, False, mode, out, residual_out)
+    w, mode, w_bf16 = _rms_weight(weight, float(offset), casting, residual_dtype, x.shape[1])
+    y, s, _, rstd = _fwd(x, residual, residual_dtype, w, w, eps, k, False, mode, out, residual_out, w_bf16)
     return y, s, rstd
 
 

@@ -90,18 +90,20 @@ def _row_stats(a, ai, eps, k, layer):
 
 
 @njit(cache=True, inline="always")
-def _norm_cols(a, ai, y, yi, lo, hi, off, w, b, m, c, rs, layer, mode, checked):
+def _norm_cols(a, ai, y, yi, lo, hi, off, w, wb, b, m, c, rs, layer, mode, checked):
     """Columns ``lo:hi`` of row ``ai`` of ``a``, normalized, into ``y[yi, lo − off : hi − off]``; the
     norm's dtype is ``a``'s (its intermediate roundings), then the result is stored in ``y``'s dtype.
-    ``rs``: rstd as the mode multiplies it (casting none: rounded). ``checked``: see :func:`hardware_block`.
+    ``rs``: rstd as the mode multiplies it (casting none: rounded). ``wb``: the weights as the bf16 blocks
+    read them (``w`` itself, or the bf16 bit patterns of the same values). ``checked``: see
+    :func:`hardware_block`.
     (Unsigned column indices: numba then emits no negative-index wraparound, and the loops vectorize.)"""
     # bf16 → bf16: whole 16-value blocks through the hardware rounding first, the rest exactly
     if layer:
-        lo = hardware_block(BLOCK_LN, checked, a, ai, lo, hi, y, yi, off, w, b, m, c, rs)
+        lo = hardware_block(BLOCK_LN, checked, a, ai, lo, hi, y, yi, off, wb, b, m, c, rs)
     elif mode == MODE_FP32:
-        lo = hardware_block(BLOCK_RMS, checked, a, ai, lo, hi, y, yi, off, w, b, m, c, rs)
+        lo = hardware_block(BLOCK_RMS, checked, a, ai, lo, hi, y, yi, off, wb, b, m, c, rs)
     else:
-        lo = hardware_block(BLOCK_RMS_ROUNDED, checked, a, ai, lo, hi, y, yi, off, w, b, m, c, rs)
+        lo = hardware_block(BLOCK_RMS_ROUNDED, checked, a, ai, lo, hi, y, yi, off, wb, b, m, c, rs)
     lo, hi, off = _U(lo), _U(hi), _U(off)
     if layer:
         for j in range(lo, hi):
@@ -115,7 +117,7 @@ def _norm_cols(a, ai, y, yi, lo, hi, off, w, b, m, c, rs, layer, mode, checked):
 
 
 @njit(cache=True, inline="always")
-def _norm_row(a, ai, y, i, buf, stream, w, b, eps, k, layer, mode, mean, rstd, w_min, w_finite):
+def _norm_row(a, ai, y, i, buf, stream, w, wb, b, eps, k, layer, mode, mean, rstd, w_min, w_finite):
     """Normalize row ``ai`` of ``a`` into row ``i`` of ``y`` (statistics into ``mean[i]``, ``rstd[i]``).
     ``stream``: the aligned middle of the row goes out in blocks of :data:`BLOCK` columns through
     ``buf`` with non-temporal stores, interleaved with the computation. ``w_min``, ``w_finite``: the
@@ -126,12 +128,12 @@ def _norm_row(a, ai, y, i, buf, stream, w, b, eps, k, layer, mode, mean, rstd, w
     checked = layer or not proven_normal(a, ai, k, rq, w_min, w_finite, least)
     width = buf.shape[1]  # a runtime block width: LLVM vectorizes the loop instead of unrolling it
     j = aligned_from(y, i) if stream else n
-    _norm_cols(a, ai, y, i, 0, j, 0, w, b, m, c, rq, layer, mode, checked)
+    _norm_cols(a, ai, y, i, 0, j, 0, w, wb, b, m, c, rq, layer, mode, checked)
     while stream and j + width <= n:
-        _norm_cols(a, ai, buf, 0, j, j + width, j, w, b, m, c, rq, layer, mode, checked)
+        _norm_cols(a, ai, buf, 0, j, j + width, j, w, wb, b, m, c, rq, layer, mode, checked)
         stream_cols(y, i, j, buf, 0, width)
         j += width
-    _norm_cols(a, ai, y, i, j, n, 0, w, b, m, c, rq, layer, mode, checked)
+    _norm_cols(a, ai, y, i, j, n, 0, w, wb, b, m, c, rq, layer, mode, checked)
     if layer:
         mean[i] = m + c
     rstd[i] = rs
@@ -166,7 +168,7 @@ def _make_fwd(layer: bool, mode: int, fused: bool):
     helpers = _HELPERS_SOURCE
 
     @njit(parallel=True, cache=True)
-    def kernel(x, r, s, y, w, b, eps, k, mean, rstd, stream):
+    def kernel(x, r, s, y, w, wb, b, eps, k, mean, rstd, stream):
         if helpers == "":  # never true: makes the helpers' hash part of the cache key
             return
         rows, n = x.shape
@@ -181,30 +183,32 @@ def _make_fwd(layer: bool, mode: int, fused: bool):
             sbuf = np.empty((1, n if stream and fused else 0), s.dtype)
             for i in range(c * CHUNK, min(rows, (c + 1) * CHUNK)):
                 if not fused:
-                    _norm_row(x, i, y, i, ybuf, stream, w, b, eps32, k, layer, mode, mean, rstd, w_min, w_finite)
+                    _norm_row(x, i, y, i, ybuf, stream, w, wb, b, eps32, k, layer, mode, mean, rstd, w_min, w_finite)
                 elif stream:
                     _add_row(x, r, s, i, sbuf, stream)
-                    _norm_row(sbuf, 0, y, i, ybuf, stream, w, b, eps32, k, layer, mode, mean, rstd, w_min, w_finite)
+                    _norm_row(sbuf, 0, y, i, ybuf, stream, w, wb, b, eps32, k, layer, mode, mean, rstd, w_min, w_finite)
                 else:
                     _add_row(x, r, s, i, sbuf, stream)
-                    _norm_row(s, i, y, i, ybuf, stream, w, b, eps32, k, layer, mode, mean, rstd, w_min, w_finite)
+                    _norm_row(s, i, y, i, ybuf, stream, w, wb, b, eps32, k, layer, mode, mean, rstd, w_min, w_finite)
             if stream:
                 store_fence()
 
     return kernel
 
 
-def norm_fwd(x, r, s, fused, y, w, b, eps, k, layer, mode, mean, rstd, stream):
+def norm_fwd(x, r, s, fused, y, w, b, eps, k, layer, mode, mean, rstd, stream, w_bf16=None):
     """Forward of RMSNorm / LayerNorm, optionally on ``s = x + r`` (fp32 add, stored in ``s``'s dtype).
 
     ``w`` (and ``b`` for LayerNorm) are fp32 rows. RMSNorm: ``y = x·rstd·w`` with
     ``rstd = 1/sqrt(Σ_{j<k} x_j²/k + eps)`` and the casting ``mode``'s intermediate roundings;
     LayerNorm: ``y = (x − mean)·rstd·w + b`` with the corrected two-pass biased variance (deviations from
     the rounded mean, minus their own mean: accurate to the spread of the row, not to ulp(mean)).
-    ``stream``: outputs are written with non-temporal stores (the same values either way).
+    ``stream``: outputs are written with non-temporal stores (the same values either way). ``w_bf16``:
+    the bf16 bit patterns of ``w`` (the same values), read by the bf16 → bf16 blocks instead of ``w``:
+    half its bytes in cache (the same values either way).
     """
     kernel = _make_fwd(bool(layer), MODE_FP32 if layer else int(mode), bool(fused))
-    kernel(x, r, s, y, w, b, eps, k, mean, rstd, stream)
+    kernel(x, r, s, y, w, w if w_bf16 is None else w_bf16, b, eps, k, mean, rstd, stream)
 
 
 @njit(cache=True, inline="always")

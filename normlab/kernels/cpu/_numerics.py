@@ -644,6 +644,16 @@ def _vector_loop(builder, nvec, body):
     return builder.zext(flagged, ir.IntType(8))
 
 
+def _param_loader(context, builder, pty, p, lo):
+    """IR: a function giving the ``k``-th 16 values of ``p[lo:]`` as fp32; ``p`` is an fp32 row, or the
+    bf16 bit patterns (``uint16``) of the same values (half the bytes in cache)."""
+    if pty.dtype == types.uint16:
+        ptr = _vector_ptr(context, builder, pty, p, [lo], ir.IntType(16))
+        return lambda k: _load_bf16(builder, ptr, k)
+    ptr = _vector_ptr(context, builder, pty, p, [lo], ir.FloatType())
+    return lambda k: builder.load(builder.gep(ptr, [k]), align=4)
+
+
 def _bf16_block_ir(formula, checked, context, builder, signature, args):
     """IR of a block function: columns ``lo : lo + count`` (``count`` a multiple of 16) of the bf16 row
     ``a[ai]``, normalized by ``formula`` and rounded by ``vcvtneps2bf16``, into ``y[yi, ylo:]``; returns
@@ -659,8 +669,7 @@ def _bf16_block_ir(formula, checked, context, builder, signature, args):
     lo_ = index(lo, loty)
     xp = _vector_ptr(context, builder, aty, a, [index(ai, aity), lo_], i16)
     yp = _vector_ptr(context, builder, yty, y, [index(yi, yity), index(ylo, ylty)], i16)
-    wp = _vector_ptr(context, builder, wty, w, [lo_], f32)
-    bp = _vector_ptr(context, builder, bty, b, [lo_], f32)
+    load_w, load_b = _param_loader(context, builder, wty, w, lo_), _param_loader(context, builder, bty, b, lo_)
     mv, cv, rsv = (_splat(builder, v, _V16[f32]) for v in (m, c, rs))
 
     def special(v):
@@ -668,11 +677,11 @@ def _bf16_block_ir(formula, checked, context, builder, signature, args):
 
     def body(k):
         xv = _load_bf16(builder, xp, k)
-        weight = builder.load(builder.gep(wp, [k]), align=4)
+        weight = load_w(k)
         seen = None
         if formula == BLOCK_LN:  # ((x − m) − c)·rs·w + b
             v = builder.fmul(builder.fmul(builder.fsub(builder.fsub(xv, mv), cv), rsv), weight)
-            v = builder.fadd(v, builder.load(builder.gep(bp, [k]), align=4))
+            v = builder.fadd(v, load_b(k))
         elif formula == BLOCK_RMS:  # x·rs·w
             v = builder.fmul(builder.fmul(xv, rsv), weight)
         else:  # x·rs rounded to bf16, then times the weight
