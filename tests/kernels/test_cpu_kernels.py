@@ -672,8 +672,53 @@ def test_bf16_weights_write_the_same_values(monkeypatch):
         assert torch.equal(a.view(bits), b.view(bits)), f"output {i} differs"
 
 
+@pytest.mark.skipif(not HARDWARE_BF16, reason="the bf16 weights are read by the AVX512-BF16 blocks only")
+@pytest.mark.parametrize("casting", ["llama", "gemma", "none"])
+@pytest.mark.parametrize("offset", [0.0, 1.0, 0.5])
+@pytest.mark.parametrize("weight_dtype", [torch.bfloat16, torch.float32])
+def test_bf16_weights_hold_the_casting_modes_values(casting, offset, weight_dtype, monkeypatch):
+    """Whatever the casting mode, offset and weight dtype, the weights the blocks read (bf16 ones where
+    the mode's values are bf16) give bitwise the outputs of the fp32 weights, plain and fused, partial
+    RMSNorm included."""
+    n = 80  # five 16-value blocks, no tail
+    x, r = rand(64, n, dtype=torch.bfloat16), rand(64, n, dtype=torch.bfloat16, seed=1)
+    w = (rand(n, seed=2) * 3).to(weight_dtype)
+    results = {}
+    for forced in (False, True):
+        monkeypatch.setattr(K, "HALF_WEIGHT_ROW", 0 if forced else 1 << 62)
+        monkeypatch.setattr(K, "HALF_WEIGHT_MOVED", 0 if forced else 1 << 62)
+        results[forced] = [
+            *K.rms_norm_fwd(x, w, 1e-6, casting, offset, n),
+            *K.rms_norm_fwd(x, w, 1e-6, casting, offset, n // 2),
+            *K.add_rms_norm_fwd(x, r, w, 1e-6, casting, offset, n, torch.bfloat16),
+        ]
+    for plain, half in zip(results[False], results[True]):
+        bits = torch.int16 if plain.dtype == torch.bfloat16 else torch.int32
+        assert torch.equal(plain.view(bits), half.view(bits))
+
+
+@pytest.mark.skipif(not HARDWARE_BF16, reason="the bf16 weights are read by the AVX512-BF16 blocks only")
+def test_the_blocks_read_the_bf16_weights_they_are_given():
+    """The bf16 weights reach the 16-value blocks (and only them): given zeros there, the whole blocks
+    come out zero while the scalar tail still uses the fp32 weights."""
+    from normlab.kernels.cpu._kernels import MODE_FP32
+    from normlab.kernels.cpu._numerics import LANES
+
+    n = 4 * LANES + 5
+    x = rand(8, n, dtype=torch.bfloat16)
+    w = torch.ones(n)
+    y, rstd = torch.empty_like(x), torch.empty(8)
+    nothing = np.empty((0, 0), np.uint16)
+    K.norm_fwd(K._np(x), nothing, nothing, False, K._np(y), w.numpy(), w.numpy(), 1e-6, n, False, MODE_FP32,
+               np.empty(0, np.float32), rstd.numpy(), False, w_bf16=np.zeros(n, np.uint16))
+    assert torch.equal(y[:, : 4 * LANES].float(), torch.zeros(8, 4 * LANES))
+    expected = (x[:, 4 * LANES:].float() * rstd[:, None]).to(torch.bfloat16)
+    assert torch.equal(y[:, 4 * LANES:].view(torch.int16), expected.view(torch.int16))
+
+
 def test_bf16_weights_are_chosen_for_large_wide_bf16_calls_only():
-    n = 4096
+    # the narrowest rows whose rows and fp32 weights fill L1 (4096 with a 32 KB L1 data cache)
+    n = max(4096, -(-K.HALF_WEIGHT_ROW // 8))
     rows = K.HALF_WEIGHT_MOVED // (2 * 2 * n) + 1
     x, y = torch.empty(rows, n, dtype=torch.bfloat16), torch.empty(rows, n, dtype=torch.bfloat16)
     w16 = np.zeros(n, np.uint16)

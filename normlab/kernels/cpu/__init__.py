@@ -139,7 +139,7 @@ def _streams(out: torch.Tensor, *others: torch.Tensor) -> bool:
 #: that pass's rows and fp32 weights fill the L1 data cache (``n · (bytes per column of the rows + 4) ≥
 #: L1``: 8 KB in + 8 KB out + 16 KB of weights at n = 4096) and the call moves at least the last-level
 #: cache (its rows come from memory). Time against fp32 weights, paired in one process (docs/benchmarks.md):
-#: 8192×4096 0.72–0.89×, 2048×4096 0.80–0.89×, 2048×8192 0.84–1.02×, fused add 0.95–1.01×; with the
+#: 8192×4096 0.72–0.89×, 2048×4096 0.80–0.89×, 2048×8192 0.84–1.02×, fused add 0.93–1.01×; with the
 #: data in cache the extra widening costs 8–19 % (1024×4096 1.13×, 4096×2048 1.19×), so not there.
 HALF_WEIGHT_ROW = _l1_data_bytes()
 HALF_WEIGHT_MOVED = _last_level_cache_bytes()
