@@ -722,14 +722,14 @@ def test_bf16_weights_are_chosen_for_large_wide_bf16_calls_only():
     rows = K.HALF_WEIGHT_MOVED // (2 * 2 * n) + 1
     x, y = torch.empty(rows, n, dtype=torch.bfloat16), torch.empty(rows, n, dtype=torch.bfloat16)
     w16 = np.zeros(n, np.uint16)
-    chosen = K._half_weight(w16, y, [y, x])
+    chosen = K._half_weight(w16, [y, x])
     assert chosen is (w16 if HARDWARE_BF16 else None)
-    assert K._half_weight(w16, y[:16], [y[:16], x[:16]]) is None  # in cache: the widening costs more
+    assert K._half_weight(w16, [y[:16], x[:16]]) is None  # in cache: the widening costs more
     narrow = torch.empty(rows * 8, n // 8, dtype=torch.bfloat16)  # its rows and weights fit in L1 anyway
-    assert K._half_weight(w16[: n // 8], narrow, [narrow, narrow]) is None
-    assert K._half_weight(None, y, [y, x]) is None
+    assert K._half_weight(w16[: n // 8], [narrow, narrow]) is None
+    assert K._half_weight(None, [y, x]) is None
     half = x.view(torch.float16)
-    assert K._half_weight(w16, half, [half, half]) is None
+    assert K._half_weight(w16, [half, half]) is None
     # which weights are exact in bf16: the mode's own bf16 values, never an fp32 offset + w
     wb, wf = rand(n, dtype=torch.bfloat16), rand(n, dtype=torch.float32)
     exact = {c: K._rms_weight(wb, 0.0, c, torch.bfloat16, n)[2] for c in ("llama", "none", "gemma")}

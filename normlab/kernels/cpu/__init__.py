@@ -145,12 +145,12 @@ HALF_WEIGHT_ROW = _l1_data_bytes()
 HALF_WEIGHT_MOVED = _last_level_cache_bytes()
 
 
-def _half_weight(w_bf16: np.ndarray | None, y: torch.Tensor, rows: list[torch.Tensor]) -> np.ndarray | None:
-    """``w_bf16`` when the call qualifies (above), else None. ``rows``: every tensor the call reads or writes."""
+def _half_weight(w_bf16: np.ndarray | None, rows: list[torch.Tensor]) -> np.ndarray | None:
+    """``w_bf16`` when the call qualifies (above), else None. ``rows``: the ``(rows, n)`` tensors the call
+    reads or writes."""
     if w_bf16 is None or not HARDWARE_BF16 or any(t.dtype != torch.bfloat16 for t in rows):
         return None
-    n = y.shape[1]
-    fills_l1 = n * (sum(t.element_size() for t in rows) + 4) >= HALF_WEIGHT_ROW
+    fills_l1 = rows[0].shape[1] * (sum(t.element_size() for t in rows) + 4) >= HALF_WEIGHT_ROW
     return w_bf16 if fills_l1 and _moved(*rows) >= HALF_WEIGHT_MOVED else None
 
 
@@ -204,7 +204,7 @@ def _fwd(x, residual, residual_dtype, weight_f32, bias_f32, eps, k, layer, mode,
     _launch(
         norm_fwd, x.numel(), xn, rn, sn, residual is not None, _np(y), weight_f32, bias_f32, float(eps), int(k),
         layer, mode, _NO_MEAN if mean is None else mean.numpy(), rstd.numpy(), _streams(*rows),
-        _half_weight(weight_bf16, y, rows),
+        _half_weight(weight_bf16, rows),
     )
     return y, s, mean, rstd
 
