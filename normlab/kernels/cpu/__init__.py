@@ -3,7 +3,8 @@
 Serves contiguous CPU inputs in float32, bfloat16 and float16 (bf16 / fp16 as uint16 / int16 bit patterns,
 fp32 accumulation, round-to-nearest-even stores); float64 is left to the reference. Weights may be in the
 input dtype or fp32. The casting rules of the reference are applied to the (tiny) weight vector here in
-torch, so the kernels only see fp32 ``offset + w`` and a casting ``mode``.
+torch, so the kernels only see fp32 ``offset + w`` and a casting ``mode`` (and, for large bf16 RMSNorm
+calls, the same weights as bf16 bit patterns: :data:`HALF_WEIGHT_ROW`).
 
 Kernel contract: see ``normlab.dispatch`` and the op files; every function takes ``(rows, n)`` tensors.
 """
