@@ -721,9 +721,12 @@ def test_bf16_weights_are_chosen_for_large_wide_bf16_calls_only():
     n = max(4096, -(-K.HALF_WEIGHT_ROW // 8))
     rows = K.HALF_WEIGHT_MOVED // (2 * 2 * n) + 1
     x, y = torch.empty(rows, n, dtype=torch.bfloat16), torch.empty(rows, n, dtype=torch.bfloat16)
-    w16 = np.zeros(n, np.uint16)
+    w16 = torch.zeros(n, dtype=torch.bfloat16)
     chosen = K._half_weight(w16, [y, x])
-    assert chosen is (w16 if HARDWARE_BF16 else None)
+    if HARDWARE_BF16:
+        assert chosen.dtype == np.uint16 and chosen.ctypes.data == w16.data_ptr()  # a view, no copy
+    else:
+        assert chosen is None
     assert K._half_weight(w16, [y[:16], x[:16]]) is None  # in cache: the widening costs more
     narrow = torch.empty(rows * 8, n // 8, dtype=torch.bfloat16)  # its rows and weights fit in L1 anyway
     assert K._half_weight(w16[: n // 8], [narrow, narrow]) is None
@@ -733,8 +736,7 @@ def test_bf16_weights_are_chosen_for_large_wide_bf16_calls_only():
     # which weights are exact in bf16: the mode's own bf16 values, never an fp32 offset + w
     wb, wf = rand(n, dtype=torch.bfloat16), rand(n, dtype=torch.float32)
     exact = {c: K._rms_weight(wb, 0.0, c, torch.bfloat16, n)[2] for c in ("llama", "none", "gemma")}
-    bits = wb.view(torch.int16).numpy().view(np.uint16)
-    assert all(v is not None and np.array_equal(v, bits) for v in exact.values())
+    assert all(v is not None and torch.equal(v.view(torch.int16), wb.view(torch.int16)) for v in exact.values())
     assert K._rms_weight(wb, 1.0, "llama", torch.bfloat16, n)[2] is not None  # w.to(bf16) + 1 in bf16
     assert K._rms_weight(wb, 1.0, "gemma", torch.bfloat16, n)[2] is None  # w.float() + 1 in fp32
     assert K._rms_weight(wf, 0.0, "gemma", torch.bfloat16, n)[2] is None

@@ -74,7 +74,7 @@ def _output(like: torch.Tensor, dtype: torch.dtype, out: torch.Tensor | None, na
 
 def _rms_weight(weight: torch.Tensor | None, offset: float, casting: str, in_dtype: torch.dtype, n: int):
     """``offset + w`` exactly as the reference forms it, as fp32 values, the kernel's mode, and (bf16
-    input, when those values are bf16 ones) their bf16 bit patterns, else None.
+    input, when those values are bf16 ones) the same values as a bf16 tensor, else None.
 
     llama: ``w.to(in) + offset`` in the input dtype; none: ``(w + offset).to(in)``; gemma (and any fp32
     input, where the modes coincide): ``w.float() + offset`` in fp32."""
@@ -88,7 +88,7 @@ def _rms_weight(weight: torch.Tensor | None, offset: float, casting: str, in_dty
         mode = MODE_NONE
         w = None if weight is None else (weight + offset).to(in_dtype)
     exact = w is not None and in_dtype == torch.bfloat16 and w.dtype == torch.bfloat16
-    return _vec(w, n, 1.0), mode, _np(w.contiguous()) if exact else None
+    return _vec(w, n, 1.0), mode, w if exact else None
 
 
 #: Below this many elements a call runs on one thread: waking the other threads costs more than the
@@ -146,13 +146,13 @@ HALF_WEIGHT_ROW = _l1_data_bytes()
 HALF_WEIGHT_MOVED = _last_level_cache_bytes()
 
 
-def _half_weight(w_bf16: np.ndarray | None, rows: list[torch.Tensor]) -> np.ndarray | None:
-    """``w_bf16`` when the call qualifies (above), else None. ``rows``: the ``(rows, n)`` tensors the call
-    reads or writes."""
+def _half_weight(w_bf16: torch.Tensor | None, rows: list[torch.Tensor]) -> np.ndarray | None:
+    """The bit patterns of ``w_bf16`` when the call qualifies (above), else None. ``rows``: the
+    ``(rows, n)`` tensors the call reads or writes."""
     if w_bf16 is None or not HARDWARE_BF16 or any(t.dtype != torch.bfloat16 for t in rows):
         return None
     fills_l1 = rows[0].shape[1] * (sum(t.element_size() for t in rows) + 4) >= HALF_WEIGHT_ROW
-    return w_bf16 if fills_l1 and _moved(*rows) >= HALF_WEIGHT_MOVED else None
+    return _np(w_bf16.contiguous()) if fills_l1 and _moved(*rows) >= HALF_WEIGHT_MOVED else None
 
 
 def _thread_controls():
