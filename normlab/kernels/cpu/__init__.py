@@ -125,7 +125,8 @@ def _l1_data_bytes(default: int = 32 << 10) -> int:
 #: 4096×768 fused add + LayerNorm, 50 MB moved, took 2.4 ms instead of 1.8). 16-bit outputs never
 #: stream: their rows are compute-bound here, and the staging buffer costs more than the saved reads.
 #: The values written are the same either way.
-STREAM_ABOVE = 2 * _last_level_cache_bytes()
+_LLC = _last_level_cache_bytes()
+STREAM_ABOVE = 2 * _LLC
 
 
 def _moved(*tensors: torch.Tensor) -> int:
@@ -143,7 +144,7 @@ def _streams(out: torch.Tensor, *others: torch.Tensor) -> bool:
 #: 8192×4096 0.72–0.89×, 2048×4096 0.80–0.89×, 2048×8192 0.84–1.02×, fused add 0.93–1.01×; with the
 #: data in cache the extra widening costs 8–19 % (1024×4096 1.13×, 4096×2048 1.19×), so not there.
 HALF_WEIGHT_ROW = _l1_data_bytes()
-HALF_WEIGHT_MOVED = _last_level_cache_bytes()
+HALF_WEIGHT_MOVED = _LLC
 
 
 def _half_weight(w_bf16: torch.Tensor | None, rows: list[torch.Tensor]) -> np.ndarray | None:
