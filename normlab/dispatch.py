@@ -1,8 +1,9 @@
 """One dispatch point for every op: which backend computes it.
 
-Backends are ``reference`` (plain PyTorch, any device and dtype — the spec), ``cpu`` (numba kernels)
-and ``triton`` (GPU kernels). A backend module registers kernels with :func:`register`; the op files
-ask :func:`select` which backend serves a call and :func:`kernel` for the function.
+Backends are ``reference`` (plain PyTorch, any device and dtype — the spec), ``cpu`` (native C++
+operators) and ``triton`` (GPU kernels). A backend module registers kernels with :func:`register`; the op
+files ask :func:`select` which backend serves a call and :func:`kernel` for the function. A decision is
+cached per (op, device, dtypes, options), so the choice costs a dictionary look-up.
 
 Choice, most specific first: the ``backend=`` argument of a call, the innermost
 ``with normlab.backend(name):`` block, the ``NORMLAB_BACKEND`` environment variable, else the
@@ -16,6 +17,7 @@ import contextlib
 import importlib
 import os
 import threading
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
@@ -43,10 +45,15 @@ class _Backend:
     kernels: dict[str, Callable] = field(default_factory=dict)
     supports: Supports | None = None
 
+    def serves(self, op: str) -> bool:
+        """Whether it has the op itself (a native operator) or its ``op_fwd`` kernel."""
+        return op in self.kernels or f"{op}_fwd" in self.kernels
+
 
 _registry: dict[str, _Backend] = {REFERENCE: _Backend(REFERENCE)}
 _load_errors: dict[str, str] = {}
 _local = threading.local()
+_decisions: dict[tuple, str] = {}
 
 
 def register(backend: str, op: str, fn: Callable, *, supports: Supports | None = None) -> None:
@@ -57,6 +64,7 @@ def register(backend: str, op: str, fn: Callable, *, supports: Supports | None =
     entry.kernels[op] = fn
     if supports is not None:
         entry.supports = supports
+    _decisions.clear()
 
 
 def _ensure_loaded(name: str) -> _Backend | None:
@@ -71,8 +79,10 @@ def _ensure_loaded(name: str) -> _Backend | None:
     module = KNOWN_BACKENDS[name]
     try:
         importlib.import_module(module)  # registers its kernels
-    except Exception as exc:  # missing numba/triton, no GPU driver, …
+    except Exception as exc:  # a missing native build or triton, no GPU driver, …
         _load_errors[name] = f"{type(exc).__name__}: {exc}"
+        if name == "cpu":
+            warnings.warn(f"normlab's cpu backend did not load ({_load_errors[name]}); the reference serves", stacklevel=3)
         return None
     return _registry.get(name)
 
@@ -108,18 +118,39 @@ def backend(name: str) -> Iterator[None]:
 
 def _serves(name: str, op: str, x: torch.Tensor, options: dict) -> bool:
     entry = _ensure_loaded(name)
-    if entry is None or f"{op}_fwd" not in entry.kernels:
+    if entry is None or not entry.serves(op):
         return False
     return entry.supports is None or bool(entry.supports(op, x, **options))
 
 
+def _key(value):
+    """What of an option the decision may depend on: a tensor's dtype, device and rank, else the value."""
+    if isinstance(value, torch.Tensor):
+        return value.dtype, value.device, value.dim() == 0 or value.shape[-1] == 0
+    return value
+
+
 def select(op: str, x: torch.Tensor, requested: str | None = None, **options) -> str:
-    """Name of the backend that computes ``op`` (e.g. ``"rms_norm"``, served by the kernels
-    ``rms_norm_fwd``/``rms_norm_bwd``) for the ``(rows, n)`` input ``x`` and the op's ``options``.
+    """Name of the backend that computes ``op`` (e.g. ``"rms_norm"``) for the input ``x`` (rows along its
+    leading dims) and the op's ``options``; cached per (op, device, dtypes, options).
 
     A backend's ``supports`` must not look at the number of rows: a row's result may not depend on
     the batch it came in (batch invariance)."""
     name = _check_name(requested) if requested is not None else requested_backend()
+    if torch.compiler.is_compiling():
+        return _select(op, x, name, options)
+    key = (op, name, x.dtype, x.device, x.dim() == 0 or x.shape[-1] == 0, *[(k, _key(v)) for k, v in options.items()])
+    try:
+        return _decisions[key]
+    except KeyError:
+        pass
+    except TypeError:  # an unhashable option: decide without caching
+        return _select(op, x, name, options)
+    decision = _decisions[key] = _select(op, x, name, options)
+    return decision
+
+
+def _select(op: str, x: torch.Tensor, name: str | None, options: dict) -> str:
     if name is not None:
         return name if name == REFERENCE or _serves(name, op, x, options) else REFERENCE
     for candidate in KNOWN_BACKENDS:
@@ -131,6 +162,13 @@ def select(op: str, x: torch.Tensor, requested: str | None = None, **options) ->
 def kernel(name: str, op: str) -> Callable:
     """The function registered by backend ``name`` for ``op``."""
     return _registry[name].kernels[op]
+
+
+def native(name: str, op: str) -> Callable | None:
+    """Backend ``name``'s whole op ``op`` (autograd included: a native operator), if it registered one under
+    the family's own name; else None, and the op file wraps the backend's ``op_fwd``/``op_bwd`` kernels."""
+    entry = _registry.get(name)
+    return None if entry is None else entry.kernels.get(op)
 
 
 def available() -> dict[str, str]:

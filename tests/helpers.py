@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 
-import numba
 import torch
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
@@ -54,17 +53,11 @@ def assert_compiled_matches_eager(f, args, wrt, **compile_options) -> None:
 
 
 @contextlib.contextmanager
-def threads(count: int, monkeypatch):
-    """Run torch and the numba kernels on ``count`` threads (numba: at most its pool's), small kernel
-    calls included (they would otherwise run on one thread below ``SERIAL_BELOW`` elements)."""
-    from normlab.kernels import cpu
-
-    monkeypatch.setattr(cpu, "SERIAL_BELOW", 0)
-    before = torch.get_num_threads(), numba.get_num_threads()
+def threads(count: int, monkeypatch=None):
+    """Run torch, and with it normlab's native kernels (torch's intra-op pool), on ``count`` threads."""
+    before = torch.get_num_threads()
     torch.set_num_threads(count)
-    numba.set_num_threads(min(count, numba.config.NUMBA_NUM_THREADS))
     try:
         yield
     finally:
-        torch.set_num_threads(before[0])
-        numba.set_num_threads(before[1])
+        torch.set_num_threads(before)

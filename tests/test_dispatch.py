@@ -31,6 +31,7 @@ def stand_in(monkeypatch):
 
     backend = dispatch._Backend("cpu", {"rms_norm_fwd": fwd, "rms_norm_bwd": bwd}, supports)
     monkeypatch.setitem(dispatch._registry, "cpu", backend)
+    monkeypatch.setattr(dispatch, "_decisions", {})  # decisions cached for the real backend
     monkeypatch.delenv("NORMLAB_BACKEND", raising=False)
     return log
 

@@ -134,8 +134,13 @@ def rows(x: torch.Tensor, n: int) -> torch.Tensor:
     return x.reshape(-1, n).contiguous() if n else x.reshape(0, 0)
 
 
+def row_view(x: torch.Tensor, n: int) -> torch.Tensor:
+    """``x`` as ``(rows, n)`` (a view where the layout allows); native ops make the rows contiguous themselves."""
+    return x.reshape(-1, n) if n else x.reshape(0, 0)
+
+
 def flat_param(p: torch.Tensor | None, n: int) -> torch.Tensor | None:
-    return None if p is None else p.reshape(n)
+    return p if p is None or p.dim() == 1 else p.reshape(n)
 
 
 def zero_where_no_grad(dy: torch.Tensor, contribution: torch.Tensor) -> torch.Tensor:

@@ -17,7 +17,10 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from normlab.ops._common import FLOAT_DTYPES, HALF_DTYPES, check_input, check_param, compute_dtype, row_sum, rows, zero_where_no_grad
+from normlab import dispatch
+from normlab.ops._common import (
+    FLOAT_DTYPES, HALF_DTYPES, check_input, check_param, compute_dtype, row_sum, row_view, rows, zero_where_no_grad,
+)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -64,9 +67,9 @@ def dyt_reference(input: Tensor, alpha: Tensor, weight: Optional[Tensor] = None,
 
 
 # ----------------------------------------------------------------------------------------------
-# Custom op
+# Custom op of the reference backend; the cpu backend's is native (torch.ops.normlab.dyt)
 # ----------------------------------------------------------------------------------------------
-@torch.library.custom_op("normlab::dyt", mutates_args=())
+@torch.library.custom_op("normlab::py_dyt", mutates_args=())
 def _dyt_op(x: Tensor, alpha: Tensor, weight: Optional[Tensor], bias: Optional[Tensor]) -> Tensor:
     return dyt_fwd_ref(x, alpha, weight, bias)
 
@@ -111,8 +114,18 @@ def _check(input, alpha, weight, bias):
     check_param(bias, "bias", shape, input)
 
 
-def dyt(input: Tensor, alpha: Tensor, weight: Optional[Tensor] = None, bias: Optional[Tensor] = None) -> Tensor:
+def dyt(
+    input: Tensor, alpha: Tensor, weight: Optional[Tensor] = None, bias: Optional[Tensor] = None, *, backend: str | None = None
+) -> Tensor:
     """DyT: ``y = weight · tanh(alpha · input) + bias``, weight/bias over the trailing dims of their shape."""
     _check(input, alpha, weight, bias)
+    p = weight if weight is not None else bias
+    # rows of the parameters' size; without parameters any split will do: the input's own last dim
+    x = row_view(input, p.numel() if p is not None else input.shape[-1] if input.dim() else 1)
+    w, b = (None if t is None else t.reshape(-1) for t in (weight, bias))
+    name = dispatch.select("dyt", x, backend, alpha=alpha, weight=w, bias=b) if x.numel() else dispatch.REFERENCE
+    op = dispatch.native(name, "dyt")
+    if op is not None:
+        return op(x, alpha, w, b).view(input.shape)
     x, w, b = _rows(input, weight, bias)
     return _dyt_op(x, alpha, w, b).reshape(input.shape)

@@ -32,6 +32,7 @@ from normlab.ops._common import (
     flat_param,
     normalized_size,
     row_mean,
+    row_view,
     rows,
     write_out,
     zero_where_no_grad,
@@ -127,7 +128,8 @@ def add_layer_norm_reference(
 
 
 # ----------------------------------------------------------------------------------------------
-# Custom ops: one forward op per function, dispatched to the chosen backend
+# Custom ops of the Python backends (reference, triton); the cpu backend's are native
+# (torch.ops.normlab.layer_norm / add_layer_norm, with their autograd in C++)
 # ----------------------------------------------------------------------------------------------
 def _fwd(backend: str, x, weight, bias, eps, out=None):
     """Forward on ``(rows, n)``; a kernel writes ``y`` into ``out`` when one is given."""
@@ -178,7 +180,7 @@ def _ln_backward(ctx, dy, _dmean, _drstd):
     return dx, dw, db, None, None
 
 
-_layer_norm_op = custom_op_with_eager_twin("normlab::layer_norm", _layer_norm_impl, _ln_fake, _ln_setup, _ln_backward)
+_layer_norm_op = custom_op_with_eager_twin("normlab::py_layer_norm", _layer_norm_impl, _ln_fake, _ln_setup, _ln_backward)
 
 
 def _add_layer_norm_impl(
@@ -218,7 +220,7 @@ def _add_ln_backward(ctx, dy, dsum, _dmean, _drstd):
 
 
 _add_layer_norm_op = custom_op_with_eager_twin(
-    "normlab::add_layer_norm", _add_layer_norm_impl, _add_ln_fake, _add_ln_setup, _add_ln_backward
+    "normlab::py_add_layer_norm", _add_layer_norm_impl, _add_ln_fake, _add_ln_setup, _add_ln_backward
 )
 
 
@@ -243,10 +245,15 @@ def layer_norm(
     tensor (inference only, like torch).
     """
     n, eps = _check(input, normalized_shape, weight, bias, eps)
-    x, w, b = rows(input, n), flat_param(weight, n), flat_param(bias, n)
+    x, w, b = row_view(input, n), flat_param(weight, n), flat_param(bias, n)
     name = dispatch.select("layer_norm", x, backend, weight=w, bias=b) if x.numel() else dispatch.REFERENCE
-    if name != dispatch.REFERENCE:
-        x = x.contiguous()
+    op = dispatch.native(name, "layer_norm")
+    if op is not None:  # rows made contiguous, autograd and all, in the backend's own operator
+        if out is not None:
+            into = dispatch.native(name, "layer_norm_into")
+            return write_out(out, input, n, lambda o: into(x, w, b, eps, o), weight, bias)
+        return op(x, w, b, eps)[0].view(input.shape)
+    x = x.contiguous()
     if out is not None:
         return write_out(out, input, n, lambda o: _fwd(name, x, w, b, eps, out=o), weight, bias)
     y, _, _ = _layer_norm_op(x, w, b, eps, name)
@@ -265,12 +272,15 @@ def add_layer_norm(
     residual_dtype = residual_dtype or input.dtype
     if residual_dtype not in FLOAT_DTYPES:
         raise TypeError(f"residual_dtype must be a floating dtype, got {residual_dtype}")
-    x, r, w, b = rows(input, n), rows(residual, n), flat_param(weight, n), flat_param(bias, n)
+    x, r, w, b = row_view(input, n), row_view(residual, n), flat_param(weight, n), flat_param(bias, n)
     name = (
         dispatch.select("add_layer_norm", x, backend, residual=r, weight=w, bias=b, residual_dtype=residual_dtype)
         if x.numel() else dispatch.REFERENCE
     )
-    if name != dispatch.REFERENCE:
-        x, r = x.contiguous(), r.contiguous()
+    op = dispatch.native(name, "add_layer_norm")
+    if op is not None:
+        y, s, _, _ = op(x, r, w, b, eps, residual_dtype)
+        return y.view(input.shape), s.view(input.shape)
+    x, r = x.contiguous(), r.contiguous()
     y, s, _, _ = _add_layer_norm_op(x, r, w, b, eps, residual_dtype, name)
     return y.reshape(input.shape), s.reshape(input.shape)

@@ -40,6 +40,7 @@ from normlab.ops._common import (
     normalized_size,
     row_mean,
     row_sum,
+    row_view,
     rows,
     write_out,
     zero_where_no_grad,
@@ -148,7 +149,8 @@ def add_rms_norm_reference(
 
 
 # ----------------------------------------------------------------------------------------------
-# Custom ops: one forward and one backward op per function, dispatched to the chosen backend
+# Custom ops of the Python backends (reference, triton); the cpu backend's are native
+# (torch.ops.normlab.rms_norm / add_rms_norm, with their autograd in C++)
 # ----------------------------------------------------------------------------------------------
 def _fwd(backend: str, x, weight, eps, casting, offset, k, out=None):
     """Forward on ``(rows, n)``; a kernel writes ``y`` into ``out`` when one is given."""
@@ -194,7 +196,7 @@ def _rms_backward(ctx, dy, _drstd):
     return dx, dw, None, None, None, None, None
 
 
-_rms_norm_op = custom_op_with_eager_twin("normlab::rms_norm", _rms_norm_impl, _rms_fake, _rms_setup, _rms_backward)
+_rms_norm_op = custom_op_with_eager_twin("normlab::py_rms_norm", _rms_norm_impl, _rms_fake, _rms_setup, _rms_backward)
 
 
 def _add_rms_norm_impl(
@@ -239,7 +241,7 @@ def _add_rms_backward(ctx, dy, dsum, _drstd):
 
 
 _add_rms_norm_op = custom_op_with_eager_twin(
-    "normlab::add_rms_norm", _add_rms_norm_impl, _add_rms_fake, _add_rms_setup, _add_rms_backward
+    "normlab::py_add_rms_norm", _add_rms_norm_impl, _add_rms_fake, _add_rms_setup, _add_rms_backward
 )
 
 
@@ -277,10 +279,15 @@ def rms_norm(
     """
     weight = _upcast_half_weight(weight, input)
     n, eps, k = _check(input, normalized_shape, weight, eps, casting, partial, offset)
-    x, w = rows(input, n), flat_param(weight, n)
+    x, w = row_view(input, n), flat_param(weight, n)
     name = dispatch.select("rms_norm", x, backend, weight=w, casting=casting, offset=offset, k=k) if x.numel() else dispatch.REFERENCE
-    if name != dispatch.REFERENCE:
-        x = x.contiguous()
+    op = dispatch.native(name, "rms_norm")
+    if op is not None:  # rows made contiguous, autograd and all, in the backend's own operator
+        if out is not None:
+            into = dispatch.native(name, "rms_norm_into")
+            return write_out(out, input, n, lambda o: into(x, w, eps, casting, float(offset), k, o), weight)
+        return op(x, w, eps, casting, float(offset), k)[0].view(input.shape)
+    x = x.contiguous()
     if out is not None:
         return write_out(out, input, n, lambda o: _fwd(name, x, w, eps, casting, float(offset), k, out=o), weight)
     y, _ = _rms_norm_op(x, w, eps, casting, float(offset), k, name)
@@ -300,12 +307,15 @@ def add_rms_norm(
     residual_dtype = residual_dtype or input.dtype
     if residual_dtype not in (torch.float32, torch.float64, torch.bfloat16, torch.float16):
         raise TypeError(f"residual_dtype must be a floating dtype, got {residual_dtype}")
-    x, r, w = rows(input, n), rows(residual, n), flat_param(weight, n)
+    x, r, w = row_view(input, n), row_view(residual, n), flat_param(weight, n)
     name = (
         dispatch.select("add_rms_norm", x, backend, residual=r, weight=w, casting=casting, offset=offset, k=k, residual_dtype=residual_dtype)
         if x.numel() else dispatch.REFERENCE
     )
-    if name != dispatch.REFERENCE:
-        x, r = x.contiguous(), r.contiguous()
+    op = dispatch.native(name, "add_rms_norm")
+    if op is not None:
+        y, s, _ = op(x, r, w, eps, casting, float(offset), k, residual_dtype)
+        return y.view(input.shape), s.view(input.shape)
+    x, r = x.contiguous(), r.contiguous()
     y, s, _ = _add_rms_norm_op(x, r, w, eps, casting, float(offset), k, residual_dtype, name)
     return y.reshape(input.shape), s.reshape(input.shape)

@@ -1,14 +1,11 @@
-"""The numba ``cpu`` backend against the references (DESIGN §4), at the kernel contract and through the ops.
-
-Shapes stay small: the cost of this file is mostly numba compiling (or loading from its cache) the two
-generic kernels for fp32 and uint16 (bf16/fp16) arrays.
-"""
+"""The native ``cpu`` backend against the references (DESIGN §4), at the kernel contract and through the ops,
+on every ISA build this CPU runs."""
 
 from __future__ import annotations
 
-from pathlib import Path
+import subprocess
+import sys
 
-import numba
 import numpy as np
 import pytest
 import torch
@@ -17,9 +14,6 @@ import torch.nn.functional as F
 import normlab
 from normlab import dispatch
 from normlab.kernels import cpu as K
-from normlab.kernels.cpu._numerics import (
-    BF16, FP16, HARDWARE_BF16, _bf16_sumsq_exact, _bf16_sumsq_hardware, decode, encode, row_sumsq_min,
-)
 from normlab.ops.rms_norm import partial_size, rms_norm_apply_ref, rms_norm_bwd_ref, rms_norm_fwd_ref
 from tests.helpers import ATOL, assert_close_same_dtype, assert_tolerance_rule, rand, threads
 
@@ -55,18 +49,7 @@ def ln_bwd_ref(dy, x, w, mean, rstd, dsum=None):
     return dx.to(x.dtype), dw, dyc.sum(0)
 
 
-# ---- bf16 / fp16 bit patterns -------------------------------------------------------------------
-@pytest.mark.parametrize("dtype,kind", [(torch.bfloat16, BF16), (torch.float16, FP16)])
-def test_decode_every_half_pattern(dtype, kind):
-    bits = np.arange(65536, dtype=np.uint32).astype(np.uint16)
-    got = np.empty(65536, np.float32)
-    decode(bits, got, kind)
-    want = torch.from_numpy(bits.view(np.int16)).view(dtype).float().numpy()
-    nan = np.isnan(want)
-    assert np.array_equal(np.isnan(got), nan)
-    assert np.array_equal(got[~nan].view(np.uint32), want[~nan].view(np.uint32))  # bitwise, signed zeros too
-
-
+# ---- bf16 / fp16 conversions ----------------------------------------------------------------------
 def _edge_floats():
     f32 = np.float32
     specials = [0.0, -0.0, np.inf, -np.inf, np.nan, -np.nan, 1.0, -1.0, 65504.0, 65519.99, 65520.0, 65536.0,
@@ -82,23 +65,36 @@ def _edge_floats():
     return np.concatenate([np.array(specials, f32), rand_bits, ties_bf16, ties_f16, small])
 
 
-@pytest.mark.parametrize("dtype,kind", [(torch.bfloat16, BF16), (torch.float16, FP16)])
-def test_encode_rounds_to_nearest_even(dtype, kind):
-    """fp32 → half: bitwise torch's cast (round to nearest even, overflow to inf, subnormals), NaN stays NaN."""
-    src = _edge_floats()
-    got = np.empty(src.shape, np.uint16)
-    encode(src, got, kind)
-    want = torch.from_numpy(src).to(dtype).view(torch.int16).numpy().view(np.uint16)
-    got_f = torch.from_numpy(got.view(np.int16)).view(dtype).float().numpy()
-    nan = np.isnan(src)
-    assert np.isnan(got_f[nan]).all(), "a NaN was not kept a NaN"
-    bad = np.nonzero(got[~nan] != want[~nan])[0]
-    assert bad.size == 0, f"{bad.size} mismatches, e.g. {src[~nan][bad[:5]]} -> {got[~nan][bad[:5]]} (torch {want[~nan][bad[:5]]})"
-    # spot checks of the rules themselves
-    one = torch.tensor([1.0 + 2**-8, 1.0 + 3 * 2**-8, 3.4e38], dtype=torch.float32).numpy()
-    out = np.empty(3, np.uint16)
-    encode(one, out, BF16)
-    assert list(out) == [0x3F80, 0x3F82, 0x7F80]  # tie → even (down), tie → even (up), overflow → inf
+def _stored_sum(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The fused add's stored sum ``x + 0`` in ``dtype``: the kernels' own conversion of x's values."""
+    x = x.reshape(1, -1)
+    return K.add_rms_norm_fwd(x, torch.zeros_like(x), None, 1e-5, "llama", 0.0, x.shape[1], dtype)[1].reshape(-1)
+
+
+@pytest.mark.parametrize("dtype", HALF)
+def test_fp32_to_half_rounds_like_torch(dtype):
+    """fp32 → half in the kernels: bitwise torch's cast (round to nearest even, overflow to inf, subnormals),
+    NaN stays NaN."""
+    src = torch.from_numpy(_edge_floats())
+    got, want = _stored_sum(src, dtype), src.to(dtype)
+    nan = torch.isnan(src)
+    assert torch.isnan(got[nan]).all(), "a NaN was not kept a NaN"
+    kept = ~nan & ~((src == 0) & torch.signbit(src))  # x + 0 turns -0 into +0
+    mismatch = (got.view(torch.int16) != want.view(torch.int16)) & kept
+    assert not mismatch.any(), f"{int(mismatch.sum())} mismatches, e.g. {src[mismatch][:5]}"
+    spots = _stored_sum(torch.tensor([1.0 + 2**-8, 1.0 + 3 * 2**-8, 3.4e38]), torch.bfloat16)
+    assert spots.view(torch.int16).tolist() == [0x3F80, 0x3F82, 0x7F80]  # tie → even (down), tie → even (up), overflow → inf
+
+
+@pytest.mark.parametrize("dtype", HALF)
+def test_every_half_value_widens_exactly(dtype):
+    bits = torch.arange(-32768, 32768, dtype=torch.int32).to(torch.int16)
+    x = bits.view(dtype)
+    got, want = _stored_sum(x, torch.float32), x.float()
+    nan = torch.isnan(want)
+    assert torch.equal(torch.isnan(got), nan)
+    # x + 0 turns -0 into +0; every other value is bitwise the widened one
+    assert torch.equal(got[~nan], want[~nan])
 
 
 # ---- RMSNorm ------------------------------------------------------------------------------------
@@ -357,30 +353,6 @@ def _all_backward(x, r, w, b, dy):
     ]
 
 
-@pytest.mark.parametrize("dtype", LOW)
-@pytest.mark.parametrize("n", [*ODD_N, 1024])
-def test_streaming_stores_write_the_same_values(dtype, n, monkeypatch):
-    """Large calls write through a staging buffer with non-temporal stores (aligned middle of each row,
-    ordinary stores for the head and tail): bitwise the same outputs and gradients as ordinary stores,
-    whatever the row alignment (odd n: most rows start off a 64-byte boundary)."""
-    rows = 67  # two chunks, the second partial
-    x, r, dy = rand(rows, n, dtype=dtype), rand(rows, n, dtype=dtype, seed=1), rand(rows, n, dtype=dtype, seed=4)
-    w, b = rand(n, dtype=dtype, seed=2), rand(n, dtype=dtype, seed=3)
-    results = {}
-    for stream in (False, True):
-        monkeypatch.setattr(K, "_streams", lambda *_, stream=stream: stream)
-        results[stream] = _all_forward(x, r, w, b) + _all_backward(x, r, w, b, dy)
-        results[stream].append(K.add_rms_norm_fwd(x, r, w, 1e-5, "llama", 0.0, n, torch.float32)[1])  # fp32 s
-    for plain, streamed in zip(results[False], results[True]):
-        assert torch.equal(plain, streamed)
-
-
-def test_streaming_is_chosen_for_large_fp32_calls_only():
-    big = torch.empty(K.STREAM_ABOVE // 4 + 1, dtype=torch.float32)
-    assert K._streams(big, big) and not K._streams(big[:16], big[:16])
-    assert not K._streams(big.to(torch.bfloat16), big)  # 16-bit outputs: compute-bound, never streamed
-
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_batch_invariance(dtype):
     """A row's outputs (forward, and dx of the backward) are bitwise the same in a batch of 1, 255 or 300."""
@@ -414,7 +386,7 @@ def _grads(dtype):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_determinism_runs_and_threads(dtype, monkeypatch):
-    """Bitwise equal across runs and across 1 vs 2 numba threads, forward and weight/bias gradients."""
+    """Bitwise equal across runs and across 1 vs 2 threads, forward and weight/bias gradients."""
     with threads(1, monkeypatch):
         one = _grads(dtype)
     with threads(2, monkeypatch):
@@ -429,6 +401,7 @@ def test_weight_grads_fold_chunk_partials_in_chunk_order(layer, monkeypatch):
     the chunks (and however few partial slots they had): the partials of each chunk alone, folded here
     one after another, give the same bits."""
     rows, n = 23 * K.CHUNK + 5, 129
+    chunk = K.CHUNK
     x, dy = rand(rows, n), rand(rows, n, seed=1)
     w, b = rand(n, seed=2), rand(n, seed=3)
 
@@ -440,8 +413,8 @@ def test_weight_grads_fold_chunk_partials_in_chunk_order(layer, monkeypatch):
         return K.rms_norm_bwd(dys, xs, w, rstd, 0.0, n)[1:]
 
     folded = [torch.zeros(n) for _ in range(2 if layer else 1)]
-    for lo in range(0, rows, K.CHUNK):
-        for acc, part in zip(folded, grads(x[lo:lo + K.CHUNK], dy[lo:lo + K.CHUNK])):
+    for lo in range(0, rows, chunk):
+        for acc, part in zip(folded, grads(x[lo:lo + chunk], dy[lo:lo + chunk])):
             acc += part  # one chunk alone: its partial, added to zeros
     for count in (1, 2):
         with threads(count, monkeypatch):
@@ -456,7 +429,7 @@ def test_fwd_bwd_peak_memory_not_above_torch(op, monkeypatch):
     torch's per-thread buffers, and no zero gradient is made for the statistics."""
     from normlab.bench.run import peak_bytes
 
-    rows, n = 1024, 512  # above SERIAL_BELOW: both threads, 16 chunks
+    rows, n = 1024, 512  # both threads, 16 chunks
     x, dy = rand(rows, n).requires_grad_(), rand(rows, n, seed=1)
     w, b = rand(n, seed=2).requires_grad_(), rand(n, seed=3).requires_grad_()
     if op == "layer_norm":
@@ -464,7 +437,7 @@ def test_fwd_bwd_peak_memory_not_above_torch(op, monkeypatch):
     else:
         ours, theirs = (lambda: normlab.rms_norm(x, n, w)), (lambda: F.rms_norm(x, (n,), w))
     params = (x, w, b) if op == "layer_norm" else (x, w)
-    with threads(numba.get_num_threads(), monkeypatch):  # torch's buffers: one per thread, as many as numba's
+    with threads(2, monkeypatch):
         peaks = [peak_bytes(lambda f=f: torch.autograd.grad(f(), params, dy), "cpu") for f in (ours, theirs)]
     assert peaks[0] <= peaks[1], peaks
 
@@ -533,212 +506,68 @@ def test_out_buffers():
     assert normlab.rms_norm(xb, 32, w, out=out) is out and torch.equal(out, normlab.rms_norm(xb, 32, w))
 
 
-@pytest.mark.skipif(not HARDWARE_BF16, reason="needs AVX512-BF16 (vdpbf16ps)")
-def test_bf16_sum_of_squares_vdpbf16ps_equals_its_emulation():
-    """The bf16 RMSNorm statistic: ``vdpbf16ps`` gives bitwise the sums of the emulated order wherever
-    the magnitudes allow it (every nonzero |x| in [2⁻⁶³, 2⁶⁴)), and rows outside that range (subnormal
-    squares, overflow, NaN, inf) are summed by the emulation; the sums stay accurate (fp64 check)."""
-    rng = np.random.default_rng(5)
-    rows, n = 400, 1024 + 128 * 3
-    exps = rng.integers(-63, 63, size=(rows, n))
-    exps[:100] = rng.integers(-8, 8, size=(100, n))  # typical activations
-    v = np.ldexp(rng.uniform(1, 2, size=(rows, n)), exps) * rng.choice([-1.0, 1.0], size=(rows, n))
-    v[::7, 3] = 0.0
-    v[300] = np.ldexp(rng.uniform(1, 2, size=n), rng.integers(-75, -64, size=n))  # subnormal squares only
-    v[301] = np.ldexp(rng.uniform(1, 2, size=n), rng.integers(-70, -60, size=n))  # some of them
-    v[302] = (2 - 2.0**-7) * 2.0**-64  # the largest bf16 below 2⁻⁶³ (0x1FFF) ...
-    v[302, 5] = 2.0**-63  # ... next to the smallest allowed value
-    v[299] = 2.0**-63  # the limits themselves, 0x2000 and 0x5F7F: still the instruction's
-    v[299, 1::97] = (2 - 2.0**-7) * 2.0**63
-    outside = np.array([2.0**-130, 2.0**64, 3e38, np.inf, np.nan], np.float32)
-    for r, value in enumerate(outside):  # one value out of range in an ordinary row
-        v[303 + r, 17 + r] = value
-    bits = torch.from_numpy(v.astype(np.float32)).bfloat16().view(torch.int16).numpy().view(np.uint16).copy()
-    hardware, exact, used = _sums_of_squares(bits)
-    inside = np.ones(rows, bool)
-    inside[300:303 + len(outside)] = False
-    assert not np.array_equal(hardware[300:303].view(np.uint32), exact[300:303].view(np.uint32))  # flushed
-    assert np.array_equal(hardware[inside].view(np.uint32), exact[inside].view(np.uint32))
-    assert np.array_equal(used.view(np.uint32), exact.view(np.uint32))  # the fallback rows included
-    want = (torch.from_numpy(bits.view(np.int16)).view(torch.bfloat16).double() ** 2).sum(1).numpy()
-    finite = np.isfinite(want) & (want < 3e38)
-    np.testing.assert_allclose(exact[finite], want[finite], rtol=64 * EPS32)
 
 
-@numba.njit
-def _sums_fill(bits, hardware, exact, used):
-    for i in range(bits.shape[0]):
-        hardware[i] = _bf16_sumsq_hardware(bits, i, bits.shape[1])[0]
-        exact[i] = _bf16_sumsq_exact(bits, i, bits.shape[1])[0]
-        used[i] = row_sumsq_min(bits, i, bits.shape[1])[0]
+# ---- the native build -------------------------------------------------------------------------------
+def test_native_backend_is_loaded():
+    """CI must fail when the extension did not build: the cpu backend loads and serves CPU tensors."""
+    assert dispatch.available()["cpu"] == "ok"
+    assert K.isa() in K.isas() and "avx2" in K.isas()
 
 
-def _sums_of_squares(bits):
-    out = [np.empty(bits.shape[0], np.float32) for _ in range(3)]
-    _sums_fill(bits, *out)
+def _isa_outputs() -> list[torch.Tensor]:
+    """Every kernel, odd sizes and special values, forward and backward."""
+    out = []
+    for dtype in LOW:
+        for n in (1, 17, 767, 4097):
+            x, r, dy = rand(33, n, dtype=dtype, mean=0.3), rand(33, n, dtype=dtype, seed=1), rand(33, n, dtype=dtype, seed=4)
+            x[3, 0], x[4, -1], x[5] = float("nan"), float("inf"), 0.0
+            w, b = rand(n, dtype=dtype, seed=2), rand(n, dtype=dtype, seed=3)
+            out += _all_forward(x, r, w, b) + _all_backward(x, r, w, b, dy)
+            for casting in ("llama", "gemma", "none"):
+                out += list(K.rms_norm_fwd(x, w, 1e-5, casting, 0.5, max(1, n // 3)))
+            out += list(K.add_rms_norm_fwd(x, r, w, 1e-5, "llama", 0.0, n, torch.float32))
+            out += [normlab.dyt(x, torch.tensor(0.7), w, b)]
     return out
 
 
-def test_bf16_round_trip_equals_encode_then_decode():
-    from normlab.kernels.cpu._numerics import round_bf16
-
-    src = _edge_floats()
-    enc = np.empty(src.shape, np.uint16)
-    encode(src, enc, BF16)
-    want = np.empty(src.shape, np.float32)
-    decode(enc, want, BF16)
-    got = np.array([round_bf16(np.float32(v)) for v in src[:5000]], np.float32)
-    nan = np.isnan(want[:5000])
-    assert np.array_equal(np.isnan(got), nan)
-    assert np.array_equal(got[~nan].view(np.uint32), want[:5000][~nan].view(np.uint32))
-
-
-# ---- bf16 through the hardware rounding ---------------------------------------------------------------
-def _bf16_special_outputs() -> list[torch.Tensor]:
-    """Every bf16 → bf16 forward on rows that meet each case of the hardware rounding: ordinary rows
-    (proven free of NaN and subnormals: no classification), a NaN, an inf, subnormal inputs and results
-    anywhere in the row, a fused add whose sum is subnormal, an all-zero row, overflow to inf; weights
-    with tiny entries (subnormal products) and a bias that is the whole output where the weight is 0."""
-    outs = []
-    for n in (48, 67, 4097):
-        x = rand(16, n, dtype=torch.float32, seed=n)
-        x[8, 5] = float("nan")
-        x[9, n // 2] = float("inf")
-        x[10, :3] = torch.tensor([1e-38, 2e-39, -3e-40])
-        x[11] = 0.0
-        x[12] *= 1e38
-        x[13, -1] = 2e-39  # a subnormal in the last column (the scalar tail of the row proof)
-        x[14, 1::37] = 3e-39  # subnormals spread over the row proof's vectors
-        x, r = x.to(torch.bfloat16), rand(16, n, dtype=torch.bfloat16, seed=n + 1)
-        x[15, -1], r[15, -1] = 1.5e-38, -1.4e-38  # two normal values whose sum is subnormal
-        for tiny in (False, True):
-            w, b = rand(n, dtype=torch.float32, seed=2) * 3, rand(n, dtype=torch.float32, seed=3)
-            if tiny:
-                w[1], w[3], b[3], w[n - 1] = 1e-38, 0.0, 1e-39, 3e38
-            w, b = w.to(torch.bfloat16), b.to(torch.bfloat16)
-            for casting in ("llama", "gemma", "none"):
-                outs += K.rms_norm_fwd(x, w, 1e-6, casting, 0.0, n)
-                outs += K.add_rms_norm_fwd(x, r, w, 1e-6, casting, 0.0, n, torch.bfloat16)
-            outs += K.rms_norm_fwd(x, w, 0.0, "gemma", 1.0, n)  # eps 0: the zero row's rstd is inf
-            outs += K.rms_norm_fwd(x, w, 1e-6, "llama", 0.0, max(1, n // 3))  # partial: no row proof
-            outs += K.layer_norm_fwd(x, w, b, 1e-6)
-            outs += K.add_layer_norm_fwd(x, r, w, b, 1e-6, torch.bfloat16)
-    return outs
+def test_every_isa_build_gives_the_same_bits():
+    """The AVX2 and AVX-512 builds (each one this CPU runs) agree bitwise on every kernel, DyT's tanh
+    included: the same IEEE operations per element and the same 16-lane sums. NaNs agree in place, not in
+    payload: x86 keeps the first operand's payload, and the compiler orders commutative operands per build."""
+    before = K.isa()
+    try:
+        results = {}
+        for isa in K.isas():
+            K.set_isa(isa)
+            results[isa] = _isa_outputs()
+    finally:
+        K.set_isa(before)
+    first, *others = results.values()
+    for isa, got in zip(list(results)[1:], others):
+        for i, (a, b) in enumerate(zip(first, got)):
+            bits = torch.int16 if a.element_size() == 2 else torch.int32
+            same = (a.view(bits) == b.view(bits)) | (torch.isnan(a) & torch.isnan(b))
+            assert same.all(), f"{isa} differs from {K.isa()} in output {i}"
 
 
-def test_hardware_bf16_rounding_writes_the_exact_values(tmp_path):
-    """With AVX512-BF16, bf16 rows are rounded 16 values at a time by ``vcvtneps2bf16``, which flushes
-    subnormals and writes its own NaN; blocks that meet either are formed again exactly. The outputs are
-    bitwise those of the exact integer rounding alone (``NORMLAB_BF16_HARDWARE=0``, another process),
-    NaN payloads and signed zeros included. (Without AVX512-BF16 both runs take the exact path.)"""
-    import os
-    import subprocess
-    import sys
-
-    from normlab.kernels.cpu import _numerics
-
-    exact_file = tmp_path / "exact.pt"
-    code = (
-        "import torch, tests.kernels.test_cpu_kernels as t; "
-        f"torch.save(t._bf16_special_outputs(), {str(exact_file)!r})"
-    )
-    env = {**os.environ, "NORMLAB_BF16_HARDWARE": "0"}
-    subprocess.run([sys.executable, "-c", code], env=env, check=True, cwd=Path(__file__).parents[2])
-    exact = torch.load(exact_file)
-    fast = _bf16_special_outputs()
-    assert len(fast) == len(exact)
-    for i, (a, b) in enumerate(zip(fast, exact)):
-        bits = torch.int16 if a.dtype == torch.bfloat16 else torch.int32
-        assert torch.equal(a.view(bits), b.view(bits)), f"output {i} differs ({_numerics.HARDWARE_BF16=})"
+def test_isa_chosen_at_load_time_follows_the_environment():
+    code = "import torch, normlab.kernels.cpu as K; print(K.isa())"
+    for isa in K.isas():
+        env = {**__import__("os").environ, "NORMLAB_CPU_ISA": isa}
+        got = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout.strip()
+        assert got == isa
+    with pytest.raises(RuntimeError, match="does not run the 'sse2' build"):
+        K.set_isa("sse2")
 
 
-@pytest.mark.skipif(not HARDWARE_BF16, reason="the bf16 weights are read by the AVX512-BF16 blocks only")
-def test_bf16_weights_write_the_same_values(monkeypatch):
-    """Large, wide bf16 RMSNorm calls read the weights as bf16 bit patterns (the same values, half the
-    bytes in cache): forced onto every call, each output and statistic is bitwise the one of the fp32
-    weights, on rows with NaN, inf, subnormals, zeros and overflow, every casting mode, fused or not."""
-    plain = _bf16_special_outputs()
-    used = []
-    kernel = K.norm_fwd
-    monkeypatch.setattr(K, "norm_fwd", lambda *args: used.append(args[-1] is not None) or kernel(*args))
-    monkeypatch.setattr(K, "HALF_WEIGHT_ROW", 0)
-    monkeypatch.setattr(K, "HALF_WEIGHT_MOVED", 0)
-    half = _bf16_special_outputs()
-    # per row length and weight set: 3 castings × {rms_norm, add_rms_norm}, and the partial llama call;
-    # not gemma with offset 1 (fp32 weights), nor LayerNorm
-    assert used.count(True) == 3 * 2 * (3 * 2 + 1)
-    for i, (a, b) in enumerate(zip(half, plain)):
-        bits = torch.int16 if a.dtype == torch.bfloat16 else torch.int32
-        assert torch.equal(a.view(bits), b.view(bits)), f"output {i} differs"
-
-
-@pytest.mark.skipif(not HARDWARE_BF16, reason="the bf16 weights are read by the AVX512-BF16 blocks only")
-@pytest.mark.parametrize("casting", ["llama", "gemma", "none"])
-@pytest.mark.parametrize("offset", [0.0, 1.0, 0.5])
-@pytest.mark.parametrize("weight_dtype", [torch.bfloat16, torch.float32])
-def test_bf16_weights_hold_the_casting_modes_values(casting, offset, weight_dtype, monkeypatch):
-    """Whatever the casting mode, offset and weight dtype, the weights the blocks read (bf16 ones where
-    the mode's values are bf16) give bitwise the outputs of the fp32 weights, plain and fused, partial
-    RMSNorm included."""
-    n = 80  # five 16-value blocks, no tail
-    x, r = rand(64, n, dtype=torch.bfloat16), rand(64, n, dtype=torch.bfloat16, seed=1)
-    w = (rand(n, seed=2) * 3).to(weight_dtype)
-    results = {}
-    for forced in (False, True):
-        monkeypatch.setattr(K, "HALF_WEIGHT_ROW", 0 if forced else 1 << 62)
-        monkeypatch.setattr(K, "HALF_WEIGHT_MOVED", 0 if forced else 1 << 62)
-        results[forced] = [
-            *K.rms_norm_fwd(x, w, 1e-6, casting, offset, n),
-            *K.rms_norm_fwd(x, w, 1e-6, casting, offset, n // 2),
-            *K.add_rms_norm_fwd(x, r, w, 1e-6, casting, offset, n, torch.bfloat16),
-        ]
-    for plain, half in zip(results[False], results[True]):
-        bits = torch.int16 if plain.dtype == torch.bfloat16 else torch.int32
-        assert torch.equal(plain.view(bits), half.view(bits))
-
-
-@pytest.mark.skipif(not HARDWARE_BF16, reason="the bf16 weights are read by the AVX512-BF16 blocks only")
-def test_the_blocks_read_the_bf16_weights_they_are_given():
-    """The bf16 weights reach the 16-value blocks (and only them): given zeros there, the whole blocks
-    come out zero while the scalar tail still uses the fp32 weights."""
-    from normlab.kernels.cpu._kernels import MODE_FP32
-    from normlab.kernels.cpu._numerics import LANES
-
-    n = 4 * LANES + 5
-    x = rand(8, n, dtype=torch.bfloat16)
-    w = torch.ones(n)
-    y, rstd = torch.empty_like(x), torch.empty(8)
-    nothing = np.empty((0, 0), np.uint16)
-    K.norm_fwd(K._np(x), nothing, nothing, False, K._np(y), w.numpy(), w.numpy(), 1e-6, n, False, MODE_FP32,
-               np.empty(0, np.float32), rstd.numpy(), False, w_bf16=np.zeros(n, np.uint16))
-    assert torch.equal(y[:, : 4 * LANES].float(), torch.zeros(8, 4 * LANES))
-    expected = (x[:, 4 * LANES:].float() * rstd[:, None]).to(torch.bfloat16)
-    assert torch.equal(y[:, 4 * LANES:].view(torch.int16), expected.view(torch.int16))
-
-
-def test_bf16_weights_are_chosen_for_large_wide_bf16_calls_only():
-    # the narrowest rows whose rows and fp32 weights fill L1 (4096 with a 32 KB L1 data cache)
-    n = max(4096, -(-K.HALF_WEIGHT_ROW // 8))
-    rows = K.HALF_WEIGHT_MOVED // (2 * 2 * n) + 1
-    x, y = torch.empty(rows, n, dtype=torch.bfloat16), torch.empty(rows, n, dtype=torch.bfloat16)
-    w16 = torch.zeros(n, dtype=torch.bfloat16)
-    chosen = K._half_weight(w16, [y, x])
-    if HARDWARE_BF16:
-        assert chosen.dtype == np.uint16 and chosen.ctypes.data == w16.data_ptr()  # a view, no copy
-    else:
-        assert chosen is None
-    assert K._half_weight(w16, [y[:16], x[:16]]) is None  # in cache: the widening costs more
-    narrow = torch.empty(rows * 8, n // 8, dtype=torch.bfloat16)  # its rows and weights fit in L1 anyway
-    assert K._half_weight(w16[: n // 8], [narrow, narrow]) is None
-    assert K._half_weight(None, [y, x]) is None
-    half = x.view(torch.float16)
-    assert K._half_weight(w16, [half, half]) is None
-    # which weights are exact in bf16: the mode's own bf16 values, never an fp32 offset + w
-    wb, wf = rand(n, dtype=torch.bfloat16), rand(n, dtype=torch.float32)
-    exact = {c: K._rms_weight(wb, 0.0, c, torch.bfloat16, n)[2] for c in ("llama", "none", "gemma")}
-    assert all(v is not None and torch.equal(v.view(torch.int16), wb.view(torch.int16)) for v in exact.values())
-    assert K._rms_weight(wb, 1.0, "llama", torch.bfloat16, n)[2] is not None  # w.to(bf16) + 1 in bf16
-    assert K._rms_weight(wb, 1.0, "gemma", torch.bfloat16, n)[2] is None  # w.float() + 1 in fp32
-    assert K._rms_weight(wf, 0.0, "gemma", torch.bfloat16, n)[2] is None
-    assert K._rms_weight(wb, 0.0, "llama", torch.float16, n)[2] is None
-    assert K._rms_weight(None, 0.0, "llama", torch.bfloat16, n)[2] is None
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_native_ops_pass_opcheck(dtype):
+    x, r, w, b = rand(6, 40, dtype=dtype), rand(6, 40, dtype=dtype, seed=1), rand(40, dtype=dtype, seed=2), rand(40, dtype=dtype, seed=3)
+    ops = torch.ops.normlab
+    torch.library.opcheck(ops.rms_norm, (x, w, 1e-6, "llama", 0.0, 40))
+    torch.library.opcheck(ops.rms_norm, (x, None, 1e-6, "none", 0.0, 13))
+    torch.library.opcheck(ops.add_rms_norm, (x, r, w, 1e-6, "gemma", 1.0, 40, torch.float32))
+    torch.library.opcheck(ops.layer_norm, (x, w, b, 1e-5))
+    torch.library.opcheck(ops.add_layer_norm, (x, r, w, None, 1e-5, dtype))
+    torch.library.opcheck(ops.dyt, (x, torch.tensor(0.5), w, b))

@@ -127,9 +127,9 @@ def test_opcheck():
     """torch.library's own check of the custom op: schema, fake impl vs real outputs, autograd registration."""
     x, alpha = rand(3, 8).requires_grad_(), torch.tensor([0.5], requires_grad=True)
     w, b = rand(8, seed=1).requires_grad_(), rand(8, seed=2).requires_grad_()
-    torch.library.opcheck(torch.ops.normlab.dyt, (x, alpha, w, b))
+    torch.library.opcheck(torch.ops.normlab.py_dyt, (x, alpha, w, b))
     xh = rand(3, 8, dtype=torch.bfloat16).requires_grad_()  # bf16 input, fp32 alpha and master weights
-    torch.library.opcheck(torch.ops.normlab.dyt, (xh, alpha, None, b))
+    torch.library.opcheck(torch.ops.normlab.py_dyt, (xh, alpha, None, b))
 
 
 def test_functional_torch_compile_fullgraph():

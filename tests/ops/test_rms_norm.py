@@ -338,9 +338,9 @@ def test_opcheck(residual_dtype):
     """The custom ops' schema, fake implementations and autograd registration agree with the real op."""
     x, r = rand(3, 16).requires_grad_(), rand(3, 16, seed=1).requires_grad_()
     w = rand(16, seed=2).requires_grad_()
-    torch.library.opcheck(torch.ops.normlab.rms_norm, (x, w, 1e-6, "llama", 0.0, 16, "reference"))
+    torch.library.opcheck(torch.ops.normlab.py_rms_norm, (x, w, 1e-6, "llama", 0.0, 16, "reference"))
     torch.library.opcheck(
-        torch.ops.normlab.add_rms_norm, (x, r, w, 1e-6, "llama", 0.0, 8, residual_dtype or torch.float32, "reference")
+        torch.ops.normlab.py_add_rms_norm, (x, r, w, 1e-6, "llama", 0.0, 8, residual_dtype or torch.float32, "reference")
     )
 
 

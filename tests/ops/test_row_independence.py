@@ -164,7 +164,7 @@ THREAD_CASES = {
 @pytest.mark.parametrize("op", list(THREAD_CASES))
 def test_one_and_two_threads_bitwise(op, monkeypatch):
     """Determinism (DESIGN §3): forward and every gradient bitwise equal with 1 and 2 threads (torch's
-    and the numba kernels', which small calls would otherwise run on one)."""
+    and with it the native kernels)."""
     fn, *shapes = THREAD_CASES[op]
     with threads(1, monkeypatch):
         one = _grads_of(fn, *shapes)

@@ -1,0 +1,456 @@
+// The CPU kernels, written once with at::vec and compiled once per ISA level (kernels_<isa>.cpp sets
+// CPU_CAPABILITY before including this file).
+//
+// Same bits on every ISA: elementwise work is a fixed sequence of IEEE operations per element (built with
+// -ffp-contract=off, so no FMA is fused in), and every row sum adds element e into lane e mod 16, in
+// blocks of 1024 elements, groups of 16 blocks, then the groups, whatever the vector width; the 16
+// lanes are then added in one fixed tree. bf16/fp16 go through ATen's own conversions.
+#pragma once
+
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include <algorithm>
+#include <cmath>
+#include <tuple>
+#include <type_traits>
+
+#include "table.h"
+
+namespace normlab::cpu {
+inline namespace CPU_CAPABILITY {
+
+using Vec = at::vec::Vectorized<float>;
+constexpr int64_t VF = Vec::size();
+constexpr int64_t STEP = 2 * VF;  // elements per loop step: two float vectors, one 16-bit vector
+constexpr int64_t LANES = 16;     // lanes of every row sum, whatever the vector width
+constexpr int64_t PARTS = LANES / VF;
+constexpr int64_t BLOCK = 1024;
+constexpr int64_t BLOCKS_PER_GROUP = 16;
+static_assert(PARTS >= 1 && LANES % VF == 0 && BLOCK % STEP == 0);
+
+// ---- loads and stores of up to STEP elements as two float vectors (missing lanes read as 0) ----------
+template <typename T>
+struct IO;
+
+template <>
+struct IO<float> {
+  static void load(const float* p, int64_t count, Vec& a, Vec& b) {
+    if (count == STEP) {
+      a = Vec::loadu(p);
+      b = Vec::loadu(p + VF);
+      return;
+    }
+    a = Vec::loadu(p, std::min(count, VF));
+    b = count > VF ? Vec::loadu(p + VF, count - VF) : Vec(0.f);
+  }
+  static void store(float* p, int64_t count, const Vec& a, const Vec& b) {
+    if (count == STEP) {
+      a.store(p);
+      b.store(p + VF);
+      return;
+    }
+    a.store(p, std::min(count, VF));
+    if (count > VF) b.store(p + VF, count - VF);
+  }
+  static void round(Vec&, Vec&) {}
+};
+
+template <typename T>
+struct IO16 {
+  using V = at::vec::Vectorized<T>;
+  static_assert(V::size() == STEP);
+  static void load(const T* p, int64_t count, Vec& a, Vec& b) {
+    const V v = count == STEP ? V::loadu(p) : V::loadu(p, count);
+    std::tie(a, b) = at::vec::convert_to_float<T>(v);
+  }
+  static void store(T* p, int64_t count, const Vec& a, const Vec& b) {
+    const V v = at::vec::convert_from_float<T>(a, b);
+    if (count == STEP) v.store(p);
+    else v.store(p, count);
+  }
+  // Round to T's precision (round to nearest even), back in fp32.
+  static void round(Vec& a, Vec& b) { std::tie(a, b) = at::vec::convert_to_float<T>(at::vec::convert_from_float<T>(a, b)); }
+};
+template <>
+struct IO<c10::BFloat16> : IO16<c10::BFloat16> {};
+template <>
+struct IO<c10::Half> : IO16<c10::Half> {};
+
+template <typename T>
+inline void load(const void* base, int64_t at, int64_t count, Vec& a, Vec& b) {
+  IO<T>::load(static_cast<const T*>(base) + at, count, a, b);
+}
+template <typename T>
+inline void store(void* base, int64_t at, int64_t count, const Vec& a, const Vec& b) {
+  IO<T>::store(static_cast<T*>(base) + at, count, a, b);
+}
+
+// Lanes [count, STEP) set to 0.
+inline void keep_first(int64_t count, Vec& a, Vec& b) {
+  if (count == STEP) return;
+  a = Vec::set(Vec(0.f), a, std::min(count, VF));
+  b = count > VF ? Vec::set(Vec(0.f), b, count - VF) : Vec(0.f);
+}
+
+// 0 where dy == 0, else v: a NaN/inf in a row whose gradient is 0 cannot reach a parameter gradient.
+inline Vec unless_zero(const Vec& dy, const Vec& v) { return Vec::blendv(v, Vec(0.f), dy == Vec(0.f)); }
+
+// ---- row sums with a fixed lane layout --------------------------------------------------------------
+struct Lanes {
+  Vec v[PARTS];
+  Lanes() {
+    for (auto& p : v) p = Vec(0.f);
+  }
+  void add_step(const Vec& a, const Vec& b) {  // elements e .. e + STEP of the row
+    v[0] = v[0] + a;
+    v[1 % PARTS] = v[1 % PARTS] + b;
+  }
+  void add(const Lanes& o) {
+    for (int64_t p = 0; p < PARTS; ++p) v[p] = v[p] + o.v[p];
+  }
+  float total() const {
+    float t[LANES];
+    for (int64_t p = 0; p < PARTS; ++p) v[p].store(t + p * VF);
+    for (int64_t half = LANES / 2; half > 0; half /= 2)
+      for (int64_t i = 0; i < half; ++i) t[i] = t[i] + t[i + half];
+    return t[0];
+  }
+};
+
+// out[q] = Σ over elements [0, len) of quantity q; step(e, count, vals) writes the quantities of elements
+// e .. e + count into vals[q][0..1], zero in lanes past count. step sees the elements in order, once.
+template <int NQ, typename Step>
+inline void row_sums(int64_t len, Step&& step, float (&out)[NQ]) {
+  Lanes total[NQ], group[NQ];
+  int64_t blocks = 0;
+  for (int64_t start = 0; start < len; start += BLOCK) {
+    Lanes block[NQ];
+    const int64_t stop = std::min(len, start + BLOCK);
+    for (int64_t e = start; e < stop; e += STEP) {
+      Vec vals[NQ][2];
+      step(e, std::min(STEP, stop - e), vals);
+      for (int q = 0; q < NQ; ++q) block[q].add_step(vals[q][0], vals[q][1]);
+    }
+    for (int q = 0; q < NQ; ++q) group[q].add(block[q]);
+    if (++blocks == BLOCKS_PER_GROUP) {
+      for (int q = 0; q < NQ; ++q) {
+        total[q].add(group[q]);
+        group[q] = Lanes();
+      }
+      blocks = 0;
+    }
+  }
+  for (int q = 0; q < NQ; ++q) {
+    total[q].add(group[q]);
+    out[q] = total[q].total();
+  }
+}
+
+// ---- forward: RMSNorm / LayerNorm, optionally on s = x + r ---------------------------------------------
+// X: input and output dtype; R: residual; S: the sum's dtype, in which the norm rounds (S == X unfused).
+template <typename X, typename R, typename S, Mode M, bool FUSED, bool BIAS>
+void norm_fwd_rows(const NormFwdArgs& a, int64_t begin, int64_t end) {
+  const int64_t n = a.n;
+  for (int64_t i = begin; i < end; ++i) {
+    const int64_t row = i * n;
+    const void* src = a.x;
+    if constexpr (FUSED) {
+      for (int64_t j = 0; j < n; j += STEP) {
+        const int64_t c = std::min(STEP, n - j);
+        Vec x0, x1, r0, r1;
+        load<X>(a.x, row + j, c, x0, x1);
+        load<R>(a.r, row + j, c, r0, r1);
+        store<S>(a.s, row + j, c, x0 + r0, x1 + r1);
+      }
+      src = a.s;
+    }
+    float m = 0.f, corr = 0.f, rs;
+    if constexpr (M == Mode::layer) {
+      float sum[1];
+      row_sums<1>(n, [&](int64_t e, int64_t c, Vec (&q)[1][2]) { load<S>(src, row + e, c, q[0][0], q[0][1]); }, sum);
+      m = sum[0] / static_cast<float>(n);
+      const Vec vm(m);
+      float dev[2];  // Σ (x − m), Σ (x − m)²
+      row_sums<2>(n, [&](int64_t e, int64_t c, Vec (&q)[2][2]) {
+        Vec d0, d1;
+        load<S>(src, row + e, c, d0, d1);
+        d0 = d0 - vm;
+        d1 = d1 - vm;
+        keep_first(c, d0, d1);
+        q[0][0] = d0, q[0][1] = d1, q[1][0] = d0 * d0, q[1][1] = d1 * d1;
+      }, dev);
+      const float nf = static_cast<float>(n);
+      corr = dev[0] / nf;
+      rs = 1.f / std::sqrt(std::max(dev[1] / nf - corr * corr, 0.f) + a.eps);
+      a.mean[i] = m + corr;
+    } else {
+      float ss[1];
+      row_sums<1>(a.k, [&](int64_t e, int64_t c, Vec (&q)[1][2]) {
+        Vec v0, v1;
+        load<S>(src, row + e, c, v0, v1);
+        q[0][0] = v0 * v0, q[0][1] = v1 * v1;
+      }, ss);
+      rs = 1.f / std::sqrt(ss[0] / static_cast<float>(a.k) + a.eps);
+    }
+    a.rstd[i] = rs;
+    const Vec vm(m), vcorr(corr), vrs(rs);
+    Vec vq = vrs, unused = vrs;
+    if constexpr (M == Mode::rms_none) IO<S>::round(vq, unused);  // casting none: rstd rounded too
+    for (int64_t j = 0; j < n; j += STEP) {
+      const int64_t c = std::min(STEP, n - j);
+      Vec v0, v1, w0, w1;
+      load<S>(src, row + j, c, v0, v1);
+      IO<float>::load(a.w + j, c, w0, w1);
+      if constexpr (M == Mode::layer) {
+        v0 = ((v0 - vm) - vcorr) * vrs * w0;
+        v1 = ((v1 - vm) - vcorr) * vrs * w1;
+        if constexpr (BIAS) {
+          Vec b0, b1;
+          IO<float>::load(a.b + j, c, b0, b1);
+          v0 = v0 + b0;
+          v1 = v1 + b1;
+        }
+      } else if constexpr (M == Mode::rms_fp32) {
+        v0 = v0 * vrs * w0;
+        v1 = v1 * vrs * w1;
+      } else {  // llama / none: x·rstd rounded to the norm's dtype, then times the weight
+        v0 = v0 * vq;
+        v1 = v1 * vq;
+        IO<S>::round(v0, v1);
+        v0 = v0 * w0;
+        v1 = v1 * w1;
+      }
+      if constexpr (!std::is_same_v<S, X>) IO<S>::round(v0, v1);  // the norm's dtype, then the output's
+      store<X>(a.y, row + j, c, v0, v1);
+    }
+  }
+}
+
+// ---- backward -----------------------------------------------------------------------------------------
+// x̂ = (x − mean − c)·rstd (RMSNorm: x·rstd), g = dy·w.
+// LayerNorm: dx = rstd·(g − mean(g) − x̂·mean(g·x̂)); RMSNorm: dx_j = rstd·g_j − [j < k]·rstd·x̂_j·Σ g·x̂ / k.
+template <typename T, bool LAYER, bool DSUM>
+void norm_bwd_rows(const NormBwdArgs& a, int64_t begin, int64_t end) {
+  const int64_t n = a.n;
+  const float nf = static_cast<float>(n);
+  for (int64_t i = begin; i < end; ++i) {
+    const int64_t row = i * n;
+    const float rs = a.rstd[i];
+    const float m = LAYER ? a.mean[i] : 0.f;
+    const Vec vm(m), vrs(rs);
+    float corr = 0.f, mg = 0.f, mgx = 0.f, proj = 0.f;
+    if constexpr (LAYER) {
+      float sums[3];  // Σ g, Σ g·(x − m), Σ (x − m)
+      row_sums<3>(n, [&](int64_t e, int64_t c, Vec (&q)[3][2]) {
+        Vec d0, d1, x0, x1, w0, w1;
+        load<T>(a.dy, row + e, c, d0, d1);
+        load<T>(a.x, row + e, c, x0, x1);
+        IO<float>::load(a.w + e, c, w0, w1);
+        const Vec g0 = d0 * w0, g1 = d1 * w1;
+        Vec e0 = x0 - vm, e1 = x1 - vm;
+        keep_first(c, e0, e1);
+        q[0][0] = g0, q[0][1] = g1, q[1][0] = g0 * e0, q[1][1] = g1 * e1, q[2][0] = e0, q[2][1] = e1;
+      }, sums);
+      corr = sums[2] / nf;
+      mg = sums[0] / nf;
+      mgx = rs * (sums[1] - corr * sums[0]) / nf;
+    } else {
+      float dot[1];  // Σ g·x
+      row_sums<1>(n, [&](int64_t e, int64_t c, Vec (&q)[1][2]) {
+        Vec d0, d1, x0, x1, w0, w1;
+        load<T>(a.dy, row + e, c, d0, d1);
+        load<T>(a.x, row + e, c, x0, x1);
+        IO<float>::load(a.w + e, c, w0, w1);
+        q[0][0] = (d0 * w0) * x0, q[0][1] = (d1 * w1) * x1;
+      }, dot);
+      proj = rs * dot[0] / static_cast<float>(a.k);
+    }
+    const Vec vcorr(corr), vmg(mg), vmgx(mgx), vproj(proj);
+    // columns [lo, hi); `projected`: RMSNorm columns inside the statistic (j < k)
+    auto columns = [&](int64_t lo, int64_t hi, bool projected) {
+      for (int64_t j = lo; j < hi; j += STEP) {
+        const int64_t c = std::min(STEP, hi - j);
+        Vec d0, d1, x0, x1, w0, w1, v0, v1, h0, h1;
+        load<T>(a.dy, row + j, c, d0, d1);
+        load<T>(a.x, row + j, c, x0, x1);
+        IO<float>::load(a.w + j, c, w0, w1);
+        if constexpr (LAYER) {
+          h0 = ((x0 - vm) - vcorr) * vrs;
+          h1 = ((x1 - vm) - vcorr) * vrs;
+          v0 = vrs * ((d0 * w0 - vmg) - h0 * vmgx);
+          v1 = vrs * ((d1 * w1 - vmg) - h1 * vmgx);
+        } else {
+          h0 = x0 * vrs;
+          h1 = x1 * vrs;
+          v0 = vrs * (d0 * w0);
+          v1 = vrs * (d1 * w1);
+          if (projected) {
+            v0 = v0 - vrs * h0 * vproj;
+            v1 = v1 - vrs * h1 * vproj;
+          }
+        }
+        if constexpr (DSUM) {
+          Vec s0, s1;
+          load<T>(a.dsum, row + j, c, s0, s1);
+          v0 = v0 + s0;
+          v1 = v1 + s1;
+        }
+        store<T>(a.dx, row + j, c, v0, v1);
+        Vec p0, p1;
+        IO<float>::load(a.pw + j, c, p0, p1);
+        IO<float>::store(a.pw + j, c, p0 + unless_zero(d0, d0 * h0), p1 + unless_zero(d1, d1 * h1));
+        if constexpr (LAYER) {
+          if (a.pb) {
+            IO<float>::load(a.pb + j, c, p0, p1);
+            IO<float>::store(a.pb + j, c, p0 + d0, p1 + d1);
+          }
+        }
+      }
+    };
+    if constexpr (LAYER) {
+      columns(0, n, false);
+    } else {
+      columns(0, a.k, true);
+      columns(a.k, n, false);
+    }
+  }
+}
+
+// ---- DyT: y = w·tanh(αx) + b ----------------------------------------------------------------------------
+template <typename T, bool W, bool B>
+void dyt_fwd_rows(const DytFwdArgs& a, int64_t begin, int64_t end) {
+  const int64_t n = a.n;
+  const Vec va(a.alpha);
+  for (int64_t i = begin; i < end; ++i) {
+    for (int64_t j = 0; j < n; j += STEP) {
+      const int64_t c = std::min(STEP, n - j);
+      Vec v0, v1;
+      load<T>(a.x, i * n + j, c, v0, v1);
+      v0 = (va * v0).tanh();
+      v1 = (va * v1).tanh();
+      if constexpr (W) {
+        Vec w0, w1;
+        IO<float>::load(a.w + j, c, w0, w1);
+        v0 = v0 * w0;
+        v1 = v1 * w1;
+      }
+      if constexpr (B) {
+        Vec b0, b1;
+        IO<float>::load(a.b + j, c, b0, b1);
+        v0 = v0 + b0;
+        v1 = v1 + b1;
+      }
+      store<T>(a.y, i * n + j, c, v0, v1);
+    }
+  }
+}
+
+// t = tanh(αx), g = dy·w: dx = g·(1 − t²)·α; partials of Σ g·(1 − t²)·x, Σ_rows dy·t, Σ_rows dy.
+template <typename T, bool W>
+void dyt_bwd_rows(const DytBwdArgs& a, int64_t begin, int64_t end) {
+  const int64_t n = a.n;
+  const Vec va(a.alpha), one(1.f);
+  float alpha_sum = *a.palpha;
+  for (int64_t i = begin; i < end; ++i) {
+    const int64_t row = i * n;
+    float dalpha[1];
+    row_sums<1>(n, [&](int64_t e, int64_t c, Vec (&q)[1][2]) {
+      Vec d[2], x[2];
+      load<T>(a.dy, row + e, c, d[0], d[1]);
+      load<T>(a.x, row + e, c, x[0], x[1]);
+      Vec w[2] = {one, one};
+      if constexpr (W) IO<float>::load(a.w + e, c, w[0], w[1]);
+      Vec dx[2];
+      for (int h = 0; h < 2; ++h) {
+        const Vec t = (va * x[h]).tanh();
+        const Vec g = W ? d[h] * w[h] : d[h];
+        const Vec dt = g * (one - t * t);
+        dx[h] = dt * va;
+        q[0][h] = unless_zero(d[h], dt * x[h]);
+        x[h] = unless_zero(d[h], d[h] * t);  // reused: this element's dw term
+      }
+      store<T>(a.dx, row + e, c, dx[0], dx[1]);
+      Vec p0, p1;
+      if (a.pw) {
+        IO<float>::load(a.pw + e, c, p0, p1);
+        IO<float>::store(a.pw + e, c, p0 + x[0], p1 + x[1]);
+      }
+      if (a.pb) {
+        IO<float>::load(a.pb + e, c, p0, p1);
+        IO<float>::store(a.pb + e, c, p0 + d[0], p1 + d[1]);
+      }
+    }, dalpha);
+    alpha_sum = alpha_sum + dalpha[0];
+  }
+  *a.palpha = alpha_sum;
+}
+
+// ---- the table: one instance per dtype combination and mode ---------------------------------------------
+template <typename F>
+inline void with_dtype(Dtype t, F&& f) {
+  switch (t) {
+    case Dtype::f32: return f(float{});
+    case Dtype::bf16: return f(c10::BFloat16{});
+    case Dtype::f16: return f(c10::Half{});
+  }
+}
+
+template <typename X, typename R, typename S, bool FUSED>
+inline void norm_fwd_mode(const NormFwdArgs& a, int64_t begin, int64_t end) {
+  switch (a.mode) {
+    case Mode::layer:
+      return a.b ? norm_fwd_rows<X, R, S, Mode::layer, FUSED, true>(a, begin, end)
+                 : norm_fwd_rows<X, R, S, Mode::layer, FUSED, false>(a, begin, end);
+    case Mode::rms_fp32: return norm_fwd_rows<X, R, S, Mode::rms_fp32, FUSED, false>(a, begin, end);
+    case Mode::rms_llama:
+      if constexpr (!std::is_same_v<S, float>) return norm_fwd_rows<X, R, S, Mode::rms_llama, FUSED, false>(a, begin, end);
+      break;
+    case Mode::rms_none:
+      if constexpr (!std::is_same_v<S, float>) return norm_fwd_rows<X, R, S, Mode::rms_none, FUSED, false>(a, begin, end);
+      break;
+  }
+  // fp32 sums: the rounding modes coincide (the op layer passes rms_fp32)
+  norm_fwd_rows<X, R, S, Mode::rms_fp32, FUSED, false>(a, begin, end);
+}
+
+inline void norm_fwd(const NormFwdArgs& a, int64_t begin, int64_t end) {
+  with_dtype(a.x_t, [&](auto xv) {
+    using X = decltype(xv);
+    if (!a.r) return norm_fwd_mode<X, X, X, false>(a, begin, end);
+    with_dtype(a.s_t, [&](auto sv) {
+      using S = decltype(sv);
+      // the residual is in the input's dtype or the sum's (the op layer refuses other mixes)
+      if (a.r_t == a.x_t) norm_fwd_mode<X, X, S, true>(a, begin, end);
+      else norm_fwd_mode<X, S, S, true>(a, begin, end);
+    });
+  });
+}
+
+inline void norm_bwd(const NormBwdArgs& a, int64_t begin, int64_t end) {
+  with_dtype(a.t, [&](auto tv) {
+    using T = decltype(tv);
+    if (a.layer) a.dsum ? norm_bwd_rows<T, true, true>(a, begin, end) : norm_bwd_rows<T, true, false>(a, begin, end);
+    else a.dsum ? norm_bwd_rows<T, false, true>(a, begin, end) : norm_bwd_rows<T, false, false>(a, begin, end);
+  });
+}
+
+inline void dyt_fwd(const DytFwdArgs& a, int64_t begin, int64_t end) {
+  with_dtype(a.t, [&](auto tv) {
+    using T = decltype(tv);
+    if (a.w) a.b ? dyt_fwd_rows<T, true, true>(a, begin, end) : dyt_fwd_rows<T, true, false>(a, begin, end);
+    else a.b ? dyt_fwd_rows<T, false, true>(a, begin, end) : dyt_fwd_rows<T, false, false>(a, begin, end);
+  });
+}
+
+inline void dyt_bwd(const DytBwdArgs& a, int64_t begin, int64_t end) {
+  with_dtype(a.t, [&](auto tv) {
+    using T = decltype(tv);
+    a.w ? dyt_bwd_rows<T, true>(a, begin, end) : dyt_bwd_rows<T, false>(a, begin, end);
+  });
+}
+
+}  // namespace CPU_CAPABILITY
+}  // namespace normlab::cpu

@@ -1,0 +1,783 @@
+// normlab's native CPU operators: schemas, the CPU implementations (checks, outputs, weights, threads),
+// the C++ autograd formulas and the choice of ISA build. The kernels themselves are in kernels.h.
+//
+// Layout as in torchvision's csrc/ops: forward and backward are both dispatcher ops; the Autograd kernel
+// of a forward op calls the backward op, so an eager call never enters Python. Fake implementations for
+// torch.compile are registered in Python (normlab/kernels/cpu/__init__.py).
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/autograd.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cstdlib>
+#include <thread>
+#include <string>
+#include <vector>
+
+#include "table.h"
+
+namespace normlab::cpu {
+namespace {
+
+using at::Tensor;
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+using OptTensor = std::optional<Tensor>;
+
+// ---- the ISA build in use -----------------------------------------------------------------------------
+std::vector<const KernelTable*> supported_tables() {
+  std::vector<const KernelTable*> out;
+#if defined(__x86_64__) || defined(__i386__)
+  __builtin_cpu_init();
+  const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+  const bool avx512 = avx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                      __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
+  if (avx512) out.push_back(&kernels_avx512());
+  if (avx2) out.push_back(&kernels_avx2());
+#endif
+  return out;  // best first
+}
+
+const KernelTable* find_table(const std::string& isa) {
+  for (const KernelTable* t : supported_tables())
+    if (isa == t->isa) return t;
+  return nullptr;
+}
+
+// The best build this CPU runs, unless NORMLAB_CPU_ISA names another one it runs.
+const KernelTable* initial_table() {
+  const char* env = std::getenv("NORMLAB_CPU_ISA");
+  if (env && *env) {
+    if (const KernelTable* t = find_table(env)) return t;
+  }
+  auto all = supported_tables();
+  return all.empty() ? nullptr : all.front();
+}
+
+const KernelTable*& current_table() {
+  static const KernelTable* table = initial_table();
+  return table;
+}
+
+const KernelTable& kernels() {
+  const KernelTable* t = current_table();
+  TORCH_CHECK(t, "normlab's cpu kernels need a CPU with AVX2, FMA and F16C");
+  return *t;
+}
+
+std::string cpu_isa() { return current_table() ? current_table()->isa : ""; }
+
+std::vector<std::string> cpu_isas() {
+  std::vector<std::string> out;
+  for (const KernelTable* t : supported_tables()) out.emplace_back(t->isa);
+  return out;
+}
+
+std::string set_cpu_isa(c10::string_view isa) {
+  const KernelTable* t = find_table(std::string(isa));
+  TORCH_CHECK(t, "this CPU does not run the '", isa, "' build of normlab's kernels; it runs: ", c10::Join(", ", cpu_isas()));
+  std::string before = cpu_isa();
+  current_table() = t;
+  return before;
+}
+
+// ---- shared helpers -------------------------------------------------------------------------------------
+constexpr int64_t GRAIN = 32768;  // elements per task below which a call stays on the calling thread
+constexpr int64_t CHUNK = 64;  // rows per weight-gradient partial: fixed, whatever the thread count
+
+Dtype dtype_of(const Tensor& t) {
+  switch (t.scalar_type()) {
+    case at::kFloat: return Dtype::f32;
+    case at::kBFloat16: return Dtype::bf16;
+    case at::kHalf: return Dtype::f16;
+    default: TORCH_CHECK(false, "normlab cpu kernels take float32, bfloat16 or float16, got ", t.scalar_type());
+  }
+}
+
+void check_rows(const Tensor& x, const char* name) {
+  TORCH_CHECK(x.device().is_cpu(), name, " must be a CPU tensor, got ", x.device());
+  TORCH_CHECK(x.dim() >= 1 && x.size(-1) > 0, name, " must have a non-empty last dimension, got shape ", x.sizes());
+  dtype_of(x);
+}
+
+void check_param(const OptTensor& p, const char* name, int64_t n) {
+  if (!p) return;
+  TORCH_CHECK(p->device().is_cpu() && p->numel() == n, name, " must be a CPU tensor of ", n, " elements, got ",
+              p->numel(), " on ", p->device());
+  dtype_of(*p);
+}
+
+// Statistics are per row: the input's shape without its last dimension.
+Tensor stats_like(const Tensor& x) {
+  return at::empty(x.sizes().slice(0, x.dim() - 1), x.options().dtype(at::kFloat));
+}
+
+// n ones, kept per thread (the weight of a norm without one).
+const float* ones(int64_t n) {
+  thread_local std::vector<float> buffer;
+  if (static_cast<int64_t>(buffer.size()) < n) buffer.assign(n, 1.f);
+  return buffer.data();
+}
+
+// A parameter as n contiguous fp32 values (no copy for a contiguous fp32 one).
+Tensor as_fp32(const Tensor& p) { return p.to(at::kFloat).contiguous().view(-1); }
+
+template <typename F>
+void for_rows(int64_t rows, int64_t n, const F& f) {
+  at::parallel_for(0, rows, std::max<int64_t>(1, GRAIN / n), f);
+}
+
+// Runs `partial(begin, end, slot)` for every chunk of CHUNK rows, then `fold(slot)` for the chunks one after another
+// in chunk order, whichever thread computed them: results folded this way are the same bits for any thread count.
+// Workers take chunks in increasing order, one at a time, one slot each (as torch's per-thread buffers): chunk c
+// reuses the slot of chunk c − slots, folded by then, since a worker takes a chunk only after folding its last.
+template <typename Partial, typename Fold>
+void run_chunks_in_order(int64_t rows, int64_t slots, const Partial& partial, const Fold& fold) {
+  const int64_t chunks = (rows + CHUNK - 1) / CHUNK;
+  std::atomic<int64_t> next{0}, folded{0};
+  auto worker = [&](int64_t, int64_t) {
+    for (int64_t c = next++; c < chunks; c = next++) {
+      const int64_t slot = c % slots;
+      partial(c * CHUNK, std::min(rows, (c + 1) * CHUNK), slot);
+      while (folded.load(std::memory_order_acquire) != c) std::this_thread::yield();
+      fold(slot);
+      folded.store(c + 1, std::memory_order_release);
+    }
+  };
+  if (slots == 1) worker(0, 1);
+  else at::parallel_for(0, slots, 1, worker);
+}
+
+// Worker slots for a call: one when it stays on the calling thread, else one per thread (at most one per chunk).
+int64_t worker_slots(int64_t rows, int64_t n) {
+  const int64_t chunks = (rows + CHUNK - 1) / CHUNK;
+  if (rows * n < GRAIN || at::get_num_threads() == 1 || at::in_parallel_region()) return 1;
+  return std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), chunks));
+}
+
+// dst[j] += src[j]
+void add_into(float* dst, const float* src, int64_t n) {
+  for (int64_t j = 0; j < n; ++j) dst[j] = dst[j] + src[j];
+}
+
+// ---- RMSNorm / LayerNorm forward --------------------------------------------------------------------------
+Mode rms_mode(c10::string_view casting, at::ScalarType norm_dtype) {
+  if (norm_dtype == at::kFloat || casting == "gemma") return Mode::rms_fp32;
+  if (casting == "llama") return Mode::rms_llama;
+  TORCH_CHECK(casting == "none", "unknown casting mode '", casting, "'; expected llama, gemma or none");
+  return Mode::rms_none;
+}
+
+// `offset + w` exactly as the reference forms it, as fp32 values: gemma (and fp32 sums) `w.float() + offset`,
+// llama `w.to(dtype) + offset`, none `(w + offset).to(dtype)`.
+Tensor rms_weight(const OptTensor& weight, double offset, Mode mode, at::ScalarType norm_dtype) {
+  if (!weight) return Tensor();
+  const Tensor& w = *weight;
+  switch (mode) {
+    case Mode::rms_llama: return as_fp32(offset != 0 ? w.to(norm_dtype) + offset : w.to(norm_dtype));
+    case Mode::rms_none: return as_fp32(offset != 0 ? (w + offset).to(norm_dtype) : w.to(norm_dtype));
+    default: return offset != 0 ? as_fp32(w.to(at::kFloat) + offset) : as_fp32(w);
+  }
+}
+
+struct FwdOut {
+  Tensor y, s, mean, rstd;
+};
+
+// y (and s) into `y_out` / `s_out` when given, else new tensors.
+FwdOut norm_forward(const Tensor& input, const OptTensor& residual, const Tensor& w32, const Tensor& b32,
+                    double eps, int64_t k, Mode mode, at::ScalarType sum_dtype, const OptTensor& y_out) {
+  const Tensor x = input.contiguous();
+  const int64_t n = x.size(-1), rows = x.numel() / n;
+  FwdOut out;
+  out.y = y_out ? *y_out : at::empty_like(x, at::MemoryFormat::Contiguous);
+  out.rstd = stats_like(x);
+  if (mode == Mode::layer) out.mean = stats_like(x);
+  Tensor r;
+  NormFwdArgs a{};
+  if (residual) {
+    r = residual->contiguous();
+    out.s = at::empty_like(x, x.options().dtype(sum_dtype), at::MemoryFormat::Contiguous);
+    a.r = r.const_data_ptr();
+    a.s = out.s.data_ptr();
+    a.r_t = dtype_of(r);
+    a.s_t = dtype_of(out.s);
+  } else {
+    a.r_t = a.s_t = dtype_of(x);
+  }
+  a.x = x.const_data_ptr();
+  a.y = out.y.data_ptr();
+  a.w = w32.defined() ? w32.const_data_ptr<float>() : ones(n);
+  a.b = b32.defined() ? b32.const_data_ptr<float>() : nullptr;
+  a.mean = out.mean.defined() ? out.mean.data_ptr<float>() : nullptr;
+  a.rstd = out.rstd.data_ptr<float>();
+  a.n = n;
+  a.k = k;
+  a.eps = static_cast<float>(eps);
+  a.x_t = dtype_of(x);
+  a.mode = mode;
+  const KernelTable& table = kernels();
+  for_rows(rows, n, [&](int64_t begin, int64_t end) { table.norm_fwd(a, begin, end); });
+  return out;
+}
+
+void check_k(int64_t k, int64_t n) { TORCH_CHECK(k >= 1 && k <= n, "k must be in [1, ", n, "], got ", k); }
+
+void check_residual(const Tensor& x, const Tensor& r, at::ScalarType sum_dtype) {
+  check_rows(r, "residual");
+  TORCH_CHECK(r.sizes() == x.sizes(), "residual must have the input's shape ", x.sizes(), ", got ", r.sizes());
+  TORCH_CHECK(r.scalar_type() == x.scalar_type() || r.scalar_type() == sum_dtype,
+              "the residual's dtype must be the input's or residual_dtype, got ", r.scalar_type());
+  TORCH_CHECK(sum_dtype == at::kFloat || sum_dtype == at::kBFloat16 || sum_dtype == at::kHalf,
+              "residual_dtype must be float32, bfloat16 or float16, got ", sum_dtype);
+}
+
+std::tuple<Tensor, Tensor> rms_norm_cpu(const Tensor& input, const OptTensor& weight, double eps,
+                                        c10::string_view casting, double offset, int64_t k) {
+  check_rows(input, "input");
+  check_param(weight, "weight", input.size(-1));
+  check_k(k, input.size(-1));
+  const Mode mode = rms_mode(casting, input.scalar_type());
+  auto out = norm_forward(input, std::nullopt, rms_weight(weight, offset, mode, input.scalar_type()), Tensor(), eps,
+                          k, mode, input.scalar_type(), std::nullopt);
+  return {out.y, out.rstd};
+}
+
+Tensor rms_norm_into_cpu(const Tensor& input, const OptTensor& weight, double eps, c10::string_view casting,
+                         double offset, int64_t k, Tensor& out) {
+  check_rows(input, "input");
+  check_param(weight, "weight", input.size(-1));
+  check_k(k, input.size(-1));
+  TORCH_CHECK(out.sizes() == input.sizes() && out.scalar_type() == input.scalar_type() && out.is_contiguous(),
+              "out must be a contiguous tensor of the input's shape and dtype");
+  const Mode mode = rms_mode(casting, input.scalar_type());
+  return norm_forward(input, std::nullopt, rms_weight(weight, offset, mode, input.scalar_type()), Tensor(), eps, k,
+                      mode, input.scalar_type(), out).rstd;
+}
+
+std::tuple<Tensor, Tensor, Tensor> add_rms_norm_cpu(const Tensor& input, const Tensor& residual,
+                                                    const OptTensor& weight, double eps, c10::string_view casting,
+                                                    double offset, int64_t k, at::ScalarType residual_dtype) {
+  check_rows(input, "input");
+  check_residual(input, residual, residual_dtype);
+  check_param(weight, "weight", input.size(-1));
+  check_k(k, input.size(-1));
+  const Mode mode = rms_mode(casting, residual_dtype);
+  auto out = norm_forward(input, residual, rms_weight(weight, offset, mode, residual_dtype), Tensor(), eps, k, mode,
+                          residual_dtype, std::nullopt);
+  return {out.y, out.s, out.rstd};
+}
+
+std::tuple<Tensor, Tensor, Tensor> layer_norm_cpu(const Tensor& input, const OptTensor& weight, const OptTensor& bias,
+                                                  double eps) {
+  check_rows(input, "input");
+  check_param(weight, "weight", input.size(-1));
+  check_param(bias, "bias", input.size(-1));
+  const int64_t n = input.size(-1);
+  auto out = norm_forward(input, std::nullopt, weight ? as_fp32(*weight) : Tensor(), bias ? as_fp32(*bias) : Tensor(),
+                          eps, n, Mode::layer, input.scalar_type(), std::nullopt);
+  return {out.y, out.mean, out.rstd};
+}
+
+std::tuple<Tensor, Tensor> layer_norm_into_cpu(const Tensor& input, const OptTensor& weight, const OptTensor& bias,
+                                               double eps, Tensor& out) {
+  check_rows(input, "input");
+  check_param(weight, "weight", input.size(-1));
+  check_param(bias, "bias", input.size(-1));
+  TORCH_CHECK(out.sizes() == input.sizes() && out.scalar_type() == input.scalar_type() && out.is_contiguous(),
+              "out must be a contiguous tensor of the input's shape and dtype");
+  auto res = norm_forward(input, std::nullopt, weight ? as_fp32(*weight) : Tensor(), bias ? as_fp32(*bias) : Tensor(),
+                          eps, input.size(-1), Mode::layer, input.scalar_type(), out);
+  return {res.mean, res.rstd};
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor> add_layer_norm_cpu(const Tensor& input, const Tensor& residual,
+                                                              const OptTensor& weight, const OptTensor& bias,
+                                                              double eps, at::ScalarType residual_dtype) {
+  check_rows(input, "input");
+  check_residual(input, residual, residual_dtype);
+  check_param(weight, "weight", input.size(-1));
+  check_param(bias, "bias", input.size(-1));
+  auto out = norm_forward(input, residual, weight ? as_fp32(*weight) : Tensor(), bias ? as_fp32(*bias) : Tensor(), eps,
+                          input.size(-1), Mode::layer, residual_dtype, std::nullopt);
+  return {out.y, out.s, out.mean, out.rstd};
+}
+
+// ---- RMSNorm / LayerNorm backward -------------------------------------------------------------------------
+// (dx, dw_fp32, db_fp32); dw/db are empty when not wanted.
+std::tuple<Tensor, Tensor, Tensor> norm_backward(const Tensor& grad, const Tensor& input, const Tensor& w32,
+                                                 const Tensor& mean, const Tensor& rstd, int64_t k,
+                                                 const OptTensor& grad_sum, bool layer, bool want_dw, bool want_db) {
+  check_rows(input, "input");
+  TORCH_CHECK(grad.sizes() == input.sizes() && grad.scalar_type() == input.scalar_type(),
+              "grad must have the input's shape and dtype");
+  const Tensor x = input.contiguous(), dy = grad.contiguous();
+  const int64_t n = x.size(-1), rows = x.numel() / n;
+  TORCH_CHECK(rstd.numel() == rows && rstd.scalar_type() == at::kFloat, "rstd must hold one fp32 value per row");
+  const Tensor rs = rstd.contiguous(), mu = layer ? mean.contiguous() : Tensor();
+  Tensor ds;
+  if (grad_sum) {
+    TORCH_CHECK(grad_sum->sizes() == x.sizes(), "grad_sum must have the input's shape");
+    ds = grad_sum->to(x.scalar_type()).contiguous();
+  }
+  Tensor dx = at::empty_like(x, at::MemoryFormat::Contiguous);
+  const int64_t slots = worker_slots(rows, n);
+  const auto f32 = x.options().dtype(at::kFloat);
+  Tensor pw = at::empty({slots, n}, f32), pb = layer && want_db ? at::empty({slots, n}, f32) : Tensor();
+  Tensor dw = at::zeros({n}, f32), db = pb.defined() ? at::zeros({n}, f32) : Tensor();
+  NormBwdArgs a{};
+  a.dy = dy.const_data_ptr();
+  a.x = x.const_data_ptr();
+  a.dsum = ds.defined() ? ds.const_data_ptr() : nullptr;
+  a.dx = dx.data_ptr();
+  a.w = w32.defined() ? w32.const_data_ptr<float>() : ones(n);
+  a.mean = layer ? mu.const_data_ptr<float>() : nullptr;
+  a.rstd = rs.const_data_ptr<float>();
+  a.n = n;
+  a.k = k;
+  a.t = dtype_of(x);
+  a.layer = layer;
+  const KernelTable& table = kernels();
+  float *pw0 = pw.data_ptr<float>(), *pb0 = pb.defined() ? pb.data_ptr<float>() : nullptr;
+  run_chunks_in_order(rows, slots, [&](int64_t begin, int64_t end, int64_t slot) {
+    NormBwdArgs part = a;
+    part.pw = pw0 + slot * n;
+    part.pb = pb0 ? pb0 + slot * n : nullptr;
+    std::fill(part.pw, part.pw + n, 0.f);
+    if (part.pb) std::fill(part.pb, part.pb + n, 0.f);
+    table.norm_bwd(part, begin, end);
+  }, [&](int64_t slot) {
+    if (want_dw) add_into(dw.data_ptr<float>(), pw0 + slot * n, n);
+    if (pb0) add_into(db.data_ptr<float>(), pb0 + slot * n, n);
+  });
+  return {dx, want_dw ? dw : Tensor(), db};
+}
+
+Tensor bwd_weight(const OptTensor& weight, double offset) {
+  if (!weight) return Tensor();
+  return offset != 0 ? as_fp32(weight->to(at::kFloat) + offset) : as_fp32(*weight);
+}
+
+// A wanted gradient in the parameter's dtype; an empty tensor when not wanted (the schemas return tensors).
+Tensor in_dtype(const Tensor& g, const OptTensor& like) {
+  return g.defined() && like ? g.to(like->scalar_type()) : at::empty({0}, at::kFloat);
+}
+
+Tensor in_dtype_of(const Tensor& g, const c10::IValue& dtype) { return g.defined() ? g.to(dtype.toScalarType()) : g; }
+
+// The autograd side: an empty gradient is no gradient.
+Tensor grad_or_none(const Tensor& g) { return g.defined() && g.numel() ? g : Tensor(); }
+
+std::tuple<Tensor, Tensor> rms_norm_backward_cpu(const Tensor& grad, const Tensor& input, const OptTensor& weight,
+                                                 const Tensor& rstd, double offset, int64_t k,
+                                                 const OptTensor& grad_sum, bool weight_grad) {
+  check_param(weight, "weight", input.size(-1));
+  check_k(k, input.size(-1));
+  auto [dx, dw, db] = norm_backward(grad, input, bwd_weight(weight, offset), Tensor(), rstd, k, grad_sum, false,
+                                    weight_grad && weight.has_value(), false);
+  return {dx, in_dtype(dw, weight)};
+}
+
+std::tuple<Tensor, Tensor, Tensor> layer_norm_backward_cpu(const Tensor& grad, const Tensor& input,
+                                                           const OptTensor& weight, const Tensor& mean,
+                                                           const Tensor& rstd, const OptTensor& grad_sum,
+                                                           bool weight_grad, bool bias_grad) {
+  check_param(weight, "weight", input.size(-1));
+  TORCH_CHECK(mean.numel() == rstd.numel() && mean.scalar_type() == at::kFloat, "mean must hold one fp32 value per row");
+  auto [dx, dw, db] = norm_backward(grad, input, bwd_weight(weight, 0.0), mean, rstd, input.size(-1), grad_sum, true,
+                                    weight_grad && weight.has_value(), bias_grad);
+  return {dx, in_dtype(dw, weight), db.defined() ? db : at::empty({0}, at::kFloat)};
+}
+
+// ---- DyT ---------------------------------------------------------------------------------------------------
+float alpha_value(const Tensor& alpha) {
+  TORCH_CHECK(alpha.numel() == 1 && alpha.device().is_cpu(), "alpha must be a one-element CPU tensor");
+  return alpha.to(at::kFloat).item<float>();
+}
+
+Tensor dyt_cpu(const Tensor& input, const Tensor& alpha, const OptTensor& weight, const OptTensor& bias) {
+  check_rows(input, "input");
+  const int64_t n = input.size(-1);
+  check_param(weight, "weight", n);
+  check_param(bias, "bias", n);
+  const Tensor x = input.contiguous();
+  Tensor y = at::empty_like(x, at::MemoryFormat::Contiguous);
+  const Tensor w = weight ? as_fp32(*weight) : Tensor(), b = bias ? as_fp32(*bias) : Tensor();
+  DytFwdArgs a{x.const_data_ptr(), y.data_ptr(), w.defined() ? w.const_data_ptr<float>() : nullptr,
+               b.defined() ? b.const_data_ptr<float>() : nullptr, alpha_value(alpha), n, dtype_of(x)};
+  const KernelTable& table = kernels();
+  for_rows(x.numel() / n, n, [&](int64_t begin, int64_t end) { table.dyt_fwd(a, begin, end); });
+  return y;
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor> dyt_backward_cpu(const Tensor& grad, const Tensor& input,
+                                                            const Tensor& alpha, const OptTensor& weight,
+                                                            bool weight_grad, bool bias_grad) {
+  check_rows(input, "input");
+  TORCH_CHECK(grad.sizes() == input.sizes() && grad.scalar_type() == input.scalar_type(),
+              "grad must have the input's shape and dtype");
+  const int64_t n = input.size(-1), rows = input.numel() / n;
+  check_param(weight, "weight", n);
+  const Tensor x = input.contiguous(), dy = grad.contiguous();
+  Tensor dx = at::empty_like(x, at::MemoryFormat::Contiguous);
+  const Tensor w = weight ? as_fp32(*weight) : Tensor();
+  const int64_t slots = worker_slots(rows, n);
+  const auto f32 = x.options().dtype(at::kFloat);
+  Tensor pw = weight_grad ? at::empty({slots, n}, f32) : Tensor(), pb = bias_grad ? at::empty({slots, n}, f32) : Tensor();
+  std::vector<float> pa(slots);
+  Tensor dw = weight_grad ? at::zeros({n}, f32) : at::empty({0}, f32), db = bias_grad ? at::zeros({n}, f32) : at::empty({0}, f32);
+  float dalpha_sum = 0.f;
+  DytBwdArgs a{dy.const_data_ptr(), x.const_data_ptr(), dx.data_ptr(), w.defined() ? w.const_data_ptr<float>() : nullptr,
+               alpha_value(alpha), nullptr, nullptr, nullptr, n, dtype_of(x)};
+  const KernelTable& table = kernels();
+  float *pw0 = pw.defined() ? pw.data_ptr<float>() : nullptr, *pb0 = pb.defined() ? pb.data_ptr<float>() : nullptr;
+  run_chunks_in_order(rows, slots, [&](int64_t begin, int64_t end, int64_t slot) {
+    DytBwdArgs part = a;
+    part.pw = pw0 ? pw0 + slot * n : nullptr;
+    part.pb = pb0 ? pb0 + slot * n : nullptr;
+    part.palpha = &pa[slot];
+    if (part.pw) std::fill(part.pw, part.pw + n, 0.f);
+    if (part.pb) std::fill(part.pb, part.pb + n, 0.f);
+    pa[slot] = 0.f;
+    table.dyt_bwd(part, begin, end);
+  }, [&](int64_t slot) {
+    if (pw0) add_into(dw.data_ptr<float>(), pw0 + slot * n, n);
+    if (pb0) add_into(db.data_ptr<float>(), pb0 + slot * n, n);
+    dalpha_sum = dalpha_sum + pa[slot];
+  });
+  const Tensor dalpha = at::full(alpha.sizes(), dalpha_sum, f32).to(alpha.scalar_type());
+  if (weight_grad && weight) dw = dw.to(weight->scalar_type());
+  return {dx, dalpha, dw, db};
+}
+
+// ---- double backward: the differentiable formulas, recomputing the statistics from x ------------------------
+Tensor row_mean(const Tensor& t) { return t.mean(-1, true); }
+
+std::tuple<Tensor, Tensor> rms_norm_backward_composite(const Tensor& dy, const Tensor& x, const OptTensor& weight,
+                                                       double offset, int64_t k, double eps) {
+  const Tensor xf = x.to(at::kFloat), dyf = dy.to(at::kFloat);
+  const int64_t n = x.size(-1);
+  const Tensor r = at::rsqrt(row_mean(xf.narrow(-1, 0, k).square()) + eps);
+  const Tensor xhat = xf * r;
+  const Tensor g = weight ? dyf * (weight->to(at::kFloat) + offset) : dyf;
+  const Tensor proj = (g * xhat).sum(-1, true) / static_cast<double>(k);
+  Tensor dx = r * g;
+  if (k == n) dx = dx - r * xhat * proj;
+  else dx = at::cat({dx.narrow(-1, 0, k) - r * xhat.narrow(-1, 0, k) * proj, dx.narrow(-1, k, n - k)}, -1);
+  Tensor dw;
+  if (weight) dw = at::where(dyf == 0, at::zeros({}, dyf.options()), dyf * xhat).reshape({-1, n}).sum(0).to(weight->scalar_type());
+  return {dx.to(x.scalar_type()), dw};
+}
+
+std::tuple<Tensor, Tensor, Tensor> layer_norm_backward_composite(const Tensor& dy, const Tensor& x,
+                                                                 const OptTensor& weight, bool bias, double eps) {
+  const Tensor xf = x.to(at::kFloat), dyf = dy.to(at::kFloat);
+  const int64_t n = x.size(-1);
+  Tensor d = xf - row_mean(xf);
+  d = d - row_mean(d);
+  const Tensor r = at::rsqrt(row_mean(d.square()) + eps);
+  const Tensor xhat = d * r;
+  const Tensor g = weight ? dyf * weight->to(at::kFloat) : dyf;
+  const Tensor dx = r * (g - row_mean(g) - xhat * row_mean(g * xhat));
+  Tensor dw, db;
+  if (weight) dw = at::where(dyf == 0, at::zeros({}, dyf.options()), dyf * xhat).reshape({-1, n}).sum(0).to(weight->scalar_type());
+  if (bias) db = dyf.reshape({-1, n}).sum(0);
+  return {dx.to(x.scalar_type()), dw, db};
+}
+
+// ---- autograd -------------------------------------------------------------------------------------------------
+// A typed handle to one of this library's ops, looked up once.
+#define NORMLAB_OP(name, sig) \
+  ([]() -> auto& { static auto op = c10::Dispatcher::singleton().findSchemaOrThrow("normlab::" name, "").typed<sig>(); return op; }())
+
+using RmsFwdSig = std::tuple<Tensor, Tensor>(const Tensor&, const OptTensor&, double, c10::string_view, double, int64_t);
+using RmsBwdSig = std::tuple<Tensor, Tensor>(const Tensor&, const Tensor&, const OptTensor&, const Tensor&, double,
+                                             int64_t, const OptTensor&, bool);
+using AddRmsSig = std::tuple<Tensor, Tensor, Tensor>(const Tensor&, const Tensor&, const OptTensor&, double,
+                                                     c10::string_view, double, int64_t, at::ScalarType);
+using LnFwdSig = std::tuple<Tensor, Tensor, Tensor>(const Tensor&, const OptTensor&, const OptTensor&, double);
+using LnBwdSig = std::tuple<Tensor, Tensor, Tensor>(const Tensor&, const Tensor&, const OptTensor&, const Tensor&,
+                                                    const Tensor&, const OptTensor&, bool, bool);
+using AddLnSig = std::tuple<Tensor, Tensor, Tensor, Tensor>(const Tensor&, const Tensor&, const OptTensor&,
+                                                            const OptTensor&, double, at::ScalarType);
+using DytFwdSig = Tensor(const Tensor&, const Tensor&, const OptTensor&, const OptTensor&);
+using DytBwdSig = std::tuple<Tensor, Tensor, Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&,
+                                                             const OptTensor&, bool, bool);
+
+OptTensor saved_opt(const Tensor& t) { return t.defined() ? OptTensor(t) : std::nullopt; }
+bool wants(const OptTensor& t) { return t && t->requires_grad(); }
+
+class RmsNormFunction : public torch::autograd::Function<RmsNormFunction> {
+ public:
+  static variable_list forward(AutogradContext* ctx, const Tensor& input, const OptTensor& weight, double eps,
+                               c10::string_view casting, double offset, int64_t k) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    auto [y, rstd] = NORMLAB_OP("rms_norm", RmsFwdSig).call(input, weight, eps, casting, offset, k);
+    ctx->save_for_backward({input, weight.value_or(Tensor()), rstd});
+    ctx->saved_data["offset"] = offset;
+    ctx->saved_data["k"] = k;
+    ctx->saved_data["eps"] = eps;
+    ctx->saved_data["dw"] = wants(weight);
+    ctx->mark_non_differentiable({rstd});
+    ctx->set_materialize_grads(false);
+    return {y, rstd};
+  }
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const Tensor& dy = grads[0];
+    if (!dy.defined()) return {Tensor(), Tensor(), Tensor(), Tensor(), Tensor(), Tensor()};
+    auto saved = ctx->get_saved_variables();
+    const OptTensor weight = saved_opt(saved[1]);
+    const double offset = ctx->saved_data["offset"].toDouble(), eps = ctx->saved_data["eps"].toDouble();
+    const int64_t k = ctx->saved_data["k"].toInt();
+    Tensor dx, dw;
+    if (at::GradMode::is_enabled()) {
+      std::tie(dx, dw) = rms_norm_backward_composite(dy, saved[0], weight, offset, k, eps);
+    } else {
+      std::tie(dx, dw) = NORMLAB_OP("rms_norm_backward", RmsBwdSig)
+                             .call(dy, saved[0], weight, saved[2], offset, k, std::nullopt, ctx->saved_data["dw"].toBool());
+    }
+    return {dx, grad_or_none(dw), Tensor(), Tensor(), Tensor(), Tensor()};
+  }
+};
+
+class AddRmsNormFunction : public torch::autograd::Function<AddRmsNormFunction> {
+ public:
+  static variable_list forward(AutogradContext* ctx, const Tensor& input, const Tensor& residual,
+                               const OptTensor& weight, double eps, c10::string_view casting, double offset, int64_t k,
+                               at::ScalarType residual_dtype) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    auto [y, s, rstd] = NORMLAB_OP("add_rms_norm", AddRmsSig).call(input, residual, weight, eps, casting, offset, k, residual_dtype);
+    ctx->save_for_backward({s, weight.value_or(Tensor()), rstd});
+    ctx->saved_data["offset"] = offset;
+    ctx->saved_data["k"] = k;
+    ctx->saved_data["eps"] = eps;
+    ctx->saved_data["dw"] = wants(weight);
+    ctx->saved_data["x_dtype"] = input.scalar_type();
+    ctx->saved_data["r_dtype"] = residual.scalar_type();
+    ctx->mark_non_differentiable({rstd});
+    ctx->set_materialize_grads(false);
+    return {y, s, rstd};
+  }
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const Tensor &dy = grads[0], &dsum = grads[1];
+    const auto x_dtype = ctx->saved_data["x_dtype"].toScalarType(), r_dtype = ctx->saved_data["r_dtype"].toScalarType();
+    const Tensor none;
+    if (!dy.defined()) {  // only s was used: its gradient passes through the add
+      if (!dsum.defined()) return {none, none, none, none, none, none, none, none};
+      return {dsum.to(x_dtype), dsum.to(r_dtype), none, none, none, none, none, none};
+    }
+    auto saved = ctx->get_saved_variables();
+    const Tensor& s = saved[0];
+    const OptTensor weight = saved_opt(saved[1]);
+    const double offset = ctx->saved_data["offset"].toDouble(), eps = ctx->saved_data["eps"].toDouble();
+    const int64_t k = ctx->saved_data["k"].toInt();
+    Tensor ds, dw;
+    if (at::GradMode::is_enabled()) {
+      std::tie(ds, dw) = rms_norm_backward_composite(dy.to(s.scalar_type()), s, weight, offset, k, eps);
+      if (dsum.defined()) ds = ds + dsum.to(s.scalar_type());
+    } else {
+      std::tie(ds, dw) = NORMLAB_OP("rms_norm_backward", RmsBwdSig)
+                             .call(dy.to(s.scalar_type()), s, weight, saved[2], offset, k, saved_opt(dsum),
+                                   ctx->saved_data["dw"].toBool());
+    }
+    return {ds.to(x_dtype), ds.to(r_dtype), grad_or_none(dw), none, none, none, none, none};
+  }
+};
+
+class LayerNormFunction : public torch::autograd::Function<LayerNormFunction> {
+ public:
+  static variable_list forward(AutogradContext* ctx, const Tensor& input, const OptTensor& weight,
+                               const OptTensor& bias, double eps) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    auto [y, mean, rstd] = NORMLAB_OP("layer_norm", LnFwdSig).call(input, weight, bias, eps);
+    ctx->save_for_backward({input, weight.value_or(Tensor()), mean, rstd});
+    ctx->saved_data["eps"] = eps;
+    ctx->saved_data["dw"] = wants(weight);
+    ctx->saved_data["db"] = wants(bias);
+    ctx->saved_data["bias"] = bias.has_value();
+    ctx->saved_data["bias_dtype"] = bias ? bias->scalar_type() : at::kFloat;
+    ctx->mark_non_differentiable({mean, rstd});
+    ctx->set_materialize_grads(false);
+    return {y, mean, rstd};
+  }
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const Tensor& dy = grads[0];
+    const Tensor none;
+    if (!dy.defined()) return {none, none, none, none};
+    auto saved = ctx->get_saved_variables();
+    const OptTensor weight = saved_opt(saved[1]);
+    Tensor dx, dw, db;
+    if (at::GradMode::is_enabled()) {
+      std::tie(dx, dw, db) = layer_norm_backward_composite(dy, saved[0], weight, ctx->saved_data["bias"].toBool(),
+                                                           ctx->saved_data["eps"].toDouble());
+    } else {
+      std::tie(dx, dw, db) = NORMLAB_OP("layer_norm_backward", LnBwdSig)
+                                 .call(dy, saved[0], weight, saved[2], saved[3], std::nullopt,
+                                       ctx->saved_data["dw"].toBool(), ctx->saved_data["db"].toBool());
+    }
+    return {dx, grad_or_none(dw), in_dtype_of(grad_or_none(db), ctx->saved_data["bias_dtype"]), none};
+  }
+};
+
+class AddLayerNormFunction : public torch::autograd::Function<AddLayerNormFunction> {
+ public:
+  static variable_list forward(AutogradContext* ctx, const Tensor& input, const Tensor& residual,
+                               const OptTensor& weight, const OptTensor& bias, double eps,
+                               at::ScalarType residual_dtype) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    auto [y, s, mean, rstd] = NORMLAB_OP("add_layer_norm", AddLnSig).call(input, residual, weight, bias, eps, residual_dtype);
+    ctx->save_for_backward({s, weight.value_or(Tensor()), mean, rstd});
+    ctx->saved_data["eps"] = eps;
+    ctx->saved_data["dw"] = wants(weight);
+    ctx->saved_data["db"] = wants(bias);
+    ctx->saved_data["bias"] = bias.has_value();
+    ctx->saved_data["bias_dtype"] = bias ? bias->scalar_type() : at::kFloat;
+    ctx->saved_data["x_dtype"] = input.scalar_type();
+    ctx->saved_data["r_dtype"] = residual.scalar_type();
+    ctx->mark_non_differentiable({mean, rstd});
+    ctx->set_materialize_grads(false);
+    return {y, s, mean, rstd};
+  }
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const Tensor &dy = grads[0], &dsum = grads[1];
+    const auto x_dtype = ctx->saved_data["x_dtype"].toScalarType(), r_dtype = ctx->saved_data["r_dtype"].toScalarType();
+    const Tensor none;
+    if (!dy.defined()) {
+      if (!dsum.defined()) return {none, none, none, none, none, none};
+      return {dsum.to(x_dtype), dsum.to(r_dtype), none, none, none, none};
+    }
+    auto saved = ctx->get_saved_variables();
+    const Tensor& s = saved[0];
+    const OptTensor weight = saved_opt(saved[1]);
+    Tensor ds, dw, db;
+    if (at::GradMode::is_enabled()) {
+      std::tie(ds, dw, db) = layer_norm_backward_composite(dy.to(s.scalar_type()), s, weight,
+                                                           ctx->saved_data["bias"].toBool(), ctx->saved_data["eps"].toDouble());
+      if (dsum.defined()) ds = ds + dsum.to(s.scalar_type());
+    } else {
+      std::tie(ds, dw, db) = NORMLAB_OP("layer_norm_backward", LnBwdSig)
+                                 .call(dy.to(s.scalar_type()), s, weight, saved[2], saved[3], saved_opt(dsum),
+                                       ctx->saved_data["dw"].toBool(), ctx->saved_data["db"].toBool());
+    }
+    return {ds.to(x_dtype), ds.to(r_dtype), grad_or_none(dw), in_dtype_of(grad_or_none(db), ctx->saved_data["bias_dtype"]), none, none};
+  }
+};
+
+class DytFunction : public torch::autograd::Function<DytFunction> {
+ public:
+  static variable_list forward(AutogradContext* ctx, const Tensor& input, const Tensor& alpha, const OptTensor& weight,
+                               const OptTensor& bias) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    Tensor y = NORMLAB_OP("dyt", DytFwdSig).call(input, alpha, weight, bias);
+    ctx->save_for_backward({input, alpha, weight.value_or(Tensor())});
+    ctx->saved_data["dw"] = weight.has_value();
+    ctx->saved_data["db"] = bias.has_value();
+    ctx->saved_data["bias_dtype"] = bias ? bias->scalar_type() : at::kFloat;
+    return {y};
+  }
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    auto saved = ctx->get_saved_variables();
+    const Tensor &x = saved[0], &alpha = saved[1];
+    const OptTensor weight = saved_opt(saved[2]);
+    if (at::GradMode::is_enabled()) {  // double backward: the differentiable formula
+      const Tensor xf = x.to(at::kFloat), dyf = grads[0].to(at::kFloat), a = alpha.to(at::kFloat).reshape({});
+      const Tensor t = at::tanh(a * xf);
+      const Tensor g = weight ? dyf * weight->to(at::kFloat) : dyf;
+      const Tensor dt = g * (1 - t * t);
+      const Tensor zero = at::zeros({}, dyf.options());
+      const int64_t n = x.size(-1);
+      Tensor dw = weight ? at::where(dyf == 0, zero, dyf * t).reshape({-1, n}).sum(0).to(weight->scalar_type()) : Tensor();
+      Tensor db = ctx->saved_data["db"].toBool() ? dyf.reshape({-1, n}).sum(0).to(ctx->saved_data["bias_dtype"].toScalarType()) : Tensor();
+      return {(dt * a).to(x.scalar_type()), at::where(dyf == 0, zero, dt * xf).sum().reshape(alpha.sizes()).to(alpha.scalar_type()), dw, db};
+    }
+    auto [dx, dalpha, dw, db] = NORMLAB_OP("dyt_backward", DytBwdSig)
+                                    .call(grads[0], x, alpha, weight, ctx->saved_data["dw"].toBool(), ctx->saved_data["db"].toBool());
+    return {dx, dalpha, grad_or_none(dw), in_dtype_of(grad_or_none(db), ctx->saved_data["bias_dtype"])};
+  }
+};
+
+std::tuple<Tensor, Tensor> rms_norm_autograd(const Tensor& input, const OptTensor& weight, double eps,
+                                             c10::string_view casting, double offset, int64_t k) {
+  auto out = RmsNormFunction::apply(input, weight, eps, casting, offset, k);
+  return {out[0], out[1]};
+}
+
+std::tuple<Tensor, Tensor, Tensor> add_rms_norm_autograd(const Tensor& input, const Tensor& residual,
+                                                         const OptTensor& weight, double eps, c10::string_view casting,
+                                                         double offset, int64_t k, at::ScalarType residual_dtype) {
+  auto out = AddRmsNormFunction::apply(input, residual, weight, eps, casting, offset, k, residual_dtype);
+  return {out[0], out[1], out[2]};
+}
+
+std::tuple<Tensor, Tensor, Tensor> layer_norm_autograd(const Tensor& input, const OptTensor& weight,
+                                                       const OptTensor& bias, double eps) {
+  auto out = LayerNormFunction::apply(input, weight, bias, eps);
+  return {out[0], out[1], out[2]};
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor> add_layer_norm_autograd(const Tensor& input, const Tensor& residual,
+                                                                   const OptTensor& weight, const OptTensor& bias,
+                                                                   double eps, at::ScalarType residual_dtype) {
+  auto out = AddLayerNormFunction::apply(input, residual, weight, bias, eps, residual_dtype);
+  return {out[0], out[1], out[2], out[3]};
+}
+
+Tensor dyt_autograd(const Tensor& input, const Tensor& alpha, const OptTensor& weight, const OptTensor& bias) {
+  return DytFunction::apply(input, alpha, weight, bias)[0];
+}
+
+}  // namespace
+
+TORCH_LIBRARY(normlab, m) {
+  m.def("rms_norm(Tensor input, Tensor? weight, float eps, str casting, float offset, int k) -> (Tensor, Tensor)");
+  m.def("rms_norm_backward(Tensor grad, Tensor input, Tensor? weight, Tensor rstd, float offset, int k, "
+        "Tensor? grad_sum, bool weight_grad) -> (Tensor, Tensor)");
+  m.def("rms_norm_into(Tensor input, Tensor? weight, float eps, str casting, float offset, int k, Tensor(a!) out) -> Tensor");
+  m.def("add_rms_norm(Tensor input, Tensor residual, Tensor? weight, float eps, str casting, float offset, int k, "
+        "ScalarType residual_dtype) -> (Tensor, Tensor, Tensor)");
+  m.def("layer_norm(Tensor input, Tensor? weight, Tensor? bias, float eps) -> (Tensor, Tensor, Tensor)");
+  m.def("layer_norm_backward(Tensor grad, Tensor input, Tensor? weight, Tensor mean, Tensor rstd, Tensor? grad_sum, "
+        "bool weight_grad, bool bias_grad) -> (Tensor, Tensor, Tensor)");
+  m.def("layer_norm_into(Tensor input, Tensor? weight, Tensor? bias, float eps, Tensor(a!) out) -> (Tensor, Tensor)");
+  m.def("add_layer_norm(Tensor input, Tensor residual, Tensor? weight, Tensor? bias, float eps, "
+        "ScalarType residual_dtype) -> (Tensor, Tensor, Tensor, Tensor)");
+  m.def("dyt(Tensor input, Tensor alpha, Tensor? weight, Tensor? bias) -> Tensor");
+  m.def("dyt_backward(Tensor grad, Tensor input, Tensor alpha, Tensor? weight, bool weight_grad, bool bias_grad) "
+        "-> (Tensor, Tensor, Tensor, Tensor)");
+  m.def("cpu_isa() -> str", &cpu_isa);
+  m.def("cpu_isas() -> str[]", &cpu_isas);
+  m.def("set_cpu_isa(str isa) -> str", &set_cpu_isa);
+}
+
+TORCH_LIBRARY_IMPL(normlab, CPU, m) {
+  m.impl("rms_norm", &rms_norm_cpu);
+  m.impl("rms_norm_backward", &rms_norm_backward_cpu);
+  m.impl("rms_norm_into", &rms_norm_into_cpu);
+  m.impl("add_rms_norm", &add_rms_norm_cpu);
+  m.impl("layer_norm", &layer_norm_cpu);
+  m.impl("layer_norm_backward", &layer_norm_backward_cpu);
+  m.impl("layer_norm_into", &layer_norm_into_cpu);
+  m.impl("add_layer_norm", &add_layer_norm_cpu);
+  m.impl("dyt", &dyt_cpu);
+  m.impl("dyt_backward", &dyt_backward_cpu);
+}
+
+TORCH_LIBRARY_IMPL(normlab, Autograd, m) {
+  m.impl("rms_norm", &rms_norm_autograd);
+  m.impl("add_rms_norm", &add_rms_norm_autograd);
+  m.impl("layer_norm", &layer_norm_autograd);
+  m.impl("add_layer_norm", &add_layer_norm_autograd);
+  m.impl("dyt", &dyt_autograd);
+}
+
+}  // namespace normlab::cpu
+
+// An importable module (normlab.kernels.cpu._C): importing it runs the registrations above.
+#include <Python.h>
+PyMODINIT_FUNC PyInit__C(void) {
+  static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module);
+}

@@ -1,0 +1,85 @@
+// The boundary between the op layer (ops.cpp, built once) and the kernels (kernels.h, built once per
+// ISA level): plain argument packs and a table of row-range functions. Nothing here depends on the ISA.
+#pragma once
+
+#include <cstdint>
+
+namespace normlab::cpu {
+
+enum class Dtype : int8_t { f32, bf16, f16 };
+
+// RMSNorm casting modes as the kernels see them (the weights are already `offset + w`, rounded as the
+// mode prescribes), and LayerNorm.
+enum class Mode : int8_t { rms_fp32, rms_llama, rms_none, layer };
+
+struct NormFwdArgs {
+  const void* x;       // (rows, n), dtype x_t; y has the same dtype
+  const void* r;       // fused add: the residual (dtype r_t), else null
+  void* s;             // fused add: s = x + r (dtype s_t), else null
+  void* y;
+  const float* w;      // n fp32 values: the effective weights (ones when there is none)
+  const float* b;      // LayerNorm bias, or null
+  float* mean;         // LayerNorm only
+  float* rstd;
+  int64_t n, k;        // row length; RMSNorm: leading elements of the statistic
+  float eps;
+  Dtype x_t, r_t, s_t; // not fused: s_t == x_t (the norm's own dtype)
+  Mode mode;
+};
+
+struct NormBwdArgs {
+  const void* dy;      // all four (rows, n), dtype t
+  const void* x;
+  const void* dsum;    // fused add: gradient of s, added to dx; else null
+  void* dx;
+  const float* w;      // n fp32 values (offset + w), ones when there is none
+  const float* mean;   // LayerNorm only
+  const float* rstd;
+  float* pw;           // n fp32: Σ over the range's rows of dy·x̂, added in row order
+  float* pb;           // LayerNorm: Σ dy, or null
+  int64_t n, k;
+  Dtype t;
+  bool layer;
+};
+
+struct DytFwdArgs {
+  const void* x;       // (rows, n), dtype t; y the same
+  void* y;
+  const float* w;      // n fp32 values or null
+  const float* b;      // n fp32 values or null
+  float alpha;
+  int64_t n;
+  Dtype t;
+};
+
+struct DytBwdArgs {
+  const void* dy;
+  const void* x;
+  void* dx;
+  const float* w;      // or null
+  float alpha;
+  float* pw;           // n fp32 partial of Σ dy·tanh(αx), or null
+  float* pb;           // n fp32 partial of Σ dy, or null
+  float* palpha;       // one fp32 partial of Σ dy·w·(1 − t²)·x
+  int64_t n;
+  Dtype t;
+};
+
+using NormFwdFn = void (*)(const NormFwdArgs&, int64_t row_begin, int64_t row_end);
+using NormBwdFn = void (*)(const NormBwdArgs&, int64_t row_begin, int64_t row_end);
+using DytFwdFn = void (*)(const DytFwdArgs&, int64_t row_begin, int64_t row_end);
+using DytBwdFn = void (*)(const DytBwdArgs&, int64_t row_begin, int64_t row_end);
+
+struct KernelTable {
+  const char* isa;
+  NormFwdFn norm_fwd;
+  NormBwdFn norm_bwd;
+  DytFwdFn dyt_fwd;
+  DytBwdFn dyt_bwd;
+};
+
+// One per ISA build (kernels_<isa>.cpp).
+const KernelTable& kernels_avx2();
+const KernelTable& kernels_avx512();
+
+}  // namespace normlab::cpu

@@ -1,0 +1,57 @@
+"""Builds normlab's native CPU operators (normlab.kernels.cpu._C) with torch.utils.cpp_extension.
+
+The kernels (kernels.h) are compiled once per ISA level with that level's flags and linked into one
+library, the lowest level first; ops.cpp picks one at load time from the CPU. Install with
+``pip install --no-build-isolation .`` after torch, so the build uses the installed torch.
+``NORMLAB_SANITIZE=1`` builds with AddressSanitizer and UndefinedBehaviorSanitizer.
+"""
+
+import os
+import platform
+
+from setuptools import setup
+
+try:
+    from torch.utils.cpp_extension import BuildExtension, CppExtension
+except ImportError as exc:  # an isolated build environment has no torch
+    raise SystemExit(
+        "normlab builds its C++ extension against the installed torch: install torch first, then "
+        "`pip install --no-build-isolation normlab` (an isolated build would pull a CUDA torch)"
+    ) from exc
+
+CSRC = "normlab/kernels/cpu/csrc"
+# -ffp-contract=off: no FMA is fused in, so every ISA build computes the same IEEE operations.
+COMMON = ["-O3", "-std=c++17", "-ffp-contract=off", "-fopenmp"]
+ISA_BUILDS = [
+    (f"{CSRC}/kernels_avx2.cpp", ["-mavx2", "-mfma", "-mf16c"]),
+    (f"{CSRC}/kernels_avx512.cpp", ["-mavx2", "-mfma", "-mf16c", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq"]),
+]
+SANITIZE = ["-fsanitize=address,undefined", "-fno-omit-frame-pointer", "-fno-sanitize-recover=undefined"]
+sanitize = os.environ.get("NORMLAB_SANITIZE") == "1"
+
+
+class BuildWithIsaLevels(BuildExtension):
+    """Compiles each ISA build of the kernels with its own flags, then links them after ops.cpp."""
+
+    def build_extension(self, ext):
+        base = ext.extra_compile_args["cxx"]
+        objects = []
+        for source, flags in ISA_BUILDS:
+            objects += self.compiler.compile(
+                [source], output_dir=self.build_temp, macros=ext.define_macros, include_dirs=ext.include_dirs,
+                extra_postargs={"cxx": base + flags},
+            )
+        ext.extra_objects = objects + list(ext.extra_objects or [])
+        super().build_extension(ext)
+
+
+ext_modules = []
+if platform.machine().lower() in ("x86_64", "amd64"):
+    ext_modules.append(CppExtension(
+        "normlab.kernels.cpu._C",
+        [f"{CSRC}/ops.cpp"],
+        extra_compile_args={"cxx": COMMON + (SANITIZE + ["-O1"] if sanitize else [])},
+        extra_link_args=["-fopenmp"] + (SANITIZE if sanitize else []),
+    ))
+
+setup(ext_modules=ext_modules, cmdclass={"build_ext": BuildWithIsaLevels})
