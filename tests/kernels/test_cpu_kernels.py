@@ -571,3 +571,35 @@ def test_native_ops_pass_opcheck(dtype):
     torch.library.opcheck(ops.layer_norm, (x, w, b, 1e-5))
     torch.library.opcheck(ops.add_layer_norm, (x, r, w, None, 1e-5, dtype))
     torch.library.opcheck(ops.dyt, (x, torch.tensor(0.5), w, b))
+
+
+def test_compiled_step_calls_the_native_ops():
+    """torch.compile(fullgraph=True) puts the native forward and backward operators themselves in the forward
+    and backward graphs: no normlab Python runs in the compiled step."""
+    from functorch.compile import make_boxed_func
+    from torch._dynamo.backends.common import aot_autograd
+
+    graphs = []
+
+    def capture(gm, _inputs):
+        graphs.append({str(node.target) for node in gm.graph.nodes if node.op == "call_function"})
+        return make_boxed_func(gm.forward)
+
+    def step(x, r, w, b, a):
+        y, s = normlab.add_rms_norm(x, r, 32, w)
+        return (normlab.layer_norm(y, 32, w, b) + normlab.rms_norm(s, 32, w) + normlab.dyt(x, a, w, b)).sum()
+
+    torch._dynamo.reset()
+    x, r = rand(4, 32).requires_grad_(), rand(4, 32, seed=1)
+    w, b, a = rand(32, seed=2).requires_grad_(), rand(32, seed=3).requires_grad_(), torch.tensor(0.5, requires_grad=True)
+    compiled = torch.compile(step, fullgraph=True, backend=aot_autograd(fw_compiler=capture, bw_compiler=capture))
+    out = compiled(x, r, w, b, a)
+    grads = torch.autograd.grad(out, (x, w, b, a))
+    forward, backward = graphs
+    assert {"normlab.add_rms_norm.default", "normlab.layer_norm.default", "normlab.rms_norm.default", "normlab.dyt.default"} <= forward
+    assert {"normlab.rms_norm_backward.default", "normlab.layer_norm_backward.default", "normlab.dyt_backward.default"} <= backward
+    assert not any("py_" in target for target in forward | backward)
+    eager = step(x, r, w, b, a)
+    torch.testing.assert_close(out, eager)
+    for c, e in zip(grads, torch.autograd.grad(eager, (x, w, b, a))):
+        torch.testing.assert_close(c, e)
