@@ -9,7 +9,7 @@ outputs do not page-fault on every call; load average, threads, CPU model and ve
 Peak memory of fwd+bwd: on CPU, the largest sum of live bytes allocated through PyTorch's allocator
 during one call, from the profiler's memory events (``profile_memory=True``) — every tensor of torch, of
 ``torch.compile`` code and of normlab's kernels (their outputs and gradient partials are torch tensors)
-is counted; numba's small per-thread row buffers (a few rows) are not. On CUDA, ``max_memory_allocated``.
+is counted. On CUDA, ``max_memory_allocated``.
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--modes", type=comma_list(str, MODES), default=list(MODES),
                         help=f"comma-separated, of {', '.join(MODES)} (default: both)")
     parser.add_argument("--device", type=device, default="cpu", help="device of the tensors: cpu, cuda or cuda:N (default: cpu)")
-    parser.add_argument("--threads", type=positive_int, default=None, help="torch and numba threads, ≥ 1 (default: all cores)")
+    parser.add_argument("--threads", type=positive_int, default=None, help="torch threads (the native kernels run on torch's pool), ≥ 1 (default: all cores)")
     parser.add_argument("--samples", type=int, default=7, help="samples per measurement (median taken; at least 7)")
     parser.add_argument("--min-time", type=positive_float, default=0.03, help="seconds per sample (at least 0.03)")
     parser.add_argument("--compile", dest="compile", action="store_true", default=None, help="include torch.compile of the reference (default: on unless --quick)")
@@ -63,8 +63,16 @@ def _ensure_allocator_env() -> None:
     os.execve(sys.executable, list(sys.orig_argv), env)
 
 
+def _cpu_isa() -> str:
+    """The ISA build of the native cpu kernels in use, or why there is none."""
+    try:
+        from normlab.kernels import cpu
+    except Exception as exc:  # no native build here
+        return f"none ({type(exc).__name__})"
+    return cpu.isa()
+
+
 def environment(device: str) -> dict:
-    import numba
     import numpy
     import torch
 
@@ -75,15 +83,14 @@ def environment(device: str) -> dict:
         "cpu": cpu_model(),
         "cores": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
-        "numba_threads": numba.get_num_threads(),
         "load_average": [round(load1, 2), round(load5, 2)],
         "malloc": {k: os.environ.get(k) for k in MALLOC_ENV},
         "python": platform.python_version(),
         "torch": torch.__version__,
-        "numba": numba.__version__,
         "numpy": numpy.__version__,
         "normlab": normlab.__version__,
         "backends": normlab.dispatch.available(),
+        "cpu_isa": _cpu_isa(),
         "device": device,
     }
     if device.startswith("cuda"):
@@ -103,17 +110,15 @@ def main(args: argparse.Namespace) -> int:
 
     if args.samples < 7 or args.min_time < 0.03:
         raise SystemExit("--samples must be >= 7 and --min-time >= 0.03 (DESIGN §5)")
-    import numba
     import torch
 
     if args.threads:
         torch.set_num_threads(args.threads)
-        numba.set_num_threads(min(args.threads, numba.config.NUMBA_NUM_THREADS))
     compile_ref = (not args.quick) if args.compile is None else args.compile
     shapes = args.shapes or (QUICK_SHAPES if args.quick else STANDARD_SHAPES)
     env = environment(args.device)
-    print(f"normlab bench — {env['cpu']}, {env['cores']} cores; threads torch {env['torch_threads']} / numba {env['numba_threads']}")
-    print(f"versions: python {env['python']}, torch {env['torch']}, numba {env['numba']}, numpy {env['numpy']}, normlab {env['normlab']}")
+    print(f"normlab bench — {env['cpu']}, {env['cores']} cores; threads {env['torch_threads']} (torch's pool, the native kernels' too), kernels {env['cpu_isa']}")
+    print(f"versions: python {env['python']}, torch {env['torch']}, numpy {env['numpy']}, normlab {env['normlab']}")
     print("allocator: " + " ".join(f"{k}={v}" for k, v in env["malloc"].items()))
     print(f"load average: {env['load_average'][0]} (1 min), {env['load_average'][1]} (5 min)")
     if env["load_average"][0] > 0.5:
