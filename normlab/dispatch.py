@@ -52,7 +52,14 @@ class _Backend:
 
 _registry: dict[str, _Backend] = {REFERENCE: _Backend(REFERENCE)}
 _load_errors: dict[str, str] = {}
-_local = threading.local()
+class _Blocks(threading.local):
+    """Per thread: the stack of ``with normlab.backend(...)`` names (always there, so reading it is cheap)."""
+
+    def __init__(self):
+        self.stack: list[str] = []
+
+
+_local = _Blocks()
 _decisions: dict[tuple, str] = {}
 
 
@@ -93,12 +100,18 @@ def _check_name(name: str, where: str = "") -> str:
     return name
 
 
+# os.environ's own dict (bytes keys on POSIX): a look-up there costs a tenth of os.environ.get, on every call.
+_environ_data, _ENV_KEY = (os.environ._data, b"NORMLAB_BACKEND") if os.name == "posix" else (os.environ, "NORMLAB_BACKEND")
+
+
 def requested_backend() -> str | None:
     """The backend forced by a ``with normlab.backend(...)`` block or ``NORMLAB_BACKEND``, if any."""
-    stack = getattr(_local, "stack", None)
+    stack = _local.stack
     if stack:
         return stack[-1]
-    env = os.environ.get("NORMLAB_BACKEND")
+    env = _environ_data.get(_ENV_KEY)
+    if env and not isinstance(env, str):
+        env = os.fsdecode(env)
     return _check_name(env, " in the environment variable NORMLAB_BACKEND") if env else None
 
 
@@ -106,9 +119,7 @@ def requested_backend() -> str | None:
 def backend(name: str) -> Iterator[None]:
     """Compute every normlab op inside the block with backend ``name`` (falling back to reference)."""
     _check_name(name)
-    stack = getattr(_local, "stack", None)
-    if stack is None:
-        stack = _local.stack = []
+    stack = _local.stack
     stack.append(name)
     try:
         yield
@@ -123,23 +134,17 @@ def _serves(name: str, op: str, x: torch.Tensor, options: dict) -> bool:
     return entry.supports is None or bool(entry.supports(op, x, **options))
 
 
-def _key(value):
-    """What of an option the decision may depend on: a tensor's dtype, device and rank, else the value."""
-    if isinstance(value, torch.Tensor):
-        return value.dtype, value.device, value.dim() == 0 or value.shape[-1] == 0
-    return value
-
-
 def select(op: str, x: torch.Tensor, requested: str | None = None, **options) -> str:
     """Name of the backend that computes ``op`` (e.g. ``"rms_norm"``) for the input ``x`` (rows along its
-    leading dims) and the op's ``options``; cached per (op, device, dtypes, options).
+    last dim) and the op's ``options``; cached per (op, device, dtypes, options). A backend's ``supports``
+    is asked about the ``(rows, n)`` view.
 
     A backend's ``supports`` must not look at the number of rows: a row's result may not depend on
     the batch it came in (batch invariance)."""
-    name = _check_name(requested) if requested is not None else requested_backend()
+    name = requested_backend() if requested is None else _check_name(requested)
     if torch.compiler.is_compiling():
         return _select(op, x, name, options)
-    key = (op, name, x.dtype, x.device, x.dim() == 0 or x.shape[-1] == 0, *[(k, _key(v)) for k, v in options.items()])
+    key = (op, name, x.dtype, x.device, x.dim(), *[(v.dtype, v.device) if isinstance(v, torch.Tensor) else v for v in options.values()])
     try:
         return _decisions[key]
     except KeyError:
@@ -151,6 +156,8 @@ def select(op: str, x: torch.Tensor, requested: str | None = None, **options) ->
 
 
 def _select(op: str, x: torch.Tensor, name: str | None, options: dict) -> str:
+    if x.dim() != 2:
+        x = x.reshape(-1, x.shape[-1]) if x.dim() else x.reshape(1, 1)
     if name is not None:
         return name if name == REFERENCE or _serves(name, op, x, options) else REFERENCE
     for candidate in KNOWN_BACKENDS:

@@ -16,6 +16,39 @@ FLOAT_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 HALF_DTYPES = (torch.bfloat16, torch.float16)
 
 
+_FLOATS = frozenset(FLOAT_DTYPES)
+_HALVES = frozenset(HALF_DTYPES)
+
+
+def plain_rows(x, normalized_shape, *params) -> bool:
+    """Whether a call is plainly valid, so the full checks can be skipped: ``x`` a tensor of a floating dtype,
+    ``normalized_shape`` an int equal to its last dim, each parameter None or a vector of that size in the
+    input's dtype (or fp32 for a half input) on its device, and no torch.func transform active. A call that
+    is not takes the full checks, which raise the errors."""
+    if type(normalized_shape) is not int or not isinstance(x, torch.Tensor) or x.dtype not in _FLOATS:
+        return False
+    if not x.dim() or x.shape[-1] != normalized_shape:
+        return False
+    for p in params:
+        if p is None:
+            continue
+        if not isinstance(p, torch.Tensor) or p.dim() != 1 or p.shape[0] != normalized_shape or p.device != x.device:
+            return False
+        if p.dtype is not x.dtype and not (p.dtype is torch.float32 and x.dtype in _HALVES):
+            return False
+    return torch.compiler.is_compiling() or not torch._C._are_functorch_transforms_active()
+
+
+def finite(value) -> bool:
+    """A finite float or int (not bool): an option that needs no conversion or check."""
+    return (type(value) is float or type(value) is int) and -math.inf < value < math.inf
+
+
+def positive(value) -> bool:
+    """A finite float > 0 (eps as usually given)."""
+    return type(value) is float and 0.0 < value < math.inf
+
+
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     """Statistics accumulate in fp32 for fp32/bf16/fp16 inputs and in fp64 for fp64 inputs."""
     return torch.float64 if dtype == torch.float64 else torch.float32

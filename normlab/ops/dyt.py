@@ -19,7 +19,7 @@ from torch import Tensor
 
 from normlab import dispatch
 from normlab.ops._common import (
-    FLOAT_DTYPES, HALF_DTYPES, check_input, check_param, compute_dtype, row_sum, row_view, rows, zero_where_no_grad,
+    FLOAT_DTYPES, HALF_DTYPES, check_input, check_param, compute_dtype, plain_rows, row_sum, row_view, rows, zero_where_no_grad,
 )
 
 
@@ -118,6 +118,14 @@ def dyt(
     input: Tensor, alpha: Tensor, weight: Optional[Tensor] = None, bias: Optional[Tensor] = None, *, backend: str | None = None
 ) -> Tensor:
     """DyT: ``y = weight · tanh(alpha · input) + bias``, weight/bias over the trailing dims of their shape."""
+    if (  # the common call, plainly valid: the module's scalar alpha and vectors of the last dim
+        weight is not None and weight.dim() == 1 and isinstance(alpha, Tensor) and alpha.numel() == 1
+        and alpha.dtype is weight.dtype
+        and alpha.device == input.device and plain_rows(input, weight.shape[0], weight, bias) and input.numel()
+    ):
+        op = dispatch.native(dispatch.select("dyt", input, backend, alpha=alpha, weight=weight, bias=bias), "dyt")
+        if op is not None:
+            return op(input, alpha, weight, bias)
     _check(input, alpha, weight, bias)
     p = weight if weight is not None else bias
     # rows of the parameters' size; without parameters any split will do: the input's own last dim

@@ -31,6 +31,8 @@ from normlab.ops._common import (
     custom_op_with_eager_twin,
     flat_param,
     normalized_size,
+    plain_rows,
+    positive,
     row_mean,
     row_view,
     rows,
@@ -244,6 +246,11 @@ def layer_norm(
     Mirrors ``torch.nn.functional.layer_norm`` (biased variance). ``out=`` writes into a preallocated
     tensor (inference only, like torch).
     """
+    if out is None and positive(eps) and plain_rows(input, normalized_shape, weight, bias) and input.numel():
+        # the common call, plainly valid: no other check, rows along the last dim as they are
+        op = dispatch.native(dispatch.select("layer_norm", input, backend, weight=weight, bias=bias), "layer_norm")
+        if op is not None:
+            return op(input, weight, bias, eps)[0]
     n, eps = _check(input, normalized_shape, weight, bias, eps)
     x, w, b = row_view(input, n), flat_param(weight, n), flat_param(bias, n)
     name = dispatch.select("layer_norm", x, backend, weight=w, bias=b) if x.numel() else dispatch.REFERENCE

@@ -27,6 +27,7 @@ from torch import Tensor
 
 from normlab import dispatch
 from normlab.ops._common import (
+    FLOAT_DTYPES,
     HALF_DTYPES,
     as_float,
     check_choice,
@@ -37,7 +38,10 @@ from normlab.ops._common import (
     compute_dtype,
     custom_op_with_eager_twin,
     flat_param,
+    finite as _finite,
     normalized_size,
+    plain_rows,
+    positive as _positive,
     row_mean,
     row_sum,
     row_view,
@@ -47,6 +51,9 @@ from normlab.ops._common import (
 )
 
 CASTING_MODES = ("llama", "gemma", "none")
+_CASTINGS = frozenset(CASTING_MODES)
+#: eps=None: the machine epsilon of the compute dtype (torch's rule).
+_DEFAULT_EPS = {t: torch.finfo(torch.float64 if t == torch.float64 else torch.float32).eps for t in FLOAT_DTYPES}
 
 
 def resolve_eps(eps: float | None, dtype: torch.dtype) -> float:
@@ -277,6 +284,15 @@ def rms_norm(
     Mirrors ``torch.nn.functional.rms_norm``; ``casting``, ``offset`` and ``partial`` are described in
     the module docstring. ``out=`` writes into a preallocated tensor (inference only, like torch).
     """
+    if (  # the common call, plainly valid: no other check, rows along the last dim as they are
+        out is None and partial is None and casting in _CASTINGS and _finite(offset) and (eps is None or _positive(eps))
+        and plain_rows(input, normalized_shape, weight) and input.numel()
+    ):
+        name = dispatch.select("rms_norm", input, backend, weight=weight, casting=casting, offset=offset, k=normalized_shape)
+        op = dispatch.native(name, "rms_norm")
+        if op is not None:
+            eps = _DEFAULT_EPS[input.dtype] if eps is None else eps
+            return op(input, weight, eps, casting, float(offset), normalized_shape)[0]
     weight = _upcast_half_weight(weight, input)
     n, eps, k = _check(input, normalized_shape, weight, eps, casting, partial, offset)
     x, w = row_view(input, n), flat_param(weight, n)

@@ -122,8 +122,11 @@ const float* ones(int64_t n) {
   return buffer.data();
 }
 
-// A parameter as n contiguous fp32 values (no copy for a contiguous fp32 one).
-Tensor as_fp32(const Tensor& p) { return p.to(at::kFloat).contiguous().view(-1); }
+// A parameter as n contiguous fp32 values (no copy, and no op, for a contiguous fp32 vector).
+Tensor as_fp32(const Tensor& p) {
+  if (p.scalar_type() == at::kFloat && p.dim() == 1 && p.is_contiguous()) return p;
+  return p.to(at::kFloat).contiguous().view(-1);
+}
 
 template <typename F>
 void for_rows(int64_t rows, int64_t n, const F& f) {
@@ -699,8 +702,23 @@ class DytFunction : public torch::autograd::Function<DytFunction> {
   }
 };
 
+// Whether an autograd node is needed: grad mode on and some input requiring grad. Without one the forward
+// runs below autograd directly (the autograd Function's context costs more than a small call).
+bool needs_grad(std::initializer_list<const Tensor*> tensors, std::initializer_list<const OptTensor*> optional) {
+  if (!at::GradMode::is_enabled()) return false;
+  for (const Tensor* t : tensors)
+    if (t->requires_grad()) return true;
+  for (const OptTensor* t : optional)
+    if (*t && (*t)->requires_grad()) return true;
+  return false;
+}
+
 std::tuple<Tensor, Tensor> rms_norm_autograd(const Tensor& input, const OptTensor& weight, double eps,
                                              c10::string_view casting, double offset, int64_t k) {
+  if (!needs_grad({&input}, {&weight})) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    return NORMLAB_OP("rms_norm", RmsFwdSig).call(input, weight, eps, casting, offset, k);
+  }
   auto out = RmsNormFunction::apply(input, weight, eps, casting, offset, k);
   return {out[0], out[1]};
 }
@@ -708,12 +726,20 @@ std::tuple<Tensor, Tensor> rms_norm_autograd(const Tensor& input, const OptTenso
 std::tuple<Tensor, Tensor, Tensor> add_rms_norm_autograd(const Tensor& input, const Tensor& residual,
                                                          const OptTensor& weight, double eps, c10::string_view casting,
                                                          double offset, int64_t k, at::ScalarType residual_dtype) {
+  if (!needs_grad({&input, &residual}, {&weight})) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    return NORMLAB_OP("add_rms_norm", AddRmsSig).call(input, residual, weight, eps, casting, offset, k, residual_dtype);
+  }
   auto out = AddRmsNormFunction::apply(input, residual, weight, eps, casting, offset, k, residual_dtype);
   return {out[0], out[1], out[2]};
 }
 
 std::tuple<Tensor, Tensor, Tensor> layer_norm_autograd(const Tensor& input, const OptTensor& weight,
                                                        const OptTensor& bias, double eps) {
+  if (!needs_grad({&input}, {&weight, &bias})) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    return NORMLAB_OP("layer_norm", LnFwdSig).call(input, weight, bias, eps);
+  }
   auto out = LayerNormFunction::apply(input, weight, bias, eps);
   return {out[0], out[1], out[2]};
 }
@@ -721,11 +747,19 @@ std::tuple<Tensor, Tensor, Tensor> layer_norm_autograd(const Tensor& input, cons
 std::tuple<Tensor, Tensor, Tensor, Tensor> add_layer_norm_autograd(const Tensor& input, const Tensor& residual,
                                                                    const OptTensor& weight, const OptTensor& bias,
                                                                    double eps, at::ScalarType residual_dtype) {
+  if (!needs_grad({&input, &residual}, {&weight, &bias})) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    return NORMLAB_OP("add_layer_norm", AddLnSig).call(input, residual, weight, bias, eps, residual_dtype);
+  }
   auto out = AddLayerNormFunction::apply(input, residual, weight, bias, eps, residual_dtype);
   return {out[0], out[1], out[2], out[3]};
 }
 
 Tensor dyt_autograd(const Tensor& input, const Tensor& alpha, const OptTensor& weight, const OptTensor& bias) {
+  if (!needs_grad({&input, &alpha}, {&weight, &bias})) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    return NORMLAB_OP("dyt", DytFwdSig).call(input, alpha, weight, bias);
+  }
   return DytFunction::apply(input, alpha, weight, bias)[0];
 }
 
