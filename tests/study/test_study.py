@@ -38,8 +38,7 @@ def cli(out: Path, *args: str, env: dict | None = None, torchrun: bool = False) 
     return subprocess.CompletedProcess(cmd, proc.returncode, out_text, err_text)
 
 
-def test_tiny_study_writes_report_plots_and_is_not_retrained(tmp_path, capsys):
-    torch.set_num_threads(1)
+def test_tiny_study_writes_report_plots_and_is_not_retrained(tmp_path, capsys, one_thread):
     kw = dict(TINY, variants=["layernorm-pre", "rmsnorm-pre", "layernorm-post", "dyt-pre"], steps=8, warmup_steps=6, grad_depths=[2, 4])
     res = run_study(out=tmp_path, name="s", progress=False, **kw)
     out_dir = tmp_path / "s"
@@ -178,7 +177,7 @@ def _evaluate_here(run: Path) -> float:
     return evaluate(model, load_corpus(rc.data), rc, rc.model["block_size"], DistInfo(), progress=False)
 
 
-def test_torchrun_two_processes_match_one(tmp_path):
+def test_torchrun_two_processes_match_one(tmp_path, one_thread):
     """2 ranks × 2 rows vs 1 process × 4 rows, same global batches: the two differ only in the order of fp32
     sums (per-rank means averaged by the all-reduce, weight gradients summed over 2 + 2 rows, BatchNorm's
     statistics combined across ranks); each is bitwise reproducible run to run. A wrong split (ranks seeing
