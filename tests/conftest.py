@@ -14,8 +14,8 @@ import zlib
 import pytest
 import torch
 
-# set by pytest for each test; set once by torch to its default on first use (any test may be the first)
-_ENV_IGNORED = {"PYTEST_CURRENT_TEST", "TORCHINDUCTOR_CACHE_DIR"}
+# set by pytest for each test; set once by torch's inductor on first use (any test may be the first)
+_ENV_IGNORED = {"PYTEST_CURRENT_TEST", "TORCHINDUCTOR_CACHE_DIR", "_TORCHINDUCTOR_PYOBJECT_TENSOR_DATA_PTR"}
 
 
 def _randomly_seed(config: pytest.Config) -> int:
