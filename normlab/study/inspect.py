@@ -14,6 +14,7 @@ bypassed ``A`` (``A`` is ``pre``). A last norm left over is the model's ``final`
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -249,9 +250,24 @@ def _inspect_gpt(model: nn.Module, corpus, text: str, max_tokens: int, source: s
     return inspect_model(model, lambda: model(x), source=source, kind="normlab", description=desc, tokens=x.numel())
 
 
+@contextlib.contextmanager
+def _offline():
+    """Hugging Face offline while loading (unless the caller chose otherwise); the environment as it was after."""
+    names = [n for n in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE") if n not in os.environ]
+    os.environ.update(dict.fromkeys(names, "1"))
+    try:
+        yield
+    finally:
+        for n in names:
+            os.environ.pop(n, None)
+
+
 def _inspect_hf(p: Path, text: str, max_tokens: int) -> InspectReport:
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    with _offline():
+        return _load_and_inspect_hf(p, text, max_tokens)
+
+
+def _load_and_inspect_hf(p: Path, text: str, max_tokens: int) -> InspectReport:
     try:
         from transformers import AutoModel, AutoTokenizer
     except ImportError as e:

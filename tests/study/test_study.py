@@ -38,8 +38,7 @@ def cli(out: Path, *args: str, env: dict | None = None, torchrun: bool = False) 
     return subprocess.CompletedProcess(cmd, proc.returncode, out_text, err_text)
 
 
-def test_tiny_study_writes_report_plots_and_is_not_retrained(tmp_path, capsys):
-    torch.set_num_threads(1)
+def test_tiny_study_writes_report_plots_and_is_not_retrained(tmp_path, capsys, one_thread):
     kw = dict(TINY, variants=["layernorm-pre", "rmsnorm-pre", "layernorm-post", "dyt-pre"], steps=8, warmup_steps=6, grad_depths=[2, 4])
     res = run_study(out=tmp_path, name="s", progress=False, **kw)
     out_dir = tmp_path / "s"
@@ -156,14 +155,43 @@ def test_interrupted_study_resumes_to_the_same_result(tmp_path, uninterrupted, s
         assert torch.equal(state[k], ref_state[k]), k  # bitwise: same threads, deterministic CPU kernels
 
 
-def test_torchrun_two_processes_match_one(tmp_path):
-    """2 ranks × 2 rows vs 1 process × 4 rows, same global batches. The only difference is the order of
-    fp32 sums (two half-batch means averaged by the all-reduce vs one mean, BatchNorm's statistics combined
-    across ranks): seen ≤ 1.1e-7 relative in the loss over 8 steps; the bound 1e-5 leaves 100× for other
-    machines and BLAS builds. A wrong split (ranks seeing the same rows)
-    or unaveraged gradients changes the loss by > 1e-2 after a few steps. BatchNorm normalizes over the whole
-    global batch only if its statistics are synchronized across ranks — per-rank statistics of 2 rows × 16
-    tokens would differ at once."""
+# 1 vs 2 processes, measured over 19 draws (seeds 1337-1348; MKL_CBWR=COMPATIBLE, ATEN_CPU_CAPABILITY=avx2 and
+# =default, each at seeds 1337 and 7; 2 threads): train losses ≤ 1.7e-7 relative (≤ 2 fp32 ulps), val losses of
+# layernorm-pre ≤ 1.4e-7, on the same weights ≤ 1.0e-7 (step 0; the final model re-evaluated in one process).
+SUM_ORDER_REL = 1e-5
+# Val losses of batchnorm-post after training: ≤ 8.2e-5 relative (median 2.5e-5) over the same 19 draws; the
+# Xeon's 1.02e-5 is one of them. 1e-3 leaves 12×; a wrong split or unaveraged gradients moves the loss by > 1e-2.
+BATCHNORM_EVAL_REL = 1e-3
+
+
+def _evaluate_here(run: Path) -> float:
+    """The val loss of the run's final checkpoint, evaluated in this (one) process."""
+    from normlab.study.config import RunConfig
+    from normlab.study.data import load_corpus
+    from normlab.study.distributed import DistInfo
+    from normlab.study.train import build_model, evaluate
+
+    rc = RunConfig(**json.loads((run / "config.json").read_text()))
+    model = build_model(rc.model, rc.seed)
+    model.load_state_dict(torch.load(run / "checkpoint.pt", weights_only=False)["model"])
+    return evaluate(model, load_corpus(rc.data), rc, rc.model["block_size"], DistInfo(), progress=False)
+
+
+def test_torchrun_two_processes_match_one(tmp_path, one_thread):
+    """2 ranks × 2 rows vs 1 process × 4 rows, same global batches: the two differ only in the order of fp32
+    sums (per-rank means averaged by the all-reduce, weight gradients summed over 2 + 2 rows, BatchNorm's
+    statistics combined across ranks); each is bitwise reproducible run to run. A wrong split (ranks seeing
+    the same rows) or unaveraged gradients changes the loss by > 1e-2 after a few steps; per-rank BatchNorm
+    statistics of 2 rows × 16 tokens would change the train loss at once.
+
+    The val loss of batchnorm-post is compared loosely: in training, BatchNorm removes any per-channel shift
+    of its input, so the biases that only shift it (attention v and output projections, MLP output
+    projections; the last block's norm before ln_f) have a zero gradient in exact arithmetic and a
+    rounding-noise one (1e-9 to 1e-7) that differs between the two runs. AdamW (eps 1e-8) turns that noise
+    into steps of up to lr in either direction; the train loss cannot see them, but eval-mode BatchNorm
+    subtracts running means that lag behind the shift, so the val loss can (with those gradients zeroed,
+    its difference falls from up to 8.2e-5 to ≤ 5.7e-7). Where the val loss must be exact — the same
+    weights evaluated by 2 processes and by 1 — it is checked tightly."""
     variants = "layernorm-pre,batchnorm-post"  # BatchNorm: statistics synchronized over the 2 ranks
     args = ("--variants", variants, "--steps", "8", "--experiments", "1", "--lr", "3e-3")
     r2 = cli(tmp_path / "two", *args, torchrun=True)
@@ -176,9 +204,14 @@ def test_torchrun_two_processes_match_one(tmp_path):
         l1 = [x["train_loss"] for x in one if x["kind"] == "train"]
         l2 = [x["train_loss"] for x in two if x["kind"] == "train"]
         assert len(l1) == len(l2) == 8
-        assert l1 == pytest.approx(l2, rel=1e-5), (l1, l2)
+        assert l1 == pytest.approx(l2, rel=SUM_ORDER_REL), (v, l1, l2)
         assert abs(l1[-1] - l1[0]) > 1e-2  # the trajectory moved: the comparison is not vacuous
         v1 = [x["val_loss"] for x in one if x["kind"] == "eval"]
         v2 = [x["val_loss"] for x in two if x["kind"] == "eval"]
-        assert v1 == pytest.approx(v2, rel=1e-5)
+        assert len(v1) == len(v2) == 3
+        assert v1[0] == pytest.approx(v2[0], rel=SUM_ORDER_REL), v  # the same (initial) weights
+        trained = BATCHNORM_EVAL_REL if v.startswith("batchnorm") else SUM_ORDER_REL
+        assert v1[1:] == pytest.approx(v2[1:], rel=trained), (v, v1, v2)
+        # the 2-process run's final weights and running statistics, evaluated in one process
+        assert _evaluate_here(tmp_path / "two" / "t" / "grid" / v) == pytest.approx(v2[-1], rel=SUM_ORDER_REL), v
     assert json.loads((tmp_path / "two" / "t" / "grid" / variants.split(",")[0] / "result.json").read_text())["world"] == 2
