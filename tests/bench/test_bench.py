@@ -76,7 +76,7 @@ TINY = ["--shapes", "8x8", "--ops", "rms_norm", "--dtypes", "float32", "--modes"
 @pytest.mark.parametrize("args, expected", [
     (["--modes", "xyz"], "--modes: invalid choice 'xyz' (choose from fwd, fwd+bwd)"),
     (["--modes", "fwd,bwd"], "--modes: invalid choice 'bwd'"),
-    (["--ops", "foo"], "--ops: invalid choice 'foo' (choose from rms_norm, layer_norm, add_rms_norm, add_layer_norm)"),
+    (["--ops", "foo"], "--ops: invalid choice 'foo' (choose from rms_norm, layer_norm, add_rms_norm, add_layer_norm, dyt)"),
     (["--dtypes", "int8"], "--dtypes: invalid choice 'int8' (choose from float32, bfloat16, float16)"),
     (["--shapes", "abc"], "--shapes: expected ROWSxN with positive integers"),
     (["--shapes", "0x0"], "--shapes: expected ROWSxN with positive integers"),
