@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import random
 import statistics
@@ -20,13 +21,22 @@ def _sync(device: str) -> Callable[[], None]:
 
 
 def _calibrated(fn: Callable[[], object], sync: Callable[[], None], min_time: float) -> int:
-    """Calls per sample so that one sample lasts ≥ ``min_time`` (after a warm-up call)."""
+    """Calls per sample so that one sample lasts ≥ ``min_time`` (after a warm-up call). The per-call time
+    comes from a run of back-to-back calls lasting ≥ a quarter of ``min_time`` (4× more calls until it
+    does): one call of a microsecond op is mostly timer and cold-cache noise."""
     fn()
     sync()
-    t0 = time.perf_counter()
-    fn()
-    sync()
-    return max(1, math.ceil(min_time / max(time.perf_counter() - t0, 1e-7)))
+    calls = 1
+    while True:
+        t0 = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        sync()
+        elapsed = time.perf_counter() - t0
+        if elapsed >= min_time / 4:
+            break
+        calls *= 4
+    return max(1, math.ceil(calls * min_time / max(elapsed, 1e-9)))
 
 
 def _sample(fn: Callable[[], object], sync: Callable[[], None], reps: int) -> float:
@@ -38,19 +48,22 @@ def _sample(fn: Callable[[], object], sync: Callable[[], None], reps: int) -> fl
 
 
 def interleaved_medians(fns: dict[str, Callable[[], object]], sync: Callable[[], None], samples: int,
-                        min_time: float) -> dict[str, float | Exception]:
+                        min_time: float, calls: dict[str, int] | None = None) -> dict[str, float | Exception]:
     """Median time per call of each function, sampled round-robin: round r takes one sample of every
     function in turn, so a slow drift of the machine (another tenant's memory traffic) shifts all of
     them alike instead of whichever happened to run during it. Each round takes the functions in a new
     order (a fixed-seed shuffle): a sample is slower right after some others (the same call measured
     0.55–0.80 ms right after ``copy_``, 0.40–0.67 ms elsewhere in a fixed cyclic order), and shuffling
-    spreads that over every function. A function that raises maps to the error."""
+    spreads that over every function. A function that raises maps to the error. ``calls``, when given,
+    receives the number of back-to-back calls in each sample of each function."""
     reps, out = {}, {}
     for name, fn in fns.items():
         try:
             reps[name] = _calibrated(fn, sync, min_time)
         except Exception as exc:  # report and go on: one failing comparison must not hide the rest
             out[name] = exc
+    if calls is not None:
+        calls.update(reps)
     times: dict[str, list[float]] = {name: [] for name in reps}
     names, order = list(reps), random.Random(0)
     for _ in range(samples):
@@ -83,11 +96,8 @@ def peak_bytes(fn: Callable[[], object], device: str) -> int:
 
 
 def _runner(impl, inputs: Inputs, mode: str, grads: list[torch.Tensor]):
-    if mode == "fwd":
-        def fwd():
-            with torch.no_grad():
-                return impl(inputs)
-        return fwd
+    if mode == "fwd":  # run under no_grad by the caller: a context per call would be timed with a µs op
+        return lambda: impl(inputs)
     wrt = inputs.tensors()
 
     def fwd_bwd():
@@ -117,7 +127,9 @@ def run_all(ops, shapes, dtypes, modes, device, samples, min_time, compile_refer
                     grads = [torch.randn(rows, n, generator=torch.Generator().manual_seed(i)).to(dtype=dtype, device=device) for i in (1, 2)]
                     nbytes = bytes_moved(op, mode, inputs)
                     fns = {name: _runner(impl, inputs, mode, grads) for name, impl in impls.items()}
-                    timed = interleaved_medians({COPY: lambda: dst.copy_(plain.x), **fns}, sync, samples, min_time)
+                    calls: dict[str, int] = {}
+                    with torch.no_grad() if mode == "fwd" else contextlib.nullcontext():
+                        timed = interleaved_medians({COPY: lambda: dst.copy_(plain.x), **fns}, sync, samples, min_time, calls)
                     copy_s = timed.pop(COPY)
                     for name, fn in fns.items():
                         rec = {"op": op, "rows": rows, "n": n, "dtype": dtype_name, "mode": mode, "impl": name,
@@ -126,12 +138,12 @@ def run_all(ops, shapes, dtypes, modes, device, samples, min_time, compile_refer
                         if isinstance(s, Exception):
                             rec["error"] = f"{type(s).__name__}: {str(s).splitlines()[0][:200]}"
                         else:
-                            rec.update(ms=s * 1e3, gbps=nbytes / s / 1e9)
+                            rec.update(ms=s * 1e3, gbps=nbytes / s / 1e9, calls_per_sample=calls[name])
                             rec["pct_copy"] = 100 * rec["gbps"] / rec["copy_gbps"]
                             if memory and mode == "fwd+bwd":
                                 rec["peak_mb"] = peak_bytes(fn, device) / 2**20
                         results.append(rec)
-                        state = rec.get("error") or f"{rec['ms']:.2f} ms, {rec['pct_copy']:.0f}% of copy"
+                        state = rec.get("error") or f"{rec['ms']:.4g} ms, {rec['pct_copy']:.0f}% of copy"
                         print(f"  {op:15s} {rows}x{n:<5d} {dtype_name:8s} {mode:7s} {name:24s} {state}", flush=True)
                     del inputs, grads
     return results
