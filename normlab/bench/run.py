@@ -21,30 +21,40 @@ def _sync(device: str) -> Callable[[], None]:
 
 
 def _calibrated(fn: Callable[[], object], sync: Callable[[], None], min_time: float) -> int:
-    """Calls per sample so that one sample lasts ≥ ``min_time`` (after a warm-up call). The per-call time
-    comes from a run of back-to-back calls lasting ≥ a quarter of ``min_time`` (4× more calls until it
-    does): one call of a microsecond op is mostly timer and cold-cache noise."""
-    fn()
-    sync()
-    calls = 1
-    while True:
+    """Calls expected to last ``min_time`` (after a warm-up call); a sample reads the clock after every
+    32nd part of them (:func:`_sample`). The per-call time comes from a run of back-to-back calls lasting
+    ≥ a quarter of ``min_time`` (4× more calls until it does): one call of a microsecond op is mostly
+    timer and cold-cache noise."""
+
+    def run(calls: int) -> float:
         t0 = time.perf_counter()
         for _ in range(calls):
             fn()
         sync()
-        elapsed = time.perf_counter() - t0
-        if elapsed >= min_time / 4:
-            break
+        return time.perf_counter() - t0
+
+    fn()
+    sync()
+    calls = 1
+    while (elapsed := run(calls)) < min_time / 4:
         calls *= 4
     return max(1, math.ceil(calls * min_time / max(elapsed, 1e-9)))
 
 
-def _sample(fn: Callable[[], object], sync: Callable[[], None], reps: int) -> float:
+def _sample(fn: Callable[[], object], sync: Callable[[], None], reps: int, min_time: float) -> tuple[float, int]:
+    """(seconds per call, calls) of back-to-back calls until ``min_time`` has passed: the clock is read
+    after every ``reps // 32`` calls (``reps`` from the calibration), so a sample lasts ``min_time`` and
+    not much more even when calls slow down after the calibration (a thread of the call preempted)."""
+    chunk, calls = max(1, reps // 32), 0
     t0 = time.perf_counter()
-    for _ in range(reps):
-        fn()
-    sync()
-    return (time.perf_counter() - t0) / reps
+    while True:
+        for _ in range(chunk):
+            fn()
+        sync()
+        calls += chunk
+        elapsed = time.perf_counter() - t0
+        if elapsed >= min_time:
+            return elapsed / calls, calls
 
 
 def interleaved_medians(fns: dict[str, Callable[[], object]], sync: Callable[[], None], samples: int,
@@ -54,21 +64,25 @@ def interleaved_medians(fns: dict[str, Callable[[], object]], sync: Callable[[],
     them alike instead of whichever happened to run during it. Each round takes the functions in a new
     order (a fixed-seed shuffle): a sample is slower right after some others (the same call measured
     0.55–0.80 ms right after ``copy_``, 0.40–0.67 ms elsewhere in a fixed cyclic order), and shuffling
-    spreads that over every function. A function that raises maps to the error. ``calls``, when given,
-    receives the number of back-to-back calls in each sample of each function."""
+    spreads that over every function. Each sample lasts at least ``min_time`` (:func:`_sample`). A
+    function that raises maps to the error. ``calls``, when given, receives the median number of
+    back-to-back calls per sample of each function."""
     reps, out = {}, {}
     for name, fn in fns.items():
         try:
             reps[name] = _calibrated(fn, sync, min_time)
         except Exception as exc:  # report and go on: one failing comparison must not hide the rest
             out[name] = exc
-    if calls is not None:
-        calls.update(reps)
     times: dict[str, list[float]] = {name: [] for name in reps}
+    counts: dict[str, list[int]] = {name: [] for name in reps}
     names, order = list(reps), random.Random(0)
     for _ in range(samples):
         for name in order.sample(names, len(names)):
-            times[name].append(_sample(fns[name], sync, reps[name]))
+            per_call, n = _sample(fns[name], sync, reps[name], min_time)
+            times[name].append(per_call)
+            counts[name].append(n)
+    if calls is not None:
+        calls.update({name: int(statistics.median(ns)) for name, ns in counts.items()})
     out.update({name: statistics.median(ts) for name, ts in times.items()})
     return out
 

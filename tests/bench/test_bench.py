@@ -162,9 +162,9 @@ def test_every_ladder_case_builds_and_its_implementations_agree(op):
                     assert _relative_error(a, b) <= grad_tol, f"{case} (gradients)"
 
 
-def test_calibration_fills_min_time_for_a_microsecond_call(monkeypatch):
-    """A 2 µs call behind a 10 µs timer read: calls per sample come from a long enough run of calls
-    (a single timed call would make each sample a sixth of min_time). Simulated clock, no wall time."""
+def test_calibration_of_a_microsecond_call(monkeypatch):
+    """A 2 µs call behind a 10 µs timer read: the per-call time comes from a long enough run of calls
+    (a single timed call would put it at 12 µs). Simulated clock, no wall time."""
     from normlab.bench import run
 
     clock = [0.0]
@@ -178,8 +178,40 @@ def test_calibration_fills_min_time_for_a_microsecond_call(monkeypatch):
 
     monkeypatch.setattr(run.time, "perf_counter", perf_counter)
     reps = run._calibrated(call, lambda: None, min_time=0.03)
-    sample = run._sample(call, lambda: None, reps) * reps  # the simulated duration of one sample
-    assert 0.0297 <= sample <= 0.036  # (a single timed call: 0.005)
+    assert 0.029 <= reps * 2e-6 <= 0.031
+
+
+def test_every_sample_lasts_min_time_even_after_a_preempted_calibration(monkeypatch):
+    """A preemption during calibration makes a 2 µs call look slow, and a later slowdown makes it slow:
+    each sample still runs until min_time has passed, and no longer than a little past it; the median
+    is the call's time. Simulated clock."""
+    from normlab.bench import run
+
+    clock, count, durations = [0.0], [0], []
+
+    def call():
+        count[0] += 1
+        clock[0] += 1e-2 if count[0] == 10 else 2e-6  # one preempted call, inside the calibration
+
+    def slowed():
+        clock[0] += 6e-6  # 3× slower after its calibration
+
+    real_sample = run._sample
+
+    def recorded(fn, sync, reps, min_time):
+        t0 = clock[0]
+        out = real_sample(fn, sync, reps, min_time)
+        durations.append(clock[0] - t0)
+        return out
+
+    monkeypatch.setattr(run.time, "perf_counter", lambda: clock[0])
+    monkeypatch.setattr(run, "_sample", recorded)
+    calls = {}
+    fns = {"tiny": call, "slowed": lambda: slowed() if count[0] > 20_000 else call()}
+    out = run.interleaved_medians(fns, lambda: None, samples=3, min_time=0.03, calls=calls)
+    assert out["tiny"] == pytest.approx(2e-6) and calls["tiny"] * 2e-6 >= 0.03
+    assert out["slowed"] == pytest.approx(6e-6) and calls["slowed"] * 6e-6 >= 0.03
+    assert all(0.03 <= d <= 0.03 * 1.1 for d in durations), durations
 
 
 # ---- --models -------------------------------------------------------------------------------------
@@ -284,3 +316,4 @@ def test_models_only_run_writes_the_models_table(tmp_path, monkeypatch):
     md = (tmp_path / "results.md").read_text()
     assert "| nanoGPT, torch.nn.RMSNorm | train step | float32 | 2×16 |" in md and "| decode step | bfloat16 | 1×1, 15 cached |" in md
     assert not (tmp_path / "results.png").exists()
+
