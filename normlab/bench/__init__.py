@@ -45,8 +45,8 @@ def _shape_list(shapes) -> str:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quick", action="store_true",
-                        help=f"shapes {_shape_list(QUICK_SHAPES)} only, no torch.compile, smaller --models inputs: "
-                             "under 2 minutes")
+                        help=f"shapes {_shape_list(QUICK_SHAPES)} only, no torch.compile, no eager reference formula "
+                             "nor normlab add-then-norm, smaller --models inputs: under 2 minutes")
     parser.add_argument("--ops", type=comma_list(str, OPS), default=list(OPS),
                         help=f"comma-separated, of {', '.join(OPS)} (default: all)")
     parser.add_argument("--shapes", type=comma_list(shape), default=None,
@@ -155,7 +155,7 @@ def main(args: argparse.Namespace) -> int:
     results = run_all(
         ops=args.ops, shapes=shapes, dtypes=args.dtypes, modes=args.modes,
         device=args.device, samples=args.samples, min_time=args.min_time, compile_reference=compile_ref,
-        memory=args.memory,
+        memory=args.memory, secondary=not args.quick,
     ) if args.run_ops else []
     model_rows = []
     if args.models:

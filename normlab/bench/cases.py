@@ -153,14 +153,21 @@ _BUILDERS = {"rms_norm": _impls_rms, "layer_norm": _impls_ln, "add_rms_norm": _i
 EXTRA_IMPLS: dict[str, dict[str, Callable]] = {op: {} for op in OPS}
 
 
-def implementations(op: str, n: int, device: str, compile_reference: bool) -> dict[str, Callable]:
+#: the comparisons ``--quick`` leaves out: the eager reference formula, normlab's add-then-norm
+SECONDARY = ("reference", "normlab add, then norm")
+
+
+def implementations(op: str, n: int, device: str, compile_reference: bool, secondary: bool = True) -> dict[str, Callable]:
     """Name → forward function for ``op`` on rows of size ``n``; ``"compiled reference"`` is
     ``torch.compile`` of the reference formula, specialised to each shape and dtype (the strongest
     baseline torch offers: one compilation per shape, dtype and grad mode). DyT has no separate
-    reference: its ``"torch"`` entry is the formula, and that is what is compiled."""
+    reference: its ``"torch"`` entry is the formula, and that is what is compiled. ``secondary=False``
+    drops the :data:`SECONDARY` entries."""
     impls = _BUILDERS[op](n)
     if compile_reference:
         impls["compiled reference"] = torch.compile(impls.get("reference", impls["torch"]), dynamic=False)
+    if not secondary:
+        impls = {name: fn for name, fn in impls.items() if name not in SECONDARY}
     for name, build in EXTRA_IMPLS[op].items():
         fn = build(n, device)
         if fn is not None:

@@ -121,7 +121,7 @@ def _runner(impl, inputs: Inputs, mode: str, grads: list[torch.Tensor]):
     return fwd_bwd
 
 
-def run_all(ops, shapes, dtypes, modes, device, samples, min_time, compile_reference, memory) -> list[dict]:
+def run_all(ops, shapes, dtypes, modes, device, samples, min_time, compile_reference, memory, secondary=True) -> list[dict]:
     sync = _sync(device)
     results = []
     # every (op, shape, dtype, grad mode) compiles its own graph of the same reference function: lift
@@ -130,7 +130,7 @@ def run_all(ops, shapes, dtypes, modes, device, samples, min_time, compile_refer
     torch._dynamo.config.accumulated_recompile_limit = 8192
     for op in ops:
         for rows, n in shapes:
-            impls = implementations(op, n, device, compile_reference)
+            impls = implementations(op, n, device, compile_reference, secondary)
             for dtype_name in dtypes:
                 dtype = getattr(torch, dtype_name)
                 plain = make_inputs(op, rows, n, dtype, device, requires_grad=False)

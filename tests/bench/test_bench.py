@@ -317,3 +317,15 @@ def test_models_only_run_writes_the_models_table(tmp_path, monkeypatch):
     assert "| nanoGPT, torch.nn.RMSNorm | train step | float32 | 2×16 |" in md and "| decode step | bfloat16 | 1×1, 15 cached |" in md
     assert not (tmp_path / "results.png").exists()
 
+
+def test_quick_leaves_out_the_secondary_comparisons(tmp_path, monkeypatch):
+    from normlab.bench.cases import SECONDARY, implementations
+
+    assert set(implementations("add_rms_norm", 8, "cpu", False, secondary=False)) == {"normlab", "torch"}
+    assert set(implementations("rms_norm", 8, "cpu", False, secondary=False)) == {"normlab", "normlab, one rounding", "torch"}
+    monkeypatch.setenv("NORMLAB_BENCH_REEXEC", "1")
+    from normlab.cli import main as cli
+
+    assert cli(["bench", "--quick", *TINY, "--ops", "add_layer_norm", "--out", str(tmp_path)]) == 0
+    impls = {r["impl"] for r in json.loads((tmp_path / "results.json").read_text())["results"]}
+    assert impls == {"normlab", "torch"} and not impls & set(SECONDARY)
