@@ -15,9 +15,11 @@ import torch.nn.functional as F
 
 import normlab
 
-OPS = ("rms_norm", "layer_norm", "add_rms_norm", "add_layer_norm")
+NORM_OPS = ("rms_norm", "layer_norm", "add_rms_norm", "add_layer_norm")
+OPS = (*NORM_OPS, "dyt")
 FUSED = {"add_rms_norm", "add_layer_norm"}
 EPS = 1e-6
+DYT_ALPHA = 0.5  # the DyT module's initial alpha
 
 
 @dataclass
@@ -26,9 +28,10 @@ class Inputs:
     residual: torch.Tensor | None
     weight: torch.Tensor
     bias: torch.Tensor | None
+    alpha: torch.Tensor | None = None  # DyT's learnable scalar (a one-element tensor)
 
     def tensors(self) -> list[torch.Tensor]:
-        return [t for t in (self.x, self.residual, self.weight, self.bias) if t is not None]
+        return [t for t in (self.x, self.residual, self.weight, self.bias, self.alpha) if t is not None]
 
 
 def make_inputs(op: str, rows: int, n: int, dtype: torch.dtype, device: str, requires_grad: bool) -> Inputs:
@@ -38,12 +41,14 @@ def make_inputs(op: str, rows: int, n: int, dtype: torch.dtype, device: str, req
         t = (torch.randn(*shape, generator=g) * scale + shift).to(dtype=dtype, device=device)
         return t.requires_grad_(requires_grad)
 
-    layer = op in ("layer_norm", "add_layer_norm")
+    with_bias = op in ("layer_norm", "add_layer_norm", "dyt")
     return Inputs(
         x=randn(rows, n),
         residual=randn(rows, n) if op in FUSED else None,
         weight=randn(n, scale=0.1, shift=1.0),
-        bias=randn(n, scale=0.1) if layer else None,
+        bias=randn(n, scale=0.1) if with_bias else None,
+        # in the input dtype, as a DyT module of a model in that dtype holds it
+        alpha=torch.full((1,), DYT_ALPHA, dtype=dtype, device=device).requires_grad_(requires_grad) if op == "dyt" else None,
     )
 
 
@@ -61,6 +66,11 @@ def textbook_layer_norm(x, w, b):
     mu = h.mean(-1, keepdim=True)
     var = (h - mu).pow(2).mean(-1, keepdim=True)
     return ((h - mu) * torch.rsqrt(var + EPS) * w.float() + b.float()).to(x.dtype)
+
+
+def dyt_formula(x, alpha, w, b):
+    """DyT as a model file writes it, in the input dtype: ``w · tanh(α · x) + b``."""
+    return w * torch.tanh(alpha * x) + b
 
 
 #: normlab with one rounding (``x·rstd·w`` in fp32, rounded once): in bf16/fp16 what ``F.rms_norm``
@@ -128,19 +138,36 @@ def _impls_add_ln(n):
     }
 
 
-_BUILDERS = {"rms_norm": _impls_rms, "layer_norm": _impls_ln, "add_rms_norm": _impls_add_rms, "add_layer_norm": _impls_add_ln}
+def _impls_dyt(n):
+    # torch has no DyT op: its eager baseline is the formula itself, which is also what torch.compile gets
+    return {
+        "normlab": lambda i: (normlab.dyt(i.x, i.alpha, i.weight, i.bias),),
+        "torch": lambda i: (dyt_formula(i.x, i.alpha, i.weight, i.bias),),
+    }
+
+
+_BUILDERS = {"rms_norm": _impls_rms, "layer_norm": _impls_ln, "add_rms_norm": _impls_add_rms,
+             "add_layer_norm": _impls_add_ln, "dyt": _impls_dyt}
 
 #: Extra implementations by op: ``EXTRA_IMPLS[op][name] = (n, device) -> forward function or None``.
 EXTRA_IMPLS: dict[str, dict[str, Callable]] = {op: {} for op in OPS}
 
 
-def implementations(op: str, n: int, device: str, compile_reference: bool) -> dict[str, Callable]:
+#: the comparisons ``--quick`` leaves out: the eager reference formula, normlab's add-then-norm
+SECONDARY = ("reference", "normlab add, then norm")
+
+
+def implementations(op: str, n: int, device: str, compile_reference: bool, secondary: bool = True) -> dict[str, Callable]:
     """Name → forward function for ``op`` on rows of size ``n``; ``"compiled reference"`` is
     ``torch.compile`` of the reference formula, specialised to each shape and dtype (the strongest
-    baseline torch offers: one compilation per shape, dtype and grad mode)."""
+    baseline torch offers: one compilation per shape, dtype and grad mode). DyT has no separate
+    reference: its ``"torch"`` entry is the formula, and that is what is compiled. ``secondary=False``
+    drops the :data:`SECONDARY` entries."""
     impls = _BUILDERS[op](n)
     if compile_reference:
-        impls["compiled reference"] = torch.compile(impls["reference"], dynamic=False)
+        impls["compiled reference"] = torch.compile(impls.get("reference", impls["torch"]), dynamic=False)
+    if not secondary:
+        impls = {name: fn for name, fn in impls.items() if name not in SECONDARY}
     for name, build in EXTRA_IMPLS[op].items():
         fn = build(n, device)
         if fn is not None:
@@ -150,10 +177,11 @@ def implementations(op: str, n: int, device: str, compile_reference: bool) -> di
 
 def bytes_moved(op: str, mode: str, inputs: Inputs) -> int:
     """DESIGN §5: fwd = read x + write y; fused add + norm = 4N; fwd+bwd = 5N (fused: 8N — the forward's
-    4N, then read dy, d(sum), s and write dx); parameters counted once per pass read, once per gradient written."""
+    4N, then read dy, d(sum), s and write dx); parameters counted once per pass read, once per gradient written.
+    DyT counts as a norm: 2N forward, 5N fwd+bwd, its alpha among the parameters."""
     x = inputs.x
     big = x.numel() * x.element_size()
-    params = sum(p.numel() * p.element_size() for p in (inputs.weight, inputs.bias) if p is not None)
+    params = sum(p.numel() * p.element_size() for p in (inputs.weight, inputs.bias, inputs.alpha) if p is not None)
     if mode == "fwd":
         return (4 if op in FUSED else 2) * big + params
     return (8 if op in FUSED else 5) * big + 3 * params

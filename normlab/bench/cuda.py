@@ -26,7 +26,8 @@ import torch.nn.functional as F
 
 import normlab
 from normlab.bench import MODES, QUICK_SHAPES, STANDARD_SHAPES
-from normlab.bench.cases import FUSED, OPS, llama_rms_norm, textbook_layer_norm
+from normlab.bench.cases import FUSED, llama_rms_norm, textbook_layer_norm
+from normlab.bench.cases import NORM_OPS as OPS  # DyT has no Triton comparison here
 from normlab.cli import comma_list, device, positive_float, positive_int, shape
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -41,7 +42,8 @@ def _cuda_device(s: str) -> str:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--quick", action="store_true", help="one shape (4096x768), no torch.compile")
+    parser.add_argument("--quick", action="store_true",
+                        help=f"shapes {', '.join(f'{r}x{n}' for r, n in QUICK_SHAPES)} only, no torch.compile")
     parser.add_argument("--ops", type=comma_list(str, OPS), default=list(OPS),
                         help=f"comma-separated, of {', '.join(OPS)} (default: all)")
     parser.add_argument("--shapes", type=comma_list(shape), default=None,

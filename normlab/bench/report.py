@@ -31,10 +31,10 @@ def markdown(results: list[dict]) -> str:
             peak = f"{r['peak_mb']:.2f}" if "peak_mb" in r else ""
             name = f"**{r['impl']}**" if r is ours else r["impl"]
             lines.append(
-                f"| {op} | {rows}×{n} | {dtype} | {mode} | {name} | {r['ms']:.2f} | {r['gbps']:.1f} | {r['pct_copy']:.0f} % | {speed} | {peak} |"
+                f"| {op} | {rows}×{n} | {dtype} | {mode} | {name} | {r['ms']:.4g} | {r['gbps']:.1f} | {r['pct_copy']:.0f} % | {speed} | {peak} |"
             )
         c = recs[0]
-        lines.append(f"| {op} | {rows}×{n} | {dtype} | {mode} | copy_ (same run) | {c['copy_ms']:.2f} | {c['copy_gbps']:.1f} | 100 % | | |")
+        lines.append(f"| {op} | {rows}×{n} | {dtype} | {mode} | copy_ (same run) | {c['copy_ms']:.4g} | {c['copy_gbps']:.1f} | 100 % | | |")
     return "\n".join(lines) + "\n"
 
 
@@ -74,18 +74,30 @@ def plot(results: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
+TORCH, COMPILED = "torch", "compiled reference"
+#: the issue's target for RMSNorm against torch's own op, and the smallest call it applies to
+RMS_TARGET, RMS_TARGET_FROM = 2.0, (768, 128)
+
+
+def _ratio(by: dict, other: str, ours: dict) -> str:
+    return f"{by[other]['ms'] / ours['ms']:.2f}×" if other in by else "—"
+
+
 def summary(results: list[dict]) -> str:
-    """One row per (op, shape, dtype, mode): normlab's % of copy, its speed-up over each comparison and
-    its peak memory against torch's (fwd+bwd). RMSNorm gets a second row for normlab with one rounding
-    (the numerics of ``F.rms_norm`` and of the compiled reference in bf16/fp16)."""
+    """One row per (op, shape, dtype, mode): normlab's ms next to torch eager's and the compiled
+    reference's, its % of copy, its speed-up over each comparison and its peak memory against torch's
+    (fwd+bwd). "torch" is ``F.rms_norm`` / ``F.layer_norm`` (after ``x + r`` for the fused ops) and,
+    for DyT, the formula in eager mode. RMSNorm gets a second row for normlab with one rounding (the
+    numerics of ``F.rms_norm`` and of the compiled reference in bf16/fp16)."""
     groups = _groups(results)
     mine = ("normlab", ONE_ROUNDING)
     others = []
     for recs in groups.values():
         for r in recs:
-            if r["impl"] not in mine and r["impl"] not in others:
+            if r["impl"] not in (*mine, TORCH, COMPILED) and r["impl"] not in others:
                 others.append(r["impl"])
-    head = ["op", "shape", "dtype", "mode", "normlab ms", "% of copy", *[f"vs {o}" for o in others], "peak MB normlab / torch"]
+    head = ["op", "shape", "dtype", "mode", "normlab ms", "torch ms", "compiled ms", "% of copy", f"vs {TORCH}",
+            f"vs {COMPILED}", *[f"vs {o}" for o in others], "peak MB normlab / torch"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * 4 + "---:|" * (len(head) - 4)]
     for (op, rows, n, dtype, mode), recs in groups.items():
         by = {r["impl"]: r for r in recs if "ms" in r}
@@ -94,9 +106,50 @@ def summary(results: list[dict]) -> str:
             if ours is None:
                 continue
             label = op if name == "normlab" else f"{op}, one rounding"
-            speed = [f"{by[o]['ms'] / ours['ms']:.2f}×" if o in by else "—" for o in others]
+            ms = [f"{by[k]['ms']:.4g}" if k in by else "—" for k in (TORCH, COMPILED)]
+            speed = [_ratio(by, o, ours) for o in (TORCH, COMPILED, *others)]
             peak = ""
-            if "peak_mb" in ours and "torch" in by and "peak_mb" in by["torch"]:
-                peak = f"{ours['peak_mb']:.2f} / {by['torch']['peak_mb']:.2f}"
-            lines.append(f"| {label} | {rows}×{n} | {dtype} | {mode} | {ours['ms']:.2f} | {ours['pct_copy']:.0f} % | " + " | ".join(speed) + f" | {peak} |")
+            if "peak_mb" in ours and TORCH in by and "peak_mb" in by[TORCH]:
+                peak = f"{ours['peak_mb']:.2f} / {by[TORCH]['peak_mb']:.2f}"
+            lines.append(f"| {label} | {rows}×{n} | {dtype} | {mode} | {ours['ms']:.4g} | {' | '.join(ms)} | "
+                         f"{ours['pct_copy']:.0f} % | " + " | ".join(speed) + f" | {peak} |")
+    return "\n".join(lines) + "\n"
+
+
+def targets(results: list[dict]) -> str:
+    """RMSNorm against ``F.rms_norm``, case by case, from :data:`RMS_TARGET_FROM` up (empty without such cases)."""
+    smallest = RMS_TARGET_FROM[0] * RMS_TARGET_FROM[1]
+    lines, met, total = [], 0, 0
+    for (op, rows, n, dtype, mode), recs in _groups(results).items():
+        by = {r["impl"]: r for r in recs if "ms" in r}
+        if op != "rms_norm" or rows * n < smallest or TORCH not in by or "normlab" not in by:
+            continue
+        ratios = {name: by[TORCH]["ms"] / by[name]["ms"] for name in ("normlab", ONE_ROUNDING) if name in by}
+        ok = ratios["normlab"] >= RMS_TARGET
+        met, total = met + ok, total + 1
+        shown = ", ".join(f"{name} {v:.2f}×" for name, v in ratios.items())
+        lines.append(f"- {'ok' if ok else '**MISS**'} {rows}×{n} {dtype} {mode}: F.rms_norm ms / normlab ms = {shown}")
+    if not total:
+        return ""
+    head = (f"rms_norm against F.rms_norm (target ≥ {RMS_TARGET:g}× from {RMS_TARGET_FROM[0]}×{RMS_TARGET_FROM[1]} up): "
+            f"met in {met} of {total} cases")
+    return head + "\n\n" + "\n".join(lines) + "\n"
+
+
+def models_markdown(rows: list[dict]) -> str:
+    """The ``--models`` table: one row per (model, dtype, shape); speed-up = torch ms / normlab ms;
+    max |Δ logits| between the two on the same input (empty without rows)."""
+    if not rows:
+        return ""
+    lines = ["Whole models (`--models`), torch and normlab sampled round-robin in one process; speed-up = torch ms / "
+             "normlab ms; max abs logit diff = the two sides on the same input, before timing.", "",
+             "| model | step | dtype | shape | torch ms | normlab ms | speed-up | max abs logit diff | normlab modules |",
+             "|---|---|---|---|---:|---:|---:|---:|---|"]
+    for r in rows:
+        head = f"| {r['model']} | {r['step']} | {r['dtype']} | {r['shape']} |"
+        if "error" in r:
+            lines.append(f"{head} error: {r['error']} | | | | |")
+            continue
+        lines.append(f"{head} {r['torch_ms']:.2f} | {r['normlab_ms']:.2f} | {r['speedup']:.2f}× | "
+                     f"{r['max_logit_diff']:.3g} | {r['normlab_modules']} |")
     return "\n".join(lines) + "\n"

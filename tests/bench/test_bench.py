@@ -76,7 +76,7 @@ TINY = ["--shapes", "8x8", "--ops", "rms_norm", "--dtypes", "float32", "--modes"
 @pytest.mark.parametrize("args, expected", [
     (["--modes", "xyz"], "--modes: invalid choice 'xyz' (choose from fwd, fwd+bwd)"),
     (["--modes", "fwd,bwd"], "--modes: invalid choice 'bwd'"),
-    (["--ops", "foo"], "--ops: invalid choice 'foo' (choose from rms_norm, layer_norm, add_rms_norm, add_layer_norm)"),
+    (["--ops", "foo"], "--ops: invalid choice 'foo' (choose from rms_norm, layer_norm, add_rms_norm, add_layer_norm, dyt)"),
     (["--dtypes", "int8"], "--dtypes: invalid choice 'int8' (choose from float32, bfloat16, float16)"),
     (["--shapes", "abc"], "--shapes: expected ROWSxN with positive integers"),
     (["--shapes", "0x0"], "--shapes: expected ROWSxN with positive integers"),
@@ -105,3 +105,227 @@ def test_cuda_without_cuda_is_a_usage_error(tmp_path, capsys, monkeypatch):
         cli(["bench", *TINY, "--out", str(tmp_path / "out"), "--device", "cuda"])
     assert e.value.code == 2 and "argument --device: 'cuda': no CUDA device is visible" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+# ---- the shape ladder and DyT ---------------------------------------------------------------------
+def test_default_shapes_are_the_design_ladder():
+    from normlab.bench import QUICK_SHAPES, STANDARD_SHAPES
+
+    assert STANDARD_SHAPES == [(1, 64), (1, 4096), (768, 128), (4096, 768), (2048, 4096), (8192, 4096), (32768, 1024), (2048, 8192)]
+    assert set(QUICK_SHAPES) <= set(STANDARD_SHAPES) and (768, 128) in QUICK_SHAPES
+
+
+def test_dyt_inputs_and_bytes():
+    inp = make_inputs("dyt", 8, 16, torch.bfloat16, "cpu", requires_grad=True)
+    assert inp.alpha.shape == (1,) and inp.alpha.dtype == torch.bfloat16 and inp.alpha.requires_grad
+    assert inp.residual is None and inp.bias is not None and len(inp.tensors()) == 4
+    big, params = 8 * 16 * 2, (16 + 16 + 1) * 2
+    assert bytes_moved("dyt", "fwd", inp) == 2 * big + params
+    assert bytes_moved("dyt", "fwd+bwd", inp) == 5 * big + 3 * params
+
+
+def _relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.float() - b.float()).abs().max() / b.float().abs().max().clamp_min(1e-30)).item()
+
+
+# relative to the largest |value| of normlab's result: bf16 forwards round once or twice; torch's bf16
+# LayerNorm keeps its statistics in bf16 (its gradients are the loosest)
+TOLERANCE = {torch.float32: (1e-5, 1e-5), torch.bfloat16: (2e-2, 1e-1)}
+
+
+@pytest.mark.parametrize("op", ["rms_norm", "layer_norm", "add_rms_norm", "add_layer_norm", "dyt"])
+def test_every_ladder_case_builds_and_its_implementations_agree(op):
+    """Each implementation of each ladder case computes what normlab computes: outputs and gradients
+    (rows capped to keep the test short, except 768×128; hidden sizes as in the ladder)."""
+    from normlab.bench import STANDARD_SHAPES
+    from normlab.bench.cases import implementations
+
+    for rows, n in STANDARD_SHAPES:
+        rows = rows if rows * n <= 768 * 128 else max(1, 4096 // n)
+        impls = implementations(op, n, "cpu", compile_reference=False)
+        assert "normlab" in impls and "torch" in impls
+        for dtype, (fwd_tol, grad_tol) in TOLERANCE.items():
+            inp = make_inputs(op, rows, n, dtype, "cpu", requires_grad=True)
+            results = {}
+            for name, impl in impls.items():
+                outs = impl(inp)
+                upstream = [torch.randn(o.shape, generator=torch.Generator().manual_seed(k)).to(dtype) for k, o in enumerate(outs)]
+                grads = torch.autograd.grad(outs, inp.tensors(), upstream)
+                results[name] = ([o.detach() for o in outs], grads)
+            ours_out, ours_grads = results["normlab"]
+            for name, (outs, grads) in results.items():
+                case = f"{op} {rows}×{n} {dtype} {name}"
+                assert len(outs) == len(ours_out), case
+                for a, b in zip(outs, ours_out):
+                    assert a.shape == b.shape and a.dtype == b.dtype and _relative_error(a, b) <= fwd_tol, case
+                for a, b in zip(grads, ours_grads):
+                    assert _relative_error(a, b) <= grad_tol, f"{case} (gradients)"
+
+
+def test_calibration_of_a_microsecond_call(monkeypatch):
+    """A 2 µs call behind a 10 µs timer read: the per-call time comes from a long enough run of calls
+    (a single timed call would put it at 12 µs). Simulated clock, no wall time."""
+    from normlab.bench import run
+
+    clock = [0.0]
+
+    def perf_counter():
+        clock[0] += 1e-5
+        return clock[0]
+
+    def call():
+        clock[0] += 2e-6
+
+    monkeypatch.setattr(run.time, "perf_counter", perf_counter)
+    reps = run._calibrated(call, lambda: None, min_time=0.03)
+    assert 0.029 <= reps * 2e-6 <= 0.031
+
+
+def test_every_sample_lasts_min_time_even_after_a_preempted_calibration(monkeypatch):
+    """A preemption during calibration makes a 2 µs call look slow, and a later slowdown makes it slow:
+    each sample still runs until min_time has passed, and no longer than a little past it; the median
+    is the call's time. Simulated clock."""
+    from normlab.bench import run
+
+    clock, count, durations = [0.0], [0], []
+
+    def call():
+        count[0] += 1
+        clock[0] += 1e-2 if count[0] == 10 else 2e-6  # one preempted call, inside the calibration
+
+    def slowed():
+        clock[0] += 6e-6  # 3× slower after its calibration
+
+    real_sample = run._sample
+
+    def recorded(fn, sync, reps, min_time):
+        t0 = clock[0]
+        out = real_sample(fn, sync, reps, min_time)
+        durations.append(clock[0] - t0)
+        return out
+
+    monkeypatch.setattr(run.time, "perf_counter", lambda: clock[0])
+    monkeypatch.setattr(run, "_sample", recorded)
+    calls = {}
+    fns = {"tiny": call, "slowed": lambda: slowed() if count[0] > 20_000 else call()}
+    out = run.interleaved_medians(fns, lambda: None, samples=3, min_time=0.03, calls=calls)
+    assert out["tiny"] == pytest.approx(2e-6) and calls["tiny"] * 2e-6 >= 0.03
+    assert out["slowed"] == pytest.approx(6e-6) and calls["slowed"] * 6e-6 >= 0.03
+    assert all(0.03 <= d <= 0.03 * 1.1 for d in durations), durations
+
+
+# ---- --models -------------------------------------------------------------------------------------
+TINY_MODELS = dict(
+    n_layer=1, d_model=32, n_head=2, block_size=16, batch_size=2, vocab_size=64,
+    llama=dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+               num_key_value_heads=4, max_position_embeddings=64),
+    llama_batches=((2, 16),), llama_prefix=15,
+)
+ROW_KEYS = {"model", "step", "dtype", "shape", "torch_ms", "normlab_ms", "speedup", "max_logit_diff", "normlab_modules"}
+
+
+@pytest.mark.parametrize("group, expected_rows", [("study", 2), ("nanogpt", 2), ("llama", 4)])
+def test_models_runner_with_tiny_models(group, expected_rows):
+    """Each group runs, its rows are well formed and both sides compute the same logits."""
+    from normlab.bench.models import Sizes, run_models
+    from normlab.bench.report import models_markdown
+
+    rows = run_models([group], samples=2, min_time=0.0, sizes=Sizes(**TINY_MODELS))
+    assert len(rows) == expected_rows
+    for r in rows:
+        assert ROW_KEYS <= set(r) and "error" not in r, r
+        assert r["torch_ms"] > 0 and r["normlab_ms"] > 0 and r["speedup"] == pytest.approx(r["torch_ms"] / r["normlab_ms"])
+        assert set(r["calls_per_sample"]) == {"torch", "normlab"}
+        assert r["max_logit_diff"] <= (1e-5 if r["dtype"] == "float32" else 1e-2), r
+        assert "→" in r["normlab_modules"] or "torch side" in r["normlab_modules"]
+    if group == "llama":
+        assert [(r["step"], r["dtype"]) for r in rows] == [("forward", "float32"), ("decode step", "float32"),
+                                                          ("forward", "bfloat16"), ("decode step", "bfloat16")]
+        assert rows[1]["shape"] == "1×1, 15 cached"
+    assert models_markdown(rows).count("\n| ") == expected_rows + 1  # header and one line per row
+
+
+def test_study_gpt_torch_twin_holds_torch_norms_with_the_same_values():
+    from normlab.bench.models import Sizes, study_gpt, with_torch_norms
+
+    for norm in ("layernorm", "rmsnorm"):
+        ours, step = study_gpt(norm, Sizes(**TINY_MODELS))
+        theirs = with_torch_norms(ours)
+        assert not any(type(m).__module__.startswith(("normlab.nn", "normlab.models.norms")) for m in theirs.modules()), norm
+        torch_norms = [m for m in theirs.modules() if isinstance(m, (torch.nn.LayerNorm, torch.nn.RMSNorm))]
+        assert len(torch_norms) == len(ours.norm_layers()) > 0, norm
+        assert not {id(p) for p in ours.parameters()} & {id(p) for p in theirs.parameters()}  # trained apart
+        idx = torch.randint(0, step["vocab"], (2, 16))
+        with torch.no_grad():
+            torch.testing.assert_close(theirs(idx)[0], ours(idx)[0], rtol=1e-5, atol=1e-6)
+
+
+def test_study_gpt_has_the_study_default_sizes():
+    from normlab.bench.models import Sizes, study_gpt
+
+    model, step = study_gpt("layernorm", Sizes(vocab_size=64))
+    c = model.config
+    assert (c.n_layer, c.d_model, c.block_size, c.placement, c.norm) == (4, 128, 64, "pre", "layernorm")
+    assert (step["batch"], step["seq"]) == (12, 64)
+
+
+def test_models_flag_parsing():
+    import argparse
+
+    from normlab.bench import MODEL_GROUPS
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    assert parser.parse_args([]).models == [] and parser.parse_args([]).run_ops
+    assert parser.parse_args(["--models"]).models == list(MODEL_GROUPS)
+    assert parser.parse_args(["--models", "--no-ops"]).models == list(MODEL_GROUPS)
+    args = parser.parse_args(["--models", "llama,study", "--no-ops"])
+    assert args.models == ["llama", "study"] and not args.run_ops
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["--models", "bert"], "argument --models: invalid choice 'bert' (choose from study, nanogpt, llama)"),
+    (["--no-ops"], "--no-ops without --models: nothing to time"),
+])
+def test_bad_models_arguments_are_usage_errors(tmp_path, capsys, monkeypatch, args, expected):
+    from normlab.cli import main as cli
+
+    monkeypatch.setenv("NORMLAB_BENCH_REEXEC", "1")
+    with pytest.raises(SystemExit) as e:
+        cli(["bench", *TINY, "--out", str(tmp_path / "out"), *args])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and expected in err, err
+    assert not (tmp_path / "out").exists()
+
+
+def test_models_only_run_writes_the_models_table(tmp_path, monkeypatch):
+    """``--models nanogpt,llama --no-ops`` through the CLI (tiny models): results.json holds the rows,
+    results.md the table, no op results and no plot."""
+    from normlab.bench import models
+    from normlab.cli import main as cli
+
+    monkeypatch.setenv("NORMLAB_BENCH_REEXEC", "1")
+    tiny = models.Sizes(**TINY_MODELS)
+    monkeypatch.setattr(models, "Sizes", lambda: tiny)  # what a run without --quick builds
+    assert cli(["bench", "--models", "nanogpt,llama", "--no-ops", "--out", str(tmp_path)]) == 0
+    data = json.loads((tmp_path / "results.json").read_text())
+    assert data["results"] == [] and len(data["models"]) == 6
+    assert [r["model"] for r in data["models"][:2]] == ["nanoGPT, torch.nn.LayerNorm", "nanoGPT, torch.nn.RMSNorm"]
+    assert all("error" not in r and r["max_logit_diff"] < 1e-2 for r in data["models"])
+    assert data["environment"]["transformers"]
+    md = (tmp_path / "results.md").read_text()
+    assert "| nanoGPT, torch.nn.RMSNorm | train step | float32 | 2×16 |" in md and "| decode step | bfloat16 | 1×1, 15 cached |" in md
+    assert not (tmp_path / "results.png").exists()
+
+
+def test_quick_leaves_out_the_secondary_comparisons(tmp_path, monkeypatch):
+    from normlab.bench.cases import SECONDARY, implementations
+
+    assert set(implementations("add_rms_norm", 8, "cpu", False, secondary=False)) == {"normlab", "torch"}
+    assert set(implementations("rms_norm", 8, "cpu", False, secondary=False)) == {"normlab", "normlab, one rounding", "torch"}
+    monkeypatch.setenv("NORMLAB_BENCH_REEXEC", "1")
+    from normlab.cli import main as cli
+
+    assert cli(["bench", "--quick", *TINY, "--ops", "add_layer_norm", "--out", str(tmp_path)]) == 0
+    impls = {r["impl"] for r in json.loads((tmp_path / "results.json").read_text())["results"]}
+    assert impls == {"normlab", "torch"} and not impls & set(SECONDARY)
