@@ -8,7 +8,6 @@ also seeds torch for each test, as it does ``random`` and numpy: ``pytest --rand
 from __future__ import annotations
 
 import os
-import sys
 import zlib
 
 import pytest
@@ -32,12 +31,10 @@ def _global_state() -> dict:
         "torch grad mode": torch.is_grad_enabled(),
         "torch deterministic algorithms": torch.are_deterministic_algorithms_enabled(),
         "torch float32 matmul precision": torch.get_float32_matmul_precision(),
-        "normlab backend stack": list(getattr(dispatch._local, "stack", None) or []),
+        "normlab backend stack": list(dispatch._local.stack),
         "cwd": os.getcwd(),
         "environment": {k: v for k, v in os.environ.items() if k not in _ENV_IGNORED},
     }
-    if "numba" in sys.modules:
-        state["numba threads"] = sys.modules["numba"].get_num_threads()
     return state
 
 
@@ -45,7 +42,7 @@ def _describe(before: dict, after: dict) -> list[str]:
     out = []
     for key in before.keys() | after.keys():
         a, b = before.get(key), after.get(key)
-        if a == b or key not in before:  # numba imported by the test: nothing to compare
+        if a == b or key not in before:
             continue
         if key == "environment":
             for name in sorted(a.keys() | b.keys()):
@@ -68,8 +65,6 @@ def _restore(before: dict) -> None:
     os.chdir(before["cwd"])
     os.environ.clear()
     os.environ.update(before["environment"])
-    if "numba threads" in before:
-        sys.modules["numba"].set_num_threads(before["numba threads"])
 
 
 @pytest.fixture(autouse=True)
