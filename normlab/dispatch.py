@@ -155,6 +155,21 @@ def select(op: str, x: torch.Tensor, requested: str | None = None, **options) ->
     return decision
 
 
+def native_for(op: str, key: tuple, x: torch.Tensor, requested: str | None = None, **options) -> Callable | None:
+    """:func:`native` of the backend :func:`select` picks, cached under ``key``: what of the call determines the
+    choice, as the caller builds it (dtypes and devices of ``x`` and of the tensor options, the other options).
+    The whole choice of an op front's common call in one look-up."""
+    name = requested_backend() if requested is None else _check_name(requested)
+    if torch.compiler.is_compiling():
+        return native(_select(op, x, name, options), op)
+    full = (op, name, key)
+    try:
+        return _decisions[full]
+    except KeyError:
+        found = _decisions[full] = native(select(op, x, requested, **options), op)
+        return found
+
+
 def _select(op: str, x: torch.Tensor, name: str | None, options: dict) -> str:
     if x.dim() != 2:
         x = x.reshape(-1, x.shape[-1]) if x.dim() else x.reshape(1, 1)

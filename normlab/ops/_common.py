@@ -25,16 +25,17 @@ def plain_rows(x, normalized_shape, *params) -> bool:
     ``normalized_shape`` an int equal to its last dim, each parameter None or a vector of that size in the
     input's dtype (or fp32 for a half input) on its device, and no torch.func transform active. A call that
     is not takes the full checks, which raise the errors."""
-    if type(normalized_shape) is not int or not isinstance(x, torch.Tensor) or x.dtype not in _FLOATS:
+    if type(normalized_shape) is not int or not isinstance(x, torch.Tensor) or not x.dim():
         return False
-    if not x.dim() or x.shape[-1] != normalized_shape:
+    dtype = x.dtype
+    if dtype not in _FLOATS or x.size(-1) != normalized_shape:
         return False
     for p in params:
         if p is None:
             continue
-        if not isinstance(p, torch.Tensor) or p.dim() != 1 or p.shape[0] != normalized_shape or p.device != x.device:
+        if not isinstance(p, torch.Tensor) or p.dim() != 1 or p.size(0) != normalized_shape or p.device != x.device:
             return False
-        if p.dtype is not x.dtype and not (p.dtype is torch.float32 and x.dtype in _HALVES):
+        if p.dtype is not dtype and not (p.dtype is torch.float32 and dtype in _HALVES):
             return False
     return torch.compiler.is_compiling() or not torch._C._are_functorch_transforms_active()
 

@@ -123,7 +123,8 @@ def dyt(
         and alpha.dtype is weight.dtype
         and alpha.device == input.device and plain_rows(input, weight.shape[0], weight, bias) and input.numel()
     ):
-        op = dispatch.native(dispatch.select("dyt", input, backend, alpha=alpha, weight=weight, bias=bias), "dyt")
+        key = (input.dtype, input.device, input.dim(), alpha.dtype, weight.dtype, None if bias is None else bias.dtype)
+        op = dispatch.native_for("dyt", key, input, backend, alpha=alpha, weight=weight, bias=bias)
         if op is not None:
             return op(input, alpha, weight, bias)
     _check(input, alpha, weight, bias)

@@ -248,7 +248,8 @@ def layer_norm(
     """
     if out is None and positive(eps) and plain_rows(input, normalized_shape, weight, bias) and input.numel():
         # the common call, plainly valid: no other check, rows along the last dim as they are
-        op = dispatch.native(dispatch.select("layer_norm", input, backend, weight=weight, bias=bias), "layer_norm")
+        key = (input.dtype, input.device, input.dim(), None if weight is None else weight.dtype, None if bias is None else bias.dtype)
+        op = dispatch.native_for("layer_norm", key, input, backend, weight=weight, bias=bias)
         if op is not None:
             return op(input, weight, bias, eps)[0]
     n, eps = _check(input, normalized_shape, weight, bias, eps)

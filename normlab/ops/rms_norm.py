@@ -288,8 +288,10 @@ def rms_norm(
         out is None and partial is None and casting in _CASTINGS and _finite(offset) and (eps is None or _positive(eps))
         and plain_rows(input, normalized_shape, weight) and input.numel()
     ):
-        name = dispatch.select("rms_norm", input, backend, weight=weight, casting=casting, offset=offset, k=normalized_shape)
-        op = dispatch.native(name, "rms_norm")
+        key = (input.dtype, input.device, input.dim(), None if weight is None else weight.dtype, casting, offset, normalized_shape)
+        op = dispatch.native_for(
+            "rms_norm", key, input, backend, weight=weight, casting=casting, offset=offset, k=normalized_shape
+        )
         if op is not None:
             eps = _DEFAULT_EPS[input.dtype] if eps is None else eps
             return op(input, weight, eps, casting, float(offset), normalized_shape)[0]
