@@ -178,20 +178,14 @@ def _evaluate_here(run: Path) -> float:
 
 
 def test_torchrun_two_processes_match_one(tmp_path, one_thread):
-    """2 ranks × 2 rows vs 1 process × 4 rows, same global batches: the two differ only in the order of fp32
-    sums (per-rank means averaged by the all-reduce, weight gradients summed over 2 + 2 rows, BatchNorm's
-    statistics combined across ranks); each is bitwise reproducible run to run. A wrong split (ranks seeing
-    the same rows) or unaveraged gradients changes the loss by > 1e-2 after a few steps; per-rank BatchNorm
-    statistics of 2 rows × 16 tokens would change the train loss at once.
+    """2 ranks × 2 rows vs 1 process × 4 rows, same global batches: each run is bitwise reproducible, and the
+    two differ only in the order of fp32 sums. A wrong split or unaveraged gradients moves the loss by > 1e-2;
+    per-rank BatchNorm statistics (2 rows × 16 tokens) would change the train loss at once.
 
-    The val loss of batchnorm-post is compared loosely: in training, BatchNorm removes any per-channel shift
-    of its input, so the biases that only shift it (attention v and output projections, MLP output
-    projections; the last block's norm before ln_f) have a zero gradient in exact arithmetic and a
-    rounding-noise one (1e-9 to 1e-7) that differs between the two runs. AdamW (eps 1e-8) turns that noise
-    into steps of up to lr in either direction; the train loss cannot see them, but eval-mode BatchNorm
-    subtracts running means that lag behind the shift, so the val loss can (with those gradients zeroed,
-    its difference falls from up to 8.2e-5 to ≤ 5.7e-7). Where the val loss must be exact — the same
-    weights evaluated by 2 processes and by 1 — it is checked tightly."""
+    batchnorm-post's trained val loss is compared loosely: training-mode BatchNorm cancels the biases that only
+    shift its input, so their gradients are rounding noise (1e-9 to 1e-7) that differs between the runs and that
+    AdamW (eps 1e-8) turns into steps of up to lr; eval-mode BatchNorm's running means see them (with those
+    gradients zeroed: ≤ 5.7e-7 instead of ≤ 8.2e-5). The eval path itself is checked tightly on the same weights."""
     variants = "layernorm-pre,batchnorm-post"  # BatchNorm: statistics synchronized over the 2 ranks
     args = ("--variants", variants, "--steps", "8", "--experiments", "1", "--lr", "3e-3")
     r2 = cli(tmp_path / "two", *args, torchrun=True)
