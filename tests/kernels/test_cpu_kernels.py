@@ -603,3 +603,21 @@ def test_compiled_step_calls_the_native_ops():
     torch.testing.assert_close(out, eager)
     for c, e in zip(grads, torch.autograd.grad(eager, (x, w, b, a))):
         torch.testing.assert_close(c, e)
+
+
+def test_streamed_outputs_write_the_same_values():
+    """fp32 outputs larger than the last-level cache go out with non-temporal stores (32 MB here, or the
+    machine's own): the rows hold the same bits as the same rows of a small call, forward and dx."""
+    rows = (64 << 20) // (4096 * 4) + 64  # 64 MB of output: above any last-level cache these machines have
+    x, dy = rand(rows, 4096), rand(rows, 4096, seed=1)
+    w, b = rand(4096, seed=2), rand(4096, seed=3)
+    head = slice(0, 64)
+    y, rstd = K.rms_norm_fwd(x, w, 1e-5, "llama", 0.0, 4096)
+    y_small, rstd_small = K.rms_norm_fwd(x[head], w, 1e-5, "llama", 0.0, 4096)
+    assert torch.equal(y[head], y_small)
+    assert torch.equal(K.rms_norm_bwd(dy, x, w, rstd, 0.0, 4096)[0][head], K.rms_norm_bwd(dy[head], x[head], w, rstd_small, 0.0, 4096)[0])
+    yl, mean, lrstd = K.layer_norm_fwd(x, w, b, 1e-5)
+    yl_small, mean_small, lrstd_small = K.layer_norm_fwd(x[head], w, b, 1e-5)
+    assert torch.equal(yl[head], yl_small)
+    dx = K.layer_norm_bwd(dy, x, w, b, mean, lrstd)[0]
+    assert torch.equal(dx[head], K.layer_norm_bwd(dy[head], x[head], w, b, mean_small, lrstd_small)[0])

@@ -14,6 +14,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdint>
 #include <tuple>
 #include <type_traits>
 
@@ -56,7 +57,28 @@ struct IO<float> {
     if (count > VF) b.store(p + VF, count - VF);
   }
   static void round(Vec&, Vec&) {}
+  // A non-temporal store (no read of the output line first, no eviction of the input) where the step is
+  // whole and aligned, else an ordinary one: the same values either way.
+  static void stream(float* p, int64_t count, const Vec& a, const Vec& b) {
+    if (count != STEP || reinterpret_cast<uintptr_t>(p) % sizeof(Vec) != 0) return store(p, count, a, b);
+#if defined(CPU_CAPABILITY_AVX512)
+    _mm512_stream_ps(p, a);
+    _mm512_stream_ps(p + VF, b);
+#elif defined(CPU_CAPABILITY_AVX2)
+    _mm256_stream_ps(p, a);
+    _mm256_stream_ps(p + VF, b);
+#else
+    store(p, count, a, b);
+#endif
+  }
 };
+
+// Orders a thread's non-temporal stores before whatever follows its part of the call.
+inline void stream_fence() {
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+  _mm_sfence();
+#endif
+}
 
 template <typename T>
 struct IO16 {
@@ -224,8 +246,17 @@ void norm_fwd_rows(const NormFwdArgs& a, int64_t begin, int64_t end) {
         v1 = v1 * w1;
       }
       if constexpr (!std::is_same_v<S, X>) IO<S>::round(v0, v1);  // the norm's dtype, then the output's
+      if constexpr (std::is_same_v<X, float>) {
+        if (a.stream) {
+          IO<float>::stream(static_cast<float*>(a.y) + row + j, c, v0, v1);
+          continue;
+        }
+      }
       store<X>(a.y, row + j, c, v0, v1);
     }
+  }
+  if constexpr (std::is_same_v<X, float>) {
+    if (a.stream) stream_fence();
   }
 }
 
@@ -298,7 +329,12 @@ void norm_bwd_rows(const NormBwdArgs& a, int64_t begin, int64_t end) {
           v0 = v0 + s0;
           v1 = v1 + s1;
         }
-        store<T>(a.dx, row + j, c, v0, v1);
+        if constexpr (std::is_same_v<T, float>) {
+          if (a.stream) IO<float>::stream(static_cast<float*>(a.dx) + row + j, c, v0, v1);
+          else store<T>(a.dx, row + j, c, v0, v1);
+        } else {
+          store<T>(a.dx, row + j, c, v0, v1);
+        }
         Vec p0, p1;
         IO<float>::load(a.pw + j, c, p0, p1);
         IO<float>::store(a.pw + j, c, p0 + unless_zero(d0, d0 * h0), p1 + unless_zero(d1, d1 * h1));
@@ -316,6 +352,9 @@ void norm_bwd_rows(const NormBwdArgs& a, int64_t begin, int64_t end) {
       columns(0, a.k, true);
       columns(a.k, n, false);
     }
+  }
+  if constexpr (std::is_same_v<T, float>) {
+    if (a.stream) stream_fence();
   }
 }
 

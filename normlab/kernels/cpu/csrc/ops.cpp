@@ -13,6 +13,7 @@
 #include <algorithm>
 #include <atomic>
 #include <cstdlib>
+#include <fstream>
 #include <thread>
 #include <string>
 #include <vector>
@@ -113,6 +114,24 @@ void check_param(const OptTensor& p, const char* name, int64_t n) {
 // Statistics are per row: the input's shape without its last dimension.
 Tensor stats_like(const Tensor& x) {
   return at::empty(x.sizes().slice(0, x.dim() - 1), x.options().dtype(at::kFloat));
+}
+
+// The last-level cache of CPU 0, from sysfs (cpuid, behind sysconf, reports 10× too much on some VMs); 32 MB
+// where it does not say. An output larger than it cannot stay cached: it is written with non-temporal stores.
+int64_t last_level_cache_bytes() {
+  static const int64_t bytes = [] {
+    int64_t largest = 0;
+    for (int index = 0; index < 8; ++index) {
+      std::ifstream file("/sys/devices/system/cpu/cpu0/cache/index" + std::to_string(index) + "/size");
+      int64_t size = 0;
+      char unit = 0;
+      if (!(file >> size)) continue;
+      file >> unit;
+      largest = std::max(largest, size << (unit == 'K' ? 10 : unit == 'M' ? 20 : 0));
+    }
+    return largest > 0 ? largest : int64_t{32} << 20;
+  }();
+  return bytes;
 }
 
 // n ones, kept per thread (the weight of a norm without one).
@@ -222,6 +241,7 @@ FwdOut norm_forward(const Tensor& input, const OptTensor& residual, const Tensor
   a.eps = static_cast<float>(eps);
   a.x_t = dtype_of(x);
   a.mode = mode;
+  a.stream = a.x_t == Dtype::f32 && out.y.nbytes() > last_level_cache_bytes();
   const KernelTable& table = kernels();
   for_rows(rows, n, [&](int64_t begin, int64_t end) { table.norm_fwd(a, begin, end); });
   return out;
@@ -343,6 +363,7 @@ std::tuple<Tensor, Tensor, Tensor> norm_backward(const Tensor& grad, const Tenso
   a.k = k;
   a.t = dtype_of(x);
   a.layer = layer;
+  a.stream = a.t == Dtype::f32 && !ds.defined() && dx.nbytes() > last_level_cache_bytes();
   const KernelTable& table = kernels();
   float *pw0 = pw.data_ptr<float>(), *pb0 = pb.defined() ? pb.data_ptr<float>() : nullptr;
   run_chunks_in_order(rows, slots, [&](int64_t begin, int64_t end, int64_t slot) {

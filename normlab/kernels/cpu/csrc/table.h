@@ -25,6 +25,7 @@ struct NormFwdArgs {
   float eps;
   Dtype x_t, r_t, s_t; // not fused: s_t == x_t (the norm's own dtype)
   Mode mode;
+  bool stream;         // fp32 y with non-temporal stores (calls larger than the last-level cache)
 };
 
 struct NormBwdArgs {
@@ -40,6 +41,7 @@ struct NormBwdArgs {
   int64_t n, k;
   Dtype t;
   bool layer;
+  bool stream;         // fp32 dx with non-temporal stores (calls larger than the last-level cache)
 };
 
 struct DytFwdArgs {
