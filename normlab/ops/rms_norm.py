@@ -58,7 +58,7 @@ _DEFAULT_EPS = {t: torch.finfo(torch.float64 if t == torch.float64 else torch.fl
 
 def resolve_eps(eps: float | None, dtype: torch.dtype) -> float:
     """torch's rule: ``eps=None`` → machine epsilon of the compute dtype (fp32, or fp64 for fp64)."""
-    return torch.finfo(compute_dtype(dtype)).eps if eps is None else check_eps(eps)
+    return _DEFAULT_EPS[dtype] if eps is None else check_eps(eps)
 
 
 def partial_size(n: int, partial: float | None) -> int:
