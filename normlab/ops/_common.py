@@ -22,10 +22,14 @@ _HALVES = frozenset(HALF_DTYPES)
 
 def plain_rows(x, normalized_shape, *params) -> bool:
     """Whether a call is plainly valid, so the full checks can be skipped: ``x`` a tensor of a floating dtype,
-    ``normalized_shape`` an int equal to its last dim, each parameter None or a vector of that size in the
+    ``normalized_shape`` an int (or a 1-tuple of one) equal to its last dim, each parameter None or a vector of that size in the
     input's dtype (or fp32 for a half input) on its device, and no torch.func transform active. A call that
     is not takes the full checks, which raise the errors."""
-    if type(normalized_shape) is not int or not isinstance(x, torch.Tensor) or not x.dim():
+    if type(normalized_shape) is not int:  # (n,) as torch.nn modules hold it
+        if type(normalized_shape) not in (tuple, torch.Size) or len(normalized_shape) != 1 or type(normalized_shape[0]) is not int:
+            return False
+        normalized_shape = normalized_shape[0]
+    if not isinstance(x, torch.Tensor) or not x.dim():
         return False
     dtype = x.dtype
     if dtype not in _FLOATS or x.size(-1) != normalized_shape:

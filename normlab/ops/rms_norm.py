@@ -288,13 +288,12 @@ def rms_norm(
         out is None and partial is None and casting in _CASTINGS and _finite(offset) and (eps is None or _positive(eps))
         and plain_rows(input, normalized_shape, weight) and input.numel()
     ):
-        key = (input.dtype, input.device, input.dim(), None if weight is None else weight.dtype, casting, offset, normalized_shape)
-        op = dispatch.native_for(
-            "rms_norm", key, input, backend, weight=weight, casting=casting, offset=offset, k=normalized_shape
-        )
+        n = input.shape[-1]
+        key = (input.dtype, input.device, input.dim(), None if weight is None else weight.dtype, casting, offset, n)
+        op = dispatch.native_for("rms_norm", key, input, backend, weight=weight, casting=casting, offset=offset, k=n)
         if op is not None:
             eps = _DEFAULT_EPS[input.dtype] if eps is None else eps
-            return op(input, weight, eps, casting, float(offset), normalized_shape)[0]
+            return op(input, weight, eps, casting, float(offset), n)[0]
     weight = _upcast_half_weight(weight, input)
     n, eps, k = _check(input, normalized_shape, weight, eps, casting, partial, offset)
     x, w = row_view(input, n), flat_param(weight, n)
