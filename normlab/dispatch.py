@@ -74,6 +74,16 @@ def register(backend: str, op: str, fn: Callable, *, supports: Supports | None =
     _decisions.clear()
 
 
+#: The kernel contract's entry points (on ``(rows, n)`` rows), which the op files wrap in their Python custom ops.
+KERNELS = ("rms_norm_fwd", "rms_norm_bwd", "add_rms_norm_fwd", "layer_norm_fwd", "layer_norm_bwd", "add_layer_norm_fwd")
+
+
+def register_kernels(backend: str, namespace: dict, *, supports: Supports, names: tuple[str, ...] = KERNELS) -> None:
+    """Register the functions of ``namespace`` (a backend module's globals) named ``names`` as ``backend``'s."""
+    for op in names:
+        register(backend, op, namespace[op], supports=supports)
+
+
 def _ensure_loaded(name: str) -> _Backend | None:
     """Import a backend's module on first use; ``None`` if it cannot be loaded here.
 

@@ -193,14 +193,7 @@ def add_layer_norm_fwd(x, residual, weight, bias, eps, residual_dtype, out=None,
     return _into(results, {"out": out, "residual_out": residual_out})
 
 
-for _name, _fn in {
-    "rms_norm_fwd": rms_norm_fwd,
-    "rms_norm_bwd": rms_norm_bwd,
-    "add_rms_norm_fwd": add_rms_norm_fwd,
-    "layer_norm_fwd": layer_norm_fwd,
-    "layer_norm_bwd": layer_norm_bwd,
-    "add_layer_norm_fwd": add_layer_norm_fwd,
-    # the whole ops, autograd included (normlab.dispatch.native)
-    **{op: getattr(_ops, op) for op in ("rms_norm", "rms_norm_into", "add_rms_norm", "layer_norm", "layer_norm_into", "add_layer_norm", "dyt")},
-}.items():
-    dispatch.register("cpu", _name, _fn, supports=supports)
+dispatch.register_kernels("cpu", globals(), supports=supports)
+# the whole ops, autograd included (normlab.dispatch.native)
+for _op in ("rms_norm", "rms_norm_into", "add_rms_norm", "layer_norm", "layer_norm_into", "add_layer_norm", "dyt"):
+    dispatch.register("cpu", _op, getattr(_ops, _op), supports=supports)

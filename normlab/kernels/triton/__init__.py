@@ -11,8 +11,8 @@ import torch
 import triton  # noqa: F401  (ImportError here: the dispatch falls back)
 
 from normlab import dispatch
-from normlab.kernels.triton.layer_norm import add_layer_norm_fwd, layer_norm_bwd, layer_norm_fwd
-from normlab.kernels.triton.rms_norm import add_rms_norm_fwd, rms_norm_bwd, rms_norm_fwd
+from normlab.kernels.triton.layer_norm import add_layer_norm_fwd, layer_norm_bwd, layer_norm_fwd  # noqa: F401  (registered by name)
+from normlab.kernels.triton.rms_norm import add_rms_norm_fwd, rms_norm_bwd, rms_norm_fwd  # noqa: F401  (registered by name)
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 #: Whether the kernels were defined for Triton's CPU interpreter (``TRITON_INTERPRET=1`` at import).
@@ -30,12 +30,4 @@ def supports(op: str, x: torch.Tensor, **options) -> bool:
     return options.get("residual_dtype", x.dtype) in DTYPES
 
 
-for _name, _fn in {
-    "rms_norm_fwd": rms_norm_fwd,
-    "rms_norm_bwd": rms_norm_bwd,
-    "add_rms_norm_fwd": add_rms_norm_fwd,
-    "layer_norm_fwd": layer_norm_fwd,
-    "layer_norm_bwd": layer_norm_bwd,
-    "add_layer_norm_fwd": add_layer_norm_fwd,
-}.items():
-    dispatch.register("triton", _name, _fn, supports=supports)
+dispatch.register_kernels("triton", globals(), supports=supports)
