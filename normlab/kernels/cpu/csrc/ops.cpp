@@ -380,10 +380,8 @@ std::tuple<Tensor, Tensor, Tensor> norm_backward(const Tensor& grad, const Tenso
   return {dx, want_dw ? dw : Tensor(), db};
 }
 
-Tensor bwd_weight(const OptTensor& weight, double offset) {
-  if (!weight) return Tensor();
-  return offset != 0 ? as_fp32(weight->to(at::kFloat) + offset) : as_fp32(*weight);
-}
+// The backward's fp32 `offset + w` is the one-rounding forward's.
+Tensor bwd_weight(const OptTensor& weight, double offset) { return rms_weight(weight, offset, Mode::rms_fp32, at::kFloat); }
 
 // A wanted gradient in the parameter's dtype; an empty tensor when not wanted (the schemas return tensors).
 Tensor in_dtype(const Tensor& g, const OptTensor& like) {
