@@ -17,7 +17,8 @@ zero-mean changes nothing the LayerNorms see — and on a zero-mean input ``LN(x
    since ``logits = h · Wᵀ`` is not invariant to centring ``W``'s rows.
 
 The logits are unchanged up to rounding (≈1e-15 in fp64). A model is refused with a ``ValueError``
-when the identity does not hold: not Pre-LN (post, sandwich, DeepNorm or no placement; another norm;
+when the identity does not hold: not Pre-LN (post, sandwich, DeepNorm, OLMo-2, Mix-LN or no placement; LayerNorm
+Scaling's ``N(x)/√ℓ`` is Pre-LN and converts; another norm;
 no final norm before the head) or a residual branch that does not end in a linear map.
 
 The centring is computed in float64 and rounded once to the model's dtype.
@@ -76,9 +77,9 @@ def pre_ln_to_pre_rmsnorm(model: nn.Module) -> nn.Module:
 # ----------------------------------------------------------------------------------------------
 def _check_gpt(model: GPT) -> None:
     c = model.config
-    if c.placement != "pre":
-        _refuse(f"placement is {c.placement!r}; only 'pre' (x = x + F(N(x))) keeps every norm input on the "
-                "residual stream, where the mean can be removed")
+    if c.placement not in ("pre", "lnscaling"):
+        _refuse(f"placement is {c.placement!r}; only 'pre' (x = x + F(N(x))) and 'lnscaling' (x + F(N(x)/√ℓ)) keep "
+                "every norm input on the residual stream, where the mean can be removed")
     if c.norm != "layernorm":
         _refuse(f"norm is {c.norm!r}, not 'layernorm'")
     if not c.final_norm:

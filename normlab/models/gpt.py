@@ -1,13 +1,16 @@
 """A decoder-only Transformer (GPT) whose normalization is configuration.
 
 Each ``Block`` is an attention sub-layer and an MLP sub-layer, ``F`` below, joined to the residual
-stream ``x`` by one of five placements of the norm ``N``:
+stream ``x`` by one of eight placements of the norm ``N``:
 
-    post      x = N(x + F(x))                    (Vaswani et al. 2017)
-    pre       x = x + F(N(x))                    (GPT-2, Llama)
-    sandwich  x = x + N₂(F(N₁(x)))               (a.k.a. peri-LN; Ding et al. 2021)
-    deepnorm  x = N(α·x + F(x)),  α = (2M)^¼     (Wang et al. 2022, decoder constants, M = n_layer)
-    none      x = x + F(x)
+    post       x = N(x + F(x))                    (Vaswani et al. 2017)
+    pre        x = x + F(N(x))                    (GPT-2, Llama)
+    sandwich   x = x + N₂(F(N₁(x)))               (a.k.a. peri-LN; Ding et al. 2021)
+    deepnorm   x = N(α·x + F(x)),  α = (2M)^¼     (Wang et al. 2022, decoder constants, M = n_layer)
+    olmo2      x = x + N(F(x))                    (OLMo 2's reordered norm, 2024: the branch output only)
+    mixln      post in blocks 0 … P-1, pre after  (Li et al. 2024; P = mixln_post_layers, default ⌊M/4⌋ ≥ 1)
+    lnscaling  x = x + F(N(x) / √ℓ),  ℓ = i + 1   (Sun et al. 2025, "the curse of depth": block i's norms)
+    none       x = x + F(x)
 
 DeepNorm also scales the initialisation of the value, attention output and MLP weights by
 β = (8M)^-¼ (Xavier-normal with gain β; query and key with gain 1).
@@ -35,7 +38,7 @@ from torch import Tensor, nn
 from normlab.models.norms import NORMS, make_norm
 from normlab.nn import RMSNorm
 
-PLACEMENTS = ("post", "pre", "sandwich", "deepnorm", "none")
+PLACEMENTS = ("post", "pre", "sandwich", "deepnorm", "olmo2", "mixln", "lnscaling", "none")
 MLPS = ("gelu", "gelu_tanh", "swiglu")
 POSITIONS = ("learned", "rotary")
 
@@ -55,7 +58,8 @@ class GPTConfig:
     n_head: int = 4
     d_model: int = 128
     norm: str = "layernorm"        # layernorm | rmsnorm | batchnorm | groupnorm | dyt | none
-    placement: str = "pre"         # post | pre | sandwich | deepnorm | none
+    placement: str = "pre"         # post | pre | sandwich | deepnorm | olmo2 | mixln | lnscaling | none
+    mixln_post_layers: Optional[int] = None  # mixln: how many leading blocks are post (None: ⌊n_layer/4⌋, at least 1)
     mlp: str = "gelu"              # gelu | gelu_tanh | swiglu
     pos: str = "learned"           # learned | rotary
     final_norm: bool = True        # a norm before lm_head
@@ -88,10 +92,28 @@ class GPTConfig:
             raise ValueError(f"mlp_hidden must be a positive int or None, got {self.mlp_hidden!r}")
         if not self.eps > 0:
             raise ValueError(f"eps must be > 0, got {self.eps}")
+        if self.mixln_post_layers is not None:
+            if self.placement != "mixln":
+                raise ValueError(f"mixln_post_layers applies to placement 'mixln', not {self.placement!r}")
+            if not (isinstance(self.mixln_post_layers, int) and 0 <= self.mixln_post_layers <= self.n_layer):
+                raise ValueError(f"mixln_post_layers must be an int in [0, n_layer={self.n_layer}], got {self.mixln_post_layers!r}")
 
     @property
     def head_dim(self) -> int:
         return self.d_model // self.n_head
+
+    @property
+    def post_layers(self) -> int:
+        """Mix-LN: the number of leading post blocks (the paper's ⌊αL⌋, α = 0.25 by default, at least 1)."""
+        if self.mixln_post_layers is not None:
+            return self.mixln_post_layers
+        return max(1, self.n_layer // 4)
+
+    def block_placement(self, layer_idx: int) -> str:
+        """The placement block ``layer_idx`` computes: mixln's blocks are post or pre."""
+        if self.placement == "mixln":
+            return "post" if layer_idx < self.post_layers else "pre"
+        return self.placement
 
     @property
     def hidden(self) -> int:
@@ -187,11 +209,11 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    """Attention then MLP, each joined to the residual stream by ``config.placement``."""
+    """Attention then MLP, each joined to the residual stream by ``config.block_placement(layer_idx)``."""
 
     def __init__(self, config: GPTConfig, layer_idx: int):
         super().__init__()
-        self.layer_idx, self.placement = layer_idx, config.placement
+        self.layer_idx, self.placement = layer_idx, config.block_placement(layer_idx)
 
         def norm() -> nn.Module:
             kind = "none" if config.placement == "none" else config.norm
@@ -204,12 +226,19 @@ class Block(nn.Module):
         if config.placement == "sandwich":
             self.ln_1_out, self.ln_2_out = norm(), norm()
         self.alpha = (2 * config.n_layer) ** 0.25 if config.placement == "deepnorm" else 1.0
+        self.scale = 1.0 / math.sqrt(layer_idx + 1) if config.placement == "lnscaling" else 1.0
 
     def forward(self, x: Tensor, rope: Optional[tuple[Tensor, Tensor]] = None) -> Tensor:
         p = self.placement
         if p == "pre":
             x = x + self.attn(self.ln_1(x), rope)
             return x + self.mlp(self.ln_2(x))
+        if p == "lnscaling":
+            x = x + self.attn(self.ln_1(x) * self.scale, rope)
+            return x + self.mlp(self.ln_2(x) * self.scale)
+        if p == "olmo2":
+            x = x + self.ln_1(self.attn(x, rope))
+            return x + self.ln_2(self.mlp(x))
         if p == "sandwich":
             x = x + self.ln_1_out(self.attn(self.ln_1(x), rope))
             return x + self.ln_2_out(self.mlp(self.ln_2(x)))
@@ -224,6 +253,8 @@ class Block(nn.Module):
         qk = ["attn.q_norm", "attn.k_norm"]
         order = {
             "pre": ["ln_1", *qk, "ln_2"],
+            "lnscaling": ["ln_1", *qk, "ln_2"],
+            "olmo2": [*qk, "ln_1", "ln_2"],
             "sandwich": ["ln_1", *qk, "ln_1_out", "ln_2", "ln_2_out"],
             "post": [*qk, "ln_1", "ln_2"],
             "deepnorm": [*qk, "ln_1", "ln_2"],

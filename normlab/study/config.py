@@ -8,7 +8,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 NORMS = ("layernorm", "rmsnorm", "batchnorm", "groupnorm", "dyt", "none")
-PLACEMENTS = ("post", "pre", "sandwich", "deepnorm", "none")
+PLACEMENTS = ("post", "pre", "sandwich", "deepnorm", "olmo2", "mixln", "lnscaling", "none")
 DEFAULT_VARIANTS = ("layernorm-pre", "layernorm-post", "rmsnorm-pre", "rmsnorm-post", "dyt-pre", "none-pre")
 EXPERIMENTS = (1, 2, 3, 4, 5, 6)
 

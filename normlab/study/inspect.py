@@ -5,10 +5,11 @@ For every norm layer, on a text sample: ``cos(h, 1) = mean(h)/rms(h)`` of its in
 absolute value over the tokens) against the random baseline ``sqrt(2/π)/sqrt(d)``, the input's RMS, the
 placement found from the autograd graph, and statistics of the layer's parameters.
 
-Placement is read off the graph of one forward pass: when a residual sum ``a + b`` feeds a norm ``B``,
-an operand that is the *output* of an earlier norm ``A`` means the residual stream is normalized (Post-LN:
-``B`` — and ``A`` — are ``post``); an operand that is the *input* of an earlier norm ``A`` means the stream
-bypassed ``A`` (``A`` is ``pre``). A last norm left over is the model's ``final`` norm.
+Placement is read off the graph of one forward pass, from the residual sums ``a + b`` in it. A norm whose
+*input* is also an operand of a sum is bypassed by the stream: ``pre``. A norm whose *output* is an operand
+of a sum is on the residual path: ``post`` when it normalizes a sum itself, ``branch-out`` when it normalizes
+a branch's output (sandwich / peri-LN, OLMo 2). A last norm left over is the model's ``final`` norm. Mix-LN
+reads as post norms followed by pre norms.
 """
 
 from __future__ import annotations
@@ -74,30 +75,42 @@ def _skip(node):
     return node
 
 
+def _residual_sums(nodes) -> list:
+    """Every ``AddBackward`` node reachable backwards from ``nodes``: the residual sums, among other adds."""
+    seen, stack, adds = set(), [n for n in nodes if n is not None], []
+    while stack:
+        node = stack.pop()
+        if id(node) in seen:
+            continue
+        seen.add(id(node))
+        if "AddBackward" in type(node).__name__:
+            adds.append(node)
+        stack.extend(n for n, _ in node.next_functions if n is not None)
+    return adds
+
+
 def detect_placement(layers: list[tuple[str, nn.Module]], inputs: dict[str, torch.Tensor], outputs: dict[str, torch.Tensor]) -> dict[str, str]:
-    """Per norm layer: ``post``, ``pre``, ``sandwich-out`` (a branch's output norm), ``final`` (a last norm
-    on the stream, before the head) or ``other``,
-    from the autograd graph of one forward pass (see the module docstring)."""
+    """Per norm layer: ``pre``, ``post``, ``branch-out`` (it normalizes a branch's output: sandwich / peri-LN,
+    OLMo 2), ``final`` (a last norm on the stream, before the head) or ``other``, from the autograd graph of
+    one forward pass (see the module docstring)."""
     names = [n for n, _ in layers if n in inputs]
     in_node = {n: _skip(inputs[n].grad_fn) for n in names if inputs[n].grad_fn is not None}
     out_node = {n: _skip(outputs[n].grad_fn) for n in names if outputs[n].grad_fn is not None}
+    adds = _residual_sums([*in_node.values(), *out_node.values()])
+    summed = {id(_skip(n)) for add in adds for n, _ in add.next_functions if n is not None}
     label: dict[str, str] = {}
-    for b in names:
-        node = in_node.get(b)
-        if node is None or "AddBackward" not in type(node).__name__:
-            continue
-        ops = [_skip(n) for n, _ in node.next_functions if n is not None]
-        bypassed = [a for a in names if a != b and any(op is in_node.get(a) for op in ops)]
-        normalized = [a for a in names if a != b and any(op is out_node.get(a) for op in ops)]
-        for a in bypassed:
-            label[a] = "pre"
-        if normalized and not bypassed:
-            label[b] = "post"
-            for a in normalized:
-                label.setdefault(a, "post")
-        elif normalized:
-            for a in normalized:
-                label[a] = "sandwich-out"
+    post_outputs: set[int] = set()
+    for n in names:
+        node_in, node_out = in_node.get(n), out_node.get(n)
+        sums_input = node_in is not None and "AddBackward" in type(node_in).__name__
+        if node_in is not None and id(node_in) in summed:
+            label[n] = "pre"  # its input also goes around it, into a sum
+        elif node_out is not None and id(node_out) in summed:
+            label[n] = "post" if sums_input else "branch-out"
+        elif sums_input and any(id(_skip(m)) in post_outputs for m, _ in node_in.next_functions if m is not None):
+            label[n] = "post"  # the last post norm: it sums an earlier post norm's output, and feeds the head
+        if label.get(n) == "post" and node_out is not None:
+            post_outputs.add(id(node_out))
     for i, n in enumerate(names):
         if n not in label:
             label[n] = "final" if i == len(names) - 1 and label else "other"
@@ -105,14 +118,19 @@ def detect_placement(layers: list[tuple[str, nn.Module]], inputs: dict[str, torc
 
 
 def overall_placement(labels: dict[str, str]) -> str:
-    counts = Counter(v for v in labels.values() if v in ("pre", "post"))
+    values = list(labels.values())
+    if "branch-out" in values:
+        return "sandwich (pre + branch-output norms)" if "pre" in values else "reordered (branch-output norms only, OLMo 2)"
+    counts = Counter(v for v in values if v in ("pre", "post"))
     if not counts:
         return "none found"
     (top, n), total = counts.most_common(1)[0], sum(counts.values())
-    kind = f"{top}-norm" if n == total else f"mostly {top}-norm ({n}/{total})"
-    if "sandwich-out" in labels.values():
-        kind = "sandwich (pre + branch-output norms)"
-    return kind
+    if n == total:
+        return f"{top}-norm"
+    order = [v for v in values if v in ("pre", "post")]
+    if order == sorted(order, key=lambda v: v == "pre"):  # every post norm before every pre norm
+        return f"post then pre (Mix-LN: {counts['post']} post, {counts['pre']} pre)"
+    return f"mostly {top}-norm ({n}/{total})"
 
 
 def inspect_model(model: nn.Module, run, *, source: str = "", kind: str = "", description: str = "", tokens: int = 0) -> InspectReport:

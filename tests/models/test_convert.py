@@ -37,6 +37,7 @@ def no_layernorm_left(model: nn.Module) -> bool:
 @pytest.mark.parametrize("variant", [
     dict(),                                                    # gpt2 preset: tied, learned positions, bias
     dict(bias=False, tie_embeddings=False, pos="rotary", mlp="swiglu", qk_norm=True),
+    dict(placement="lnscaling"),                               # LayerNorm Scaling: x + F(N(x)/√ℓ), still Pre-LN
 ])
 def test_normlab_gpt_conversion_is_exact(dtype, variant):
     torch.manual_seed(0)
@@ -79,7 +80,7 @@ def test_hf_gpt2_maps_to_normlab_gpt():
     assert (hf(idx).logits - gpt(idx)[0]).abs().max().item() < 1e-12
 
 
-@pytest.mark.parametrize("placement", ["post", "sandwich", "deepnorm", "none"])
+@pytest.mark.parametrize("placement", ["post", "sandwich", "deepnorm", "olmo2", "mixln", "none"])
 def test_not_pre_ln_is_refused(placement):
     model = GPT(GPTConfig(**TINY, placement=placement))
     with pytest.raises(ValueError, match=f"placement is '{placement}'"):

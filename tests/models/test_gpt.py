@@ -260,14 +260,61 @@ def test_block_computes_its_placement_formula(placement):
     elif placement == "sandwich":
         h = x + block.ln_1_out(attn(block.ln_1(x)))
         want = h + block.ln_2_out(mlp(block.ln_2(h)))
-    elif placement in ("post", "deepnorm"):
+    elif placement in ("post", "deepnorm", "mixln"):  # mixln's block 0 is post
         alpha = (2 * cfg.n_layer) ** 0.25 if placement == "deepnorm" else 1.0
         h = block.ln_1(alpha * x + attn(x))
         want = block.ln_2(alpha * h + mlp(h))
+    elif placement == "olmo2":
+        h = x + block.ln_1(attn(x))
+        want = h + block.ln_2(mlp(h))
+    elif placement == "lnscaling":  # block 0: 1/√1
+        h = x + attn(block.ln_1(x))
+        want = h + mlp(block.ln_2(h))
     else:
         h = x + attn(x)
         want = h + mlp(h)
     torch.testing.assert_close(block(x), want, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("layer_idx", [1, 3, 7])
+def test_lnscaling_scales_each_norm_by_its_depth(layer_idx):
+    """LayerNorm Scaling (Sun et al. 2025): block ℓ = i + 1 computes x + F(N(x)/√ℓ) for both sub-layers."""
+    cfg = GPTConfig(**{**TINY, "n_layer": 8}, placement="lnscaling")
+    torch.manual_seed(0)
+    block = Block(cfg, layer_idx=layer_idx).eval()
+    x = torch.randn(2, 5, cfg.d_model) * 3 + 1
+    s = 1 / math.sqrt(layer_idx + 1)
+    h = x + block.attn(block.ln_1(x) * s, None)
+    want = h + block.mlp(block.ln_2(h) * s)
+    torch.testing.assert_close(block(x), want, rtol=0, atol=0)
+    pre = Block(GPTConfig(**{**TINY, "n_layer": 8}, placement="pre"), layer_idx=layer_idx).eval()
+    pre.load_state_dict(block.state_dict())
+    assert not torch.equal(pre(x), block(x))  # the scale changes the block
+
+
+@pytest.mark.parametrize(("n_layer", "post_layers", "want"), [
+    (2, None, ["post", "pre"]), (8, None, ["post", "post", *["pre"] * 6]), (4, 0, ["pre"] * 4), (3, 3, ["post"] * 3),
+])
+def test_mixln_splits_post_then_pre(n_layer, post_layers, want):
+    """Mix-LN (Li et al. 2024): the first ⌊L/4⌋ blocks (at least one, or ``mixln_post_layers``) are post, the rest pre."""
+    cfg = GPTConfig(**{**TINY, "n_layer": n_layer}, placement="mixln", mixln_post_layers=post_layers)
+    model = GPT(cfg)
+    assert [b.placement for b in model.transformer.h] == want
+    x = torch.randn(2, 5, cfg.d_model)
+    for i, block in enumerate(model.transformer.h):
+        ref = Block(GPTConfig(**{**TINY, "n_layer": n_layer}, placement=want[i]), layer_idx=i)
+        ref.load_state_dict(block.state_dict())
+        torch.testing.assert_close(block(x), ref(x), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize(("over", "match"), [
+    (dict(placement="mixln", mixln_post_layers=5), r"mixln_post_layers must be an int in \[0, n_layer=2\]"),
+    (dict(placement="mixln", mixln_post_layers=-1), "mixln_post_layers must be an int"),
+    (dict(placement="pre", mixln_post_layers=1), "applies to placement 'mixln', not 'pre'"),
+])
+def test_mixln_config_errors(over, match):
+    with pytest.raises(ValueError, match=match):
+        GPTConfig(**TINY, **over)
 
 
 def test_block_standalone():

@@ -115,17 +115,28 @@ def test_inspect_bad_paths(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("placement, overall", [("pre", "pre-norm"), ("post", "post-norm"), ("deepnorm", "post-norm"),
-                                                ("sandwich", "sandwich (pre + branch-output norms)")])
+                                                ("sandwich", "sandwich (pre + branch-output norms)"),
+                                                ("olmo2", "reordered (branch-output norms only, OLMo 2)"),
+                                                ("mixln", "post then pre (Mix-LN: 2 post, 6 pre)"),
+                                                ("lnscaling", "pre-norm")])
 def test_placement_found_in_normlab_gpt(placement, overall):
     from normlab.models import GPT, GPTConfig
     from normlab.study.inspect import inspect_model
 
     torch.manual_seed(0)
-    model = GPT(GPTConfig(vocab_size=20, block_size=8, n_layer=2, n_head=2, d_model=16, placement=placement)).eval()
+    model = GPT(GPTConfig(vocab_size=20, block_size=8, n_layer=4, n_head=2, d_model=16, placement=placement)).eval()
     x = torch.randint(0, 20, (2, 8))
     rep = inspect_model(model, lambda: model(x))
     assert rep.placement == overall, [(r["name"], r["placement"]) for r in rep.rows]
     labels = {r["name"]: r["placement"] for r in rep.rows}
+    assert labels["transformer.ln_f"] == "final"
+    for name, label in labels.items():  # each block's norms, from the placement's formula
+        block = int(name.split(".")[2]) if ".h." in name else None
+        if block is not None:
+            kind = model.transformer.h[block].placement
+            want = {"pre": "pre", "lnscaling": "pre", "post": "post", "deepnorm": "post", "olmo2": "branch-out",
+                    "sandwich": "branch-out" if name.endswith("_out") else "pre"}[kind]
+            assert label == want, (name, label)
     if placement == "pre":
         assert labels.pop("transformer.ln_f") == "final"
         assert set(labels.values()) == {"pre"}
