@@ -39,7 +39,7 @@ from normlab.models.norms import NORMS, make_norm
 from normlab.nn import RMSNorm
 
 PLACEMENTS = ("post", "pre", "sandwich", "deepnorm", "olmo2", "mixln", "lnscaling", "none")
-MLPS = ("gelu", "gelu_tanh", "swiglu")
+MLPS = ("gelu", "gelu_tanh", "relu", "swiglu")
 POSITIONS = ("learned", "rotary")
 
 PRESETS = {
@@ -60,7 +60,7 @@ class GPTConfig:
     norm: str = "layernorm"        # layernorm | rmsnorm | batchnorm | groupnorm | dyt | none
     placement: str = "pre"         # post | pre | sandwich | deepnorm | olmo2 | mixln | lnscaling | none
     mixln_post_layers: Optional[int] = None  # mixln: how many leading blocks are post (None: ⌊n_layer/4⌋, at least 1)
-    mlp: str = "gelu"              # gelu | gelu_tanh | swiglu
+    mlp: str = "gelu"              # gelu | gelu_tanh | relu | swiglu
     pos: str = "learned"           # learned | rotary
     final_norm: bool = True        # a norm before lm_head
     tie_embeddings: bool = True    # lm_head.weight is wte.weight
@@ -203,6 +203,8 @@ class MLP(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         if self.kind == "swiglu":
             h = F.silu(self.c_gate(x)) * self.c_fc(x)
+        elif self.kind == "relu":  # the original Transformer's FFN, as in Xiong et al. 2020
+            h = F.relu(self.c_fc(x))
         else:
             h = F.gelu(self.c_fc(x), approximate="tanh" if self.kind == "gelu_tanh" else "none")
         return self.dropout(self.c_proj(h))
