@@ -120,7 +120,7 @@ def test_full_size_presets_match_published_counts():
 @pytest.mark.parametrize("field,value,match", [
     ("norm", "weightnorm", "unknown norm 'weightnorm'"),
     ("placement", "middle", "unknown placement"),
-    ("mlp", "relu", "unknown mlp"),
+    ("mlp", "tanh", "unknown mlp"),
     ("pos", "alibi", "unknown pos"),
     ("n_head", 3, "divisible by n_head"),
     ("dropout", 1.0, "dropout"),
