@@ -41,6 +41,7 @@ from normlab.nn import RMSNorm
 PLACEMENTS = ("post", "pre", "sandwich", "deepnorm", "olmo2", "mixln", "lnscaling", "none")
 MLPS = ("gelu", "gelu_tanh", "relu", "swiglu")
 POSITIONS = ("learned", "rotary")
+INITS = ("gpt2", "xavier")
 
 PRESETS = {
     "gpt2": dict(norm="layernorm", placement="pre", mlp="gelu", pos="learned", final_norm=True,
@@ -71,10 +72,12 @@ class GPTConfig:
     eps: float = 1e-5              # eps of every norm
     norm_groups: int = 4           # groups of groupnorm
     rope_base: float = 10000.0
-    init_std: float = 0.02
+    init_std: float = 0.02         # gpt2 init: the weights' std
+    init: str = "gpt2"             # gpt2 (nanoGPT's) | xavier (the original Transformer's, as in Xiong et al. 2020)
 
     def __post_init__(self) -> None:
-        for name, choices in (("norm", NORMS), ("placement", PLACEMENTS), ("mlp", MLPS), ("pos", POSITIONS)):
+        for name, choices in (("norm", NORMS), ("placement", PLACEMENTS), ("mlp", MLPS), ("pos", POSITIONS),
+                              ("init", INITS)):
             if getattr(self, name) not in choices:
                 raise ValueError(f"unknown {name} {getattr(self, name)!r}; expected one of {', '.join(choices)}")
         for name in ("vocab_size", "block_size", "n_layer", "n_head", "d_model", "norm_groups"):
@@ -296,29 +299,42 @@ class GPT(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        """nanoGPT's init: N(0, 0.02) weights, zero biases, residual output projections N(0, 0.02/√(2M));
-        DeepNorm: Xavier-normal, gain β = (8M)^-¼ on v, attention output and MLP, gain 1 on q, k."""
+        """``gpt2`` (nanoGPT's): N(0, 0.02) weights, zero biases, residual output projections N(0, 0.02/√(2M)).
+        ``xavier`` (the original Transformer's): Xavier-uniform Linears, q, k and v each as its own (d, d)
+        matrix, zero biases, embeddings N(0, 1/d), no residual scaling.
+        DeepNorm, either way: Xavier-normal, gain β = (8M)^-¼ on v, attention output and MLP, gain 1 on q, k."""
         c, std = self.config, self.config.init_std
         for m in self.modules():
-            if isinstance(m, (nn.Linear, nn.Embedding)):
-                nn.init.normal_(m.weight, mean=0.0, std=std)
-                if getattr(m, "bias", None) is not None:
+            if isinstance(m, nn.Embedding):
+                nn.init.normal_(m.weight, mean=0.0, std=std if c.init == "gpt2" else c.d_model ** -0.5)
+            elif isinstance(m, nn.Linear):
+                if c.init == "gpt2":
+                    nn.init.normal_(m.weight, mean=0.0, std=std)
+                elif m.weight is not self.transformer.wte.weight:  # a tied head keeps the embedding's init
+                    nn.init.xavier_uniform_(m.weight)
+                if m.bias is not None:
                     nn.init.zeros_(m.bias)
             elif m is not self and hasattr(m, "reset_parameters"):
                 m.reset_parameters()
         for block in self.transformer.h:
             if c.placement == "deepnorm":
                 beta = (8 * c.n_layer) ** -0.25
-                w = block.attn.c_attn.weight
-                with torch.no_grad():
-                    for i, gain in enumerate((1.0, 1.0, beta)):  # q, k, v each as its own (d, d) matrix
-                        nn.init.xavier_normal_(w[i * c.d_model:(i + 1) * c.d_model], gain=gain)
+                self._init_qkv(block, nn.init.xavier_normal_, (1.0, 1.0, beta))
                 for lin in (block.attn.c_proj, block.mlp.c_fc, block.mlp.c_gate, block.mlp.c_proj):
                     if lin is not None:
                         nn.init.xavier_normal_(lin.weight, gain=beta)
+            elif c.init == "xavier":
+                self._init_qkv(block, nn.init.xavier_uniform_, (1.0, 1.0, 1.0))
             else:
                 for lin in (block.attn.c_proj, block.mlp.c_proj):
                     nn.init.normal_(lin.weight, mean=0.0, std=std / math.sqrt(2 * c.n_layer))
+
+    def _init_qkv(self, block: "Block", init, gains: tuple[float, float, float]) -> None:
+        """Initialise q, k and v, stored as one (3d, d) matrix, each as its own (d, d) matrix."""
+        d, w = self.config.d_model, block.attn.c_attn.weight
+        with torch.no_grad():
+            for i, gain in enumerate(gains):
+                init(w[i * d:(i + 1) * d], gain=gain)
 
     def forward(self, idx: Tensor, targets: Optional[Tensor] = None) -> tuple[Tensor, Optional[Tensor]]:
         """``idx`` (B, T) int64 token ids → ``(logits (B, T, vocab), loss or None)``; targets -1 are ignored."""

@@ -180,6 +180,29 @@ def test_deepnorm_constants():
     assert fc.std().item() == pytest.approx(beta * math.sqrt(2 / (d + cfg.hidden)), rel=0.1)
 
 
+def test_xavier_init():
+    """init="xavier": Xavier-uniform Linears with q, k, v each a (d, d) matrix, zero biases, embeddings
+    N(0, 1/d), and no 1/√(2M) scaling of the residual output projections."""
+    cfg = GPTConfig(**{**TINY, "n_layer": 3, "d_model": 64}, placement="post", init="xavier")
+    torch.manual_seed(0)
+    model = GPT(cfg)
+    d, h = cfg.d_model, cfg.hidden
+    block = model.transformer.h[2]
+    w = block.attn.c_attn.weight
+    for i in range(3):
+        part = w[i * d:(i + 1) * d]
+        bound = math.sqrt(6 / (d + d))
+        assert part.abs().max().item() <= bound
+        assert part.std().item() == pytest.approx(bound / math.sqrt(3), rel=0.1)
+    for lin, (fan_in, fan_out) in ((block.attn.c_proj, (d, d)), (block.mlp.c_fc, (d, h)), (block.mlp.c_proj, (h, d))):
+        assert lin.weight.std().item() == pytest.approx(math.sqrt(2 / (fan_in + fan_out)), rel=0.1)
+        assert torch.count_nonzero(lin.bias) == 0
+    assert model.transformer.wte.weight.std().item() == pytest.approx(d ** -0.5, rel=0.1)
+    assert model.transformer.wpe.weight.std().item() == pytest.approx(d ** -0.5, rel=0.1)
+    with pytest.raises(ValueError, match="unknown init 'kaiming'"):
+        GPTConfig(**TINY, init="kaiming")
+
+
 def test_batchnorm_leaks_future_tokens_in_training():
     """BatchNorm's batch statistics cover every position: changing the last token changes the
     output at position 0 in training mode, but not in eval mode (running statistics)."""
