@@ -131,6 +131,13 @@ def test_no_import_from_a_lower_layer_into_a_higher_one():
     assert not found, "\n".join(found)
 
 
+
+def test_argument_types_import_nothing_of_normlab():
+    """Any layer could use them without pulling in the command line."""
+    modules = _modules()
+    path, is_package = modules["normlab.cli.argtypes"]
+    assert imports_of("normlab.cli.argtypes", is_package, path.read_text(encoding="utf-8"), set(modules)) == []
+
 @pytest.mark.parametrize("module, is_package, source, expected", [
     ("normlab.models.gpt", False, "def f():\n    from normlab.study import run_study\n",
      "normlab.models.gpt:2: normlab.models.gpt (models) imports normlab.study (study and bench), a higher layer"),

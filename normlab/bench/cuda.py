@@ -287,4 +287,3 @@ def benchmark(*, ops=OPS, shapes=None, dtypes=("float32", "bfloat16"), modes=MOD
     print("\n".join(checks))
     print(f"took {env['seconds']} s; wrote {out}/results.json and results.md")
     return 0
-

@@ -39,4 +39,3 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser(argv[0] if argv else None).parse_args(argv)
     return int(importlib.import_module(args._module).main(args) or 0)
-

@@ -97,4 +97,3 @@ def dir_name(s: str) -> str:
     if s in ("", ".", "..") or Path(s).name != s:
         raise argparse.ArgumentTypeError(f"expected a directory name without path separators or '..', got {s!r}")
     return s
-
