@@ -133,7 +133,7 @@ def test_no_import_from_a_lower_layer_into_a_higher_one():
 
 
 def test_argument_types_import_nothing_of_normlab():
-    """Any layer could use them without pulling in the command line."""
+    """The argparse types stand alone: importing them loads no other part of normlab."""
     modules = _modules()
     path, is_package = modules["normlab.cli.argtypes"]
     assert imports_of("normlab.cli.argtypes", is_package, path.read_text(encoding="utf-8"), set(modules)) == []
