@@ -63,10 +63,6 @@ def module_name(path: Path) -> tuple[str, bool]:
     return ".".join(parts[:-1] if is_package else parts), is_package
 
 
-def _is_module(name: str, known: set[str]) -> bool:
-    return name in known
-
-
 def imports_of(module: str, is_package: bool, source: str, known: set[str]) -> list[tuple[int, str]]:
     """(line, imported normlab module) for every import in ``source``, top-level or inside functions:
     ``import a.b``, ``from a import b`` (``a.b`` when that is a module), relative imports and
@@ -88,7 +84,7 @@ def imports_of(module: str, is_package: bool, source: str, known: set[str]) -> l
             base = resolve(node.level, node.module)
             for a in node.names:
                 sub = f"{base}.{a.name}"
-                found.append((node.lineno, sub if _is_module(sub, known) else base))
+                found.append((node.lineno, sub if sub in known else base))
         elif (isinstance(node, ast.Call) and node.args and isinstance(node.args[0], ast.Constant)
               and isinstance(node.args[0].value, str)
               and (isinstance(node.func, ast.Attribute) and node.func.attr == "import_module"
