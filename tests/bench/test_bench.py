@@ -112,11 +112,13 @@ def test_cuda_without_cuda_is_a_usage_error(tmp_path, capsys, monkeypatch):
     (dict(samples=5), "--samples must be >= 7"), (dict(min_time=0.01), "--min-time >= 0.03"),
     (dict(run_ops=False), "--no-ops without --models: nothing to time"),
     (dict(device="cuda", models=["study"]), "--models and --no-ops are CPU options"),
+    (dict(device="cuda"), "no CUDA device is visible to torch"),  # through normlab.bench.cuda.benchmark
 ])
-def test_the_library_refuses_bad_options_before_any_work(tmp_path, options, expected):
+def test_the_library_refuses_bad_options_before_any_work(tmp_path, monkeypatch, options, expected):
     """``normlab.bench.benchmark`` takes plain parameters; ``normlab bench`` reports its refusals as usage errors."""
     from normlab.bench import BenchArgumentError, benchmark
 
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(BenchArgumentError, match=expected):
         benchmark(ops=["rms_norm"], shapes=[(8, 8)], out=tmp_path / "out", **options)
     assert not (tmp_path / "out").exists()
