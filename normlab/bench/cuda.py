@@ -11,11 +11,9 @@ input; peak memory is ``torch.cuda.max_memory_allocated`` above the inputs durin
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import statistics
-import sys
 import time
 from collections.abc import Callable
 from importlib import metadata
@@ -25,39 +23,12 @@ import torch
 import torch.nn.functional as F
 
 import normlab
-from normlab.bench import MODES, QUICK_SHAPES, STANDARD_SHAPES
+from normlab.bench import MODES, QUICK_SHAPES, STANDARD_SHAPES, BenchArgumentError
 from normlab.bench.cases import FUSED, llama_rms_norm, textbook_layer_norm
 from normlab.bench.cases import NORM_OPS as OPS  # DyT has no Triton comparison here
-from normlab.cli import comma_list, device, positive_float, positive_int, shape
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 EPS = 1e-6
-
-
-def _cuda_device(s: str) -> str:
-    """``cuda`` or ``cuda:N``, visible to torch (:func:`normlab.cli.device` without ``cpu``)."""
-    if not device(s).startswith("cuda"):
-        raise argparse.ArgumentTypeError(f"expected cuda or cuda:N, got {s!r}")
-    return s
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--quick", action="store_true",
-                        help=f"shapes {', '.join(f'{r}x{n}' for r, n in QUICK_SHAPES)} only, no torch.compile")
-    parser.add_argument("--ops", type=comma_list(str, OPS), default=list(OPS),
-                        help=f"comma-separated, of {', '.join(OPS)} (default: all)")
-    parser.add_argument("--shapes", type=comma_list(shape), default=None,
-                        help="comma-separated ROWSxN, positive integers (default: the standard shapes)")
-    parser.add_argument("--dtypes", type=comma_list(str, tuple(DTYPES)), default=["float32", "bfloat16"],
-                        help=f"comma-separated, of {', '.join(DTYPES)} (default: float32,bfloat16)")
-    parser.add_argument("--modes", type=comma_list(str, MODES), default=list(MODES),
-                        help=f"comma-separated, of {', '.join(MODES)} (default: both)")
-    parser.add_argument("--device", type=_cuda_device, default="cuda", help="a CUDA device: cuda or cuda:N")
-    parser.add_argument("--samples", type=positive_int, default=7, help="samples per measurement (median taken; at least 7)")
-    parser.add_argument("--min-time", type=positive_float, default=0.03, help="seconds per sample (at least 0.03)")
-    parser.add_argument("--compile", dest="compile", action="store_true", default=None, help="include torch.compile of the reference (default: on unless --quick)")
-    parser.add_argument("--no-compile", dest="compile", action="store_false")
-    parser.add_argument("--out", default="runs/bench-cuda", help="directory for results.json and results.md")
 
 
 # ---- timing ---------------------------------------------------------------------------------------
@@ -274,33 +245,37 @@ def targets(results: list[dict]) -> list[str]:
     return out
 
 
-def main(args: argparse.Namespace) -> int:
+def benchmark(*, ops=OPS, shapes=None, dtypes=("float32", "bfloat16"), modes=MODES, device: str = "cuda",
+              samples: int = 7, min_time: float = 0.03, compile_reference: bool | None = None, quick: bool = False,
+              out: str | Path = "runs/bench-cuda", command: str = "") -> int:
+    """Time ``ops`` on ``shapes`` × ``dtypes`` × ``modes`` on a CUDA ``device``, print the table and write
+    ``results.json`` and ``results.md`` to ``out`` (the options as in :func:`normlab.bench.benchmark`)."""
     if not torch.cuda.is_available():
-        raise SystemExit("--device cuda: no CUDA device is visible to torch")
-    if args.samples < 7 or args.min_time < 0.03:
-        raise SystemExit("--samples must be >= 7 and --min-time >= 0.03 (DESIGN §5)")
+        raise BenchArgumentError("--device cuda: no CUDA device is visible to torch")
+    if samples < 7 or min_time < 0.03:
+        raise BenchArgumentError("--samples must be >= 7 and --min-time >= 0.03 (DESIGN §5)")
     import triton
 
-    device = torch.device(args.device)
-    compile_ref = (not args.quick) if args.compile is None else args.compile
-    shapes = args.shapes or (QUICK_SHAPES if args.quick else STANDARD_SHAPES)
+    device = torch.device(device)
+    compile_ref = (not quick) if compile_reference is None else compile_reference
+    shapes = shapes or (QUICK_SHAPES if quick else STANDARD_SHAPES)
     name = torch.cuda.get_device_name(device)
     liger = _liger()
     env = {"gpu": name, "torch": torch.__version__, "triton": triton.__version__, "cuda": torch.version.cuda,
            "normlab": normlab.__version__, "liger": None if liger is None else metadata.version("liger-kernel"),
-           "samples": args.samples, "min_time": args.min_time, "command": " ".join(sys.argv)}
+           "samples": samples, "min_time": min_time, "command": command}
     print(f"normlab bench --device cuda — {name}; torch {env['torch']} (CUDA {env['cuda']}), triton {env['triton']}, "
-          f"liger-kernel {env['liger'] or 'not installed'}; medians of {args.samples} samples of ≥ {args.min_time * 1e3:.0f} ms")
+          f"liger-kernel {env['liger'] or 'not installed'}; medians of {samples} samples of ≥ {min_time * 1e3:.0f} ms")
     t0 = time.time()
-    out = Path(args.out)
+    out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     results = []
-    for op in args.ops:
+    for op in ops:
         for rows, n in shapes:
             impls = implementations(op, n, compile_ref)
-            for dtype_name in args.dtypes:
-                for mode in args.modes:
-                    case = run_case(op, rows, n, DTYPES[dtype_name], mode, device, impls, args.samples, args.min_time)
+            for dtype_name in dtypes:
+                for mode in modes:
+                    case = run_case(op, rows, n, DTYPES[dtype_name], mode, device, impls, samples, min_time)
                     results.extend(case)
                     pct = {r["impl"]: round(r["% of copy"]) for r in case if "ms" in r}
                     print(f"{op} {rows}×{n} {dtype_name} {mode}: % of copy {pct}", flush=True)
@@ -312,9 +287,3 @@ def main(args: argparse.Namespace) -> int:
     print("\n".join(checks))
     print(f"took {env['seconds']} s; wrote {out}/results.json and results.md")
     return 0
-
-
-if __name__ == "__main__":
-    _parser = argparse.ArgumentParser(prog="python -m normlab.bench.cuda", description=__doc__.splitlines()[0])
-    add_arguments(_parser)
-    raise SystemExit(main(_parser.parse_args()))

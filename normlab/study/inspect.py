@@ -1,5 +1,5 @@
-"""``normlab inspect PATH``: geometry of the norm layers of a saved normlab model or a local Hugging Face
-model directory.
+"""Geometry of the norm layers of a saved normlab model or a local Hugging Face model directory (the
+library behind ``normlab inspect PATH``, whose command line is :mod:`normlab.cli.inspect`).
 
 For every norm layer, on a text sample: ``cos(h, 1) = mean(h)/rms(h)`` of its inputs ``h`` (mean and mean
 absolute value over the tokens) against the random baseline ``sqrt(2/π)/sqrt(d)``, the input's RMS, the
@@ -14,11 +14,9 @@ reads as post norms followed by pre norms.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
 import os
-import sys
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,7 +25,6 @@ import torch
 from torch import nn
 
 from normlab.analysis import cos_uniform, find_norm_layers, random_baseline
-from normlab.cli import new_file, positive_int
 
 _TRANSPARENT = ("View", "Reshape", "Clone", "ToCopy", "Expand", "Alias", "Unsafe", "MulBackward0", "Identity")
 
@@ -303,36 +300,3 @@ def _load_and_inspect_hf(p: Path, text: str, max_tokens: int) -> InspectReport:
     desc = f"{type(model).__name__} ({model.config.model_type}), {model.num_parameters():,} parameters"
     return inspect_model(model, lambda: model(**enc), source=str(p), kind="huggingface", description=desc,
                          tokens=int(enc["input_ids"].numel()))
-
-
-def text_file(path: str) -> str:
-    """An argparse type: the UTF-8 text of the file ``path`` (its errors name the flag, not ``--data``)."""
-    from normlab.study.data import read_text_file
-
-    try:
-        return read_text_file(path)
-    except (OSError, ValueError) as e:
-        raise argparse.ArgumentTypeError(str(e).removeprefix("--data: ")) from None
-
-
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("path", help="a normlab run directory (e.g. runs/default/grid/layernorm-pre), its saved model/ "
-                                "directory, or a local Hugging Face model directory")
-    p.add_argument("--text", default=None, help="text sample (default: a passage of CPython's help text)")
-    p.add_argument("--text-file", type=text_file, default=None, metavar="FILE", help="read the text sample from this UTF-8 file")
-    p.add_argument("--max-tokens", type=positive_int, default=256, help="tokens of the text sample, ≥ 1 (default: %(default)s)")
-    p.add_argument("--json", type=new_file, default=None, help="also write the report as JSON to this file (its directory must exist)")
-
-
-def main(args: argparse.Namespace) -> int:
-    try:
-        rep = inspect_path(args.path, args.text_file if args.text_file is not None else args.text, args.max_tokens)
-    except (FileNotFoundError, ValueError, RuntimeError) as e:
-        print(f"normlab inspect: error: {e}", file=sys.stderr)
-        return 2
-    print(f"{rep.description}\nsource: {rep.source}\nplacement found: {rep.placement}; {rep.tokens} tokens of text; "
-          f"random baseline √(2/π)/√d = {rep.rows[0]['baseline']:.4f} (d={rep.rows[0]['d']})\n")
-    print(rep.table())
-    if args.json:
-        args.json.write_text(json.dumps(rep.__dict__, indent=2, default=str) + "\n")
-    return 0

@@ -7,9 +7,9 @@ import json
 import pytest
 import torch
 
-from normlab.bench import add_arguments, main
 from normlab.bench.cases import bytes_moved, make_inputs
 from normlab.bench.report import markdown
+from normlab.cli.bench import add_arguments, main
 
 
 def test_bytes_counted_as_specified():
@@ -106,6 +106,33 @@ def test_cuda_without_cuda_is_a_usage_error(tmp_path, capsys, monkeypatch):
     assert e.value.code == 2 and "argument --device: 'cuda': no CUDA device is visible" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
 
+
+
+@pytest.mark.parametrize("options, expected", [
+    (dict(samples=5), "--samples must be >= 7"), (dict(min_time=0.01), "--min-time >= 0.03"),
+    (dict(run_ops=False), "--no-ops without --models: nothing to time"),
+    (dict(device="cuda", models=["study"]), "--models and --no-ops are CPU options"),
+    (dict(device="cuda"), "no CUDA device is visible to torch"),  # through normlab.bench.cuda.benchmark
+])
+def test_the_library_refuses_bad_options_before_any_work(tmp_path, monkeypatch, options, expected):
+    """``normlab.bench.benchmark`` takes plain parameters; ``normlab bench`` reports its refusals as usage errors."""
+    from normlab.bench import BenchArgumentError, benchmark
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(BenchArgumentError, match=expected):
+        benchmark(ops=["rms_norm"], shapes=[(8, 8)], out=tmp_path / "out", **options)
+    assert not (tmp_path / "out").exists()
+
+
+def test_samples_below_seven_is_a_usage_error(tmp_path, capsys, monkeypatch):
+    from normlab.cli import main as cli
+
+    monkeypatch.setenv("NORMLAB_BENCH_REEXEC", "1")
+    with pytest.raises(SystemExit) as e:
+        cli(["bench", *TINY, "--out", str(tmp_path / "out"), "--samples", "5"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "normlab bench: error: --samples must be >= 7" in err, err
+    assert not (tmp_path / "out").exists()
 
 # ---- the shape ladder and DyT ---------------------------------------------------------------------
 def test_default_shapes_are_the_design_ladder():

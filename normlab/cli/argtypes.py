@@ -1,16 +1,12 @@
-"""``normlab study | inspect | bench | convert`` — argument parsing only.
-
-Each subcommand lives in its own module, which defines ``add_arguments(parser)`` and
-``main(args) -> int``; modules are imported only when their subcommand runs. The argparse ``type=``
-functions below check values before any work (``error:`` and exit status 2, naming the flag).
+"""The argparse ``type=`` functions of every subcommand: each checks one value before any work, and a bad one
+is argparse's ``error:`` with exit status 2, naming the flag. Nothing of normlab is imported here (torch only
+inside :func:`device`), so the library's modules never need the command line.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
 import math
-import sys
 from pathlib import Path
 
 
@@ -89,34 +85,15 @@ def new_file(s: str) -> Path:
     return p
 
 
-SUBCOMMANDS = {
-    "study": ("normlab.study.cli", "train a grid of norm variants and write a report"),
-    "inspect": ("normlab.study.inspect", "geometry report of a saved normlab or Hugging Face model"),
-    "bench": ("normlab.bench", "benchmark the kernels against torch and copy_ bandwidth"),
-    "convert": ("normlab.models.convert", "convert a saved Pre-LN model to Pre-RMSNorm (exact)"),
-}
+def cuda_device(s: str) -> str:
+    """``cuda`` or ``cuda:N``, visible to torch (:func:`device` without ``cpu``)."""
+    if not device(s).startswith("cuda"):
+        raise argparse.ArgumentTypeError(f"expected cuda or cuda:N, got {s!r}")
+    return s
 
 
-def build_parser(wanted: str | None = None) -> argparse.ArgumentParser:
-    """The parser; only the subcommand ``wanted`` imports its module to add its arguments."""
-    parser = argparse.ArgumentParser(prog="normlab", description=__doc__.splitlines()[0])
-    from normlab import __version__
-
-    parser.add_argument("--version", action="version", version=f"normlab {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for name, (module, help_text) in SUBCOMMANDS.items():
-        p = sub.add_parser(name, help=help_text, description=help_text)
-        p.set_defaults(_module=module)
-        if name == wanted:
-            importlib.import_module(module).add_arguments(p)
-    return parser
-
-
-def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else list(argv)
-    args = build_parser(argv[0] if argv else None).parse_args(argv)
-    return int(importlib.import_module(args._module).main(args) or 0)
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
+def dir_name(s: str) -> str:
+    """A plain directory name: no path separator, not ``.`` or ``..`` (the study stays inside ``--out``)."""
+    if s in ("", ".", "..") or Path(s).name != s:
+        raise argparse.ArgumentTypeError(f"expected a directory name without path separators or '..', got {s!r}")
+    return s
