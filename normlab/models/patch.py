@@ -1,22 +1,20 @@
-"""``normlab.patch(model)``: swap the norm layers of any ``nn.Module`` for normlab modules with the
-same semantics (and normlab's fast kernels); ``normlab.unpatch(model)`` puts the originals back.
+"""``normlab.patch(model)``: swap the norm layers of any ``nn.Module`` for normlab modules that compute
+the same thing (with normlab's fast kernels); ``normlab.unpatch(model)`` puts the originals back.
 
-What is replaced, by what (the replacement *shares* the original's Parameter and buffer objects, so
-weights, dtype, device — and later training updates — are one and the same):
+The replacement *shares* the original's Parameter and buffer objects, so weights, dtype, device — and
+later training updates — are one and the same.
 
-    torch.nn.LayerNorm (GPT-2, BERT, …)     → LayerNorm  (same normalized_shape, eps, bias)
-    torch.nn.RMSNorm                         → RMSNorm(casting="gemma")  (= F.rms_norm: fp32 throughout)
-    torch.nn.BatchNorm1d                     → BatchNorm(layout="NCL")   (running statistics shared)
-    torch.nn.GroupNorm                       → GroupNorm
-    LlamaRMSNorm, MistralRMSNorm, Qwen2RMSNorm, T5LayerNorm
-                                             → RMSNorm(casting="llama", eps=variance_epsilon)
-    GemmaRMSNorm, Gemma2RMSNorm, Gemma3RMSNorm
-                                             → RMSNorm(casting="gemma", offset=1.0)  (the (1 + w) scale)
+- torch's own norms by their exact class: ``nn.LayerNorm`` → LayerNorm, ``nn.RMSNorm`` →
+  RMSNorm(casting="gemma") (= F.rms_norm: fp32 throughout), ``nn.BatchNorm1d`` → BatchNorm(layout="NCL")
+  (running statistics shared), ``nn.GroupNorm`` → GroupNorm. Other torch norms have no counterpart.
+- Every other module whose class name says it normalizes (``*RMSNorm*``, ``*LayerNorm*``, ``…Norm``),
+  Hugging Face's included, by behaviour (:mod:`normlab.models.probe`): attributes, then a probe of a
+  randomised copy against each candidate (RMSNorm with casting ``llama`` / ``gemma`` / ``none`` and
+  offset 0 or Gemma's 1, LayerNorm), in float32 and bfloat16. Decided once per class; a subclass with
+  its own forward is probed like any class. transformers is never imported.
 
-Hugging Face classes are recognised by class name plus attributes (a 1-D ``weight`` and
-``variance_epsilon`` / ``eps``); transformers is never imported. Only these exact classes are
-swapped — a subclass may have changed ``forward``. ``target`` picks the families: ``"fast"`` (all),
-``"layernorm"``, ``"rmsnorm"``, ``"batchnorm"``, ``"groupnorm"``.
+What is not replaced is in the report, one line and a reason per class. ``target`` picks the families:
+``"fast"`` (all), ``"layernorm"``, ``"rmsnorm"``, ``"batchnorm"``, ``"groupnorm"``.
 
 Known differences: Hugging Face's Llama/Gemma/T5 norms compute in float32 even for float64 inputs
 (normlab computes fp64 in fp64, so a patched fp64 model is *more* accurate, ≈1e-7 away); with a
@@ -33,11 +31,10 @@ from typing import Callable
 import torch
 from torch import nn
 
+from normlab.models import probe
 from normlab.nn import BatchNorm, GroupNorm, LayerNorm, RMSNorm
 
 TARGETS = ("fast", "layernorm", "rmsnorm", "batchnorm", "groupnorm")
-_LLAMA_STYLE = ("LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "T5LayerNorm")
-_GEMMA_STYLE = ("GemmaRMSNorm", "Gemma2RMSNorm", "Gemma3RMSNorm")
 _RECORD = "_normlab_patches"  # attribute on the patched root: [(parent, child name, original module)]
 
 
@@ -77,18 +74,10 @@ def _group_norm(m: nn.GroupNorm) -> nn.Module:
     return _shared(new, m, ("weight", "bias"))
 
 
-def _hf_rms_norm(m: nn.Module, casting: str, offset: float, eps: float) -> nn.Module:
-    new = RMSNorm(tuple(m.weight.shape), eps=eps, casting=casting, offset=offset, **_factory(m.weight))
-    return _shared(new, m, ("weight",))
-
-
-def _has_weight(m: nn.Module) -> bool:
-    return isinstance(getattr(m, "weight", None), nn.Parameter) and m.weight.dim() == 1
-
-
-def _rule(m: nn.Module) -> tuple[str, Callable[[], nn.Module]] | None:
-    """(family, build replacement) for a module normlab knows, else None."""
-    t, name = type(m), type(m).__name__
+def _rule(m: nn.Module) -> tuple[str, Callable[[], nn.Module] | str] | None:
+    """(family, build replacement) for a module normlab reproduces, ("refused", reason) for a norm-like
+    module it does not, None for anything else."""
+    t = type(m)
     if t is nn.LayerNorm:
         return "layernorm", lambda: _layer_norm(m)
     if t is nn.RMSNorm:
@@ -97,18 +86,28 @@ def _rule(m: nn.Module) -> tuple[str, Callable[[], nn.Module]] | None:
         return "batchnorm", lambda: _batch_norm(m)
     if t is nn.GroupNorm:
         return "groupnorm", lambda: _group_norm(m)
-    if name in _LLAMA_STYLE and _has_weight(m) and isinstance(getattr(m, "variance_epsilon", None), float):
-        return "rmsnorm", lambda: _hf_rms_norm(m, "llama", 0.0, m.variance_epsilon)
-    if name in _GEMMA_STYLE and _has_weight(m) and isinstance(getattr(m, "eps", None), float):
-        return "rmsnorm", lambda: _hf_rms_norm(m, "gemma", 1.0, m.eps)
-    return None
+    if not probe.is_norm_like(m):
+        return None
+    if t.__module__.startswith("torch.nn."):
+        return "refused", f"torch.nn.{t.__name__} has no normlab counterpart"
+    decision = probe.decide(m)
+    if decision.recipe is None:
+        return "refused", decision.reason
+    return decision.recipe.family, lambda: probe.build(m, decision)
 
 
 @dataclasses.dataclass
 class PatchReport:
-    """What :func:`patch` did: ``replaced`` = [(qualified name, original class, normlab class)]."""
+    """What :func:`patch` did: ``replaced`` = [(qualified name, original class, normlab class)];
+    ``refused`` = [(qualified name, class, why no normlab module reproduces it)]."""
 
     replaced: list[tuple[str, str, str]] = dataclasses.field(default_factory=list)
+    refused: list[tuple[str, str, str]] = dataclasses.field(default_factory=list)
+
+    @property
+    def reasons(self) -> dict[str, str]:
+        """``{class: reason}`` of the refused classes."""
+        return {cls: why for _, cls, why in self.refused}
 
     @property
     def counts(self) -> dict[str, int]:
@@ -119,10 +118,12 @@ class PatchReport:
         return len(self.replaced)
 
     def __str__(self) -> str:
-        if not self.replaced:
-            return "normlab.patch: nothing replaced"
-        lines = [f"normlab.patch: {len(self.replaced)} modules replaced"]
+        lines = [f"normlab.patch: {len(self.replaced)} modules replaced" if self.replaced else "normlab.patch: nothing replaced"]
         lines += [f"  {n:4d} × {what}" for what, n in self.counts.items()]
+        if self.refused:
+            lines.append(f"  not replaced ({len(self.refused)} modules):")
+            per_class = Counter(cls for _, cls, _ in self.refused)
+            lines += [f"  {per_class[cls]:4d} × {cls}: {why}" for cls, why in self.reasons.items()]
         return "\n".join(lines)
 
 
@@ -139,10 +140,15 @@ def patch(model: nn.Module, *, target: str = "fast") -> PatchReport:
     names: dict[int, str] = {}
     for n, m in model.named_modules(remove_duplicate=False):
         names.setdefault(id(m), n)
-    report, record, replacement = PatchReport(), [], {}
+    report, record, replacement, seen = PatchReport(), [], {}, set()
     for parent in list(model.modules()):
         for child_name, child in list(parent.named_children()):
             rule = _rule(child)
+            if rule is not None and rule[0] == "refused":
+                if id(child) not in seen:
+                    seen.add(id(child))
+                    report.refused.append((names[id(child)], type(child).__name__, rule[1]))
+                continue
             if rule is None or (target != "fast" and rule[0] != target):
                 continue
             if id(child) not in replacement:

@@ -22,18 +22,20 @@ class RMSNorm(nn.Module):
     ``casting`` (``"llama"``, ``"gemma"``, ``"none"``), ``offset`` and ``partial`` (pRMSNorm) are
     described in :mod:`normlab.ops.rms_norm`. ``reset_parameters`` sets ``weight = 1 − offset`` so the
     effective scale starts at 1: ones as ``torch.nn.RMSNorm`` for ``offset=0``, zeros for Gemma's
-    ``offset=1``."""
+    ``offset=1``. ``normalized_shape=None`` (weightless only) normalizes the input's last dim, whatever its size."""
 
     __constants__ = ["normalized_shape", "eps", "elementwise_affine"]
 
     def __init__(
-        self, normalized_shape: int | Sequence[int], eps: float | None = None, elementwise_affine: bool = True,
+        self, normalized_shape: int | Sequence[int] | None, eps: float | None = None, elementwise_affine: bool = True,
         device=None, dtype=None, *, casting: str = "llama", offset: float = 0.0, partial: float | None = None,
     ) -> None:
         super().__init__()
+        if normalized_shape is None and elementwise_affine:
+            raise ValueError("normalized_shape=None (the input's last dim) needs elementwise_affine=False: a weight has a shape")
         if isinstance(normalized_shape, numbers.Integral):
             normalized_shape = (int(normalized_shape),)
-        self.normalized_shape = tuple(int(s) for s in normalized_shape)
+        self.normalized_shape = None if normalized_shape is None else tuple(int(s) for s in normalized_shape)
         self.eps = eps
         self.elementwise_affine = elementwise_affine
         self.casting = check_choice(casting, "casting mode", CASTING_MODES)
@@ -51,10 +53,8 @@ class RMSNorm(nn.Module):
             nn.init.constant_(self.weight, 1.0 - self.offset)
 
     def forward(self, input: Tensor) -> Tensor:
-        return rms_norm(
-            input, self.normalized_shape, self.weight, self.eps, casting=self.casting, offset=self.offset,
-            partial=self.partial,
-        )
+        shape = input.shape[-1:] if self.normalized_shape is None else self.normalized_shape
+        return rms_norm(input, shape, self.weight, self.eps, casting=self.casting, offset=self.offset, partial=self.partial)
 
     def extra_repr(self) -> str:
         s = f"{self.normalized_shape}, eps={self.eps}, elementwise_affine={self.elementwise_affine}"

@@ -87,6 +87,16 @@ def test_rms_norm_module_options_forwarded():
         RMSNorm(8, partial=1.5)
 
 
+def test_weightless_rms_norm_takes_any_last_dim():
+    """normalized_shape=None: the input's last dim, whatever its size (Hugging Face's unweighted RMSNorms)."""
+    m = RMSNorm(None, eps=1e-6, elementwise_affine=False)
+    for n in (8, 33):
+        x = torch.randn(3, n, dtype=torch.float64)
+        torch.testing.assert_close(m(x), torch.nn.functional.rms_norm(x, (n,), eps=1e-6))
+    with pytest.raises(ValueError, match="normalized_shape=None .* needs elementwise_affine=False"):
+        RMSNorm(None)
+
+
 def test_add_modules():
     x, r = rand(4, 16, dtype=torch.bfloat16), rand(4, 16, dtype=torch.bfloat16, seed=1)
     ln = randomize(AddLayerNorm(16, dtype=torch.bfloat16))
