@@ -58,7 +58,7 @@ def config_from_args(args: argparse.Namespace) -> StudyConfig:
 
 def default_threads(world: int) -> int:
     """Cores per process; 1 when the machine is already busy (load average ≥ cores − ½): small CPU ops on
-    threads that must wait for a core cost more than they gain (seen: 3 s instead of 0.1 s per step)."""
+    threads that must wait for a core cost more than they gain (figures: docs/benchmarks.md)."""
     cores = os.cpu_count() or 1
     try:
         busy = os.getloadavg()[0] >= cores - 0.5
