@@ -1,5 +1,6 @@
 """Analysis: pure functions on tensors and models — geometry, gradient flow, invariances, hooks."""
 
+from normlab.analysis.depth import angular_change, max_attention_logit, residual_stream, stream_rms
 from normlab.analysis.geometry import (
     cos_uniform,
     irreversibility,
@@ -28,4 +29,8 @@ __all__ = [
     "tensor_stats",
     "measure_invariances",
     "PAPER_TABLE1",
+    "residual_stream",
+    "stream_rms",
+    "angular_change",
+    "max_attention_logit",
 ]

@@ -71,6 +71,7 @@ class GPTConfig:
     mlp_hidden: Optional[int] = None  # None: 4·d (gelu), 8d/3 rounded up to a multiple of 32 (swiglu)
     eps: float = 1e-5              # eps of every norm
     norm_groups: int = 4           # groups of groupnorm
+    dyt_alpha: float = 0.5         # DyT's α₀ (the init of its learnable scale)
     rope_base: float = 10000.0
     init_std: float = 0.02         # gpt2 init: the weights' std
     init: str = "gpt2"             # gpt2 (nanoGPT's) | xavier (the original Transformer's, as in Xiong et al. 2020)
@@ -95,6 +96,8 @@ class GPTConfig:
             raise ValueError(f"mlp_hidden must be a positive int or None, got {self.mlp_hidden!r}")
         if not self.eps > 0:
             raise ValueError(f"eps must be > 0, got {self.eps}")
+        if not (math.isfinite(self.dyt_alpha) and self.dyt_alpha > 0):
+            raise ValueError(f"dyt_alpha must be a finite number > 0, got {self.dyt_alpha}")
         if self.mixln_post_layers is not None:
             if self.placement != "mixln":
                 raise ValueError(f"mixln_post_layers applies to placement 'mixln', not {self.placement!r}")
@@ -182,13 +185,19 @@ class CausalSelfAttention(nn.Module):
         self.dropout = config.dropout
         self.resid_dropout = nn.Dropout(config.dropout)
 
-    def forward(self, x: Tensor, rope: Optional[tuple[Tensor, Tensor]] = None) -> Tensor:
+    def qkv(self, x: Tensor, rope: Optional[tuple[Tensor, Tensor]] = None) -> tuple[Tensor, Tensor, Tensor]:
+        """Queries, keys (after QK-norm and rotary) and values, each ``(B, n_head, T, head_dim)``."""
         B, T, C = x.shape
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in self.c_attn(x).split(C, dim=2))
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         if rope is not None:
             q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
+        return q, k, v
+
+    def forward(self, x: Tensor, rope: Optional[tuple[Tensor, Tensor]] = None) -> Tensor:
+        B, T, C = x.shape
+        q, k, v = self.qkv(x, rope)
         y = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0, is_causal=True)
         return self.resid_dropout(self.c_proj(y.transpose(1, 2).reshape(B, T, C)))
 
@@ -222,7 +231,8 @@ class Block(nn.Module):
 
         def norm() -> nn.Module:
             kind = "none" if config.placement == "none" else config.norm
-            return make_norm(kind, config.d_model, eps=config.eps, bias=config.bias, groups=config.norm_groups)
+            return make_norm(kind, config.d_model, eps=config.eps, bias=config.bias, groups=config.norm_groups,
+                             dyt_alpha=config.dyt_alpha)
 
         self.ln_1 = norm()
         self.attn = CausalSelfAttention(config)
@@ -287,7 +297,8 @@ class GPT(nn.Module):
             wpe=nn.Embedding(c.block_size, c.d_model) if c.pos == "learned" else nn.Identity(),
             drop=nn.Dropout(c.dropout),
             h=nn.ModuleList([Block(c, i) for i in range(c.n_layer)]),
-            ln_f=make_norm(c.norm if c.final_norm else "none", c.d_model, eps=c.eps, bias=c.bias, groups=c.norm_groups),
+            ln_f=make_norm(c.norm if c.final_norm else "none", c.d_model, eps=c.eps, bias=c.bias, groups=c.norm_groups,
+                           dyt_alpha=c.dyt_alpha),
         ))
         self.lm_head = nn.Linear(c.d_model, c.vocab_size, bias=False)
         if c.tie_embeddings:

@@ -54,7 +54,7 @@ class TokenGroupNorm(GroupNorm):
         return super().forward(x.reshape(-1, x.shape[-1])).view(x.shape)
 
 
-def make_norm(kind: str, d: int, *, eps: float = 1e-5, bias: bool = True, groups: int = 1,
+def make_norm(kind: str, d: int, *, eps: float = 1e-5, bias: bool = True, groups: int = 1, dyt_alpha: float = 0.5,
               device=None, dtype=None) -> nn.Module:
     """A normalization module over the last dim ``d`` of ``(B, T, d)`` tokens (see the module docstring)."""
     kw = dict(device=device, dtype=dtype)
@@ -69,7 +69,7 @@ def make_norm(kind: str, d: int, *, eps: float = 1e-5, bias: bool = True, groups
             raise ValueError(f"groupnorm needs d={d} divisible by groups={groups}")
         return TokenGroupNorm(groups, d, eps=eps, **kw)
     if kind == "dyt":
-        return DyT(d, bias=bias, **kw)
+        return DyT(d, alpha_init=dyt_alpha, bias=bias, **kw)
     if kind == "none":
         return nn.Identity()
     raise ValueError(f"unknown norm {kind!r}; expected one of {', '.join(NORMS)}")
