@@ -36,7 +36,8 @@ KNOWN_BACKENDS: dict[str, str | None] = {
 #: ``supports`` decides (the triton backend serves CPU tensors under ``TRITON_INTERPRET=1`` for tests).
 DEFAULT_DEVICES: dict[str, tuple[str, ...]] = {"triton": ("cuda",), "cpu": ("cpu",)}
 
-# A backend's ``supports(op, x, **options) -> bool`` says whether it serves this input (normlab.kernels.contract.supports).
+# A backend's ``supports(op, x, **options) -> bool`` says whether it serves this input
+# (normlab.kernels.contract.supports).
 Supports = Callable[..., bool]
 
 

@@ -150,8 +150,11 @@ def add_rms_norm_fwd(
 
 
 @native("rms_norm")
-def rms_norm(input: Tensor, weight: Optional[Tensor], eps: float, casting: str, offset: float, k: int) -> tuple[Tensor, Tensor]:
-    """The whole op, autograd included: ``(y, rstd)``, ``y`` of input's shape and dtype, ``rstd`` ``input.shape[:-1]`` fp32."""
+def rms_norm(
+    input: Tensor, weight: Optional[Tensor], eps: float, casting: str, offset: float, k: int
+) -> tuple[Tensor, Tensor]:
+    """The whole op, autograd included: ``(y, rstd)``, ``y`` of input's shape and dtype, ``rstd``
+    ``input.shape[:-1]`` fp32."""
     return _like(input), _stats(input)
 
 
@@ -212,14 +215,19 @@ def add_layer_norm_fwd(
 
 
 @native("layer_norm")
-def layer_norm(input: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float) -> tuple[Tensor, Tensor, Tensor]:
+def layer_norm(
+    input: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float
+) -> tuple[Tensor, Tensor, Tensor]:
     """The whole op, autograd included: ``(y, mean, rstd)``, statistics ``input.shape[:-1]`` fp32."""
     return _like(input), _stats(input), _stats(input)
 
 
 @native("layer_norm", writes=("out",))
-def layer_norm_into(input: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float, out: Tensor) -> tuple[Tensor, Tensor]:
-    """The forward written into ``out`` (contiguous, input's shape and dtype; no autograd): returns ``(mean, rstd)``."""
+def layer_norm_into(
+    input: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float, out: Tensor
+) -> tuple[Tensor, Tensor]:
+    """The forward written into ``out`` (contiguous, input's shape and dtype; no autograd): returns
+    ``(mean, rstd)``."""
     return _stats(input), _stats(input)
 
 

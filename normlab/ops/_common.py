@@ -260,13 +260,12 @@ def write_out(out: torch.Tensor, input: torch.Tensor, n: int, compute, *params: 
     return out
 
 
-def forward_into(out: torch.Tensor, backend: str, kernel: str, reference, *args) -> None:
-    """``out=`` on a Python backend: its ``kernel`` writes ``y`` (the first output) into the ``(rows, n)`` rows
-    ``out``; the reference's ``y`` is copied in."""
+def forward_into(backend: str, kernel: str, reference, *args):
+    """``out=`` on a Python backend, as :func:`write_out`'s ``compute(out_rows)``: the backend's ``kernel``
+    writes ``y`` (the first output) into ``out_rows``; the reference's ``y`` is copied in."""
     if backend == dispatch.REFERENCE:
-        out.copy_(reference(*args)[0])
-    else:
-        dispatch.kernel(backend, kernel)(*args, out=out)
+        return lambda out: out.copy_(reference(*args)[0])
+    return lambda out: dispatch.kernel(backend, kernel)(*args, out=out)
 
 
 def custom_op_with_eager_twin(name: str, impl, fake, setup_context, backward):

@@ -135,7 +135,9 @@ def add_layer_norm_reference(
 # Custom ops of the Python backends: the backend's kernels (normlab/kernels/contract.py) or the
 # reference, on contiguous (rows, n) rows; the cpu backend's ops are native (torch.ops.normlab.*)
 # ----------------------------------------------------------------------------------------------
-def _fwd(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float, backend: str) -> tuple[Tensor, Tensor, Tensor]:
+def _fwd(
+    x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float, backend: str
+) -> tuple[Tensor, Tensor, Tensor]:
     if backend == dispatch.REFERENCE:
         return layer_norm_fwd_ref(x, weight, bias, eps)
     return dispatch.kernel(backend, "layer_norm_fwd")(x, weight, bias, eps)
@@ -207,7 +209,9 @@ def _add_backward(ctx, dy, dsum, _dmean, _drstd):
     return ds.to(x_dtype), ds.to(r_dtype), dw, db, None, None, None
 
 
-_add_layer_norm_op = custom_op_with_eager_twin("normlab::py_add_layer_norm", _add_fwd, _add_fake, _add_setup, _add_backward)
+_add_layer_norm_op = custom_op_with_eager_twin(
+    "normlab::py_add_layer_norm", _add_fwd, _add_fake, _add_setup, _add_backward
+)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -247,7 +251,8 @@ def layer_norm(
         return op(x, w, b, eps)[0].view(input.shape)
     x = x.contiguous()
     if out is not None:
-        return write_out(out, input, n, lambda o: forward_into(o, name, "layer_norm_fwd", layer_norm_fwd_ref, x, w, b, eps), weight, bias)
+        fill = forward_into(name, "layer_norm_fwd", layer_norm_fwd_ref, x, w, b, eps)
+        return write_out(out, input, n, fill, weight, bias)
     y, _, _ = _layer_norm_op(x, w, b, eps, name)
     return y.reshape(input.shape)
 

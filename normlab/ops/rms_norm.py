@@ -216,7 +216,8 @@ def _add_fwd(
 
 
 def _add_fake(x, residual, weight, eps, casting, offset, k, residual_dtype, backend):
-    return torch.empty_like(x), torch.empty_like(x, dtype=residual_dtype), empty_stats(x, dtype=residual_dtype)  # stats of s
+    # the statistics are those of the stored sum s (fp64 when it is fp64)
+    return torch.empty_like(x), torch.empty_like(x, dtype=residual_dtype), empty_stats(x, dtype=residual_dtype)
 
 
 def _add_setup(ctx, inputs, output):
@@ -293,7 +294,8 @@ def rms_norm(
         return op(x, w, eps, casting, float(offset), k)[0].view(input.shape)
     x = x.contiguous()
     if out is not None:
-        return write_out(out, input, n, lambda o: forward_into(o, name, "rms_norm_fwd", rms_norm_fwd_ref, x, w, eps, casting, float(offset), k), weight)
+        fill = forward_into(name, "rms_norm_fwd", rms_norm_fwd_ref, x, w, eps, casting, float(offset), k)
+        return write_out(out, input, n, fill, weight)
     y, _ = _rms_norm_op(x, w, eps, casting, float(offset), k, name)
     return y.reshape(input.shape)
 

@@ -61,11 +61,11 @@ def _samples(dtype: torch.dtype, device: str, optional: bool) -> dict:
         return helpers.rand(*shape, dtype=dt, seed=seed, mean=mean).to(device)
 
     x, dy, dsum = r(ROWS, N, seed=0), r(ROWS, N, seed=1), r(ROWS, N, seed=2)
-    rstd = r(ROWS, seed=3, dt=torch.float32).abs() + 0.5
+    rstd, mean = r(ROWS, seed=3, dt=torch.float32).abs() + 0.5, r(ROWS, seed=7, dt=torch.float32)
     given = {"weight": r(N, seed=4, mean=1.0), "bias": r(N, seed=5), "dsum": dsum, "grad_sum": dsum}
     return {
         "x": x, "input": x, "dy": dy, "grad": dy, "residual": r(ROWS, N, seed=6), "eps": 1e-5, "casting": "llama",
-        "offset": 0.5, "k": N - 2, "residual_dtype": torch.float32, "rstd": rstd, "mean": r(ROWS, seed=7, dt=torch.float32),
+        "offset": 0.5, "k": N - 2, "residual_dtype": torch.float32, "rstd": rstd, "mean": mean,
         "alpha": torch.tensor([0.7], device=device), "weight_grad": optional, "bias_grad": optional,
         "out": torch.empty_like(x), "residual_out": torch.empty_like(x, dtype=torch.float32),
         **{name: t if optional else None for name, t in given.items()},
@@ -77,15 +77,15 @@ def _outputs_problem(name: str, got, want, args: list) -> str | None:
     if isinstance(want, torch.Tensor):
         got, want = (got,), (want,)
     if not isinstance(got, tuple) or len(got) != len(want):
-        return f"{name} returns {type(got).__name__} of {len(got) if isinstance(got, tuple) else 1}, expected {len(want)} outputs"
+        return f"{name} returns {got!r:.80}, expected {len(want)} outputs"
+
+    def describe(t):
+        return f"{list(t.shape)}, {t.dtype}, {t.device}" if isinstance(t, torch.Tensor) else repr(t)
+
     for i, (g, w) in enumerate(zip(got, want)):
-        if w is None or g is None:
-            if (w is None) != (g is None):
-                return f"{name} output {i} is {'None' if g is None else 'a tensor'}, expected {'None' if w is None else 'a tensor'}"
-            continue
-        if g.shape != w.shape or g.dtype != w.dtype or g.device != w.device:
-            return f"{name} output {i} has shape {list(g.shape)}, {g.dtype}, {g.device}: expected {list(w.shape)}, {w.dtype}, {w.device}"
-        if any(w is a for a in args) and g is not w:
+        if describe(g) != describe(w):
+            return f"{name} output {i} is {describe(g)}: expected {describe(w)}"
+        if w is not None and any(w is a for a in args) and g is not w:
             return f"{name} output {i} must be the buffer it was given"
     return None
 
@@ -99,7 +99,8 @@ def _run_problem(name: str, fn, device: str) -> str | None:
             values = _samples(dtype, device, optional)
             args = [values[p.name] for p in params if p.default is inspect.Parameter.empty]
             kwargs = {p.name: values[p.name] for p in params if p.default is not inspect.Parameter.empty and optional}
-            problem = _outputs_problem(name, fn(*args, **kwargs), entry.stub(*args, **kwargs), [*args, *kwargs.values()])
+            got, want = fn(*args, **kwargs), entry.stub(*args, **kwargs)
+            problem = _outputs_problem(name, got, want, [*args, *kwargs.values()])
             if problem:
                 return f"{problem} ({dtype}, {'with' if optional else 'without'} the optional arguments)"
     return None
@@ -110,13 +111,14 @@ def contract_problems(entries: dict, supports, device: str = "cpu") -> set[tuple
     ``supports`` breaks the contract, as ``(name, what)``; each message is printed."""
     problems: dict[tuple[str, str], str] = {}
     if _parameters(supports) != _parameters(contract.supports):
-        problems["supports", "signature"] = f"supports{inspect.signature(supports)}, expected {inspect.signature(contract.supports)}"
+        expected = inspect.signature(contract.supports)
+        problems["supports", "signature"] = f"supports{inspect.signature(supports)}, expected {expected}"
     for name in set(entries) - set(contract.ENTRY_POINTS):
         problems[name, "unknown"] = f"{name} is no entry point of the contract"
     served = {(e.kind, e.family) for name, e in contract.ENTRY_POINTS.items() if name in entries}
     for name, e in contract.ENTRY_POINTS.items():
         if (e.kind, e.family) in served and name not in entries:
-            problems[name, "missing"] = f"{name} missing: a backend serves every {e.kind} of the {e.family} family or none"
+            problems[name, "missing"] = f"{name} missing: a backend has every {e.kind} of the {e.family} family or none"
     for name, fn in entries.items():
         entry = contract.ENTRY_POINTS.get(name)
         if entry is None:
@@ -127,7 +129,8 @@ def contract_problems(entries: dict, supports, device: str = "cpu") -> set[tuple
                 problems[name, "schema"] = f"{name} schema {got}, expected {want}"
                 continue
         elif _parameters(fn) != _parameters(entry.stub):
-            problems[name, "signature"] = f"{name}{inspect.signature(fn)}, expected {name}{inspect.signature(entry.stub)}"
+            expected = inspect.signature(entry.stub)
+            problems[name, "signature"] = f"{name}{inspect.signature(fn)}, expected {name}{expected}"
             continue
         message = _run_problem(name, fn, device)
         if message:
@@ -163,16 +166,18 @@ def test_the_checker_rejects_a_backend_that_breaks_the_contract():
         return rms_norm_bwd_ref(dy, x, weight, rstd, offset, k, 1e-5, dsum)
 
     def add_rms_norm_fwd(x, residual, weight, eps, casting, offset, k, residual_dtype, out=None, residual_out=None):
-        y, s, rstd = contract.add_rms_norm_fwd(x, residual, weight, eps, casting, offset, k, residual_dtype, out, residual_out)
+        y, s, rstd = contract.add_rms_norm_fwd(
+            x, residual, weight, eps, casting, offset, k, residual_dtype, out, residual_out
+        )
         return y, s, rstd[:, None]  # statistics of shape (rows, 1)
 
     def layer_norm_bwd(dy, x, weight, bias, mean, rstd, dsum=None, block=64):  # a keyword of its own
         return contract.layer_norm_bwd(dy, x, weight, bias, mean, rstd, dsum)
 
     def add_layer_norm_fwd(x, residual, weight, bias, eps, residual_dtype, out=None, residual_out=None):
-        y, s, mean, rstd = contract.add_layer_norm_fwd(x, residual, weight, bias, eps, residual_dtype, None, residual_out)
+        y, s, mean, rstd = contract.add_layer_norm_fwd(x, residual, weight, bias, eps, residual_dtype)
         y.copy_(layer_norm_fwd_ref(s, weight, bias, eps)[0])
-        return y, s, mean, rstd  # a fresh y even when given out
+        return y, s, mean, rstd  # fresh outputs even when given buffers
 
     def supports(op, x, *, weight=None):  # not the one signature
         return True

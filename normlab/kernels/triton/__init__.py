@@ -13,8 +13,9 @@ import triton  # noqa: F401  (ImportError here: the dispatch falls back)
 from normlab import dispatch
 from normlab.kernels import contract
 from normlab.kernels.triton import layer_norm, rms_norm
-from normlab.kernels.triton.layer_norm import add_layer_norm_fwd, layer_norm_bwd, layer_norm_fwd  # noqa: F401  (the backend's kernels)
-from normlab.kernels.triton.rms_norm import add_rms_norm_fwd, rms_norm_bwd, rms_norm_fwd  # noqa: F401  (the backend's kernels)
+# the backend's kernels, as attributes of the package
+from normlab.kernels.triton.layer_norm import add_layer_norm_fwd, layer_norm_bwd, layer_norm_fwd  # noqa: F401
+from normlab.kernels.triton.rms_norm import add_rms_norm_fwd, rms_norm_bwd, rms_norm_fwd  # noqa: F401
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 #: Whether the kernels were defined for Triton's CPU interpreter (``TRITON_INTERPRET=1`` at import).
