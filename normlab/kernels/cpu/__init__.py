@@ -7,8 +7,8 @@ the CPU (``NORMLAB_CPU_ISA`` names another one the CPU runs). Every build gives 
 torch's intra-op pool (``at::parallel_for``), so ``torch.set_num_threads`` governs them.
 
 It provides every entry point of the kernel contract (:mod:`normlab.kernels.contract`): the native operators,
-and the Python kernels as thin wrappers of them. Serves CPU tensors of float32, bfloat16 and float16 (weights in the input dtype or fp32); float64 and
-empty inputs go to the reference. Importing this module raises when the extension is missing or cannot
+and the Python kernels as thin wrappers of them. Serves CPU tensors of float32, bfloat16 and float16 (weights
+in the input dtype or fp32); float64 and empty inputs go to the reference. Importing this module raises when the extension is missing or cannot
 load; :mod:`normlab.dispatch` then warns once and the reference serves.
 """
 
