@@ -292,6 +292,25 @@ def test_out_argument_through_the_op():
         assert fn(out) is out and torch.equal(out, fn())
 
 
+def test_out_buffers_of_the_kernels():
+    """Every forward writes into the buffers it is given (the contract's out= / residual_out=) the values of a
+    fresh call, and a buffer of the wrong dtype is refused before the launch."""
+    x, r, w = rand(4, 24, dtype=torch.bfloat16), rand(4, 24, dtype=torch.bfloat16, seed=1), rand(24, seed=2)
+    out, res = torch.empty_like(x), torch.empty_like(x, dtype=torch.float32)
+    calls = (lambda **o: nt.rms_norm_fwd(x, w, EPS32, "llama", 0.5, 20, **o),
+             lambda **o: nt.add_rms_norm_fwd(x, r, w, EPS32, "none", 0.0, 24, torch.float32, **o),
+             lambda **o: nt.layer_norm_fwd(x, w, w, 1e-5, **o),
+             lambda **o: nt.add_layer_norm_fwd(x, r, w, None, 1e-5, torch.float32, **o))
+    for i, call in enumerate(calls):
+        fused = i % 2 == 1
+        got = call(out=out, residual_out=res) if fused else call(out=out)
+        assert got[0] is out and (not fused or got[1] is res)
+        for a, b in zip(got, call()):
+            assert torch.equal(a, b)
+    with pytest.raises(ValueError, match=r"residual_out must be a contiguous tensor of shape \[4, 24\], dtype torch.float32"):
+        nt.add_rms_norm_fwd(x, r, w, EPS32, "none", 0.0, 24, torch.float32, residual_out=torch.empty_like(x))
+
+
 # ----------------------------------------------------------------------------------------------
 # Batch invariance, determinism, parameter-gradient rule, dispatch
 # ----------------------------------------------------------------------------------------------
