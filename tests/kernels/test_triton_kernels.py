@@ -307,7 +307,8 @@ def test_out_buffers_of_the_kernels():
         assert got[0] is out and (not fused or got[1] is res)
         for a, b in zip(got, call()):
             assert torch.equal(a, b)
-    with pytest.raises(ValueError, match=r"residual_out must be a contiguous tensor of shape \[4, 24\], dtype torch.float32"):
+    wrong = r"residual_out must be a contiguous tensor of shape \[4, 24\], dtype torch.float32"
+    with pytest.raises(ValueError, match=wrong):
         nt.add_rms_norm_fwd(x, r, w, EPS32, "none", 0.0, 24, torch.float32, residual_out=torch.empty_like(x))
 
 
