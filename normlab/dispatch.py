@@ -1,8 +1,9 @@
 """One dispatch point for every op: which backend computes it.
 
 Backends are ``reference`` (plain PyTorch, any device and dtype — the spec), ``cpu`` (native C++
-operators) and ``triton`` (GPU kernels). A backend module registers kernels with :func:`register`; the op
-files ask :func:`select` which backend serves a call and :func:`kernel` for the function. A decision is
+operators) and ``triton`` (GPU kernels). A backend module registers the entry points of the kernel contract
+(:mod:`normlab.kernels.contract`) with :func:`register_kernels`; the op files ask :func:`select` which backend
+serves a call and :func:`kernel` (or :func:`native`) for the function. A decision is
 cached per (op, device, dtypes, options), so the choice costs a dictionary look-up.
 
 Choice, most specific first: the ``backend=`` argument of a call, the innermost
@@ -35,7 +36,8 @@ KNOWN_BACKENDS: dict[str, str | None] = {
 #: ``supports`` decides (the triton backend serves CPU tensors under ``TRITON_INTERPRET=1`` for tests).
 DEFAULT_DEVICES: dict[str, tuple[str, ...]] = {"triton": ("cuda",), "cpu": ("cpu",)}
 
-# A backend's ``supports(op, x, **options) -> bool`` says whether it serves this input.
+# A backend's ``supports(op, x, **options) -> bool`` says whether it serves this input
+# (normlab.kernels.contract.supports).
 Supports = Callable[..., bool]
 
 
@@ -52,6 +54,8 @@ class _Backend:
 
 _registry: dict[str, _Backend] = {REFERENCE: _Backend(REFERENCE)}
 _load_errors: dict[str, str] = {}
+
+
 class _Blocks(threading.local):
     """Per thread: the stack of ``with normlab.backend(...)`` names (always there, so reading it is cheap)."""
 
@@ -74,14 +78,12 @@ def register(backend: str, op: str, fn: Callable, *, supports: Supports | None =
     _decisions.clear()
 
 
-#: The kernel contract's entry points (on ``(rows, n)`` rows), which the op files wrap in their Python custom ops.
-KERNELS = ("rms_norm_fwd", "rms_norm_bwd", "add_rms_norm_fwd", "layer_norm_fwd", "layer_norm_bwd", "add_layer_norm_fwd")
-
-
-def register_kernels(backend: str, namespace: dict, *, supports: Supports, names: tuple[str, ...] = KERNELS) -> None:
-    """Register the functions of ``namespace`` (a backend module's globals) named ``names`` as ``backend``'s."""
+def register_kernels(backend: str, source, *, supports: Supports, names: tuple[str, ...]) -> None:
+    """Register the attributes ``names`` of ``source`` (a backend module, or ``torch.ops.normlab``) as
+    ``backend``'s; ``names`` come from :mod:`normlab.kernels.contract` (``contract.kernels(...)``,
+    ``contract.native_ops(...)``), which states each one's signature."""
     for op in names:
-        register(backend, op, namespace[op], supports=supports)
+        register(backend, op, getattr(source, op), supports=supports)
 
 
 def _ensure_loaded(name: str) -> _Backend | None:

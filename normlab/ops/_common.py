@@ -12,6 +12,8 @@ from collections.abc import Sequence
 
 import torch
 
+from normlab import dispatch
+
 FLOAT_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 HALF_DTYPES = (torch.bfloat16, torch.float16)
 
@@ -129,6 +131,27 @@ def check_choice(value: str, name: str, choices: Sequence[str]) -> str:
     return value
 
 
+def check_residual_dtype(residual_dtype: torch.dtype | None, x: torch.Tensor) -> torch.dtype:
+    """A fused add's ``residual_dtype``: the dtype its sum is stored in, default the input's."""
+    residual_dtype = residual_dtype or x.dtype
+    if residual_dtype not in _FLOATS:
+        raise TypeError(f"residual_dtype must be a floating dtype, got {residual_dtype}")
+    return residual_dtype
+
+
+def fused_add(x: torch.Tensor, residual: torch.Tensor, residual_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """A fused add's sum (the spec): ``x + residual`` added in the compute dtype, stored in ``residual_dtype``
+    (default the input's)."""
+    c = compute_dtype(x.dtype)
+    return (x.to(c) + residual.to(c)).to(residual_dtype or x.dtype)
+
+
+def empty_stats(x: torch.Tensor, size: int | None = None, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """A fake implementation's statistics: ``size`` values (default one per row of ``x``) in the compute
+    dtype of ``dtype`` (default ``x``'s)."""
+    return x.new_empty((x.shape[0] if size is None else size,), dtype=compute_dtype(dtype or x.dtype))
+
+
 def check_same(a: torch.Tensor, b: torch.Tensor, name_a: str, name_b: str) -> None:
     """Two inputs added elementwise: same shape (no broadcasting), device, floating dtype."""
     check_input(b, name_b)
@@ -235,6 +258,14 @@ def write_out(out: torch.Tensor, input: torch.Tensor, n: int, compute, *params: 
     with torch.no_grad():
         compute(rows(out, n))
     return out
+
+
+def forward_into(backend: str, kernel: str, reference, *args):
+    """``out=`` on a Python backend, as :func:`write_out`'s ``compute(out_rows)``: the backend's ``kernel``
+    writes ``y`` (the first output) into ``out_rows``; the reference's ``y`` is copied in."""
+    if backend == dispatch.REFERENCE:
+        return lambda out: out.copy_(reference(*args)[0])
+    return lambda out: dispatch.kernel(backend, kernel)(*args, out=out)
 
 
 def custom_op_with_eager_twin(name: str, impl, fake, setup_context, backward):

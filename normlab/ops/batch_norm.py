@@ -18,7 +18,7 @@ formula: ``M2_i + n_i (mean_i - mean)²``) and of deviations (the rounding error
 it works on any ``torch.distributed`` backend, gloo included.
 
 This file holds the reference (the spec), the custom op with its fake implementation and autograd
-formula, the synchronized autograd function and the functional API.
+formula (served by the reference alone), the synchronized autograd function and the functional API.
 """
 
 from __future__ import annotations
@@ -36,7 +36,9 @@ from normlab.ops._common import (
     check_input,
     check_param,
     compute_dtype,
+    custom_op_with_eager_twin,
     empty_output,
+    empty_stats,
     row_sum,
     zero_where_no_grad,
 )
@@ -109,6 +111,21 @@ def normalize(d: Tensor, var: Tensor, weight: Optional[Tensor], bias: Optional[T
     return y.to(dtype)
 
 
+def batch_norm_fwd_ref(
+    x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], running_mean: Optional[Tensor],
+    running_var: Optional[Tensor], training: bool, eps: float,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Reference forward on ``(A, C, B)``: ``(y, mean, var)``, the per-channel statistics it normalized with
+    (the batch's in training, copies of the running ones in eval) in the compute dtype."""
+    if training:
+        d, mean, var = batch_stats_ref(x)
+    else:
+        c = compute_dtype(x.dtype)
+        mean, var = running_mean.to(dtype=c, copy=True), running_var.to(dtype=c, copy=True)
+        d = deviations(x, mean)
+    return normalize(d, var, weight, bias, eps, x.dtype), mean, var
+
+
 def batch_norm_bwd_ref(
     dy: Tensor, x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], mean: Tensor, var: Tensor, eps: float,
     training: bool, reduce=None, correction: Optional[Tensor] = None,
@@ -151,12 +168,10 @@ def batch_norm_reference(
 ) -> Tensor:
     """The spec, differentiable with plain autograd (no custom op); updates the running statistics."""
     x = as_acb(input, layout)
+    y, mean, var = batch_norm_fwd_ref(x, weight, bias, running_mean, running_var, training, eps)
     if training:
-        d, mean, var = batch_stats_ref(x)
         _update_running(running_mean, running_var, num_batches_tracked, mean, var, momentum, x.shape[0] * x.shape[2])
-    else:
-        d, var = deviations(x, running_mean), running_var
-    return normalize(d, var, weight, bias, eps, x.dtype).reshape(input.shape)
+    return y.reshape(input.shape)
 
 
 def _update_running(running_mean, running_var, num_batches_tracked, mean, var, momentum, n):
@@ -176,26 +191,12 @@ def _update_running(running_mean, running_var, num_batches_tracked, mean, var, m
 
 
 # ----------------------------------------------------------------------------------------------
-# Custom op: returns y and the statistics it normalized with (batch or running), in the compute dtype
+# Custom op: the reference forward, on the (A, C, B) view (no backend has a batch_norm kernel).
+# It returns the statistics it normalized with; batch_norm() updates the running ones outside it,
+# since torch.library gives no autograd formula to an op that mutates its inputs.
 # ----------------------------------------------------------------------------------------------
-@torch.library.custom_op("normlab::batch_norm", mutates_args=())
-def _batch_norm_op(
-    x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], running_mean: Optional[Tensor],
-    running_var: Optional[Tensor], training: bool, eps: float,
-) -> tuple[Tensor, Tensor, Tensor]:
-    if training:
-        d, mean, var = batch_stats_ref(x)
-    else:
-        c = compute_dtype(x.dtype)
-        mean, var = running_mean.to(dtype=c, copy=True), running_var.to(dtype=c, copy=True)
-        d = deviations(x, mean)
-    return normalize(d, var, weight, bias, eps, x.dtype), mean, var
-
-
-@_batch_norm_op.register_fake
-def _(x, weight, bias, running_mean, running_var, training, eps):
-    stat = x.new_empty((x.shape[1],), dtype=compute_dtype(x.dtype))
-    return torch.empty_like(x), stat, torch.empty_like(stat)
+def _fake(x, weight, bias, running_mean, running_var, training, eps):
+    return torch.empty_like(x), empty_stats(x, x.shape[1]), empty_stats(x, x.shape[1])
 
 
 def _setup(ctx, inputs, output):
@@ -212,7 +213,7 @@ def _backward(ctx, dy, _dmean, _dvar):
     return dx, dw, db, None, None, None, None
 
 
-_batch_norm_op.register_autograd(_backward, setup_context=_setup)
+_batch_norm_op = custom_op_with_eager_twin("normlab::batch_norm", batch_norm_fwd_ref, _fake, _setup, _backward)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -248,6 +249,7 @@ def sync_batch_stats(x: Tensor, process_group) -> tuple[Tensor, Tensor, Tensor, 
     return mean, correction, m2 / n - correction.square(), n
 
 
+# An autograd.Function, not a custom op: a ProcessGroup cannot be an argument of an operator schema.
 class _SyncBatchNorm(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, eps, process_group):

@@ -7,7 +7,7 @@ trailing shape they are applied over. No statistics: every element depends on it
 (bf16/fp16) are computed in fp32 and returned in the input dtype.
 
 This file holds the reference (the spec), the custom op with its fake implementation and autograd
-formula, and the functional API.
+formula, and the functional API; the cpu backend's native op plugs in through :mod:`normlab.dispatch`.
 """
 
 from __future__ import annotations
@@ -19,7 +19,8 @@ from torch import Tensor
 
 from normlab import dispatch
 from normlab.ops._common import (
-    FLOAT_DTYPES, HALF_DTYPES, check_input, check_param, compute_dtype, plain_rows, row_sum, row_view, rows, zero_where_no_grad,
+    FLOAT_DTYPES, HALF_DTYPES, check_input, check_param, compute_dtype, custom_op_with_eager_twin, plain_rows, row_sum,
+    row_view, rows, zero_where_no_grad,
 )
 
 
@@ -27,6 +28,7 @@ from normlab.ops._common import (
 # Reference (the spec): plain PyTorch on a (rows, n) view, n the size of the weight/bias
 # ----------------------------------------------------------------------------------------------
 def dyt_fwd_ref(x: Tensor, alpha: Tensor, weight: Optional[Tensor], bias: Optional[Tensor]) -> Tensor:
+    """Reference forward on ``(rows, n)`` rows, ``alpha`` a one-element tensor."""
     c = compute_dtype(x.dtype)
     y = torch.tanh(alpha.to(c).reshape(()) * x.to(c))
     if weight is not None:
@@ -67,15 +69,10 @@ def dyt_reference(input: Tensor, alpha: Tensor, weight: Optional[Tensor] = None,
 
 
 # ----------------------------------------------------------------------------------------------
-# Custom op of the reference backend; the cpu backend's is native (torch.ops.normlab.dyt)
+# Custom op of the reference backend, on (rows, n) rows (no Python backend has a dyt kernel);
+# the cpu backend's op is native (torch.ops.normlab.dyt)
 # ----------------------------------------------------------------------------------------------
-@torch.library.custom_op("normlab::py_dyt", mutates_args=())
-def _dyt_op(x: Tensor, alpha: Tensor, weight: Optional[Tensor], bias: Optional[Tensor]) -> Tensor:
-    return dyt_fwd_ref(x, alpha, weight, bias)
-
-
-@_dyt_op.register_fake
-def _(x, alpha, weight, bias):
+def _fake(x, alpha, weight, bias):
     return torch.empty_like(x)
 
 
@@ -88,7 +85,7 @@ def _backward(ctx, dy):
     return dyt_bwd_ref(dy, x, alpha, weight, bias)
 
 
-_dyt_op.register_autograd(_backward, setup_context=_setup)
+_dyt_op = custom_op_with_eager_twin("normlab::py_dyt", dyt_fwd_ref, _fake, _setup, _backward)
 
 
 # ----------------------------------------------------------------------------------------------

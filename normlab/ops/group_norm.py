@@ -8,7 +8,7 @@ sample alone.
 Internally the input ``(N, C, *)`` is viewed as ``(N·G, C/G · prod(*))`` rows.
 
 This file holds the reference (the spec), the custom op with its fake implementation and autograd
-formula, and the functional API.
+formula (served by the reference alone), and the functional API.
 """
 
 from __future__ import annotations
@@ -25,7 +25,9 @@ from normlab.ops._common import (
     check_input,
     check_param,
     compute_dtype,
+    custom_op_with_eager_twin,
     empty_output,
+    empty_stats,
     row_mean,
     row_sum,
     zero_where_no_grad,
@@ -75,7 +77,7 @@ def _per_group(v: Tensor, d: Tensor) -> Tensor:
     return v.reshape(d.shape[0], d.shape[1], 1, 1)
 
 
-def group_norm_fwd_ref(
+def group_norm_apply_ref(
     d: Tensor, rstd: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], shape: torch.Size, dtype: torch.dtype
 ) -> Tensor:
     """``y = d·rstd·w + b`` from the deviations ``d`` ``(N, G, C/G, S)``, returned as ``(N, C, S)`` in ``dtype``."""
@@ -86,6 +88,14 @@ def group_norm_fwd_ref(
     if bias is not None:
         y = y + bias.to(c)[None, :, None]
     return y.to(dtype)
+
+
+def group_norm_fwd_ref(
+    x: Tensor, num_groups: int, weight: Optional[Tensor], bias: Optional[Tensor], eps: float
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Reference forward on the ``(N, C, S)`` input: ``(y, mean, rstd)``, statistics ``(N·G,)`` in the compute dtype."""
+    d, mean, rstd = group_stats_ref(x, num_groups, eps)
+    return group_norm_apply_ref(d, rstd, weight, bias, x.shape, x.dtype), mean, rstd
 
 
 def group_norm_bwd_ref(
@@ -115,9 +125,7 @@ def group_norm_reference(
     input: Tensor, num_groups: int, weight: Optional[Tensor] = None, bias: Optional[Tensor] = None, eps: float = 1e-5
 ) -> Tensor:
     """The spec, differentiable with plain autograd (no custom op)."""
-    x = _ncs(input)
-    d, _, rstd = group_stats_ref(x, num_groups, eps)
-    return group_norm_fwd_ref(d, rstd, weight, bias, x.shape, x.dtype).reshape(input.shape)
+    return group_norm_fwd_ref(_ncs(input), num_groups, weight, bias, eps)[0].reshape(input.shape)
 
 
 def _ncs(x: Tensor) -> Tensor:
@@ -126,20 +134,10 @@ def _ncs(x: Tensor) -> Tensor:
 
 
 # ----------------------------------------------------------------------------------------------
-# Custom op
+# Custom op: the reference forward, on the (N, C, S) view (no backend has a group_norm kernel)
 # ----------------------------------------------------------------------------------------------
-@torch.library.custom_op("normlab::group_norm", mutates_args=())
-def _group_norm_op(
-    x: Tensor, num_groups: int, weight: Optional[Tensor], bias: Optional[Tensor], eps: float
-) -> tuple[Tensor, Tensor, Tensor]:
-    d, mean, rstd = group_stats_ref(x, num_groups, eps)
-    return group_norm_fwd_ref(d, rstd, weight, bias, x.shape, x.dtype), mean, rstd
-
-
-@_group_norm_op.register_fake
-def _(x, num_groups, weight, bias, eps):
-    stat = x.new_empty((x.shape[0] * num_groups,), dtype=compute_dtype(x.dtype))
-    return torch.empty_like(x), stat, torch.empty_like(stat)
+def _fake(x, num_groups, weight, bias, eps):
+    return torch.empty_like(x), empty_stats(x, x.shape[0] * num_groups), empty_stats(x, x.shape[0] * num_groups)
 
 
 def _setup(ctx, inputs, output):
@@ -156,7 +154,7 @@ def _backward(ctx, dy, _dmean, _drstd):
     return dx, None, dw, db, None
 
 
-_group_norm_op.register_autograd(_backward, setup_context=_setup)
+_group_norm_op = custom_op_with_eager_twin("normlab::group_norm", group_norm_fwd_ref, _fake, _setup, _backward)
 
 
 # ----------------------------------------------------------------------------------------------

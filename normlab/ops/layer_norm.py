@@ -22,14 +22,17 @@ from torch import Tensor
 
 from normlab import dispatch
 from normlab.ops._common import (
-    FLOAT_DTYPES,
     check_eps,
     check_input,
     check_param,
+    check_residual_dtype,
     check_same,
     compute_dtype,
     custom_op_with_eager_twin,
+    empty_stats,
     flat_param,
+    forward_into,
+    fused_add,
     normalized_size,
     plain_rows,
     positive,
@@ -123,25 +126,25 @@ def add_layer_norm_reference(
 ) -> tuple[Tensor, Tensor]:
     """The spec of the fused op: ``s = x + residual`` (added in the compute dtype, stored in
     ``residual_dtype``), then ``(layer_norm(s)`` in the input dtype``, s)``."""
-    c = compute_dtype(x.dtype)
-    s = (x.to(c) + residual.to(c)).to(residual_dtype or x.dtype)
+    s = fused_add(x, residual, residual_dtype)
     y = layer_norm_reference(s, normalized_shape, weight, bias, eps)
     return y.to(x.dtype), s
 
 
 # ----------------------------------------------------------------------------------------------
-# Custom ops of the Python backends (reference, triton); the cpu backend's are native
-# (torch.ops.normlab.layer_norm / add_layer_norm, with their autograd in C++)
+# Custom ops of the Python backends: the backend's kernels (normlab/kernels/contract.py) or the
+# reference, on contiguous (rows, n) rows; the cpu backend's ops are native (torch.ops.normlab.*)
 # ----------------------------------------------------------------------------------------------
-def _fwd(backend: str, x, weight, bias, eps, out=None):
-    """Forward on ``(rows, n)``; a kernel writes ``y`` into ``out`` when one is given."""
-    if backend != dispatch.REFERENCE:
-        return dispatch.kernel(backend, "layer_norm_fwd")(x, weight, bias, eps, out=out)
-    y, mean, rstd = layer_norm_fwd_ref(x, weight, bias, eps)
-    return (y if out is None else out.copy_(y)), mean, rstd
+def _fwd(
+    x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float, backend: str
+) -> tuple[Tensor, Tensor, Tensor]:
+    if backend == dispatch.REFERENCE:
+        return layer_norm_fwd_ref(x, weight, bias, eps)
+    return dispatch.kernel(backend, "layer_norm_fwd")(x, weight, bias, eps)
 
 
 def _bwd(backend: str, dy, x, weight, bias, mean, rstd, eps, dsum=None):
+    """Under grad mode (double backward) the differentiable reference, which recomputes mean and rstd from x."""
     if backend == dispatch.REFERENCE or torch.is_grad_enabled():
         return layer_norm_bwd_ref(dy, x, weight, bias, mean, rstd, eps, dsum)
     # incoming gradients may be strided (e.g. the expanded ones of a .sum()); kernels take contiguous rows
@@ -149,23 +152,11 @@ def _bwd(backend: str, dy, x, weight, bias, mean, rstd, eps, dsum=None):
     return dispatch.kernel(backend, "layer_norm_bwd")(dy.contiguous(), x, weight, bias, mean, rstd, dsum)
 
 
-def _stats_fake(x: Tensor, dtype: torch.dtype) -> Tensor:
-    """Per-row statistics of a ``(rows, n)`` tensor of ``dtype``: fp32 (fp64 for fp64)."""
-    return x.new_empty((x.shape[0],), dtype=compute_dtype(dtype))
+def _fake(x, weight, bias, eps, backend):
+    return torch.empty_like(x), empty_stats(x), empty_stats(x)
 
 
-def _layer_norm_impl(
-    x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float, backend: str
-) -> tuple[Tensor, Tensor, Tensor]:
-    y, mean, rstd = _fwd(backend, x, weight, bias, eps)
-    return y, mean, rstd
-
-
-def _ln_fake(x, weight, bias, eps, backend):
-    return torch.empty_like(x), _stats_fake(x, x.dtype), _stats_fake(x, x.dtype)
-
-
-def _ln_setup(ctx, inputs, output):
+def _setup(ctx, inputs, output):
     x, weight, bias, eps, backend = inputs
     ctx.save_for_backward(x, weight, bias, output[1], output[2])
     ctx.options = (eps, backend)
@@ -173,7 +164,7 @@ def _ln_setup(ctx, inputs, output):
     ctx.set_materialize_grads(False)  # no zero tensors for the statistics' gradients (they have none)
 
 
-def _ln_backward(ctx, dy, _dmean, _drstd):
+def _backward(ctx, dy, _dmean, _drstd):
     if dy is None:
         return (None,) * 5
     x, weight, bias, mean, rstd = ctx.saved_tensors
@@ -182,28 +173,26 @@ def _ln_backward(ctx, dy, _dmean, _drstd):
     return dx, dw, db, None, None
 
 
-_layer_norm_op = custom_op_with_eager_twin("normlab::py_layer_norm", _layer_norm_impl, _ln_fake, _ln_setup, _ln_backward)
+_layer_norm_op = custom_op_with_eager_twin("normlab::py_layer_norm", _fwd, _fake, _setup, _backward)
 
 
-def _add_layer_norm_impl(
+def _add_fwd(
     x: Tensor, residual: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float,
     residual_dtype: torch.dtype, backend: str,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     if backend == dispatch.REFERENCE:
-        c = compute_dtype(x.dtype)
-        s = (x.to(c) + residual.to(c)).to(residual_dtype)
+        s = fused_add(x, residual, residual_dtype)
         y, mean, rstd = layer_norm_fwd_ref(s, weight, bias, eps)
         return y.to(x.dtype), s, mean, rstd
     return dispatch.kernel(backend, "add_layer_norm_fwd")(x, residual, weight, bias, eps, residual_dtype)
 
 
-def _add_ln_fake(x, residual, weight, bias, eps, residual_dtype, backend):
-    # the statistics are those of the stored sum s (fp64 when residual_dtype is fp64)
-    stats = _stats_fake(x, residual_dtype)
+def _add_fake(x, residual, weight, bias, eps, residual_dtype, backend):
+    stats = empty_stats(x, dtype=residual_dtype)  # the statistics of the stored sum s (fp64 when it is fp64)
     return torch.empty_like(x), torch.empty_like(x, dtype=residual_dtype), stats, stats.clone()
 
 
-def _add_ln_setup(ctx, inputs, output):
+def _add_setup(ctx, inputs, output):
     x, residual, weight, bias, eps, residual_dtype, backend = inputs
     ctx.save_for_backward(output[1], weight, bias, output[2], output[3])
     ctx.options = (eps, backend, x.dtype, residual.dtype)
@@ -211,18 +200,17 @@ def _add_ln_setup(ctx, inputs, output):
     ctx.set_materialize_grads(False)  # unused outputs' gradients stay None: no zero tensors
 
 
-def _add_ln_backward(ctx, dy, dsum, _dmean, _drstd):
+def _add_backward(ctx, dy, dsum, _dmean, _drstd):
     s, weight, bias, mean, rstd = ctx.saved_tensors
     eps, backend, x_dtype, r_dtype = ctx.options
     if dy is None:  # only s was used: its gradient passes through the add
         return None if dsum is None else dsum.to(x_dtype), None if dsum is None else dsum.to(r_dtype), *(None,) * 5
-    # under grad mode (double backward) _bwd recomputes the norm from s with the differentiable reference
     ds, dw, db = _bwd(backend, dy.to(s.dtype), s, weight, bias, mean, rstd, eps, dsum)
     return ds.to(x_dtype), ds.to(r_dtype), dw, db, None, None, None
 
 
 _add_layer_norm_op = custom_op_with_eager_twin(
-    "normlab::py_add_layer_norm", _add_layer_norm_impl, _add_ln_fake, _add_ln_setup, _add_ln_backward
+    "normlab::py_add_layer_norm", _add_fwd, _add_fake, _add_setup, _add_backward
 )
 
 
@@ -263,7 +251,8 @@ def layer_norm(
         return op(x, w, b, eps)[0].view(input.shape)
     x = x.contiguous()
     if out is not None:
-        return write_out(out, input, n, lambda o: _fwd(name, x, w, b, eps, out=o), weight, bias)
+        fill = forward_into(name, "layer_norm_fwd", layer_norm_fwd_ref, x, w, b, eps)
+        return write_out(out, input, n, fill, weight, bias)
     y, _, _ = _layer_norm_op(x, w, b, eps, name)
     return y.reshape(input.shape)
 
@@ -277,9 +266,7 @@ def add_layer_norm(
     input dtype), returns ``(layer_norm(s), s)`` — one read of each input, one write of each output."""
     n, eps = _check(input, normalized_shape, weight, bias, eps)
     check_same(input, residual, "input", "residual")
-    residual_dtype = residual_dtype or input.dtype
-    if residual_dtype not in FLOAT_DTYPES:
-        raise TypeError(f"residual_dtype must be a floating dtype, got {residual_dtype}")
+    residual_dtype = check_residual_dtype(residual_dtype, input)
     x, r, w, b = row_view(input, n), row_view(residual, n), flat_param(weight, n), flat_param(bias, n)
     name = (
         dispatch.select("add_layer_norm", x, backend, residual=r, weight=w, bias=b, residual_dtype=residual_dtype)

@@ -34,11 +34,15 @@ from normlab.ops._common import (
     check_eps,
     check_input,
     check_param,
+    check_residual_dtype,
     check_same,
     compute_dtype,
     custom_op_with_eager_twin,
+    empty_stats,
     flat_param,
     finite as _finite,
+    forward_into,
+    fused_add,
     normalized_size,
     plain_rows,
     positive as _positive,
@@ -150,24 +154,25 @@ def add_rms_norm_reference(
 ) -> tuple[Tensor, Tensor]:
     """The spec of the fused op: ``s = x + residual`` (added in the compute dtype, stored in
     ``residual_dtype``), then ``(rms_norm(s)`` in the input dtype``, s)``."""
-    s = (x.to(compute_dtype(x.dtype)) + residual.to(compute_dtype(x.dtype))).to(residual_dtype or x.dtype)
+    s = fused_add(x, residual, residual_dtype)
     y = rms_norm_reference(s, normalized_shape, weight, eps, casting=casting, offset=offset, partial=partial)
     return y.to(x.dtype), s
 
 
 # ----------------------------------------------------------------------------------------------
-# Custom ops of the Python backends (reference, triton); the cpu backend's are native
-# (torch.ops.normlab.rms_norm / add_rms_norm, with their autograd in C++)
+# Custom ops of the Python backends: the backend's kernels (normlab/kernels/contract.py) or the
+# reference, on contiguous (rows, n) rows; the cpu backend's ops are native (torch.ops.normlab.*)
 # ----------------------------------------------------------------------------------------------
-def _fwd(backend: str, x, weight, eps, casting, offset, k, out=None):
-    """Forward on ``(rows, n)``; a kernel writes ``y`` into ``out`` when one is given."""
-    if backend != dispatch.REFERENCE:
-        return dispatch.kernel(backend, "rms_norm_fwd")(x, weight, eps, casting, offset, k, out=out)
-    y, rstd = rms_norm_fwd_ref(x, weight, eps, casting, offset, k)
-    return (y if out is None else out.copy_(y)), rstd
+def _fwd(
+    x: Tensor, weight: Optional[Tensor], eps: float, casting: str, offset: float, k: int, backend: str
+) -> tuple[Tensor, Tensor]:
+    if backend == dispatch.REFERENCE:
+        return rms_norm_fwd_ref(x, weight, eps, casting, offset, k)
+    return dispatch.kernel(backend, "rms_norm_fwd")(x, weight, eps, casting, offset, k)
 
 
 def _bwd(backend: str, dy, x, weight, rstd, offset, k, eps, dsum=None):
+    """Under grad mode (double backward) the differentiable reference, which recomputes rstd from x."""
     if backend == dispatch.REFERENCE or torch.is_grad_enabled():
         return rms_norm_bwd_ref(dy, x, weight, rstd, offset, k, eps, dsum)
     # incoming gradients may be strided (the expanded ones of a .sum()); kernels take contiguous rows
@@ -175,18 +180,11 @@ def _bwd(backend: str, dy, x, weight, rstd, offset, k, eps, dsum=None):
     return dispatch.kernel(backend, "rms_norm_bwd")(dy.contiguous(), x, weight, rstd, offset, k, dsum)
 
 
-def _rms_norm_impl(
-    x: Tensor, weight: Optional[Tensor], eps: float, casting: str, offset: float, k: int, backend: str
-) -> tuple[Tensor, Tensor]:
-    y, rstd = _fwd(backend, x, weight, eps, casting, offset, k)
-    return y, rstd
+def _fake(x, weight, eps, casting, offset, k, backend):
+    return torch.empty_like(x), empty_stats(x)
 
 
-def _rms_fake(x, weight, eps, casting, offset, k, backend):
-    return torch.empty_like(x), x.new_empty((x.shape[0],), dtype=compute_dtype(x.dtype))
-
-
-def _rms_setup(ctx, inputs, output):
+def _setup(ctx, inputs, output):
     x, weight, eps, casting, offset, k, backend = inputs
     ctx.save_for_backward(x, weight, output[1])
     ctx.options = (offset, k, eps, backend)
@@ -194,7 +192,7 @@ def _rms_setup(ctx, inputs, output):
     ctx.set_materialize_grads(False)  # no zero tensor for rstd's gradient (it has none)
 
 
-def _rms_backward(ctx, dy, _drstd):
+def _backward(ctx, dy, _drstd):
     if dy is None:
         return (None,) * 7
     x, weight, rstd = ctx.saved_tensors
@@ -203,30 +201,26 @@ def _rms_backward(ctx, dy, _drstd):
     return dx, dw, None, None, None, None, None
 
 
-_rms_norm_op = custom_op_with_eager_twin("normlab::py_rms_norm", _rms_norm_impl, _rms_fake, _rms_setup, _rms_backward)
+_rms_norm_op = custom_op_with_eager_twin("normlab::py_rms_norm", _fwd, _fake, _setup, _backward)
 
 
-def _add_rms_norm_impl(
+def _add_fwd(
     x: Tensor, residual: Tensor, weight: Optional[Tensor], eps: float, casting: str, offset: float, k: int,
     residual_dtype: torch.dtype, backend: str,
 ) -> tuple[Tensor, Tensor, Tensor]:
     if backend == dispatch.REFERENCE:
-        c = compute_dtype(x.dtype)
-        s = (x.to(c) + residual.to(c)).to(residual_dtype)
+        s = fused_add(x, residual, residual_dtype)
         y, rstd = rms_norm_fwd_ref(s, weight, eps, casting, offset, k)
         return y.to(x.dtype), s, rstd
     return dispatch.kernel(backend, "add_rms_norm_fwd")(x, residual, weight, eps, casting, offset, k, residual_dtype)
 
 
-def _add_rms_fake(x, residual, weight, eps, casting, offset, k, residual_dtype, backend):
-    return (
-        torch.empty_like(x),
-        torch.empty_like(x, dtype=residual_dtype),
-        x.new_empty((x.shape[0],), dtype=compute_dtype(residual_dtype)),  # statistics of s
-    )
+def _add_fake(x, residual, weight, eps, casting, offset, k, residual_dtype, backend):
+    # the statistics are those of the stored sum s (fp64 when it is fp64)
+    return torch.empty_like(x), torch.empty_like(x, dtype=residual_dtype), empty_stats(x, dtype=residual_dtype)
 
 
-def _add_rms_setup(ctx, inputs, output):
+def _add_setup(ctx, inputs, output):
     x, residual, weight, eps, casting, offset, k, residual_dtype, backend = inputs
     ctx.save_for_backward(output[1], weight, output[2])
     ctx.options = (offset, k, eps, backend, x.dtype, residual.dtype)
@@ -234,22 +228,16 @@ def _add_rms_setup(ctx, inputs, output):
     ctx.set_materialize_grads(False)  # unused outputs' gradients stay None: no zero tensors
 
 
-def _add_rms_backward(ctx, dy, dsum, _drstd):
+def _add_backward(ctx, dy, dsum, _drstd):
     s, weight, rstd = ctx.saved_tensors
     offset, k, eps, backend, x_dtype, r_dtype = ctx.options
     if dy is None:  # only s was used: its gradient passes through the add
         return None if dsum is None else dsum.to(x_dtype), None if dsum is None else dsum.to(r_dtype), *(None,) * 7
-    if torch.is_grad_enabled():
-        # double backward: recompute the norm from s with the differentiable reference
-        ds, dw = rms_norm_bwd_ref(dy.to(s.dtype), s, weight, rstd, offset, k, eps, dsum)
-    else:
-        ds, dw = _bwd(backend, dy.to(s.dtype), s, weight, rstd, offset, k, eps, dsum)
+    ds, dw = _bwd(backend, dy.to(s.dtype), s, weight, rstd, offset, k, eps, dsum)
     return ds.to(x_dtype), ds.to(r_dtype), dw, None, None, None, None, None, None
 
 
-_add_rms_norm_op = custom_op_with_eager_twin(
-    "normlab::py_add_rms_norm", _add_rms_norm_impl, _add_rms_fake, _add_rms_setup, _add_rms_backward
-)
+_add_rms_norm_op = custom_op_with_eager_twin("normlab::py_add_rms_norm", _add_fwd, _add_fake, _add_setup, _add_backward)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -306,7 +294,8 @@ def rms_norm(
         return op(x, w, eps, casting, float(offset), k)[0].view(input.shape)
     x = x.contiguous()
     if out is not None:
-        return write_out(out, input, n, lambda o: _fwd(name, x, w, eps, casting, float(offset), k, out=o), weight)
+        fill = forward_into(name, "rms_norm_fwd", rms_norm_fwd_ref, x, w, eps, casting, float(offset), k)
+        return write_out(out, input, n, fill, weight)
     y, _ = _rms_norm_op(x, w, eps, casting, float(offset), k, name)
     return y.reshape(input.shape)
 
@@ -321,9 +310,7 @@ def add_rms_norm(
     weight = _upcast_half_weight(weight, input)
     n, eps, k = _check(input, normalized_shape, weight, eps, casting, partial, offset)
     check_same(input, residual, "input", "residual")
-    residual_dtype = residual_dtype or input.dtype
-    if residual_dtype not in (torch.float32, torch.float64, torch.bfloat16, torch.float16):
-        raise TypeError(f"residual_dtype must be a floating dtype, got {residual_dtype}")
+    residual_dtype = check_residual_dtype(residual_dtype, input)
     x, r, w = row_view(input, n), row_view(residual, n), flat_param(weight, n)
     name = (
         dispatch.select("add_rms_norm", x, backend, residual=r, weight=w, casting=casting, offset=offset, k=k, residual_dtype=residual_dtype)

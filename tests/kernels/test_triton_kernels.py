@@ -1,7 +1,7 @@
 """Every Triton kernel against the references with the tolerance rule (DESIGN.md §4), every option and
 dtype, rows longer than one chunk, parameter gradients, batch invariance and determinism (``torch.equal``).
 
-By default on CPU tensors through Triton's interpreter (``TRITON_INTERPRET=1``, set here before any
+By default on CPU tensors through Triton's interpreter (``TRITON_INTERPRET=1``, set by ``_triton.py`` before any
 kernel is defined); ``NORMLAB_TEST_DEVICE=cuda`` runs the same tests compiled on a GPU.
 triton is a test dependency: without it this module fails to import — it is never skipped.
 """
@@ -13,16 +13,11 @@ import os
 import subprocess
 import sys
 
-DEVICE = os.environ.get("NORMLAB_TEST_DEVICE", "cpu")
-if DEVICE == "cpu":
-    os.environ["TRITON_INTERPRET"] = "1"  # before any Triton kernel is defined
+from tests.kernels._triton import DEVICE, backend_module  # first: sets TRITON_INTERPRET before triton loads
 
-import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
-import triton.language as tl  # noqa: E402
-from triton.runtime import interpreter  # noqa: E402
 
 import normlab  # noqa: E402
 from normlab import dispatch  # noqa: E402
@@ -36,39 +31,7 @@ from normlab.ops.rms_norm import (  # noqa: E402
 from tests import helpers  # noqa: E402
 from tests.helpers import assert_close_same_dtype, assert_tolerance_rule, max_err  # noqa: E402
 
-
-def _round_fp32_to_bf16_like_gpus(cast_impl):
-    """Triton's interpreter truncates fp32 → bf16 (``cvt.rn.bf16.f32`` on a GPU rounds to nearest even);
-    round like the hardware so that the interpreter checks the arithmetic the GPU runs."""
-
-    def cast(self, src, dst_type):
-        if src.dtype.scalar == tl.float32 and dst_type.scalar == tl.bfloat16:
-            rounded = torch.from_numpy(np.ascontiguousarray(src.data)).to(torch.bfloat16)
-            return interpreter.TensorHandle(rounded.view(torch.int16).numpy().view(np.uint16), dst_type.scalar)
-        return cast_impl(self, src, dst_type)
-
-    cast.rounds_like_gpus = True
-    return cast
-
-
-if not getattr(interpreter.InterpreterBuilder.cast_impl, "rounds_like_gpus", False):
-    interpreter.InterpreterBuilder.cast_impl = _round_fp32_to_bf16_like_gpus(interpreter.InterpreterBuilder.cast_impl)
-
-
-def _backend_module():
-    """The backend module, its kernels defined for the interpreter on CPU (reloaded if an earlier import
-    in this process defined them for a GPU)."""
-    import normlab.kernels.triton as nt
-
-    if nt.INTERPRETED != (DEVICE == "cpu"):
-        for name in ("_common", "rms_norm", "layer_norm"):
-            importlib.reload(sys.modules[f"normlab.kernels.triton.{name}"])
-        nt = importlib.reload(nt)
-    assert nt.INTERPRETED == (DEVICE == "cpu")
-    return nt
-
-
-nt = _backend_module()
+nt = backend_module()
 from normlab.kernels.triton import _common  # noqa: E402
 
 
@@ -327,6 +290,26 @@ def test_out_argument_through_the_op():
                lambda o=None: normlab.layer_norm(x, 40, w, b, backend="triton", out=o)):
         out = torch.empty_like(x)
         assert fn(out) is out and torch.equal(out, fn())
+
+
+def test_out_buffers_of_the_kernels():
+    """Every forward writes into the buffers it is given (the contract's out= / residual_out=) the values of a
+    fresh call, and a buffer of the wrong dtype is refused before the launch."""
+    x, r, w = rand(4, 24, dtype=torch.bfloat16), rand(4, 24, dtype=torch.bfloat16, seed=1), rand(24, seed=2)
+    out, res = torch.empty_like(x), torch.empty_like(x, dtype=torch.float32)
+    calls = (lambda **o: nt.rms_norm_fwd(x, w, EPS32, "llama", 0.5, 20, **o),
+             lambda **o: nt.add_rms_norm_fwd(x, r, w, EPS32, "none", 0.0, 24, torch.float32, **o),
+             lambda **o: nt.layer_norm_fwd(x, w, w, 1e-5, **o),
+             lambda **o: nt.add_layer_norm_fwd(x, r, w, None, 1e-5, torch.float32, **o))
+    for i, call in enumerate(calls):
+        fused = i % 2 == 1
+        got = call(out=out, residual_out=res) if fused else call(out=out)
+        assert got[0] is out and (not fused or got[1] is res)
+        for a, b in zip(got, call()):
+            assert torch.equal(a, b)
+    wrong = r"residual_out must be a contiguous tensor of shape \[4, 24\], dtype torch.float32"
+    with pytest.raises(ValueError, match=wrong):
+        nt.add_rms_norm_fwd(x, r, w, EPS32, "none", 0.0, 24, torch.float32, residual_out=torch.empty_like(x))
 
 
 # ----------------------------------------------------------------------------------------------

@@ -341,7 +341,7 @@ def test_out_argument():
 
 
 def test_kernel_contract(monkeypatch):
-    """The op side of the kernel contract (written out in ``normlab/kernels/cpu/__init__.py``): a backend
+    """The op side of the kernel contract (``normlab/kernels/contract.py``): a backend
     gets 2-D contiguous tensors and the documented arguments — checked with a stand-in backend built from
     the reference."""
     from normlab import dispatch

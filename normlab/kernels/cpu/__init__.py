@@ -6,19 +6,22 @@ kernels, written with ``at::vec`` and built once per ISA level (AVX2, AVX-512), 
 the CPU (``NORMLAB_CPU_ISA`` names another one the CPU runs). Every build gives the same bits. Rows run on
 torch's intra-op pool (``at::parallel_for``), so ``torch.set_num_threads`` governs them.
 
-Serves CPU tensors of float32, bfloat16 and float16 (weights in the input dtype or fp32); float64 and
-empty inputs go to the reference. Importing this module raises when the extension is missing or cannot
+It provides every entry point of the kernel contract (:mod:`normlab.kernels.contract`): the native operators,
+and the Python kernels as thin wrappers of them. Serves CPU tensors of float32, bfloat16 and float16 (weights
+in the input dtype or fp32); float64 and empty inputs go to the reference. Importing this module raises when the extension is missing or cannot
 load; :mod:`normlab.dispatch` then warns once and the reference serves.
 """
 
 from __future__ import annotations
 
-import torch
-
 import importlib.util
 import os
+import sys
+
+import torch
 
 from normlab import dispatch
+from normlab.kernels import contract
 
 
 def _load_extension() -> None:
@@ -58,91 +61,51 @@ def set_isa(name: str) -> str:
     return _ops.set_cpu_isa(name)
 
 
-def supports(op: str, x: torch.Tensor, *, residual=None, weight=None, bias=None, residual_dtype=None, alpha=None, **_) -> bool:
+def supports(op: str, x: torch.Tensor, **options) -> bool:
     """CPU tensors of fp32/bf16/fp16 with a non-empty last dimension; a fused add's residual in the input's
     dtype or ``residual_dtype``. Never looks at the number of rows."""
     if x.device.type != "cpu" or x.dtype not in DTYPES or x.dim() == 0 or x.shape[-1] == 0:
         return False
-    if any(t is not None and (t.device.type != "cpu" or t.dtype not in DTYPES) for t in (weight, bias, alpha)):
+    tensors = [options.get(name) for name in ("weight", "bias", "alpha")]
+    if any(t is not None and (t.device.type != "cpu" or t.dtype not in DTYPES) for t in tensors):
         return False
+    residual, residual_dtype = options.get("residual"), options.get("residual_dtype")
     if residual is not None:
         if residual_dtype not in DTYPES or residual.device.type != "cpu" or residual.dtype not in (x.dtype, residual_dtype):
             return False
     return True
 
 
-# ---- fake implementations: torch.compile traces the native ops without running them -------------------------
-def _stats(x: torch.Tensor) -> torch.Tensor:
-    return x.new_empty(x.shape[:-1], dtype=torch.float32)
+# ---- fake implementations: torch.compile traces the native ops without running them; the contract's stubs
+# return exactly the outputs' shapes and dtypes
+for _name in contract.native_ops():
+    torch.library.register_fake(f"normlab::{_name}")(contract.stub(_name))
 
 
-def _like(x: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
-    return torch.empty_like(x, dtype=dtype, memory_format=torch.contiguous_format)
+# ---- the Python kernels of the contract (normlab/kernels/contract.py), thin wrappers of the native ops -----------
+def _check_out(name: str, out: torch.Tensor, like: torch.Tensor) -> None:
+    if out.shape != like.shape or out.dtype != like.dtype or not out.is_contiguous() or out.device.type != "cpu":
+        raise ValueError(
+            f"{name} must be a contiguous CPU tensor of shape {list(like.shape)} and dtype {like.dtype}, "
+            f"got {list(out.shape)}, {out.dtype}, contiguous={out.is_contiguous()}, {out.device}"
+        )
 
 
-def _grad_of(p: torch.Tensor | None, wanted: bool, dtype: torch.dtype | None = None) -> torch.Tensor:
-    if p is None or not wanted:
-        return p.new_empty(0, dtype=torch.float32) if p is not None else torch.empty(0)
-    return p.new_empty(p.shape, dtype=dtype or p.dtype)
+def _into(results, outs: dict):
+    """The first results copied into the preallocated ``outs`` (name → tensor or None), checked first."""
+    results = list(results)
+    for i, (name, out) in enumerate(outs.items()):
+        if out is not None:
+            _check_out(name, out, results[i])
+            results[i] = out.copy_(results[i])
+    return tuple(results)
 
 
-@torch.library.register_fake("normlab::rms_norm")
-def _(input, weight, eps, casting, offset, k):
-    return _like(input), _stats(input)
-
-
-@torch.library.register_fake("normlab::rms_norm_backward")
-def _(grad, input, weight, rstd, offset, k, grad_sum, weight_grad):
-    return _like(input), _grad_of(weight, weight_grad)
-
-
-@torch.library.register_fake("normlab::rms_norm_into")
-def _(input, weight, eps, casting, offset, k, out):
-    return _stats(input)
-
-
-@torch.library.register_fake("normlab::add_rms_norm")
-def _(input, residual, weight, eps, casting, offset, k, residual_dtype):
-    return _like(input), _like(input, residual_dtype), _stats(input)
-
-
-@torch.library.register_fake("normlab::layer_norm")
-def _(input, weight, bias, eps):
-    return _like(input), _stats(input), _stats(input)
-
-
-@torch.library.register_fake("normlab::layer_norm_backward")
-def _(grad, input, weight, mean, rstd, grad_sum, weight_grad, bias_grad):
-    return _like(input), _grad_of(weight, weight_grad), input.new_empty(input.shape[-1] if bias_grad else 0, dtype=torch.float32)
-
-
-@torch.library.register_fake("normlab::layer_norm_into")
-def _(input, weight, bias, eps, out):
-    return _stats(input), _stats(input)
-
-
-@torch.library.register_fake("normlab::add_layer_norm")
-def _(input, residual, weight, bias, eps, residual_dtype):
-    return _like(input), _like(input, residual_dtype), _stats(input), _stats(input)
-
-
-@torch.library.register_fake("normlab::dyt")
-def _(input, alpha, weight, bias):
-    return _like(input)
-
-
-@torch.library.register_fake("normlab::dyt_backward")
-def _(grad, input, alpha, weight, weight_grad, bias_grad):
-    db = input.new_empty(input.shape[-1] if bias_grad else 0, dtype=torch.float32)
-    return _like(input), torch.empty_like(alpha), _grad_of(weight, weight_grad), db
-
-
-# ---- the kernel contract of normlab.dispatch, on (rows, n) rows (as the triton backend's) ----------------------
 def rms_norm_fwd(x, weight, eps, casting, offset, k, out=None):
     """``(y, rstd)``: RMSNorm of the ``(rows, n)`` input with the reference's casting rules."""
     if out is None:
         return _ops.rms_norm(x, weight, eps, casting, offset, k)
-    _into([x], {"out": out})  # checks only
+    _check_out("out", out, x)
     return out, _ops.rms_norm_into(x, weight, eps, casting, offset, k, out)
 
 
@@ -150,22 +113,6 @@ def rms_norm_bwd(dy, x, weight, rstd, offset, k, dsum=None):
     """``(dx, dw | None)`` from the saved ``rstd``; ``dsum`` (the fused add's gradient) is added to dx."""
     dx, dw = _ops.rms_norm_backward(dy, x, weight, rstd, offset, k, dsum, weight is not None)
     return dx, dw if weight is not None else None
-
-
-def _into(results, outs: dict):
-    """The first results copied into the preallocated ``outs`` (name → tensor or None), checked first."""
-    results = list(results)
-    for i, (name, out) in enumerate(outs.items()):
-        if out is None:
-            continue
-        got = results[i]
-        if out.shape != got.shape or out.dtype != got.dtype or not out.is_contiguous() or out.device.type != "cpu":
-            raise ValueError(
-                f"{name} must be a contiguous CPU tensor of shape {list(got.shape)} and dtype {got.dtype}, "
-                f"got {list(out.shape)}, {out.dtype}, contiguous={out.is_contiguous()}, {out.device}"
-            )
-        results[i] = out.copy_(got)
-    return tuple(results)
 
 
 def add_rms_norm_fwd(x, residual, weight, eps, casting, offset, k, residual_dtype, out=None, residual_out=None):
@@ -178,6 +125,7 @@ def layer_norm_fwd(x, weight, bias, eps, out=None):
     """``(y, mean, rstd)``: LayerNorm (biased, corrected two-pass variance) of the ``(rows, n)`` input."""
     if out is None:
         return _ops.layer_norm(x, weight, bias, eps)
+    _check_out("out", out, x)
     return (out, *_ops.layer_norm_into(x, weight, bias, eps, out))
 
 
@@ -193,7 +141,6 @@ def add_layer_norm_fwd(x, residual, weight, bias, eps, residual_dtype, out=None,
     return _into(results, {"out": out, "residual_out": residual_out})
 
 
-dispatch.register_kernels("cpu", globals(), supports=supports)
-# the whole ops, autograd included (normlab.dispatch.native)
-for _op in ("rms_norm", "rms_norm_into", "add_rms_norm", "layer_norm", "layer_norm_into", "add_layer_norm", "dyt"):
-    dispatch.register("cpu", _op, getattr(_ops, _op), supports=supports)
+dispatch.register_kernels("cpu", sys.modules[__name__], supports=supports, names=contract.kernels())
+# the native operators, the whole ops with their autograd among them (normlab.dispatch.native)
+dispatch.register_kernels("cpu", _ops, supports=supports, names=contract.native_ops())

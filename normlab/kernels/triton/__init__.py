@@ -11,8 +11,11 @@ import torch
 import triton  # noqa: F401  (ImportError here: the dispatch falls back)
 
 from normlab import dispatch
-from normlab.kernels.triton.layer_norm import add_layer_norm_fwd, layer_norm_bwd, layer_norm_fwd  # noqa: F401  (registered by name)
-from normlab.kernels.triton.rms_norm import add_rms_norm_fwd, rms_norm_bwd, rms_norm_fwd  # noqa: F401  (registered by name)
+from normlab.kernels import contract
+from normlab.kernels.triton import layer_norm, rms_norm
+# the backend's kernels, as attributes of the package
+from normlab.kernels.triton.layer_norm import add_layer_norm_fwd, layer_norm_bwd, layer_norm_fwd  # noqa: F401
+from normlab.kernels.triton.rms_norm import add_rms_norm_fwd, rms_norm_bwd, rms_norm_fwd  # noqa: F401
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 #: Whether the kernels were defined for Triton's CPU interpreter (``TRITON_INTERPRET=1`` at import).
@@ -30,4 +33,5 @@ def supports(op: str, x: torch.Tensor, **options) -> bool:
     return options.get("residual_dtype", x.dtype) in DTYPES
 
 
-dispatch.register_kernels("triton", globals(), supports=supports)
+dispatch.register_kernels("triton", rms_norm, supports=supports, names=contract.kernels("rms_norm"))
+dispatch.register_kernels("triton", layer_norm, supports=supports, names=contract.kernels("layer_norm"))

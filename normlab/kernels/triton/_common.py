@@ -82,6 +82,19 @@ def sum_partials(partials: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return out
 
 
+def output(out: torch.Tensor | None, like: torch.Tensor, dtype: torch.dtype, name: str = "out") -> torch.Tensor:
+    """The given buffer ``out`` for an output of ``like``'s shape in ``dtype`` (checked: a kernel writes
+    dense rows into it), or a fresh one."""
+    if out is None:
+        return torch.empty_like(like, dtype=dtype)
+    if out.shape != like.shape or out.dtype != dtype or not out.is_contiguous() or out.device != like.device:
+        raise ValueError(
+            f"{name} must be a contiguous tensor of shape {list(like.shape)}, dtype {dtype} on {like.device}, "
+            f"got {list(out.shape)}, {out.dtype}, contiguous={out.is_contiguous()}, {out.device}"
+        )
+    return out
+
+
 def contiguous(t: torch.Tensor | None) -> torch.Tensor | None:
     """Gradients handed over by autograd may be expanded or strided; kernels read dense rows."""
     return None if t is None else t.contiguous()

@@ -24,6 +24,7 @@ from normlab.kernels.triton._common import (
     contiguous,
     flush_partial,
     num_warps,
+    output,
     row_split,
     sum_partials,
 )
@@ -143,13 +144,14 @@ def _launch_fwd(x, residual, weight, bias, eps, y, s):
 
 def layer_norm_fwd(x, weight, bias, eps, out=None):
     """``(y, mean, rstd)`` of a contiguous ``(rows, n)`` input; ``y`` written into ``out`` when given."""
-    y = torch.empty_like(x) if out is None else out
+    y = output(out, x, x.dtype)
     return (y, *_launch_fwd(x, None, weight, bias, eps, y, None))
 
 
-def add_layer_norm_fwd(x, residual, weight, bias, eps, residual_dtype):
-    """``(y, s, mean, rstd)``: ``s = x + residual`` in ``residual_dtype``, ``y = layer_norm(s)`` in x's dtype."""
-    y, s = torch.empty_like(x), torch.empty_like(x, dtype=residual_dtype)
+def add_layer_norm_fwd(x, residual, weight, bias, eps, residual_dtype, out=None, residual_out=None):
+    """``(y, s, mean, rstd)``: ``s = x + residual`` in ``residual_dtype``, ``y = layer_norm(s)`` in x's dtype;
+    written into ``out`` and ``residual_out`` when given."""
+    y, s = output(out, x, x.dtype), output(residual_out, x, residual_dtype, "residual_out")
     return (y, s, *_launch_fwd(x, residual, weight, bias, eps, y, s))
 
 

@@ -21,6 +21,7 @@ from normlab.kernels.triton._common import (
     contiguous,
     flush_partial,
     num_warps,
+    output,
     row_split,
     sum_partials,
 )
@@ -143,13 +144,14 @@ def _launch_fwd(x, residual, weight, eps, casting, offset, k, y, s):
 
 def rms_norm_fwd(x, weight, eps, casting, offset, k, out=None):
     """``(y, rstd)`` of a contiguous ``(rows, n)`` input; ``y`` written into ``out`` when given."""
-    y = torch.empty_like(x) if out is None else out
+    y = output(out, x, x.dtype)
     return y, _launch_fwd(x, None, weight, eps, casting, offset, k, y, None)
 
 
-def add_rms_norm_fwd(x, residual, weight, eps, casting, offset, k, residual_dtype):
-    """``(y, s, rstd)``: ``s = x + residual`` stored in ``residual_dtype``, ``y = rms_norm(s)`` in x's dtype."""
-    y, s = torch.empty_like(x), torch.empty_like(x, dtype=residual_dtype)
+def add_rms_norm_fwd(x, residual, weight, eps, casting, offset, k, residual_dtype, out=None, residual_out=None):
+    """``(y, s, rstd)``: ``s = x + residual`` stored in ``residual_dtype``, ``y = rms_norm(s)`` in x's dtype;
+    written into ``out`` and ``residual_out`` when given."""
+    y, s = output(out, x, x.dtype), output(residual_out, x, residual_dtype, "residual_out")
     return y, s, _launch_fwd(x, residual, weight, eps, casting, offset, k, y, s)
 
 
