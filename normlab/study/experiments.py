@@ -296,7 +296,8 @@ def _cost(c: float) -> str:
     return "a divergence" if math.isinf(c) else f"{c:+.3f} nats of val loss"
 
 
-def exp3_warmup(cfg: StudyConfig, corpus: Corpus, out_dir: Path, info: DistInfo, progress: bool) -> Experiment | None:
+def exp3_warmup(cfg: StudyConfig, corpus: Corpus, out_dir: Path, info: DistInfo, progress: bool,
+                callbacks: tuple = ()) -> Experiment | None:
     runs: dict[tuple[str, bool], RunResult] = {}
     for placement in ("post", "pre"):
         for warm in (True, False):
@@ -305,7 +306,7 @@ def exp3_warmup(cfg: StudyConfig, corpus: Corpus, out_dir: Path, info: DistInfo,
                             eval_interval=max(1, cfg.warmup_steps // 3))
             name = f"{placement}-LN-{'warmup' if warm else 'nowarmup'}"
             runs[(placement, warm)] = train_run(name, out_dir / "warmup" / name, rc, corpus, info, progress=progress,
-                                                record_activations=False)
+                                                record_activations=False, callbacks=callbacks)
     if not info.is_main:  # the other ranks train with rank 0, which alone writes the plot and the verdict
         return None
     rows = []
