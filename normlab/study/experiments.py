@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import copy
 import math
-import statistics
-import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -31,6 +29,7 @@ from normlab.analysis import (
     measure_invariances,
     random_baseline,
 )
+from normlab.bench.timing import median_time
 from normlab.study.config import RunConfig, StudyConfig, parse_variant
 from normlab.study.data import Corpus
 from normlab.study.distributed import DistInfo
@@ -65,26 +64,6 @@ def run_config(cfg: StudyConfig, corpus: Corpus, variant: str, **overrides) -> R
         data_digest=corpus.digest,
     )
     return replace(rc, **overrides)
-
-
-def _median_time(fn, repeats: int = 7, min_s: float = 0.02) -> float:
-    """Median seconds per call of ``fn`` over ``repeats`` samples of ≥ ``min_s`` each."""
-    fn()
-    n = 1
-    while True:
-        t0 = time.perf_counter()
-        for _ in range(n):
-            fn()
-        if time.perf_counter() - t0 >= min_s or n >= 1024:
-            break
-        n *= 2
-    samples = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        for _ in range(n):
-            fn()
-        samples.append((time.perf_counter() - t0) / n)
-    return statistics.median(samples)
 
 
 def _backend_name() -> str:
@@ -122,7 +101,7 @@ def exp1_loss_and_speed(results: dict[str, RunResult], cfg: StudyConfig, out_dir
             steps[name] = step
     for _ in range(3):  # interleaved rounds share the machine's noise; keep each layer's best median
         for name, step in steps.items():
-            micro[name] = min(micro.get(name, float("inf")), _median_time(step))
+            micro[name] = min(micro.get(name, float("inf")), median_time(step, samples=7, min_time=0.02))
     fig, (ax_loss, ax_time) = new_figure(2)
     for name, r in results.items():
         s, v = r.val_curve()
@@ -521,7 +500,7 @@ def exp6_conversion(results: dict[str, RunResult], cfg: StudyConfig, corpus: Cor
     for label, fn in (("forward", fwd), ("forward+backward", fwd_bwd)):
         for _ in range(3):  # interleave to share the machine's noise
             for mname, m in (("Pre-LN", ln), ("Pre-RMSNorm (converted)", rms)):
-                t.setdefault((label, mname), []).append(_median_time(lambda m=m: fn(m), repeats=7))
+                t.setdefault((label, mname), []).append(median_time(lambda m=m: fn(m), samples=7, min_time=0.02))
     rows = [["max |logit diff| fp32", d32], ["max |logit diff| fp64", d64], ["max |logit| (scale)", scale]]
     speed = {}
     for label in ("forward", "forward+backward"):
