@@ -194,7 +194,8 @@ def bytes_moved(op: str, mode: str, inputs: Inputs) -> int:
 
 def upstream_grads(rows: int, n: int, dtype: torch.dtype, device: str) -> list[torch.Tensor]:
     """Fixed random gradients of the (at most two) outputs, for ``fwd+bwd``."""
-    return [torch.randn(rows, n, generator=torch.Generator().manual_seed(i)).to(dtype=dtype, device=device) for i in (1, 2)]
+    return [torch.randn(rows, n, generator=torch.Generator().manual_seed(i)).to(dtype=dtype, device=device)
+            for i in (1, 2)]
 
 
 def runner(impl: Callable, inputs: Inputs, mode: str, grads: list[torch.Tensor]) -> Callable[[], object]:

@@ -118,7 +118,8 @@ def run_case(op, rows, n, dtype, mode, device, impls, samples, min_time) -> list
     copy_out = torch.empty_like(plain.x)
     fns = {name: cases.runner(fn, inputs, mode, grads) for name, fn in impls.items()}
     with torch.no_grad() if mode == "fwd" else contextlib.nullcontext():
-        timed = interleaved_medians({COPY: lambda: copy_out.copy_(plain.x), **fns}, device_sync(device), samples, min_time)
+        timed = interleaved_medians({COPY: lambda: copy_out.copy_(plain.x), **fns}, device_sync(device), samples,
+                                    min_time)
     t_copy = timed.pop(COPY)
     copy_gbs = 2 * plain.x.numel() * plain.x.element_size() / t_copy / 1e9
     results = []

@@ -145,14 +145,15 @@ def render_loss_and_speed(results: dict[str, RunResult], cfg: StudyConfig, out_d
         micro, shape, isolated = data["micro_s"], data["shape"], data["isolated_saving"]
         word = verdict.word
         measured = (f"Pre-RMSNorm val loss {fmt(rms['final_val_loss'])} vs Pre-LN {fmt(ln['final_val_loss'])} "
-                    f"(Δ {data['val_loss_delta']:+.3f}); time saved by RMSNorm in the norm layers {isolated:+.1f}% in isolation, "
-                    f"{data['in_train_saving']:+.1f}% in training; whole training step {data['step_saving']:+.1f}%")
+                    f"(Δ {data['val_loss_delta']:+.3f}); time saved by RMSNorm in the norm layers {isolated:+.1f}% "
+                    f"in isolation, {data['in_train_saving']:+.1f}% in training; whole training step "
+                    f"{data['step_saving']:+.1f}%")
         extra.append(("Isolated forward+backward of one norm layer at the model's activation shape "
                       f"{shape[0]}×{shape[1]} (best of three interleaved medians of 7):", ["layer", "µs", "RMSNorm saving"],
                       [["LayerNorm (layernorm-pre)", 1e6 * micro["layernorm-pre"], ""],
                        ["RMSNorm (rmsnorm-pre)", 1e6 * micro["rmsnorm-pre"], f"{isolated:+.1f}%"]]))
-        notes.append(f"Quality counts as comparable when the final validation losses differ by ≤ {COMPARABLE_NATS:g} nats/char; "
-                     f"faster means ≥ {FASTER_BY:g}% less forward+backward time of the norm layer in the isolated measurement (best of "
+        notes.append("Quality counts as comparable when the final validation losses differ by "
+                     f"≤ {COMPARABLE_NATS:g} nats/char; faster means ≥ {FASTER_BY:g}% less forward+backward time of the norm layer in the isolated measurement (best of "
                      "three interleaved medians of 7). The in-training norm time is reported too, but the variants "
                      "train one after another, so on a shared machine it also measures the load of the moment.")
     for name, r in results.items():
@@ -171,7 +172,9 @@ def render_loss_and_speed(results: dict[str, RunResult], cfg: StudyConfig, out_d
 
 def exp1_loss_and_speed(results: dict[str, RunResult], cfg: StudyConfig, out_dir: Path) -> Experiment:
     data = measure_loss_and_speed(results, cfg)
-    verdict = verdicts.loss_and_speed(data["val_loss_delta"], data["isolated_saving"]) if "val_loss_delta" in data else None
+    verdict = None
+    if "val_loss_delta" in data:
+        verdict = verdicts.loss_and_speed(data["val_loss_delta"], data["isolated_saving"])
     return render_loss_and_speed(results, cfg, out_dir, data, verdict)
 
 
@@ -230,7 +233,8 @@ def measure_grad_at_init(cfg: StudyConfig, corpus: Corpus) -> dict[tuple[str, in
 
 def grad_ratios(curves: dict[tuple[str, int, str], list[float]], depths: list[int]) -> dict[tuple[int, str], float]:
     """Last/first-layer ratio per ``(depth, placement)`` under the paper's init."""
-    return {(d, p): curves[(PAPER_INIT, d, p)][-1] / curves[(PAPER_INIT, d, p)][0] for d in depths for p in ("post", "pre")}
+    return {(d, p): curves[(PAPER_INIT, d, p)][-1] / curves[(PAPER_INIT, d, p)][0]
+            for d in depths for p in ("post", "pre")}
 
 
 def render_grad_at_init(cfg: StudyConfig, out_dir: Path, curves: dict[tuple[str, int, str], list[float]],
@@ -265,18 +269,21 @@ def render_grad_at_init(cfg: StudyConfig, out_dir: Path, curves: dict[tuple[str,
     notes = [f"Mean over {cfg.grad_batches} training batches of one forward/backward of the freshly initialised "
              "LayerNorm model (same seed); per layer the gradient norm of the MLP's output matrix W^{2,l}. Both inits "
              "keep the library's extra 1/√(2·layers) scale on the residual output projections.",
-             f"Holds when, at every depth, Post-LN's last/first ratio is > {GROWS_ABOVE:g} and Pre-LN's ≤ {GROWS_ABOVE:g} "
+             f"Holds when, at every depth, Post-LN's last/first ratio is > {GROWS_ABOVE:g} and Pre-LN's "
+             f"≤ {GROWS_ABOVE:g} "
              "(paper's init); partly when only Pre-LN's part or only the ordering Post > Pre holds."]
     return Experiment(2, "Gradient norm per layer at initialization", claim, measured, verdict.word,
                       ["init", "layers", "placement", "‖∇‖ layer 1", "‖∇‖ middle", "‖∇‖ last", "last / first"], rows, plot, notes,
                       data={f"{i}|{d}|{p}": g for (i, d, p), g in curves.items()})
 
 
-def exp2_grad_at_init(cfg: StudyConfig, corpus: Corpus, out_dir: Path, results: dict[str, RunResult] | None = None) -> Experiment:
+def exp2_grad_at_init(cfg: StudyConfig, corpus: Corpus, out_dir: Path,
+                      results: dict[str, RunResult] | None = None) -> Experiment:
     """‖∂L/∂W^{2,l}‖ at initialization, Post-LN vs Pre-LN at two depths, under the paper's Xavier-style init
     (std 1/√d) and the library's default."""
     curves = measure_grad_at_init(cfg, corpus)
-    return render_grad_at_init(cfg, out_dir, curves, verdicts.grad_at_init(grad_ratios(curves, cfg.grad_depths)), results)
+    verdict = verdicts.grad_at_init(grad_ratios(curves, cfg.grad_depths))
+    return render_grad_at_init(cfg, out_dir, curves, verdict, results)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -403,7 +410,8 @@ def measure_geometry(results: dict[str, RunResult], cfg: StudyConfig, corpus: Co
 
 def render_geometry(results: dict[str, RunResult], cfg: StudyConfig, out_dir: Path, data: dict,
                     verdict: Verdict | None) -> Experiment:
-    rows, per_layer, irrev_rows, ln_ratios, base = (data[k] for k in ("rows", "per_layer", "irrev_rows", "ln_ratios", "baseline"))
+    rows, per_layer, irrev_rows = data["rows"], data["per_layer"], data["irrev_rows"]
+    ln_ratios, base = data["ln_ratios"], data["baseline"]
     fig, (ax, ax_t) = new_figure(2, 6, 4)
     for name, after in per_layer.items():
         ax.plot(range(len(after)), list(after.values()), marker="o", label=name)
@@ -588,8 +596,8 @@ def render_conversion(cfg: StudyConfig, out_dir: Path, data: dict, verdict: Verd
              "The converted model is what normlab.models.convert.pre_ln_to_pre_rmsnorm builds: RMSNorm plus the "
              "LayerNorm's bias (RMSNorm(x)·w + b), an untied output head (the embedding is re-centred, the head is not), "
              f"norms on the {_backend_name()} backend; the time saved is the norm layers' saving minus those extras."]
-    return Experiment(6, "Pre-LN → Pre-RMSNorm conversion", CONVERSION_CLAIM, measured, verdict.word, ["quantity", "value"],
-                      rows, plot, notes, data={"d32": d32, "d64": d64, "speed": speed})
+    return Experiment(6, "Pre-LN → Pre-RMSNorm conversion", CONVERSION_CLAIM, measured, verdict.word,
+                      ["quantity", "value"], rows, plot, notes, data={"d32": d32, "d64": d64, "speed": speed})
 
 
 def exp6_conversion(results: dict[str, RunResult], cfg: StudyConfig, corpus: Corpus, out_dir: Path) -> Experiment:

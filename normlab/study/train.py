@@ -141,19 +141,6 @@ class _Interrupt:
             signal.signal(signal.SIGINT, self._old)
 
 
-def _save_checkpoint(run_dir: Path, model, opt, step: int, extra: dict) -> None:
-    state = {
-        "step": step,
-        "model": model.state_dict(),
-        "optimizer": opt.state_dict(),
-        "rng": {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()},
-        **extra,
-    }
-    tmp = run_dir / (CHECKPOINT + ".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, run_dir / CHECKPOINT)
-
-
 def _summarize(records: list[dict], rc: RunConfig, tokens_per_step: int, elapsed: float) -> dict:
     train = [r for r in records if r["kind"] == "train"]
     evals = [r for r in records if r["kind"] == "eval"]
@@ -248,7 +235,8 @@ class _Metrics:
             self._file.close()
 
 
-def _resume(run_dir: Path, name: str, model: nn.Module, opt: torch.optim.Optimizer, info: DistInfo) -> tuple[int, float, list[dict]]:
+def _resume(run_dir: Path, name: str, model: nn.Module, opt: torch.optim.Optimizer,
+            info: DistInfo) -> tuple[int, float, list[dict]]:
     """Load the checkpoint into ``model`` and ``opt`` and restore the RNG states: ``(steps done, elapsed
     seconds, metric records up to the checkpoint)``; ``(0, 0.0, [])`` without a checkpoint."""
     ckpt_path = run_dir / CHECKPOINT
@@ -328,8 +316,19 @@ def _evaluate(step: int, model: nn.Module, corpus: Corpus, rc: RunConfig, info: 
 
 
 def _checkpoint(run_dir: Path, model: nn.Module, opt: torch.optim.Optimizer, done: int, elapsed: float) -> None:
-    """Save the state after ``done`` steps (with the thread count, which a resume compares)."""
-    _save_checkpoint(run_dir, model, opt, done, {"elapsed": elapsed, "threads": torch.get_num_threads()})
+    """Save the state after ``done`` steps atomically (a temp file, then renamed), with the RNG states and
+    the thread count, which a resume compares."""
+    state = {
+        "step": done,
+        "model": model.state_dict(),
+        "optimizer": opt.state_dict(),
+        "rng": {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()},
+        "elapsed": elapsed,
+        "threads": torch.get_num_threads(),
+    }
+    tmp = run_dir / (CHECKPOINT + ".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, run_dir / CHECKPOINT)
 
 
 def train_run(

@@ -30,9 +30,13 @@ class Verdict(NamedTuple):
     reason: str
 
 
+def _yes(b: bool) -> str:
+    return "yes" if b else "no"
+
+
 def _both(a: bool, b: bool, what_a: str, what_b: str) -> Verdict:
     """holds when both parts hold, partly when one does."""
-    parts = f"{what_a}: {'yes' if a else 'no'}; {what_b}: {'yes' if b else 'no'}"
+    parts = f"{what_a}: {_yes(a)}; {what_b}: {_yes(b)}"
     return Verdict(HOLDS if a and b else PARTLY if a or b else NOT_HERE, parts)
 
 
@@ -51,8 +55,8 @@ def grad_at_init(ratios: dict[tuple[int, str], float]) -> Verdict:
     post_grows = all(ratios[(d, "post")] > GROWS_ABOVE for d in depths)
     pre_flat = all(ratios[(d, "pre")] <= GROWS_ABOVE for d in depths)
     post_above = all(ratios[(d, "post")] > ratios[(d, "pre")] for d in depths)
-    reason = (f"Post-LN grows (> {GROWS_ABOVE:g}): {'yes' if post_grows else 'no'}; Pre-LN flat: {'yes' if pre_flat else 'no'}; "
-              f"Post-LN above Pre-LN: {'yes' if post_above else 'no'}")
+    reason = (f"Post-LN grows (> {GROWS_ABOVE:g}): {_yes(post_grows)}; Pre-LN flat: {_yes(pre_flat)}; "
+              f"Post-LN above Pre-LN: {_yes(post_above)}")
     return Verdict(HOLDS if post_grows and pre_flat else PARTLY if pre_flat or post_above else NOT_HERE, reason)
 
 
