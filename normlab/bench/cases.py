@@ -79,27 +79,27 @@ def dyt_formula(x, alpha, w, b):
 ONE_ROUNDING = "normlab, one rounding"
 
 
-def _impls_rms(n):
+def _impls_rms(n, backend):
     return {
-        "normlab": lambda i: (normlab.rms_norm(i.x, n, i.weight, EPS),),
-        ONE_ROUNDING: lambda i: (normlab.rms_norm(i.x, n, i.weight, EPS, casting="gemma"),),
+        "normlab": lambda i: (normlab.rms_norm(i.x, n, i.weight, EPS, backend=backend),),
+        ONE_ROUNDING: lambda i: (normlab.rms_norm(i.x, n, i.weight, EPS, casting="gemma", backend=backend),),
         "torch": lambda i: (F.rms_norm(i.x, (n,), i.weight, EPS),),
         "reference": lambda i: (llama_rms_norm(i.x, i.weight),),
     }
 
 
-def _impls_ln(n):
+def _impls_ln(n, backend):
     return {
-        "normlab": lambda i: (normlab.layer_norm(i.x, (n,), i.weight, i.bias, EPS),),
+        "normlab": lambda i: (normlab.layer_norm(i.x, (n,), i.weight, i.bias, EPS, backend=backend),),
         "torch": lambda i: (F.layer_norm(i.x, (n,), i.weight, i.bias, EPS),),
         "reference": lambda i: (textbook_layer_norm(i.x, i.weight, i.bias),),
     }
 
 
-def _impls_add_rms(n):
+def _impls_add_rms(n, backend):
     def unfused(i):
         s = i.x + i.residual
-        return normlab.rms_norm(s, n, i.weight, EPS), s
+        return normlab.rms_norm(s, n, i.weight, EPS, backend=backend), s
 
     def torch_eager(i):
         s = i.x + i.residual
@@ -110,17 +110,17 @@ def _impls_add_rms(n):
         return llama_rms_norm(s, i.weight), s
 
     return {
-        "normlab": lambda i: normlab.add_rms_norm(i.x, i.residual, n, i.weight, EPS),
+        "normlab": lambda i: normlab.add_rms_norm(i.x, i.residual, n, i.weight, EPS, backend=backend),
         "normlab add, then norm": unfused,
         "torch": torch_eager,
         "reference": reference,
     }
 
 
-def _impls_add_ln(n):
+def _impls_add_ln(n, backend):
     def unfused(i):
         s = i.x + i.residual
-        return normlab.layer_norm(s, (n,), i.weight, i.bias, EPS), s
+        return normlab.layer_norm(s, (n,), i.weight, i.bias, EPS, backend=backend), s
 
     def torch_eager(i):
         s = i.x + i.residual
@@ -131,17 +131,17 @@ def _impls_add_ln(n):
         return textbook_layer_norm(s, i.weight, i.bias), s
 
     return {
-        "normlab": lambda i: normlab.add_layer_norm(i.x, i.residual, (n,), i.weight, i.bias, EPS),
+        "normlab": lambda i: normlab.add_layer_norm(i.x, i.residual, (n,), i.weight, i.bias, EPS, backend=backend),
         "normlab add, then norm": unfused,
         "torch": torch_eager,
         "reference": reference,
     }
 
 
-def _impls_dyt(n):
+def _impls_dyt(n, backend):
     # torch has no DyT op: its eager baseline is the formula itself, which is also what torch.compile gets
     return {
-        "normlab": lambda i: (normlab.dyt(i.x, i.alpha, i.weight, i.bias),),
+        "normlab": lambda i: (normlab.dyt(i.x, i.alpha, i.weight, i.bias, backend=backend),),
         "torch": lambda i: (dyt_formula(i.x, i.alpha, i.weight, i.bias),),
     }
 
@@ -157,14 +157,19 @@ EXTRA_IMPLS: dict[str, dict[str, Callable]] = {op: {} for op in OPS}
 SECONDARY = ("reference", "normlab add, then norm")
 
 
-def implementations(op: str, n: int, device: str, compile_reference: bool, secondary: bool = True) -> dict[str, Callable]:
+def implementations(op: str, n: int, device: str, compile_reference: bool, secondary: bool = True,
+                    backend: str | None = None) -> dict[str, Callable]:
     """Name → forward function for ``op`` on rows of size ``n``; ``"compiled reference"`` is
     ``torch.compile`` of the reference formula, specialised to each shape and dtype (the strongest
     baseline torch offers: one compilation per shape, dtype and grad mode). DyT has no separate
     reference: its ``"torch"`` entry is the formula, and that is what is compiled. ``secondary=False``
-    drops the :data:`SECONDARY` entries."""
-    impls = _BUILDERS[op](n)
+    drops the :data:`SECONDARY` entries; ``backend`` is passed to normlab's calls (None: the dispatch's choice)."""
+    impls = _BUILDERS[op](n, backend)
     if compile_reference:
+        # every (op, shape, dtype, grad mode) compiles its own graph of the same reference function: lift
+        # dynamo's per-function recompilation limit, or it would silently fall back to eager
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 1024)
+        torch._dynamo.config.accumulated_recompile_limit = max(torch._dynamo.config.accumulated_recompile_limit, 8192)
         impls["compiled reference"] = torch.compile(impls.get("reference", impls["torch"]), dynamic=False)
     if not secondary:
         impls = {name: fn for name, fn in impls.items() if name not in SECONDARY}
@@ -185,3 +190,23 @@ def bytes_moved(op: str, mode: str, inputs: Inputs) -> int:
     if mode == "fwd":
         return (4 if op in FUSED else 2) * big + params
     return (8 if op in FUSED else 5) * big + 3 * params
+
+
+def upstream_grads(rows: int, n: int, dtype: torch.dtype, device: str) -> list[torch.Tensor]:
+    """Fixed random gradients of the (at most two) outputs, for ``fwd+bwd``."""
+    return [torch.randn(rows, n, generator=torch.Generator().manual_seed(i)).to(dtype=dtype, device=device)
+            for i in (1, 2)]
+
+
+def runner(impl: Callable, inputs: Inputs, mode: str, grads: list[torch.Tensor]) -> Callable[[], object]:
+    """The call that is timed: the forward (``fwd``), or the forward then ``torch.autograd.grad`` of every
+    output with respect to every input (``fwd+bwd``, ``inputs`` requiring grad)."""
+    if mode == "fwd":  # run under no_grad by the caller: a context per call would be timed with a µs op
+        return lambda: impl(inputs)
+    wrt = inputs.tensors()
+
+    def fwd_bwd():
+        outs = impl(inputs)
+        return torch.autograd.grad(outs, wrt, grads[: len(outs)])
+
+    return fwd_bwd

@@ -1,58 +1,32 @@
 """``normlab bench --device cuda``: normlab's Triton kernels against torch eager, ``torch.compile`` of the
 reference formula and Liger-Kernel (when importable), as % of the same-run device ``copy_`` bandwidth.
 
-Timing (DESIGN §5, GPU flavour): CUDA events around back-to-back calls that fill at least ``--min-time``
-per sample, the median of ``--samples`` samples, after a warm-up call (which compiles). Bytes counted:
-fwd = read x + write y (+ params); fused add + norm = 4N; fwd+bwd = 5N (fused 8N) + 3 × params —
-the same accounting as the CPU bench. The ``copy_`` of the same tensor, timed in the same run, is the
-bandwidth ceiling (2N bytes). fwd+bwd is the forward followed by ``torch.autograd.grad`` of every
-input; peak memory is ``torch.cuda.max_memory_allocated`` above the inputs during one such call.
+Inputs, byte counts, the timed calls and the timer are the CPU bench's (:mod:`normlab.bench.cases`,
+:mod:`normlab.bench.timing`, the clock read after ``torch.cuda.synchronize``): medians of ``--samples``
+samples of ≥ ``--min-time`` each, every implementation and the same-run ``copy_`` of the input (the
+bandwidth ceiling, 2N bytes) sampled round-robin. Peak memory is ``torch.cuda.max_memory_allocated``
+above the inputs during one fwd+bwd call.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
-import math
-import statistics
 import time
 from collections.abc import Callable
 from importlib import metadata
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 import normlab
-from normlab.bench import MODES, QUICK_SHAPES, STANDARD_SHAPES, BenchArgumentError
-from normlab.bench.cases import FUSED, llama_rms_norm, textbook_layer_norm
+from normlab.bench import MODES, QUICK_SHAPES, STANDARD_SHAPES, BenchArgumentError, cases
+from normlab.bench.cases import EPS
 from normlab.bench.cases import NORM_OPS as OPS  # DyT has no Triton comparison here
+from normlab.bench.run import peak_bytes
+from normlab.bench.timing import device_sync, interleaved_medians
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-EPS = 1e-6
-
-
-# ---- timing ---------------------------------------------------------------------------------------
-def cuda_time(fn: Callable[[], object], samples: int, min_time: float) -> float:
-    """Median seconds per call: each sample times ``calls`` back-to-back calls with CUDA events, ``calls``
-    chosen so that a sample lasts at least ``min_time``."""
-    fn()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-
-    def timed(calls: int) -> float:
-        start.record()
-        for _ in range(calls):
-            fn()
-        end.record()
-        end.synchronize()
-        return start.elapsed_time(end) / 1e3
-
-    calls, elapsed = 1, timed(1)
-    while elapsed < min_time / 8:
-        calls *= 4
-        elapsed = timed(calls)
-    calls = max(1, math.ceil(calls * min_time / elapsed))
-    return statistics.median(timed(calls) / calls for _ in range(samples))
 
 
 # ---- what is compared -------------------------------------------------------------------------------
@@ -65,16 +39,6 @@ def _liger():
     except Exception:  # not installed, or incompatible with this torch/triton
         return None
     return LigerRMSNormFunction, LigerLayerNormFunction, LigerFusedAddRMSNormFunction
-
-
-def _add_then(norm):
-    """The unfused residual add + norm a model writes: ``s = x + r``, then ``(norm(s), s)``."""
-
-    def fused(x, r, w, b):
-        s = x + r
-        return norm(s, w, b), s
-
-    return fused
 
 
 def liger_extra_impls() -> dict[str, dict[str, Callable]]:
@@ -96,107 +60,49 @@ def liger_extra_impls() -> dict[str, dict[str, Callable]]:
     }
 
 
-def implementations(op: str, n: int, compile_reference: bool) -> dict[str, Callable]:
-    """Name → function of ``(x, residual, weight, bias)`` returning the op's outputs (a tuple)."""
-    if op == "rms_norm":
-        impls = {
-            "normlab (triton)": lambda x, r, w, b: (normlab.rms_norm(x, n, w, EPS, backend="triton"),),
-            "torch": lambda x, r, w, b: (F.rms_norm(x, (n,), w, EPS),),
-            "reference": lambda x, r, w, b: (llama_rms_norm(x, w),),
-        }
-    elif op == "layer_norm":
-        impls = {
-            "normlab (triton)": lambda x, r, w, b: (normlab.layer_norm(x, n, w, b, EPS, backend="triton"),),
-            "torch": lambda x, r, w, b: (F.layer_norm(x, (n,), w, b, EPS),),
-            "reference": lambda x, r, w, b: (textbook_layer_norm(x, w, b),),
-        }
-    elif op == "add_rms_norm":
-        impls = {
-            "normlab (triton)": lambda x, r, w, b: normlab.add_rms_norm(x, r, n, w, EPS, backend="triton"),
-            "torch": _add_then(lambda s, w, b: F.rms_norm(s, (n,), w, EPS)),
-            "reference": _add_then(lambda s, w, b: llama_rms_norm(s, w)),
-        }
-    else:
-        impls = {
-            "normlab (triton)": lambda x, r, w, b: normlab.add_layer_norm(x, r, n, w, b, EPS, backend="triton"),
-            "torch": _add_then(lambda s, w, b: F.layer_norm(s, (n,), w, b, EPS)),
-            "reference": _add_then(textbook_layer_norm),
-        }
-    if compile_reference:
-        impls["compiled reference"] = torch.compile(impls["reference"], dynamic=True)
-    liger = _liger()
-    if liger is not None:
-        rms, ln, add_rms = liger
-        if op == "rms_norm":
-            impls["liger"] = lambda x, r, w, b: (rms.apply(x, w, EPS, 0.0, "llama", False),)
-        elif op == "layer_norm":
-            impls["liger"] = lambda x, r, w, b: (ln.apply(x, w, b, EPS),)
-        elif op == "add_rms_norm":
-            impls["liger"] = lambda x, r, w, b: tuple(add_rms.apply(x, r, w, EPS, 0.0, "llama", False))
-    return impls
+#: The entries of :func:`normlab.bench.cases.implementations` compared here, under their names in this report.
+#: The eager reference formula is built only to be compiled: torch's own op is the eager bar.
+COMPARED = {"normlab": "normlab (triton)", "torch": "torch", "compiled reference": "compiled reference"}
+COPY = "copy_"  # the same-run bandwidth ceiling, sampled among the implementations
 
 
-def bytes_moved(op: str, mode: str, x: torch.Tensor, params: list[torch.Tensor]) -> int:
-    big = x.numel() * x.element_size()
-    p = sum(t.numel() * t.element_size() for t in params)
-    if mode == "fwd":
-        return (4 if op in FUSED else 2) * big + p
-    return (8 if op in FUSED else 5) * big + 3 * p
+def implementations(op: str, n: int, compile_reference: bool, device: str = "cuda") -> dict[str, Callable]:
+    """Name → forward function of the op's :class:`~normlab.bench.cases.Inputs`: the CPU bench's cases
+    with normlab on its Triton backend, and Liger-Kernel when it is importable."""
+    impls = cases.implementations(op, n, device, compile_reference, secondary=False, backend="triton")
+    out = {COMPARED[name]: fn for name, fn in impls.items() if name in COMPARED}
+    for name, build in liger_extra_impls().get(op, {}).items():
+        fn = build(n, device)
+        if fn is not None:
+            out[name] = fn
+    return out
 
 
 # ---- one case ---------------------------------------------------------------------------------------
-def _inputs(op, rows, n, dtype, device):
-    g = torch.Generator(device="cpu").manual_seed(0)
-
-    def randn(*shape, scale=1.0, shift=0.0):
-        return (torch.randn(*shape, generator=g) * scale + shift).to(dtype=dtype, device=device)
-
-    x = randn(rows, n)
-    r = randn(rows, n) if op in FUSED else None
-    w = randn(n, scale=0.1, shift=1.0)
-    b = randn(n, scale=0.1) if op in ("layer_norm", "add_layer_norm") else None
-    return x, r, w, b
-
-
 def run_case(op, rows, n, dtype, mode, device, impls, samples, min_time) -> list[dict]:
-    x, r, w, b = _inputs(op, rows, n, dtype, device)
-    copy_out = torch.empty_like(x)
-    t_copy = cuda_time(lambda: copy_out.copy_(x), samples, min_time)
-    copy_gbs = 2 * x.numel() * x.element_size() / t_copy / 1e9
-    leaves = [t for t in (x, r, w, b) if t is not None]
-    nbytes = bytes_moved(op, mode, x, [t for t in (w, b) if t is not None])
+    """Every implementation of one (op, shape, dtype, mode) and the ``copy_`` of its input, sampled
+    round-robin by the shared timer; one result per implementation (an ``error`` where it failed)."""
+    plain = cases.make_inputs(op, rows, n, dtype, device, requires_grad=False)
+    inputs = plain if mode == "fwd" else cases.make_inputs(op, rows, n, dtype, device, requires_grad=True)
+    grads = cases.upstream_grads(rows, n, dtype, device)
+    nbytes = cases.bytes_moved(op, mode, inputs)
+    copy_out = torch.empty_like(plain.x)
+    fns = {name: cases.runner(fn, inputs, mode, grads) for name, fn in impls.items()}
+    with torch.no_grad() if mode == "fwd" else contextlib.nullcontext():
+        timed = interleaved_medians({COPY: lambda: copy_out.copy_(plain.x), **fns}, device_sync(device), samples,
+                                    min_time)
+    t_copy = timed.pop(COPY)
+    copy_gbs = 2 * plain.x.numel() * plain.x.element_size() / t_copy / 1e9
     results = []
-    for name, fn in impls.items():
-        if name == "reference":
-            continue  # the eager reference is what torch.compile compiles; torch's own op is the eager bar
-        if mode == "fwd":
-            def call(fn=fn):
-                with torch.no_grad():
-                    return fn(x, r, w, b)
-        else:
-            for t in leaves:
-                t.requires_grad_(True)
-            grads = [torch.ones_like(o) for o in fn(x, r, w, b)]
-
-            def call(fn=fn, grads=grads):
-                outs = fn(x, r, w, b)
-                return torch.autograd.grad(outs, leaves, grads)
+    for name, fn in fns.items():
+        seconds = timed[name]
         try:
-            seconds = cuda_time(call, samples, min_time)
-            peak = None
-            if mode == "fwd+bwd":
-                torch.cuda.synchronize()
-                base = torch.cuda.memory_allocated()
-                torch.cuda.reset_peak_memory_stats()
-                call()
-                torch.cuda.synchronize()
-                peak = (torch.cuda.max_memory_allocated() - base) / 2**20
+            if isinstance(seconds, Exception):
+                raise seconds
+            peak = peak_bytes(fn, str(device)) / 2**20 if mode == "fwd+bwd" else None
         except Exception as exc:  # e.g. a comparison library that does not support this case
             results.append({"impl": name, "error": f"{type(exc).__name__}: {exc}"[:200]})
             continue
-        finally:
-            for t in leaves:
-                t.requires_grad_(False)
         gbs = nbytes / seconds / 1e9
         results.append({"impl": name, "ms": seconds * 1e3, "GB/s": gbs, "% of copy": 100 * gbs / copy_gbs, "peak MiB": peak})
     base = {"op": op, "rows": rows, "n": n, "dtype": str(dtype).replace("torch.", ""), "mode": mode,
@@ -287,3 +193,4 @@ def benchmark(*, ops=OPS, shapes=None, dtypes=("float32", "bfloat16"), modes=MOD
     print("\n".join(checks))
     print(f"took {env['seconds']} s; wrote {out}/results.json and results.md")
     return 0
+

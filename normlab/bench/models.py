@@ -11,7 +11,7 @@
   fp32 and bf16: the forward of a batch of sequences, and a one-token decode step after a cached
   prefix; ``normlab.patch``-ed against unpatched, both sharing the same weight tensors.
 
-The two sides of each row are sampled round-robin by :func:`normlab.bench.run.interleaved_medians` (the
+The two sides of each row are sampled round-robin by :func:`normlab.bench.timing.interleaved_medians` (the
 op ladder's rule: medians of ``samples`` samples of at least ``min_time`` each); the max |logit
 difference| between them on the same input is taken before the timing.
 """
@@ -196,7 +196,7 @@ def _modules(report) -> str:
 def _timed(model: str, step: str, dtype: str, shape: str, fns: dict[str, Callable], max_diff: float,
            modules: str, samples: int, min_time: float) -> dict:
     """One row: torch and normlab sampled round-robin."""
-    from normlab.bench.run import interleaved_medians
+    from normlab.bench.timing import interleaved_medians
 
     row = dict(model=model, step=step, dtype=dtype, shape=shape, normlab_modules=modules)
     calls: dict[str, int] = {}

@@ -10,6 +10,7 @@ import hashlib
 import json
 import os
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -19,7 +20,7 @@ from normlab.study.config import DEFAULT_VARIANTS, EXPERIMENTS, StudyConfig, Stu
 from normlab.study.data import load_corpus
 from normlab.study.distributed import DistInfo, barrier, on_main_then_share, setup, teardown
 from normlab.study.report import Experiment, environment, text_table, write_report
-from normlab.study.train import RunResult, train_run
+from normlab.study.train import RunResult, StepCallback, train_run
 
 __all__ = ["run_study", "StudyConfig", "StudyResult", "StudyConfigError", "DEFAULT_VARIANTS", "EXPERIMENTS"]
 
@@ -69,12 +70,14 @@ def run_study(
     device: str | None = None,
     info: DistInfo | None = None,
     log=print,
+    callbacks: Sequence[StepCallback] = (),
     **overrides,
 ) -> StudyResult:
     """Run (or resume) the study in ``out/name`` and write ``report.md`` with its plots there.
 
     ``config`` or keyword ``overrides`` of :class:`StudyConfig` (``steps``, ``variants``, ``n_layer``…).
-    Inside ``torchrun`` the training is data parallel; only rank 0 writes.
+    Inside ``torchrun`` the training is data parallel; only rank 0 writes. ``callbacks`` go to every
+    training run (:func:`normlab.study.train.train_run`).
     """
     from normlab.study import experiments as ex
 
@@ -84,13 +87,14 @@ def run_study(
     own_dist = info is None
     info = info or setup(device)
     try:
-        return _run(cfg, Path(out), name or default_name(cfg), progress, info, log, ex)
+        return _run(cfg, Path(out), name or default_name(cfg), progress, info, log, ex, tuple(callbacks))
     finally:
         if own_dist:
             teardown(info)
 
 
-def _run(cfg: StudyConfig, out: Path, name: str, progress: bool, info: DistInfo, log, ex) -> StudyResult:
+def _run(cfg: StudyConfig, out: Path, name: str, progress: bool, info: DistInfo, log, ex,
+         callbacks: tuple[StepCallback, ...]) -> StudyResult:
     if info.is_main is False:
         log = lambda *a, **k: None  # noqa: E731
     # everything that can be wrong is checked before any work
@@ -113,11 +117,12 @@ def _run(cfg: StudyConfig, out: Path, name: str, progress: bool, info: DistInfo,
     result = StudyResult(out_dir, None)
     if {1, 4, 6} & set(cfg.experiments):
         for v, rc in run_configs.items():
-            result.runs[v] = train_run(v, out_dir / "grid" / v, rc, corpus, info, progress=progress)
+            result.runs[v] = train_run(v, out_dir / "grid" / v, rc, corpus, info, progress=progress,
+                                       callbacks=callbacks)
     exps = []
     want = set(cfg.experiments)
     if 3 in want:  # trains: every rank takes part
-        exp3 = ex.exp3_warmup(cfg, corpus, out_dir, info, progress)
+        exp3 = ex.exp3_warmup(cfg, corpus, out_dir, info, progress, callbacks)
     if info.is_main:
         if 1 in want:
             exps.append(ex.exp1_loss_and_speed(result.runs, cfg, out_dir))

@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import copy
 import math
-import statistics
-import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -31,16 +29,15 @@ from normlab.analysis import (
     measure_invariances,
     random_baseline,
 )
+from normlab.bench.timing import median_time
 from normlab.study.config import RunConfig, StudyConfig, parse_variant
 from normlab.study.data import Corpus
 from normlab.study.distributed import DistInfo
+from normlab.study import verdicts
 from normlab.study.report import Experiment, fmt, new_figure, save_figure
 from normlab.study.train import RunResult, build_model, train_run
+from normlab.study.verdicts import COMPARABLE_NATS, FASTER_BY, GEOMETRY_TOLERANCE, GROWS_ABOVE, Verdict
 
-#: |cos(h, 1)| counts as "at the random baseline" up to this multiple of sqrt(2/π)/sqrt(d).
-GEOMETRY_TOLERANCE = 3.0
-#: A speed-up counts ("faster") from this many percent of time saved: below it, this shared machine's noise.
-FASTER_BY = 3.0
 
 
 def model_config(cfg: StudyConfig, vocab_size: int, variant: str, **overrides) -> dict:
@@ -67,26 +64,6 @@ def run_config(cfg: StudyConfig, corpus: Corpus, variant: str, **overrides) -> R
     return replace(rc, **overrides)
 
 
-def _median_time(fn, repeats: int = 7, min_s: float = 0.02) -> float:
-    """Median seconds per call of ``fn`` over ``repeats`` samples of ≥ ``min_s`` each."""
-    fn()
-    n = 1
-    while True:
-        t0 = time.perf_counter()
-        for _ in range(n):
-            fn()
-        if time.perf_counter() - t0 >= min_s or n >= 1024:
-            break
-        n *= 2
-    samples = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        for _ in range(n):
-            fn()
-        samples.append((time.perf_counter() - t0) / n)
-    return statistics.median(samples)
-
-
 def _backend_name() -> str:
     """The backend that serves a CPU fp32 norm here (the dispatch's choice)."""
     from normlab import dispatch
@@ -100,13 +77,10 @@ def _backend_name() -> str:
 # ---------------------------------------------------------------------------------------------------
 # 1. Loss and speed
 # ---------------------------------------------------------------------------------------------------
-def exp1_loss_and_speed(results: dict[str, RunResult], cfg: StudyConfig, out_dir: Path) -> Experiment:
-    rows = []
-    for name, r in results.items():
-        f = r.final
-        rows.append([name, f["init_val_loss"], f["final_val_loss"], f["final_train_loss"], f["wall_s"], f["step_ms"],
-                     f["tokens_per_s"], f["norm_ms"], 100 * f["norm_frac"]])
-    # isolated fwd+bwd timing of one norm layer at the model's activation shape
+def measure_loss_and_speed(results: dict[str, RunResult], cfg: StudyConfig) -> dict:
+    """Experiment 1's measurements beyond the runs' own: forward+backward time of one norm layer of the
+    trained layernorm-pre and rmsnorm-pre models at the model's activation shape, best of three
+    interleaved medians; and RMSNorm's quality and time saving against LayerNorm where both ran."""
     micro: dict[str, float] = {}
     shape = (cfg.batch_size * cfg.block_size, cfg.d_model)
     steps = {}
@@ -122,7 +96,26 @@ def exp1_loss_and_speed(results: dict[str, RunResult], cfg: StudyConfig, out_dir
             steps[name] = step
     for _ in range(3):  # interleaved rounds share the machine's noise; keep each layer's best median
         for name, step in steps.items():
-            micro[name] = min(micro.get(name, float("inf")), _median_time(step))
+            micro[name] = min(micro.get(name, float("inf")), median_time(step, samples=7, min_time=0.02))
+    data = {"micro_s": micro, "shape": shape}
+    if "layernorm-pre" in results and "rmsnorm-pre" in results:
+        ln, rms = results["layernorm-pre"].final, results["rmsnorm-pre"].final
+        data.update(
+            val_loss_delta=rms["final_val_loss"] - ln["final_val_loss"],
+            in_train_saving=100 * (1 - rms["norm_ms"] / ln["norm_ms"]) if ln["norm_ms"] > 0 else float("nan"),
+            isolated_saving=100 * (1 - micro["rmsnorm-pre"] / micro["layernorm-pre"]),
+            step_saving=100 * (1 - rms["step_ms"] / ln["step_ms"]),
+        )
+    return data
+
+
+def render_loss_and_speed(results: dict[str, RunResult], cfg: StudyConfig, out_dir: Path, data: dict,
+                          verdict: Verdict | None) -> Experiment:
+    rows = []
+    for name, r in results.items():
+        f = r.final
+        rows.append([name, f["init_val_loss"], f["final_val_loss"], f["final_train_loss"], f["wall_s"], f["step_ms"],
+                     f["tokens_per_s"], f["norm_ms"], 100 * f["norm_frac"]])
     fig, (ax_loss, ax_time) = new_figure(2)
     for name, r in results.items():
         s, v = r.val_curve()
@@ -145,26 +138,22 @@ def exp1_loss_and_speed(results: dict[str, RunResult], cfg: StudyConfig, out_dir
 
     claim = ("RMSNorm reaches quality comparable to LayerNorm while reducing running time by 7%–64% "
              "(Zhang & Sennrich 2019, *Root Mean Square Layer Normalization*).")
-    notes, verdict, measured = [], "not measured", "needs the layernorm-pre and rmsnorm-pre variants"
+    notes, word, measured = [], "not measured", "needs the layernorm-pre and rmsnorm-pre variants"
     extra = []
-    if "layernorm-pre" in results and "rmsnorm-pre" in results:
+    if verdict is not None:
         ln, rms = results["layernorm-pre"].final, results["rmsnorm-pre"].final
-        dv = rms["final_val_loss"] - ln["final_val_loss"]
-        in_train = 100 * (1 - rms["norm_ms"] / ln["norm_ms"]) if ln["norm_ms"] > 0 else float("nan")
-        isolated = 100 * (1 - micro["rmsnorm-pre"] / micro["layernorm-pre"])
-        step_gain = 100 * (1 - rms["step_ms"] / ln["step_ms"])
-        quality = abs(dv) <= 0.05
-        faster = isolated >= FASTER_BY  # the interleaved measurement; in-training times come from runs minutes apart
-        verdict = "holds" if quality and faster else ("partly holds" if quality or faster else "does not hold here")
+        micro, shape, isolated = data["micro_s"], data["shape"], data["isolated_saving"]
+        word = verdict.word
         measured = (f"Pre-RMSNorm val loss {fmt(rms['final_val_loss'])} vs Pre-LN {fmt(ln['final_val_loss'])} "
-                    f"(Δ {dv:+.3f}); time saved by RMSNorm in the norm layers {isolated:+.1f}% in isolation, {in_train:+.1f}% "
-                    f"in training; whole training step {step_gain:+.1f}%")
+                    f"(Δ {data['val_loss_delta']:+.3f}); time saved by RMSNorm in the norm layers {isolated:+.1f}% "
+                    f"in isolation, {data['in_train_saving']:+.1f}% in training; whole training step "
+                    f"{data['step_saving']:+.1f}%")
         extra.append(("Isolated forward+backward of one norm layer at the model's activation shape "
                       f"{shape[0]}×{shape[1]} (best of three interleaved medians of 7):", ["layer", "µs", "RMSNorm saving"],
                       [["LayerNorm (layernorm-pre)", 1e6 * micro["layernorm-pre"], ""],
                        ["RMSNorm (rmsnorm-pre)", 1e6 * micro["rmsnorm-pre"], f"{isolated:+.1f}%"]]))
-        notes.append("Quality counts as comparable when the final validation losses differ by ≤ 0.05 nats/char; "
-                     f"faster means ≥ {FASTER_BY:g}% less forward+backward time of the norm layer in the isolated measurement (best of "
+        notes.append("Quality counts as comparable when the final validation losses differ by "
+                     f"≤ {COMPARABLE_NATS:g} nats/char; faster means ≥ {FASTER_BY:g}% less forward+backward time of the norm layer in the isolated measurement (best of "
                      "three interleaved medians of 7). The in-training norm time is reported too, but the variants "
                      "train one after another, so on a shared machine it also measures the load of the moment.")
     for name, r in results.items():
@@ -175,10 +164,18 @@ def exp1_loss_and_speed(results: dict[str, RunResult], cfg: StudyConfig, out_dir
         notes.append(f"Norm time is measured with forward/backward hooks on the norm modules (fwd + bwd): "
                      f"{min(shares):.0f}–{max(shares):.0f}% of a training step here, so even a large saving inside the "
                      "norm layers moves the whole step by a few % — about the timing noise of a shared machine.")
-    return Experiment(1, "Loss curves and speed per variant", claim, measured, verdict,
+    return Experiment(1, "Loss curves and speed per variant", claim, measured, word,
                       ["variant", "val loss @0", "final val loss", "final train loss", "wall s", "step ms", "tokens/s",
                        "norm ms/step", "norm %"], rows, plot, notes, extra,
-                      data={"micro_s": micro})
+                      data={"micro_s": data["micro_s"]})
+
+
+def exp1_loss_and_speed(results: dict[str, RunResult], cfg: StudyConfig, out_dir: Path) -> Experiment:
+    data = measure_loss_and_speed(results, cfg)
+    verdict = None
+    if "val_loss_delta" in data:
+        verdict = verdicts.loss_and_speed(data["val_loss_delta"], data["isolated_saving"])
+    return render_loss_and_speed(results, cfg, out_dir, data, verdict)
 
 
 def _dyt_saturation_note(name: str, r: RunResult, cfg: StudyConfig) -> str:
@@ -210,13 +207,16 @@ def _dyt_saturation_note(name: str, r: RunResult, cfg: StudyConfig) -> str:
 # ---------------------------------------------------------------------------------------------------
 # 2. Gradient norm at initialization
 # ---------------------------------------------------------------------------------------------------
-def exp2_grad_at_init(cfg: StudyConfig, corpus: Corpus, out_dir: Path, results: dict[str, RunResult] | None = None) -> Experiment:
-    """‖∂L/∂W^{2,l}‖ (the MLP's output matrix of layer l, as in Xiong et al.) at initialization, for Post-LN
-    and Pre-LN at two depths, under the paper's Xavier-style init (std 1/√d) and the library's default."""
-    inits = {"Xavier-style, std 1/√d (paper)": cfg.d_model**-0.5, "default, std 0.02": None}
+#: Experiment 2's two initialisations: the paper's Xavier-style std 1/√d (computed from d) and the library's default.
+PAPER_INIT, DEFAULT_INIT = "Xavier-style, std 1/√d (paper)", "default, std 0.02"
+
+
+def measure_grad_at_init(cfg: StudyConfig, corpus: Corpus) -> dict[tuple[str, int, str], list[float]]:
+    """``(init, depth, placement) → ‖∂L/∂W^{2,l}‖`` per layer l (the MLP's output matrix, as in Xiong et
+    al.) of the freshly initialised LayerNorm model, averaged over ``cfg.grad_batches`` training batches."""
+    inits = {PAPER_INIT: cfg.d_model**-0.5, DEFAULT_INIT: None}
     ffn_out = lambda name: "mlp.c_proj.weight" in name  # noqa: E731
     curves: dict[tuple[str, int, str], list[float]] = {}
-    rows = []
     for init, std in inits.items():
         for depth in cfg.grad_depths:
             for placement in ("post", "pre"):
@@ -227,9 +227,21 @@ def exp2_grad_at_init(cfg: StudyConfig, corpus: Corpus, out_dir: Path, results: 
                     x, y = corpus.batch("train", i, cfg.batch_size, cfg.block_size, cfg.seed)
                     for k, v in grad_norm_at_init(model, x, y, include=ffn_out).items():
                         acc[k] = acc.get(k, 0.0) + v / cfg.grad_batches
-                g = [acc[k] for k in sorted(acc)]
-                curves[(init, depth, placement)] = g
-                rows.append([init, depth, f"{placement}-LN", g[0], g[len(g) // 2], g[-1], g[-1] / g[0]])
+                curves[(init, depth, placement)] = [acc[k] for k in sorted(acc)]
+    return curves
+
+
+def grad_ratios(curves: dict[tuple[str, int, str], list[float]], depths: list[int]) -> dict[tuple[int, str], float]:
+    """Last/first-layer ratio per ``(depth, placement)`` under the paper's init."""
+    return {(d, p): curves[(PAPER_INIT, d, p)][-1] / curves[(PAPER_INIT, d, p)][0]
+            for d in depths for p in ("post", "pre")}
+
+
+def render_grad_at_init(cfg: StudyConfig, out_dir: Path, curves: dict[tuple[str, int, str], list[float]],
+                        verdict: Verdict, results: dict[str, RunResult] | None = None) -> Experiment:
+    inits = (PAPER_INIT, DEFAULT_INIT)
+    rows = [[init, depth, f"{placement}-LN", g[0], g[len(g) // 2], g[-1], g[-1] / g[0]]
+            for (init, depth, placement), g in curves.items()]
     trained = {n: r for n, r in (results or {}).items() if any("layer_grad_norm" in x for x in r.records)}
     fig, axes = new_figure(len(inits) + bool(trained), 5.5, 4)
     if trained:  # per-layer gradient norms recorded while the grid trained (all weight matrices of a layer)
@@ -248,12 +260,7 @@ def exp2_grad_at_init(cfg: StudyConfig, corpus: Corpus, out_dir: Path, results: 
         ax.set(xlabel="layer l", ylabel="‖∂L/∂W^{2,l}‖ (MLP output matrix)", yscale="log", title=f"at initialization — {init}")
         ax.legend(fontsize=7)
     plot = save_figure(fig, out_dir / "exp2_grad_init.png")
-    paper = next(iter(inits))
-    ratio = {(d, p): curves[(paper, d, p)][-1] / curves[(paper, d, p)][0] for d in cfg.grad_depths for p in ("post", "pre")}
-    post_grows = all(ratio[(d, "post")] > 1.05 for d in cfg.grad_depths)
-    pre_flat = all(ratio[(d, "pre")] <= 1.05 for d in cfg.grad_depths)
-    post_above = all(ratio[(d, "post")] > ratio[(d, "pre")] for d in cfg.grad_depths)
-    verdict = "holds" if post_grows and pre_flat else ("partly holds" if pre_flat or post_above else "does not hold here")
+    ratio = grad_ratios(curves, cfg.grad_depths)
     measured = "last/first-layer gradient ratio (paper's init): " + "; ".join(
         f"{d} layers Post-LN {ratio[(d, 'post')]:.2f}, Pre-LN {ratio[(d, 'pre')]:.2f}" for d in cfg.grad_depths)
     claim = ("At initialization the gradient norm of Post-LN's weights grows with the layer index (large near the "
@@ -262,41 +269,35 @@ def exp2_grad_at_init(cfg: StudyConfig, corpus: Corpus, out_dir: Path, results: 
     notes = [f"Mean over {cfg.grad_batches} training batches of one forward/backward of the freshly initialised "
              "LayerNorm model (same seed); per layer the gradient norm of the MLP's output matrix W^{2,l}. Both inits "
              "keep the library's extra 1/√(2·layers) scale on the residual output projections.",
-             "Holds when, at every depth, Post-LN's last/first ratio is > 1.05 and Pre-LN's ≤ 1.05 (paper's init); "
-             "partly when only Pre-LN's part or only the ordering Post > Pre holds."]
-    return Experiment(2, "Gradient norm per layer at initialization", claim, measured, verdict,
+             f"Holds when, at every depth, Post-LN's last/first ratio is > {GROWS_ABOVE:g} and Pre-LN's "
+             f"≤ {GROWS_ABOVE:g} "
+             "(paper's init); partly when only Pre-LN's part or only the ordering Post > Pre holds."]
+    return Experiment(2, "Gradient norm per layer at initialization", claim, measured, verdict.word,
                       ["init", "layers", "placement", "‖∇‖ layer 1", "‖∇‖ middle", "‖∇‖ last", "last / first"], rows, plot, notes,
                       data={f"{i}|{d}|{p}": g for (i, d, p), g in curves.items()})
+
+
+def exp2_grad_at_init(cfg: StudyConfig, corpus: Corpus, out_dir: Path,
+                      results: dict[str, RunResult] | None = None) -> Experiment:
+    """‖∂L/∂W^{2,l}‖ at initialization, Post-LN vs Pre-LN at two depths, under the paper's Xavier-style init
+    (std 1/√d) and the library's default."""
+    curves = measure_grad_at_init(cfg, corpus)
+    verdict = verdicts.grad_at_init(grad_ratios(curves, cfg.grad_depths))
+    return render_grad_at_init(cfg, out_dir, curves, verdict, results)
 
 
 # ---------------------------------------------------------------------------------------------------
 # 3. Warmup sensitivity
 # ---------------------------------------------------------------------------------------------------
-def warmup_verdict(runs: dict[tuple[str, bool], tuple[float, bool]]) -> tuple[str, float, float]:
-    """``(verdict, Post-LN's cost, Pre-LN's cost)`` of dropping warmup, from ``(placement, warmup) →
-    (final val loss, diverged)``: a diverged run's loss counts as infinite, so a cost is +inf when only the
-    run without warmup diverged and NaN when the run with warmup did (then nothing can be said)."""
-    v = {k: math.inf if diverged or not math.isfinite(loss) else loss for k, (loss, diverged) in runs.items()}
-
-    def cost(placement: str) -> float:
-        without, with_ = v[(placement, False)], v[(placement, True)]
-        return math.nan if math.isinf(with_) else without - with_
-
-    post, pre = cost("post"), cost("pre")
-    if post > 0.05 and (post > pre + 0.05 or math.isinf(post) and not math.isinf(pre)):
-        return "holds", post, pre
-    if post > 0.05 or (post > 0 and post > pre):
-        return "partly holds", post, pre
-    return "does not hold here", post, pre
-
-
 def _cost(c: float) -> str:
     if math.isnan(c):
         return "an unknown amount (its run with warmup diverged too)"
     return "a divergence" if math.isinf(c) else f"{c:+.3f} nats of val loss"
 
 
-def exp3_warmup(cfg: StudyConfig, corpus: Corpus, out_dir: Path, info: DistInfo, progress: bool) -> Experiment | None:
+def measure_warmup(cfg: StudyConfig, corpus: Corpus, out_dir: Path, info: DistInfo, progress: bool,
+                   callbacks: tuple = ()) -> dict[tuple[str, bool], RunResult]:
+    """Experiment 3's four runs at the high learning rate: ``(placement, warmup) → run`` (every rank trains)."""
     runs: dict[tuple[str, bool], RunResult] = {}
     for placement in ("post", "pre"):
         for warm in (True, False):
@@ -305,9 +306,21 @@ def exp3_warmup(cfg: StudyConfig, corpus: Corpus, out_dir: Path, info: DistInfo,
                             eval_interval=max(1, cfg.warmup_steps // 3))
             name = f"{placement}-LN-{'warmup' if warm else 'nowarmup'}"
             runs[(placement, warm)] = train_run(name, out_dir / "warmup" / name, rc, corpus, info, progress=progress,
-                                                record_activations=False)
+                                                record_activations=False, callbacks=callbacks)
+    return runs
+
+
+def exp3_warmup(cfg: StudyConfig, corpus: Corpus, out_dir: Path, info: DistInfo, progress: bool,
+                callbacks: tuple = ()) -> Experiment | None:
+    runs = measure_warmup(cfg, corpus, out_dir, info, progress, callbacks)
     if not info.is_main:  # the other ranks train with rank 0, which alone writes the plot and the verdict
         return None
+    verdict = verdicts.warmup({k: (r.final["final_val_loss"], r.final["diverged"]) for k, r in runs.items()})
+    return render_warmup(cfg, corpus, out_dir, runs, verdict)
+
+
+def render_warmup(cfg: StudyConfig, corpus: Corpus, out_dir: Path, runs: dict[tuple[str, bool], RunResult],
+                  verdict: tuple[str, float, float]) -> Experiment:
     rows = []
     fig, (ax,) = new_figure(1, 6.5, 4)
     for (placement, warm), r in runs.items():
@@ -325,7 +338,7 @@ def exp3_warmup(cfg: StudyConfig, corpus: Corpus, out_dir: Path, info: DistInfo,
     ax.legend(fontsize=8)
     plot = save_figure(fig, out_dir / "exp3_warmup.png")
     v = {k: r.final["final_val_loss"] for k, r in runs.items()}
-    verdict, post_cost, pre_cost = warmup_verdict({k: (v[k], r.final["diverged"]) for k, r in runs.items()})
+    word, post_cost, pre_cost = verdict
     measured = (f"at lr {cfg.warmup_lr:g}, dropping warmup costs Post-LN {_cost(post_cost)} "
                 f"and Pre-LN {_cost(pre_cost)} after {cfg.warmup_steps} steps")
     claim = ("Post-LN needs a learning-rate warmup: without it, at a high learning rate, it trains much worse; "
@@ -341,7 +354,7 @@ def exp3_warmup(cfg: StudyConfig, corpus: Corpus, out_dir: Path, info: DistInfo,
     if stuck:
         notes.append(f"Still on the unigram plateau (final val loss > {unigram - 0.1:.2f}, i.e. within 0.1 nats of the "
                      f"entropy {unigram:.2f} of predicting character frequencies without context): {', '.join(stuck)}.")
-    return Experiment(3, "Warmup sensitivity at a high learning rate", claim, measured, verdict,
+    return Experiment(3, "Warmup sensitivity at a high learning rate", claim, measured, word,
                       ["placement", "warmup", "final val loss", "final train loss", "diverged"], rows, plot, notes,
                       data={"post_cost": post_cost, "pre_cost": pre_cost})
 
@@ -360,7 +373,10 @@ def norm_input_cos(model: torch.nn.Module, batches: list[torch.Tensor]) -> tuple
     return out, rec.inputs
 
 
-def exp4_geometry(results: dict[str, RunResult], cfg: StudyConfig, corpus: Corpus, out_dir: Path) -> Experiment:
+def measure_geometry(results: dict[str, RunResult], cfg: StudyConfig, corpus: Corpus) -> dict:
+    """Mean |cos(h, 1)| of every norm layer's inputs at init and trained, against the random baseline; and,
+    for each trained LayerNorm model, irreversibility on the captured inputs (the fp64 formula, and the
+    trained modules under h → h + c·1)."""
     batches = [corpus.batch("val", i, cfg.batch_size, cfg.block_size, cfg.seed)[0] for i in range(2)]
     base = random_baseline(cfg.d_model)
     rows, per_layer, irrev_rows = [], {}, []
@@ -389,6 +405,13 @@ def exp4_geometry(results: dict[str, RunResult], cfg: StudyConfig, corpus: Corpu
                     y, y2 = layer64(h), layer64(h + c)
                 worst_module = max(worst_module, ((y2 - y).abs().max() / y.abs().max()).item())
             irrev_rows.append([name, worst_formula, worst_module])
+    return {"rows": rows, "per_layer": per_layer, "irrev_rows": irrev_rows, "ln_ratios": ln_ratios, "baseline": base}
+
+
+def render_geometry(results: dict[str, RunResult], cfg: StudyConfig, out_dir: Path, data: dict,
+                    verdict: Verdict | None) -> Experiment:
+    rows, per_layer, irrev_rows = data["rows"], data["per_layer"], data["irrev_rows"]
+    ln_ratios, base = data["ln_ratios"], data["baseline"]
     fig, (ax, ax_t) = new_figure(2, 6, 4)
     for name, after in per_layer.items():
         ax.plot(range(len(after)), list(after.values()), marker="o", label=name)
@@ -410,15 +433,13 @@ def exp4_geometry(results: dict[str, RunResult], cfg: StudyConfig, corpus: Corpu
              "suffices; LayerNorm irreversibly discards the mean and scale: LN(αx + c·1) = LN(x) "
              "(Gupta, Ozdemir & Anumanchipalli 2024, *Geometric Interpretation of Layer Normalization and a "
              "Comparative Analysis with RMSNorm*).")
-    if ln_ratios:
-        geo = max(ln_ratios) <= GEOMETRY_TOLERANCE
-        irrev_ok = all(r[1] < 1e-12 and r[2] < 1e-9 for r in irrev_rows)
-        verdict = "holds" if geo and irrev_ok else ("partly holds" if irrev_ok or geo else "does not hold here")
+    if verdict is not None:
+        word = verdict.word
         measured = (f"trained LayerNorm models: mean |cos(h, 1)| = {', '.join(f'{x:.2f}×' for x in ln_ratios)} the random "
                     f"baseline {base:.3f}; irreversibility max |LN(3h + 5·1) − LN(h)| = "
                     f"{max(r[1] for r in irrev_rows):.1e} (fp64, eps 0); trained modules under h + c·1: {max(r[2] for r in irrev_rows):.1e} relative")
     else:
-        verdict, measured = "not measured", "needs a trained layernorm-* variant"
+        word, measured = "not measured", "needs a trained layernorm-* variant"
     notes = [f"Inputs of every norm layer captured with forward hooks on 2 validation batches "
              f"({2 * cfg.batch_size * cfg.block_size} vectors of d={cfg.d_model}). At initialization they are at the "
              "baseline already (random embeddings; Post-LN's are centred by construction), so what the verdict tests "
@@ -429,15 +450,30 @@ def exp4_geometry(results: dict[str, RunResult], cfg: StudyConfig, corpus: Corpu
              "with eps > 0, LN(αh) ≠ LN(h) exactly when var(h) is not ≫ eps (the residual stream at init has var ≈ 4e-4)."]
     extra = [("Irreversibility on the captured inputs h of every LayerNorm (α = 3, c = 5):",
               ["variant", "max |LN(αh+c·1) − LN(h)| (fp64, eps 0)", "max rel. change of the trained modules under h + c·1"], irrev_rows)]
-    return Experiment(4, "Geometry: cos(h, 1) of norm inputs, irreversibility", claim, measured, verdict,
+    return Experiment(4, "Geometry: cos(h, 1) of norm inputs, irreversibility", claim, measured, word,
                       ["variant", "mean |cos| at init", "mean |cos| trained", "largest layer", "its |cos|", "baseline",
                        "trained / baseline"], rows, plot, notes, extra, data={"per_layer": per_layer, "baseline": base})
+
+
+def exp4_geometry(results: dict[str, RunResult], cfg: StudyConfig, corpus: Corpus, out_dir: Path) -> Experiment:
+    data = measure_geometry(results, cfg, corpus)
+    verdict = None
+    if data["ln_ratios"]:
+        verdict = verdicts.geometry(data["ln_ratios"], [(r[1], r[2]) for r in data["irrev_rows"]])
+    return render_geometry(results, cfg, out_dir, data, verdict)
 
 
 # ---------------------------------------------------------------------------------------------------
 # 5. Invariances
 # ---------------------------------------------------------------------------------------------------
-def exp5_invariances(cfg: StudyConfig, out_dir: Path) -> Experiment:
+#: Experiment 5's transformations, as named in the report.
+INVARIANCE_LABELS = {"input_scaling": "input scaling x → 3x", "weight_scaling": "weight scaling W → 4W",
+                     "recentering": "re-centering x → x + 2.5·1"}
+
+
+def measure_invariances_of_norms(cfg: StudyConfig) -> tuple[dict[str, dict], list[bool]]:
+    """``measure_invariances`` of LayerNorm and RMSNorm (fp64, random affine parameters), and whether each
+    cell (the three transformations, then the gradient ratio, per norm) matches the paper's Table 1."""
     from normlab.nn import LayerNorm, RMSNorm
 
     d = cfg.d_model
@@ -449,17 +485,22 @@ def exp5_invariances(cfg: StudyConfig, out_dir: Path) -> Experiment:
             if getattr(m, "bias", None) is not None:
                 m.bias.copy_(0.1 * torch.randn(d, generator=g, dtype=torch.float64))
     measured = {k: measure_invariances(m, d=d, seed=cfg.seed) for k, m in norms.items()}
-    rows, matches = [], []
-    labels = {"input_scaling": "input scaling x → 3x", "weight_scaling": "weight scaling W → 4W", "recentering": "re-centering x → x + 2.5·1"}
+    matches = [measured[k][t + "_invariant"] == PAPER_TABLE1[k][t] for t in INVARIANCE_LABELS for k in norms]
+    matches += [abs(measured[k]["grad_ratio"] - 1) < 1e-6 for k in norms]
+    return measured, matches
+
+
+def render_invariances(cfg: StudyConfig, out_dir: Path, measured: dict[str, dict], matches: list[bool],
+                       verdict: Verdict) -> Experiment:
+    d, norms, labels = cfg.d_model, list(measured), INVARIANCE_LABELS
+    rows = []
     for t, label in labels.items():
         row = [label]
         for k in norms:
             inv = measured[k][t + "_invariant"]
-            matches.append(inv == PAPER_TABLE1[k][t])
             row += [measured[k][t], "yes" if PAPER_TABLE1[k][t] else "no", "yes" if inv else "no"]
         rows.append(row)
     rows.append(["δ·‖∂L/∂(δW)‖ / ‖∂L/∂W‖ (δ = 4)"] + sum([[measured[k]["grad_ratio"], "1", "yes" if abs(measured[k]["grad_ratio"] - 1) < 1e-6 else "no"] for k in norms], []))
-    matches += [abs(measured[k]["grad_ratio"] - 1) < 1e-6 for k in norms]
     fig, (ax,) = new_figure(1, 6.5, 3.8)
     xs = range(len(labels))
     for j, k in enumerate(norms):
@@ -470,7 +511,6 @@ def exp5_invariances(cfg: StudyConfig, out_dir: Path) -> Experiment:
     ax.set(yscale="log", ylabel="max relative change of the output (fp64)", title="invariances, measured")
     ax.legend(fontsize=8)
     plot = save_figure(fig, out_dir / "exp5_invariances.png")
-    verdict = "holds" if all(matches) else "does not hold here"
     measured_txt = (f"{sum(matches)}/{len(matches)} cells match Table 1; RMSNorm changes by "
                     f"{measured['RMSNorm']['recentering']:.2g} under re-centering, every invariant cell ≤ "
                     f"{max(measured[k][t] for k in norms for t in labels if PAPER_TABLE1[k][t]):.1e}; "
@@ -480,24 +520,29 @@ def exp5_invariances(cfg: StudyConfig, out_dir: Path) -> Experiment:
              "(Zhang & Sennrich 2019, Table 1 and §4).")
     notes = [f"normlab.nn modules in float64 with eps = 1e-12, d = {d}, random affine parameters; x = W h for random "
              "h, W; L = Σ N(x) ⊙ g for a fixed random g. A relative change < 1e-6 counts as invariant."]
-    return Experiment(5, "Invariances of LayerNorm vs RMSNorm", claim, measured_txt, verdict,
+    return Experiment(5, "Invariances of LayerNorm vs RMSNorm", claim, measured_txt, verdict.word,
                       ["transformation", "LN rel. change", "LN paper", "LN measured", "RMS rel. change", "RMS paper", "RMS measured"],
                       rows, plot, notes, data=measured)
+
+
+def exp5_invariances(cfg: StudyConfig, out_dir: Path) -> Experiment:
+    measured, matches = measure_invariances_of_norms(cfg)
+    return render_invariances(cfg, out_dir, measured, matches, verdicts.invariances(matches))
 
 
 # ---------------------------------------------------------------------------------------------------
 # 6. Pre-LN → Pre-RMSNorm conversion
 # ---------------------------------------------------------------------------------------------------
-def exp6_conversion(results: dict[str, RunResult], cfg: StudyConfig, corpus: Corpus, out_dir: Path) -> Experiment:
+CONVERSION_CLAIM = ("A Pre-LN Transformer converts exactly into a Pre-RMSNorm one (re-centre embeddings and the output "
+                    "projections of the residual branches, then swap LN for RMSNorm): same outputs, with 1%–10% less "
+                    "training/inference time (Jiang et al. 2023, *Pre-RMSNorm and Pre-CRMSNorm Transformers*).")
+
+
+def measure_conversion(ln: torch.nn.Module, cfg: StudyConfig, corpus: Corpus) -> dict:
+    """The trained Pre-LN model ``ln`` against its Pre-RMSNorm conversion: max |logit difference| in fp32 and
+    fp64 on 2 validation batches, and forward / forward+backward times (three interleaved medians each)."""
     from normlab.models.convert import pre_ln_to_pre_rmsnorm
 
-    claim = ("A Pre-LN Transformer converts exactly into a Pre-RMSNorm one (re-centre embeddings and the output "
-             "projections of the residual branches, then swap LN for RMSNorm): same outputs, with 1%–10% less "
-             "training/inference time (Jiang et al. 2023, *Pre-RMSNorm and Pre-CRMSNorm Transformers*).")
-    if "layernorm-pre" not in results:
-        return Experiment(6, "Pre-LN → Pre-RMSNorm conversion", claim, "needs the layernorm-pre variant", "not measured",
-                          ["quantity", "value"], [], None)
-    ln = results["layernorm-pre"].load_model()
     rms = pre_ln_to_pre_rmsnorm(ln).eval()
     x = torch.cat([corpus.batch("val", i, cfg.batch_size, cfg.block_size, cfg.seed)[0] for i in range(2)])
     with torch.no_grad():
@@ -520,12 +565,18 @@ def exp6_conversion(results: dict[str, RunResult], cfg: StudyConfig, corpus: Cor
     for label, fn in (("forward", fwd), ("forward+backward", fwd_bwd)):
         for _ in range(3):  # interleave to share the machine's noise
             for mname, m in (("Pre-LN", ln), ("Pre-RMSNorm (converted)", rms)):
-                t.setdefault((label, mname), []).append(_median_time(lambda m=m: fn(m), repeats=7))
-    rows = [["max |logit diff| fp32", d32], ["max |logit diff| fp64", d64], ["max |logit| (scale)", scale]]
+                t.setdefault((label, mname), []).append(median_time(lambda m=m: fn(m), samples=7, min_time=0.02))
     speed = {}
     for label in ("forward", "forward+backward"):
+        speed[label] = 100 * (1 - min(t[(label, "Pre-RMSNorm (converted)")]) / min(t[(label, "Pre-LN")]))
+    return {"d32": d32, "d64": d64, "scale": scale, "times": t, "speed": speed}
+
+
+def render_conversion(cfg: StudyConfig, out_dir: Path, data: dict, verdict: Verdict) -> Experiment:
+    d32, d64, scale, t, speed = (data[k] for k in ("d32", "d64", "scale", "times", "speed"))
+    rows = [["max |logit diff| fp32", d32], ["max |logit diff| fp64", d64], ["max |logit| (scale)", scale]]
+    for label in ("forward", "forward+backward"):
         tl, tr = min(t[(label, "Pre-LN")]), min(t[(label, "Pre-RMSNorm (converted)")])
-        speed[label] = 100 * (1 - tr / tl)
         rows += [[f"{label} ms, Pre-LN", 1e3 * tl], [f"{label} ms, Pre-RMSNorm", 1e3 * tr], [f"{label} time saved", f"{speed[label]:+.1f}%"]]
     fig, (ax_d, ax_t) = new_figure(2, 4.5, 3.6)
     ax_d.bar(["fp32", "fp64"], [max(d32, 1e-18), max(d64, 1e-18)])
@@ -537,9 +588,6 @@ def exp6_conversion(results: dict[str, RunResult], cfg: StudyConfig, corpus: Cor
     ax_t.set(ylabel=f"ms per batch of {cfg.batch_size}×{cfg.block_size}", title="speed")
     ax_t.legend(fontsize=8)
     plot = save_figure(fig, out_dir / "exp6_conversion.png")
-    exact = d64 < 1e-9 and d32 < 1e-3 * max(1.0, scale)
-    faster = speed["forward"] >= FASTER_BY and speed["forward+backward"] >= FASTER_BY
-    verdict = "holds" if exact and faster else ("partly holds" if exact or faster else "does not hold here")
     measured = (f"max |logit diff| {d64:.1e} (fp64), {d32:.1e} (fp32, logits up to {scale:.1f}); time saved "
                 f"{speed['forward']:+.1f}% forward, {speed['forward+backward']:+.1f}% forward+backward")
     notes = ["Equivalence counts as exact when the fp64 difference is < 1e-9 (fp32: < 1e-3 of the logit scale); "
@@ -548,5 +596,15 @@ def exp6_conversion(results: dict[str, RunResult], cfg: StudyConfig, corpus: Cor
              "The converted model is what normlab.models.convert.pre_ln_to_pre_rmsnorm builds: RMSNorm plus the "
              "LayerNorm's bias (RMSNorm(x)·w + b), an untied output head (the embedding is re-centred, the head is not), "
              f"norms on the {_backend_name()} backend; the time saved is the norm layers' saving minus those extras."]
-    return Experiment(6, "Pre-LN → Pre-RMSNorm conversion", claim, measured, verdict, ["quantity", "value"], rows, plot,
-                      notes, data={"d32": d32, "d64": d64, "speed": speed})
+    return Experiment(6, "Pre-LN → Pre-RMSNorm conversion", CONVERSION_CLAIM, measured, verdict.word,
+                      ["quantity", "value"], rows, plot, notes, data={"d32": d32, "d64": d64, "speed": speed})
+
+
+def exp6_conversion(results: dict[str, RunResult], cfg: StudyConfig, corpus: Corpus, out_dir: Path) -> Experiment:
+    if "layernorm-pre" not in results:
+        return Experiment(6, "Pre-LN → Pre-RMSNorm conversion", CONVERSION_CLAIM, "needs the layernorm-pre variant",
+                          "not measured", ["quantity", "value"], [], None)
+    data = measure_conversion(results["layernorm-pre"].load_model(), cfg, corpus)
+    verdict = verdicts.conversion(data["d32"], data["d64"], data["scale"], data["speed"]["forward"],
+                                  data["speed"]["forward+backward"])
+    return render_conversion(cfg, out_dir, data, verdict)

@@ -7,9 +7,8 @@ written atomically), and once finished ``model/`` (``normlab.models.save_pretrai
 inspect`` and ``normlab convert`` read) and ``result.json``. Re-running resumes from the checkpoint and drops
 any metric record newer than it; a finished run is loaded, not retrained.
 
-``NORMLAB_STOP_AFTER_STEP=N`` makes the process kill itself (SIGKILL, or the signal named by
-``NORMLAB_STOP_SIGNAL``, e.g. ``INT``) right after step ``N`` — the deterministic interruption the
-resume tests use.
+``train_run(..., callbacks=[...])`` calls each callback after every step with a :class:`StepState`; a
+callback can end the run there (:meth:`StepState.request_stop`), as SIGINT does.
 """
 
 from __future__ import annotations
@@ -21,6 +20,7 @@ import random
 import signal
 import statistics
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -141,29 +141,6 @@ class _Interrupt:
             signal.signal(signal.SIGINT, self._old)
 
 
-def _self_stop(step: int) -> None:
-    want = os.environ.get("NORMLAB_STOP_AFTER_STEP")
-    if want is not None and int(want) == step:
-        sig = getattr(signal, "SIG" + os.environ.get("NORMLAB_STOP_SIGNAL", "KILL").upper())
-        os.environ.pop("NORMLAB_STOP_AFTER_STEP")
-        os.kill(os.getpid(), sig)
-        if sig == signal.SIGKILL:
-            time.sleep(5)  # the kill arrives before anything else runs
-
-
-def _save_checkpoint(run_dir: Path, model, opt, step: int, extra: dict) -> None:
-    state = {
-        "step": step,
-        "model": model.state_dict(),
-        "optimizer": opt.state_dict(),
-        "rng": {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()},
-        **extra,
-    }
-    tmp = run_dir / (CHECKPOINT + ".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, run_dir / CHECKPOINT)
-
-
 def _summarize(records: list[dict], rc: RunConfig, tokens_per_step: int, elapsed: float) -> dict:
     train = [r for r in records if r["kind"] == "train"]
     evals = [r for r in records if r["kind"] == "eval"]
@@ -217,6 +194,143 @@ def evaluate(model: nn.Module, corpus: Corpus, rc: RunConfig, block_size: int, i
     return mean_across(total / rc.eval_iters, info)
 
 
+@dataclass
+class StepState:
+    """What a step callback sees after each training step (and its evaluation, if one was due).
+    :meth:`request_stop` ends the run after this step as SIGINT does: checkpoint saved, KeyboardInterrupt."""
+
+    name: str
+    run_dir: Path
+    step: int  # steps done
+    steps: int  # steps of the whole run
+    record: dict  # this step's training record
+    stop_requested: bool = False
+
+    def request_stop(self) -> None:
+        self.stop_requested = True
+
+
+#: Called once per training step with its :class:`StepState`, on every rank.
+StepCallback = Callable[[StepState], None]
+
+
+class _Metrics:
+    """The run's metric records: kept in memory, appended to ``metrics.jsonl`` by rank 0."""
+
+    def __init__(self, path: Path, kept: list[dict], info: DistInfo) -> None:
+        self.records = kept
+        self._file = None
+        if info.is_main:  # drop records newer than the checkpoint (they are recomputed)
+            atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in kept))
+            self._file = open(path, "a")
+
+    def emit(self, rec: dict) -> None:
+        self.records.append(rec)
+        if self._file:
+            self._file.write(json.dumps(rec) + "\n")
+            self._file.flush()
+
+    def close(self) -> None:
+        if self._file:
+            self._file.close()
+
+
+def _resume(run_dir: Path, name: str, model: nn.Module, opt: torch.optim.Optimizer,
+            info: DistInfo) -> tuple[int, float, list[dict]]:
+    """Load the checkpoint into ``model`` and ``opt`` and restore the RNG states: ``(steps done, elapsed
+    seconds, metric records up to the checkpoint)``; ``(0, 0.0, [])`` without a checkpoint."""
+    ckpt_path = run_dir / CHECKPOINT
+    if not ckpt_path.exists():
+        return 0, 0.0, []
+    ckpt = torch.load(ckpt_path, map_location=info.device, weights_only=False)
+    model.load_state_dict(ckpt["model"])
+    opt.load_state_dict(ckpt["optimizer"])
+    torch.set_rng_state(ckpt["rng"]["torch"])
+    random.setstate(ckpt["rng"]["python"])
+    np.random.set_state(ckpt["rng"]["numpy"])
+    start = ckpt["step"]
+    if ckpt.get("threads", torch.get_num_threads()) != torch.get_num_threads() and info.is_main:
+        print(f"note: {name} resumes on {torch.get_num_threads()} thread(s), it started on {ckpt['threads']}: "
+              "the result may differ from an uninterrupted run in the last bits (pass --threads to match)")
+    return start, ckpt["elapsed"], [r for r in read_records(run_dir / METRICS) if r["step"] <= start]
+
+
+def _wrap_for_training(model: nn.Module, info: DistInfo) -> nn.Module:
+    """``model`` itself in one process; under torchrun, synchronized BatchNorm and a DDP wrapper."""
+    sync_batch_norm(model, info)
+    if not info.enabled:
+        return model
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    return DDP(model, device_ids=[torch.device(info.device).index] if info.device.startswith("cuda") else None)
+
+
+def _step(step: int, model: nn.Module, train_model: nn.Module, opt: torch.optim.Optimizer, corpus: Corpus,
+          rc: RunConfig, info: DistInfo, timer: NormTimer) -> dict:
+    """One optimizer step (0-based ``step``) on its fixed batch; returns the step's training record."""
+    block_size = rc.model["block_size"]
+    t0 = time.perf_counter()
+    timer.reset()
+    for g in opt.param_groups:
+        g["lr"] = lr_at(step, rc)
+    x, y = corpus.batch("train", step, rc.batch_size, block_size, rc.seed, info.rank, info.world)
+    _, loss = train_model(x.to(info.device), y.to(info.device))
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    done = step + 1
+    log_grads = done == 1 or done % rc.eval_interval == 0 or done == rc.steps
+    layer_grads = grad_norm_per_layer(model) if log_grads else None
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), rc.grad_clip).item()
+    opt.step()
+    step_s = time.perf_counter() - t0
+    rec = {
+        "kind": "train",
+        "step": done,
+        "lr": lr_at(step, rc),
+        "train_loss": mean_across(loss.detach(), info),
+        "grad_norm": grad_norm,
+        "step_s": step_s,
+        "norm_s": timer.total_s,
+        "tokens_per_s": rc.batch_size * block_size / step_s,
+    }
+    if layer_grads is not None:
+        rec["layer_grad_norm"] = {str(k): v for k, v in layer_grads.items()}
+    return rec
+
+
+def _evaluate(step: int, model: nn.Module, corpus: Corpus, rc: RunConfig, info: DistInfo, show: bool,
+              record_activations: bool) -> dict:
+    """The evaluation record after ``step`` steps: validation loss, and the norm layers' activation
+    statistics on one validation batch (rank 0, when ``record_activations``)."""
+    block_size = rc.model["block_size"]
+    rec = {"kind": "eval", "step": step, "val_loss": evaluate(model, corpus, rc, block_size, info, show)}
+    if record_activations and info.is_main:
+        x, _ = corpus.batch("val", 0, rc.batch_size, block_size, rc.seed)
+        with torch.no_grad(), ActivationStats(model) as act:
+            model.eval()
+            model(x.to(info.device))
+            model.train()
+        rec["act"] = {k: {"in_abs_cos": v["in"]["abs_cos"], "in_rms": v["in"]["rms"], "out_rms": v["out"]["rms"]}
+                      for k, v in act.summary().items()}
+    return rec
+
+
+def _checkpoint(run_dir: Path, model: nn.Module, opt: torch.optim.Optimizer, done: int, elapsed: float) -> None:
+    """Save the state after ``done`` steps atomically (a temp file, then renamed), with the RNG states and
+    the thread count, which a resume compares."""
+    state = {
+        "step": done,
+        "model": model.state_dict(),
+        "optimizer": opt.state_dict(),
+        "rng": {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()},
+        "elapsed": elapsed,
+        "threads": torch.get_num_threads(),
+    }
+    tmp = run_dir / (CHECKPOINT + ".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, run_dir / CHECKPOINT)
+
+
 def train_run(
     name: str,
     run_dir: Path,
@@ -227,14 +341,15 @@ def train_run(
     progress: bool = True,
     checkpoint_interval: int | None = None,
     record_activations: bool = True,
+    callbacks: Sequence[StepCallback] = (),
 ) -> RunResult:
-    """Train (or resume, or load when finished) the run ``name`` in ``run_dir``. Only rank 0 writes."""
+    """Train (or resume, or load when finished) the run ``name`` in ``run_dir``. Only rank 0 writes.
+    Each of ``callbacks`` is called after every step with a :class:`StepState`."""
     from tqdm.auto import tqdm
 
     info = info or DistInfo()
     rc.check_valid()
-    block_size = rc.model["block_size"]
-    corpus.check_block_size(block_size)
+    corpus.check_block_size(rc.model["block_size"])
     run_dir = Path(run_dir)
     on_main_then_share(lambda: check_or_write_config(run_dir, rc.to_dict(), what="run"), info)
     result_path = run_dir / RESULT
@@ -243,106 +358,45 @@ def train_run(
 
     model = build_model(rc.model, rc.seed).to(info.device)
     opt = make_optimizer(model, rc)
-    start, elapsed = 0, 0.0
-    records: list[dict] = []
-    ckpt_path = run_dir / CHECKPOINT
-    if ckpt_path.exists():
-        ckpt = torch.load(ckpt_path, map_location=info.device, weights_only=False)
-        model.load_state_dict(ckpt["model"])
-        opt.load_state_dict(ckpt["optimizer"])
-        torch.set_rng_state(ckpt["rng"]["torch"])
-        random.setstate(ckpt["rng"]["python"])
-        np.random.set_state(ckpt["rng"]["numpy"])
-        start, elapsed = ckpt["step"], ckpt["elapsed"]
-        if ckpt.get("threads", torch.get_num_threads()) != torch.get_num_threads() and info.is_main:
-            print(f"note: {name} resumes on {torch.get_num_threads()} thread(s), it started on {ckpt['threads']}: "
-                  "the result may differ from an uninterrupted run in the last bits (pass --threads to match)")
-        records = [r for r in read_records(run_dir / METRICS) if r["step"] <= start]
-    if info.is_main:  # drop records newer than the checkpoint (they are recomputed)
-        atomic_write_text(run_dir / METRICS, "".join(json.dumps(r) + "\n" for r in records))
-    metrics_file = open(run_dir / METRICS, "a") if info.is_main else None
-
-    def emit(rec: dict) -> None:
-        records.append(rec)
-        if metrics_file:
-            metrics_file.write(json.dumps(rec) + "\n")
-            metrics_file.flush()
-
-    sync_batch_norm(model, info)
-    train_model = model
-    if info.enabled:
-        from torch.nn.parallel import DistributedDataParallel as DDP
-
-        train_model = DDP(model, device_ids=[torch.device(info.device).index] if info.device.startswith("cuda") else None)
+    start, elapsed, kept = _resume(run_dir, name, model, opt, info)
+    metrics = _Metrics(run_dir / METRICS, kept, info)
+    train_model = _wrap_for_training(model, info)
     interval = checkpoint_interval or rc.eval_interval
-    tokens_per_step = rc.batch_size * block_size
     show = progress and info.is_main
-
-    def eval_record(step: int) -> None:
-        rec = {"kind": "eval", "step": step, "val_loss": evaluate(model, corpus, rc, block_size, info, show)}
-        if record_activations and info.is_main:
-            x, _ = corpus.batch("val", 0, rc.batch_size, block_size, rc.seed)
-            with torch.no_grad(), ActivationStats(model) as act:
-                model.eval()
-                model(x.to(info.device))
-                model.train()
-            rec["act"] = {k: {"in_abs_cos": v["in"]["abs_cos"], "in_rms": v["in"]["rms"], "out_rms": v["out"]["rms"]} for k, v in act.summary().items()}
-        emit(rec)
 
     model.train()
     if start == 0:
-        eval_record(0)
+        metrics.emit(_evaluate(0, model, corpus, rc, info, show, record_activations))
     bar = tqdm(total=rc.steps, initial=start, desc=f"{name:>16}", disable=not show, dynamic_ncols=True, leave=True)
     try:
         with _Interrupt() as interrupt, NormTimer(model) as timer:
             for step in range(start, rc.steps):
-                t0 = time.perf_counter()
-                timer.reset()
-                for g in opt.param_groups:
-                    g["lr"] = lr_at(step, rc)
-                x, y = corpus.batch("train", step, rc.batch_size, block_size, rc.seed, info.rank, info.world)
-                _, loss = train_model(x.to(info.device), y.to(info.device))
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                done = step + 1
-                log_grads = done == 1 or done % rc.eval_interval == 0 or done == rc.steps
-                layer_grads = grad_norm_per_layer(model) if log_grads else None
-                grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), rc.grad_clip).item()
-                opt.step()
-                step_s = time.perf_counter() - t0
-                elapsed += step_s
-                rec = {
-                    "kind": "train",
-                    "step": done,
-                    "lr": lr_at(step, rc),
-                    "train_loss": mean_across(loss.detach(), info),
-                    "grad_norm": grad_norm,
-                    "step_s": step_s,
-                    "norm_s": timer.total_s,
-                    "tokens_per_s": tokens_per_step / step_s,
-                }
-                if layer_grads is not None:
-                    rec["layer_grad_norm"] = {str(k): v for k, v in layer_grads.items()}
-                emit(rec)
+                rec = _step(step, model, train_model, opt, corpus, rc, info, timer)
+                done = rec["step"]
+                elapsed += rec["step_s"]
+                metrics.emit(rec)
                 bar.update(1)
                 bar.set_postfix(loss=f"{rec['train_loss']:.3f}", refresh=False)
                 if done % rc.eval_interval == 0 or done == rc.steps:
                     t1 = time.perf_counter()
-                    eval_record(done)
+                    ev = _evaluate(done, model, corpus, rc, info, show, record_activations)
+                    metrics.emit(ev)
                     elapsed += time.perf_counter() - t1
-                    bar.set_postfix(loss=f"{rec['train_loss']:.3f}", val=f"{records[-1]['val_loss']:.3f}", refresh=False)
-                _self_stop(done)
-                stop = mean_across(float(interrupt.requested), info) > 0  # every rank stops at the same step
+                    bar.set_postfix(loss=f"{rec['train_loss']:.3f}", val=f"{ev['val_loss']:.3f}", refresh=False)
+                state = StepState(name, run_dir, done, rc.steps, rec)
+                for callback in callbacks:
+                    callback(state)
+                # every rank stops at the same step
+                stop = mean_across(float(interrupt.requested or state.stop_requested), info) > 0
                 if info.is_main and (done % interval == 0 or done == rc.steps or stop):
-                    _save_checkpoint(run_dir, model, opt, done, {"elapsed": elapsed, "threads": torch.get_num_threads()})
+                    _checkpoint(run_dir, model, opt, done, elapsed)
                 _barrier(info)
                 if stop:
                     raise KeyboardInterrupt(f"interrupted after step {done}; checkpoint saved in {run_dir}")
     finally:
         bar.close()
-        if metrics_file:
-            metrics_file.close()
-    final = _summarize(records, rc, tokens_per_step, elapsed)
+        metrics.close()
+    final = _summarize(metrics.records, rc, rc.batch_size * rc.model["block_size"], elapsed)
     final["world"] = info.world
     if info.is_main:
         from normlab.models.serialization import save_pretrained
@@ -350,7 +404,7 @@ def train_run(
         save_pretrained(model, run_dir / MODEL_DIR)
         atomic_write_text(result_path, json.dumps(final, indent=2) + "\n")
     _barrier(info)
-    return RunResult(name, run_dir, rc, final, records)
+    return RunResult(name, run_dir, rc, final, metrics.records)
 
 
 def _barrier(info: DistInfo) -> None:

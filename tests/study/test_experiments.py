@@ -11,8 +11,9 @@ import pytest
 
 from normlab.study.config import StudyConfig
 from normlab.study.data import load_corpus
-from normlab.study.experiments import exp2_grad_at_init, model_config, warmup_verdict
+from normlab.study.experiments import exp2_grad_at_init, model_config
 from normlab.study.train import _diverged, build_model, lr_at
+from normlab.study.verdicts import warmup as warmup_verdict
 
 NAN, INF = math.nan, math.inf
 

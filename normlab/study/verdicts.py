@@ -1,0 +1,99 @@
+"""The verdict rules of the study's experiments: pure functions from measured numbers to a verdict word
+("holds", "partly holds", "does not hold here") and the reason, each threshold named once here and stated
+in the report's notes."""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+HOLDS, PARTLY, NOT_HERE = "holds", "partly holds", "does not hold here"
+
+#: Final validation losses within this many nats/char count as comparable quality (experiment 1).
+COMPARABLE_NATS = 0.05
+#: A speed-up counts ("faster") from this many percent of time saved: below it, a shared machine's noise.
+FASTER_BY = 3.0
+#: Experiment 2: a last/first-layer gradient ratio above this counts as growing with depth.
+GROWS_ABOVE = 1.05
+#: |cos(h, 1)| counts as "at the random baseline" up to this multiple of sqrt(2/π)/sqrt(d) (experiment 4).
+GEOMETRY_TOLERANCE = 3.0
+#: Irreversibility (experiment 4): the fp64 formula's largest change, and the trained modules' relative one.
+IRREVERSIBLE_FORMULA, IRREVERSIBLE_MODULE = 1e-12, 1e-9
+#: Experiment 3: dropping warmup must cost Post-LN more than this many nats of validation loss.
+WARMUP_COST = 0.05
+#: Experiment 6: exact conversion below this fp64 logit difference, and this fraction of the logit scale in fp32.
+EXACT_FP64, EXACT_FP32_REL = 1e-9, 1e-3
+
+
+class Verdict(NamedTuple):
+    word: str
+    reason: str
+
+
+def _yes(b: bool) -> str:
+    return "yes" if b else "no"
+
+
+def _both(a: bool, b: bool, what_a: str, what_b: str) -> Verdict:
+    """holds when both parts hold, partly when one does."""
+    parts = f"{what_a}: {_yes(a)}; {what_b}: {_yes(b)}"
+    return Verdict(HOLDS if a and b else PARTLY if a or b else NOT_HERE, parts)
+
+
+def loss_and_speed(val_loss_delta: float, isolated_saving_pct: float) -> Verdict:
+    """Experiment 1: RMSNorm's final val loss minus LayerNorm's, and the percent of norm-layer time RMSNorm
+    saves in the isolated (interleaved) measurement."""
+    return _both(abs(val_loss_delta) <= COMPARABLE_NATS, isolated_saving_pct >= FASTER_BY,
+                 f"comparable quality (|Δ val loss| ≤ {COMPARABLE_NATS:g})", f"faster (≥ {FASTER_BY:g}% saved)")
+
+
+def grad_at_init(ratios: dict[tuple[int, str], float]) -> Verdict:
+    """Experiment 2: ``(depth, "post" | "pre") → last/first-layer gradient ratio`` under the paper's init.
+    Holds when Post-LN's grows and Pre-LN's does not at every depth; partly when Pre-LN's does not grow,
+    or Post-LN's ratio is above Pre-LN's at every depth."""
+    depths = sorted({d for d, _ in ratios})
+    post_grows = all(ratios[(d, "post")] > GROWS_ABOVE for d in depths)
+    pre_flat = all(ratios[(d, "pre")] <= GROWS_ABOVE for d in depths)
+    post_above = all(ratios[(d, "post")] > ratios[(d, "pre")] for d in depths)
+    reason = (f"Post-LN grows (> {GROWS_ABOVE:g}): {_yes(post_grows)}; Pre-LN flat: {_yes(pre_flat)}; "
+              f"Post-LN above Pre-LN: {_yes(post_above)}")
+    return Verdict(HOLDS if post_grows and pre_flat else PARTLY if pre_flat or post_above else NOT_HERE, reason)
+
+
+def warmup(runs: dict[tuple[str, bool], tuple[float, bool]]) -> tuple[str, float, float]:
+    """Experiment 3: ``(verdict, Post-LN's cost, Pre-LN's cost)`` of dropping warmup, from ``(placement,
+    warmup) → (final val loss, diverged)``: a diverged run's loss counts as infinite, so a cost is +inf when
+    only the run without warmup diverged and NaN when the run with warmup did (then nothing can be said)."""
+    v = {k: math.inf if diverged or not math.isfinite(loss) else loss for k, (loss, diverged) in runs.items()}
+
+    def cost(placement: str) -> float:
+        without, with_ = v[(placement, False)], v[(placement, True)]
+        return math.nan if math.isinf(with_) else without - with_
+
+    post, pre = cost("post"), cost("pre")
+    if post > WARMUP_COST and (post > pre + WARMUP_COST or math.isinf(post) and not math.isinf(pre)):
+        return HOLDS, post, pre
+    if post > WARMUP_COST or (post > 0 and post > pre):
+        return PARTLY, post, pre
+    return NOT_HERE, post, pre
+
+
+def geometry(ln_ratios: list[float], irreversibility: list[tuple[float, float]]) -> Verdict:
+    """Experiment 4: each trained LayerNorm model's mean |cos(h, 1)| over the random baseline, and per model
+    (the fp64 formula's largest change, the trained modules' largest relative change) under h → αh + c·1."""
+    at_baseline = max(ln_ratios) <= GEOMETRY_TOLERANCE
+    irreversible = all(f < IRREVERSIBLE_FORMULA and m < IRREVERSIBLE_MODULE for f, m in irreversibility)
+    return _both(at_baseline, irreversible, f"at the baseline (≤ {GEOMETRY_TOLERANCE:g}×)", "irreversible")
+
+
+def invariances(matches: list[bool]) -> Verdict:
+    """Experiment 5: whether each measured cell agrees with the paper's Table 1."""
+    return Verdict(HOLDS if all(matches) else NOT_HERE, f"{sum(matches)}/{len(matches)} cells match")
+
+
+def conversion(d32: float, d64: float, logit_scale: float, saving_fwd_pct: float, saving_fwd_bwd_pct: float) -> Verdict:
+    """Experiment 6: max |logit difference| of the converted model in fp32 and fp64 (``logit_scale`` the
+    largest |logit|), and the percent of time it saves, forward and forward+backward."""
+    exact = d64 < EXACT_FP64 and d32 < EXACT_FP32_REL * max(1.0, logit_scale)
+    faster = saving_fwd_pct >= FASTER_BY and saving_fwd_bwd_pct >= FASTER_BY
+    return _both(exact, faster, "exact", f"faster (≥ {FASTER_BY:g}% in both)")

@@ -1,0 +1,79 @@
+"""The verdict rules (normlab.study.verdicts) on made-up measurements, each threshold from both sides.
+Experiment 3's rule (``verdicts.warmup``) is tested in test_experiments.py."""
+
+from __future__ import annotations
+
+import pytest
+
+from normlab.study import verdicts as v
+
+HOLDS, PARTLY, NOT_HERE = "holds", "partly holds", "does not hold here"
+
+
+@pytest.mark.parametrize("delta, saving, word", [
+    (0.01, 10.0, HOLDS),
+    (-0.05, 3.0, HOLDS),        # both thresholds are inclusive
+    (0.051, 10.0, PARTLY),      # faster, but worse quality
+    (-0.06, 10.0, PARTLY),      # a lower loss counts as different too
+    (0.0, 2.99, PARTLY),        # comparable, not faster
+    (0.2, -5.0, NOT_HERE),
+])
+def test_loss_and_speed(delta, saving, word):
+    verdict = v.loss_and_speed(delta, saving)
+    assert verdict.word == word
+    assert ("faster (≥ 3% saved): yes" in verdict.reason) == (saving >= 3.0)
+
+
+def _ratios(post, pre):
+    """Depths 4 and 8 with the same ratios."""
+    return {(d, p): r for d in (4, 8) for p, r in (("post", post), ("pre", pre))}
+
+
+@pytest.mark.parametrize("post, pre, word", [
+    (1.5, 0.7, HOLDS),
+    (1.06, 1.05, HOLDS),        # Post-LN just above 1.05, Pre-LN at it
+    (1.05, 0.7, PARTLY),        # Post-LN at 1.05 does not grow, Pre-LN flat
+    (1.3, 1.1, PARTLY),         # both grow, Post-LN more
+    (1.1, 1.2, NOT_HERE),       # Pre-LN grows more
+])
+def test_grad_at_init(post, pre, word):
+    assert v.grad_at_init(_ratios(post, pre)).word == word
+
+
+def test_grad_at_init_needs_every_depth():
+    ratios = _ratios(1.5, 0.7)
+    ratios[(8, "post")] = 1.0  # the deeper Post-LN model does not grow
+    assert v.grad_at_init(ratios).word == PARTLY
+    ratios[(8, "pre")] = 1.2  # nor is the deeper Pre-LN one flat or below Post-LN
+    assert v.grad_at_init(ratios).word == NOT_HERE
+
+
+@pytest.mark.parametrize("ratios, irrev, word", [
+    ([1.2, 3.0], [(1e-15, 1e-12)], HOLDS),
+    ([1.2, 3.01], [(1e-15, 1e-12)], PARTLY),          # one model off the baseline
+    ([1.0], [(1e-12, 1e-12)], PARTLY),                # the formula's change reaches 1e-12
+    ([1.0], [(1e-15, 1e-9)], PARTLY),                 # a module's change reaches 1e-9
+    ([4.0], [(0.0, 0.0), (1e-11, 0.0)], NOT_HERE),
+])
+def test_geometry(ratios, irrev, word):
+    assert v.geometry(ratios, irrev).word == word
+
+
+def test_invariances():
+    assert v.invariances([True] * 8).word == HOLDS
+    verdict = v.invariances([True] * 7 + [False])
+    assert verdict.word == NOT_HERE and verdict.reason == "7/8 cells match"
+
+
+@pytest.mark.parametrize("d32, d64, scale, fwd, fwd_bwd, word", [
+    (1e-6, 1e-14, 10.0, 5.0, 4.0, HOLDS),
+    (9.9e-3, 1e-14, 10.0, 3.0, 3.0, HOLDS),       # fp32 bound scales with the logits, savings inclusive
+    (1e-2, 1e-14, 10.0, 5.0, 5.0, PARTLY),        # fp32 at 1e-3 of the scale: not exact
+    (5e-4, 1e-14, 0.1, 5.0, 5.0, HOLDS),          # with logits below 1 the fp32 bound is 1e-3 itself
+    (2e-3, 1e-14, 0.1, 5.0, 5.0, PARTLY),
+    (1e-6, 1e-9, 10.0, 5.0, 5.0, PARTLY),         # fp64 at 1e-9: not exact
+    (1e-6, 1e-14, 10.0, 5.0, 2.9, PARTLY),        # exact, faster in one measurement only
+    (1.0, 1e-3, 10.0, -1.0, 0.0, NOT_HERE),
+])
+def test_conversion(d32, d64, scale, fwd, fwd_bwd, word):
+    assert v.conversion(d32, d64, scale, fwd, fwd_bwd).word == word
