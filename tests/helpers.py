@@ -1,4 +1,4 @@
-"""Shared test helpers: the tolerance rule of DESIGN.md §4 and common inputs."""
+"""Shared test helpers: the tolerance rule of docs/architecture.md §7 and common inputs."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import contextlib
 import torch
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
-# atol per dtype (DESIGN.md §4). fp64: the reference itself, so only rounding noise is allowed.
+# atol per dtype (docs/architecture.md §7). fp64: the reference itself, so only rounding noise is allowed.
 ATOL = {torch.float32: 1e-6, torch.bfloat16: 1e-2, torch.float16: 1e-3, torch.float64: 1e-12}
 
 

@@ -1,4 +1,4 @@
-"""The dispatch point (DESIGN §3): choice order, fallback to reference, what ``supports`` is asked."""
+"""The dispatch point (docs/architecture.md §3): choice order, fallback to reference, what ``supports`` is asked."""
 
 from __future__ import annotations
 

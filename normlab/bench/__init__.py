@@ -1,6 +1,6 @@
 """``normlab bench``: normlab's norm kernels against torch, the reference formulas and ``copy_`` bandwidth.
 
-Hygiene (DESIGN §5): every measurement is the median of ``--samples`` (≥ 7) samples, each at least
+Hygiene (docs/architecture.md §8): every measurement is the median of ``--samples`` (≥ 7) samples, each at least
 ``--min-time`` (30 ms) of back-to-back calls; a ``copy_`` of the same tensor is timed in the same run as the
 bandwidth ceiling; glibc's allocator is told to keep freed memory (``MALLOC_MMAP_THRESHOLD_``,
 ``MALLOC_TRIM_THRESHOLD_``; ``normlab bench`` re-executes itself with them if they are missing) so large fresh
@@ -26,7 +26,7 @@ from normlab._machine import cpu_model
 from normlab.bench.cases import OPS
 
 MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "4294967296", "MALLOC_TRIM_THRESHOLD_": "68719476736"}
-#: the ladder of DESIGN §5, rows × hidden: one-row calls (a decode step), the study model's 768×128,
+#: the ladder of docs/architecture.md §8, rows × hidden: one-row calls (a decode step), the study model's 768×128,
 #: then calls from a few MB to a few hundred MB
 STANDARD_SHAPES = [(1, 64), (1, 4096), (768, 128), (4096, 768), (2048, 4096), (8192, 4096), (32768, 1024), (2048, 8192)]
 QUICK_SHAPES = [(1, 4096), (768, 128), (4096, 768)]
@@ -102,7 +102,7 @@ def benchmark(*, ops=OPS, shapes=None, dtypes=DTYPES, modes=MODES, device: str =
     from normlab.bench.run import run_all
 
     if samples < 7 or min_time < 0.03:
-        raise BenchArgumentError("--samples must be >= 7 and --min-time >= 0.03 (DESIGN §5)")
+        raise BenchArgumentError("--samples must be >= 7 and --min-time >= 0.03")
     if not (run_ops or models):
         raise BenchArgumentError("--no-ops without --models: nothing to time")
     import torch

@@ -181,7 +181,7 @@ def implementations(op: str, n: int, device: str, compile_reference: bool, secon
 
 
 def bytes_moved(op: str, mode: str, inputs: Inputs) -> int:
-    """DESIGN §5: fwd = read x + write y; fused add + norm = 4N; fwd+bwd = 5N (fused: 8N — the forward's
+    """Bytes counted (docs/architecture.md §8): fwd = read x + write y; fused add + norm = 4N; fwd+bwd = 5N (fused: 8N — the forward's
     4N, then read dy, d(sum), s and write dx); parameters counted once per pass read, once per gradient written.
     DyT counts as a norm: 2N forward, 5N fwd+bwd, its alpha among the parameters."""
     x = inputs.x

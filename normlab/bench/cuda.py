@@ -159,7 +159,7 @@ def benchmark(*, ops=OPS, shapes=None, dtypes=("float32", "bfloat16"), modes=MOD
     if not torch.cuda.is_available():
         raise BenchArgumentError("--device cuda: no CUDA device is visible to torch")
     if samples < 7 or min_time < 0.03:
-        raise BenchArgumentError("--samples must be >= 7 and --min-time >= 0.03 (DESIGN §5)")
+        raise BenchArgumentError("--samples must be >= 7 and --min-time >= 0.03")
     import triton
 
     device = torch.device(device)

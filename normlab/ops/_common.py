@@ -167,7 +167,7 @@ ROW_CHUNK = 8192
 
 
 def row_sum(x: torch.Tensor, keepdim: bool = False) -> torch.Tensor:
-    """``Σ`` over the last dim, bitwise a function of each row alone (batch invariance, DESIGN §3).
+    """``Σ`` over the last dim, bitwise a function of each row alone (batch invariance, docs/architecture.md §4).
 
     ``x.sum(dim=-1)`` is not: torch splits a lone row longer than its parallel grain across threads,
     so the same row sums in another order alone than inside a batch (or with 1 vs 2 threads).

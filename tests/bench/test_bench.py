@@ -1,4 +1,4 @@
-"""The benchmark's plumbing on a tiny shape: it measures, counts bytes as DESIGN §5 says and reports."""
+"""The benchmark's plumbing on a tiny shape: it measures, counts bytes as docs/architecture.md §8 says and reports."""
 
 from __future__ import annotations
 

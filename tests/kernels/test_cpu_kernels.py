@@ -1,4 +1,4 @@
-"""The native ``cpu`` backend against the references (DESIGN §4), at the kernel contract and through the ops,
+"""The native ``cpu`` backend against the references (docs/architecture.md §7), at the kernel contract and through the ops,
 on every ISA build this CPU runs."""
 
 from __future__ import annotations

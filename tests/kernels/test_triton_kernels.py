@@ -1,4 +1,4 @@
-"""Every Triton kernel against the references with the tolerance rule (DESIGN.md §4), every option and
+"""Every Triton kernel against the references with the tolerance rule (docs/architecture.md §7), every option and
 dtype, rows longer than one chunk, parameter gradients, batch invariance and determinism (``torch.equal``).
 
 By default on CPU tensors through Triton's interpreter (``TRITON_INTERPRET=1``, set by ``_triton.py`` before any

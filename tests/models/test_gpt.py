@@ -278,7 +278,7 @@ def test_nanogpt_state_dict_loads_into_gpt2_preset():
 
 @pytest.mark.parametrize("placement", PLACEMENTS)
 def test_block_computes_its_placement_formula(placement):
-    """Each placement's residual formula (DESIGN §6), written out from the block's own sublayers:
+    """Each placement's residual formula (docs/models.md), written out from the block's own sublayers:
     post N(x + F(x)); pre x + F(N(x)); sandwich x + N₂(F(N₁(x))); DeepNorm N(α·x + F(x)), α = (2M)^¼;
     none x + F(x)."""
     cfg = GPTConfig(**{**TINY, "n_layer": 3}, placement=placement)

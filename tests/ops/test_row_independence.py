@@ -1,4 +1,4 @@
-"""Every row-wise op: a row's result is a function of that row alone (DESIGN §3) — bitwise the same
+"""Every row-wise op: a row's result is a function of that row alone (docs/architecture.md §4) — bitwise the same
 alone, inside 2-, 255- and 300-row batches, and with 1 or 2 threads — and a NaN/inf row leaves every
 other row's output and the parameter gradients of a loss over other rows exact."""
 
@@ -163,7 +163,7 @@ THREAD_CASES = {
 
 @pytest.mark.parametrize("op", list(THREAD_CASES))
 def test_one_and_two_threads_bitwise(op, monkeypatch):
-    """Determinism (DESIGN §3): forward and every gradient bitwise equal with 1 and 2 threads (torch's
+    """Determinism (docs/architecture.md §4): forward and every gradient bitwise equal with 1 and 2 threads (torch's
     and with it the native kernels)."""
     fn, *shapes = THREAD_CASES[op]
     with threads(1, monkeypatch):

@@ -1,4 +1,4 @@
-"""Analysis functions against their formulas (DESIGN.md §7)."""
+"""Analysis functions against their formulas (docs/architecture.md §10)."""
 
 import math
 
