@@ -4,12 +4,12 @@ __version__ = "0.1.0"
 
 from normlab import dispatch
 from normlab.dispatch import backend
-from normlab.ops import *  # noqa: F401,F403
+from normlab.ops import *
 from normlab.ops import __all__ as _ops_all
 
 __all__ = ["__version__", "backend", "dispatch", *_ops_all]
 
-from normlab.models import convert  # noqa: E402  (normlab.convert.pre_ln_to_pre_rmsnorm)
-from normlab.models.patch import patch, unpatch  # noqa: E402
+from normlab.models import convert
+from normlab.models.patch import patch, unpatch
 
-__all__ += ["patch", "unpatch", "convert"]
+__all__ += ["convert", "patch", "unpatch"]

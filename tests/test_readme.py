@@ -13,7 +13,7 @@ README = Path(__file__).resolve().parents[1] / "README.md"
 def readme_example() -> str:
     text = README.read_text(encoding="utf-8")
     section = text.split("## The library in ten lines", 1)[1]
-    match = re.search(r"```python\n(.*?)```", section, re.S)
+    match = re.search(r"```python\n(.*?)```", section, re.DOTALL)
     assert match, "README has no python block under 'The library in ten lines'"
     return match.group(1)
 

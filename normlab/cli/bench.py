@@ -7,8 +7,17 @@ import argparse
 import os
 import sys
 
-from normlab.bench import (ALL_DTYPES, DTYPES, MALLOC_ENV, MODEL_GROUPS, MODES, QUICK_SHAPES, STANDARD_SHAPES,
-                           BenchArgumentError, benchmark)
+from normlab.bench import (
+    ALL_DTYPES,
+    DTYPES,
+    MALLOC_ENV,
+    MODEL_GROUPS,
+    MODES,
+    QUICK_SHAPES,
+    STANDARD_SHAPES,
+    BenchArgumentError,
+    benchmark,
+)
 from normlab.bench.cases import OPS
 from normlab.cli.argtypes import comma_list, device, positive_float, positive_int, shape
 

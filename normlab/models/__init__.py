@@ -5,5 +5,17 @@ from normlab.models.norms import NORMS, RMSNormWithBias, TokenGroupNorm, make_no
 from normlab.models.patch import PatchReport, patch, unpatch
 from normlab.models.serialization import load_pretrained, save_pretrained
 
-__all__ = ["GPT", "GPTConfig", "Block", "NORMS", "make_norm", "RMSNormWithBias", "TokenGroupNorm",
-           "save_pretrained", "load_pretrained", "patch", "unpatch", "PatchReport"]
+__all__ = [
+           "GPT",
+           "NORMS",
+           "Block",
+           "GPTConfig",
+           "PatchReport",
+           "RMSNormWithBias",
+           "TokenGroupNorm",
+           "load_pretrained",
+           "make_norm",
+           "patch",
+           "save_pretrained",
+           "unpatch",
+]

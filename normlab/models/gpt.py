@@ -29,7 +29,6 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
-from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -60,7 +59,7 @@ class GPTConfig:
     d_model: int = 128
     norm: str = "layernorm"        # layernorm | rmsnorm | batchnorm | groupnorm | dyt | none
     placement: str = "pre"         # post | pre | sandwich | deepnorm | olmo2 | mixln | lnscaling | none
-    mixln_post_layers: Optional[int] = None  # mixln: how many leading blocks are post (None: ⌊n_layer/4⌋, at least 1)
+    mixln_post_layers: int | None = None  # mixln: how many leading blocks are post (None: ⌊n_layer/4⌋, at least 1)
     mlp: str = "gelu"              # gelu | gelu_tanh | relu | swiglu
     pos: str = "learned"           # learned | rotary
     final_norm: bool = True        # a norm before lm_head
@@ -68,7 +67,7 @@ class GPTConfig:
     qk_norm: bool = False          # RMSNorm over the head dim on q and k
     bias: bool = True              # bias in the Linears and in the LayerNorm / RMSNorm / DyT norms
     dropout: float = 0.0
-    mlp_hidden: Optional[int] = None  # None: 4·d (gelu), 8d/3 rounded up to a multiple of 32 (swiglu)
+    mlp_hidden: int | None = None  # None: 4·d (gelu), 8d/3 rounded up to a multiple of 32 (swiglu)
     eps: float = 1e-5              # eps of every norm
     norm_groups: int = 4           # groups of groupnorm
     dyt_alpha: float = 0.5         # DyT's α₀ (the init of its learnable scale)
@@ -131,7 +130,7 @@ class GPTConfig:
         return 4 * self.d_model
 
     @classmethod
-    def preset(cls, name: str, **overrides) -> "GPTConfig":
+    def preset(cls, name: str, **overrides) -> GPTConfig:
         """``gpt2``: LayerNorm, pre, GELU MLP, learned positions, final norm, tied embeddings, bias.
         ``llama``: RMSNorm, pre, SwiGLU, rotary positions, final norm, untied, no bias.
         Sizes are the dataclass defaults unless given in ``overrides``."""
@@ -143,7 +142,7 @@ class GPTConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "GPTConfig":
+    def from_dict(cls, d: dict) -> GPTConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:
@@ -185,7 +184,7 @@ class CausalSelfAttention(nn.Module):
         self.dropout = config.dropout
         self.resid_dropout = nn.Dropout(config.dropout)
 
-    def qkv(self, x: Tensor, rope: Optional[tuple[Tensor, Tensor]] = None) -> tuple[Tensor, Tensor, Tensor]:
+    def qkv(self, x: Tensor, rope: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, Tensor, Tensor]:
         """Queries, keys (after QK-norm and rotary) and values, each ``(B, n_head, T, head_dim)``."""
         B, T, C = x.shape
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in self.c_attn(x).split(C, dim=2))
@@ -195,7 +194,7 @@ class CausalSelfAttention(nn.Module):
             q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
         return q, k, v
 
-    def forward(self, x: Tensor, rope: Optional[tuple[Tensor, Tensor]] = None) -> Tensor:
+    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor] | None = None) -> Tensor:
         B, T, C = x.shape
         q, k, v = self.qkv(x, rope)
         y = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0, is_causal=True)
@@ -243,7 +242,7 @@ class Block(nn.Module):
         self.alpha = (2 * config.n_layer) ** 0.25 if config.placement == "deepnorm" else 1.0
         self.scale = 1.0 / math.sqrt(layer_idx + 1) if config.placement == "lnscaling" else 1.0
 
-    def forward(self, x: Tensor, rope: Optional[tuple[Tensor, Tensor]] = None) -> Tensor:
+    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor] | None = None) -> Tensor:
         p = self.placement
         if p == "pre":
             x = x + self.attn(self.ln_1(x), rope)
@@ -340,14 +339,14 @@ class GPT(nn.Module):
                 for lin in (block.attn.c_proj, block.mlp.c_proj):
                     nn.init.normal_(lin.weight, mean=0.0, std=std / math.sqrt(2 * c.n_layer))
 
-    def _init_qkv(self, block: "Block", init, gains: tuple[float, float, float]) -> None:
+    def _init_qkv(self, block: Block, init, gains: tuple[float, float, float]) -> None:
         """Initialise q, k and v, stored as one (3d, d) matrix, each as its own (d, d) matrix."""
         d, w = self.config.d_model, block.attn.c_attn.weight
         with torch.no_grad():
             for i, gain in enumerate(gains):
                 init(w[i * d:(i + 1) * d], gain=gain)
 
-    def forward(self, idx: Tensor, targets: Optional[Tensor] = None) -> tuple[Tensor, Optional[Tensor]]:
+    def forward(self, idx: Tensor, targets: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
         """``idx`` (B, T) int64 token ids → ``(logits (B, T, vocab), loss or None)``; targets -1 are ignored."""
         if idx.dim() != 2 or idx.dtype != torch.long:
             raise ValueError(f"idx must be a (B, T) int64 tensor, got shape {tuple(idx.shape)} dtype {idx.dtype}")
@@ -388,7 +387,7 @@ class GPT(nn.Module):
         return sum(p.numel() for p in self.parameters())
 
     @classmethod
-    def from_nanogpt_state_dict(cls, state_dict: dict, config: GPTConfig) -> "GPT":
+    def from_nanogpt_state_dict(cls, state_dict: dict, config: GPTConfig) -> GPT:
         """A GPT (in the dtype of the weights) loaded from a nanoGPT ``model.state_dict()`` (``torch.nn.LayerNorm``-style keys
         ``weight``/``bias``). Drops nanoGPT's causal-mask buffers (``*.attn.bias``, 4-D) and the
         ``_orig_mod.`` prefix of a ``torch.compile``d model; any other mismatch raises."""

@@ -22,7 +22,7 @@ from normlab.study.distributed import DistInfo, barrier, on_main_then_share, set
 from normlab.study.report import Experiment, environment, text_table, write_report
 from normlab.study.train import RunResult, StepCallback, train_run
 
-__all__ = ["run_study", "StudyConfig", "StudyResult", "StudyConfigError", "DEFAULT_VARIANTS", "EXPERIMENTS"]
+__all__ = ["DEFAULT_VARIANTS", "EXPERIMENTS", "StudyConfig", "StudyConfigError", "StudyResult", "run_study"]
 
 
 @dataclass
@@ -96,7 +96,7 @@ def run_study(
 def _run(cfg: StudyConfig, out: Path, name: str, progress: bool, info: DistInfo, log, ex,
          callbacks: tuple[StepCallback, ...]) -> StudyResult:
     if info.is_main is False:
-        log = lambda *a, **k: None  # noqa: E731
+        log = lambda *a, **k: None
     # everything that can be wrong is checked before any work
     corpus = load_corpus(cfg.data)
     corpus.check_block_size(cfg.block_size)

@@ -30,14 +30,13 @@ from normlab.analysis import (
     random_baseline,
 )
 from normlab.bench.timing import median_time
+from normlab.study import verdicts
 from normlab.study.config import RunConfig, StudyConfig, parse_variant
 from normlab.study.data import Corpus
 from normlab.study.distributed import DistInfo
-from normlab.study import verdicts
 from normlab.study.report import Experiment, fmt, new_figure, save_figure
 from normlab.study.train import RunResult, build_model, train_run
 from normlab.study.verdicts import COMPARABLE_NATS, FASTER_BY, GEOMETRY_TOLERANCE, GROWS_ABOVE, Verdict
-
 
 
 def model_config(cfg: StudyConfig, vocab_size: int, variant: str, **overrides) -> dict:
@@ -215,7 +214,7 @@ def measure_grad_at_init(cfg: StudyConfig, corpus: Corpus) -> dict[tuple[str, in
     """``(init, depth, placement) → ‖∂L/∂W^{2,l}‖`` per layer l (the MLP's output matrix, as in Xiong et
     al.) of the freshly initialised LayerNorm model, averaged over ``cfg.grad_batches`` training batches."""
     inits = {PAPER_INIT: cfg.d_model**-0.5, DEFAULT_INIT: None}
-    ffn_out = lambda name: "mlp.c_proj.weight" in name  # noqa: E731
+    ffn_out = lambda name: "mlp.c_proj.weight" in name
     curves: dict[tuple[str, int, str], list[float]] = {}
     for init, std in inits.items():
         for depth in cfg.grad_depths:

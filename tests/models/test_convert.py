@@ -5,12 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 from torch import nn
+from transformers import GPT2Config, GPT2LMHeadModel
 
 from normlab.models import GPT, GPTConfig, load_pretrained, save_pretrained
 from normlab.models.convert import gpt_from_hf_gpt2, pre_ln_to_pre_rmsnorm
 from normlab.nn import LayerNorm
-
-from transformers import GPT2Config, GPT2LMHeadModel
 
 TOL = {torch.float64: 1e-12, torch.float32: 1e-4}
 TINY = dict(vocab_size=32, block_size=16, n_layer=2, n_head=2, d_model=32)

@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from normlab.models import GPT, Block, GPTConfig, NORMS
+from normlab.models import GPT, NORMS, Block, GPTConfig
 from normlab.models.gpt import PLACEMENTS
 
 TINY = dict(vocab_size=16, block_size=8, n_layer=2, n_head=2, d_model=16, norm_groups=4)
@@ -212,7 +212,7 @@ def test_batchnorm_leaks_future_tokens_in_training():
         idx = batch(model.config)[0]
         other = idx.clone()
         other[:, -1] = (other[:, -1] + 1) % TINY["vocab_size"]
-        first = lambda i: model(i)[0][:, 0]  # noqa: E731
+        first = lambda i: model(i)[0][:, 0]
         assert (not torch.equal(first(idx), first(other))) == leaks
         model.eval()
         assert torch.equal(first(idx), first(other))
@@ -220,15 +220,15 @@ def test_batchnorm_leaks_future_tokens_in_training():
 
 def gpt2_reference_forward(sd: dict, idx: torch.Tensor, n_head: int) -> torch.Tensor:
     """GPT-2 (nanoGPT) forward written with torch.nn.functional straight from a state_dict."""
-    ln = lambda x, p: F.layer_norm(x, x.shape[-1:], sd[p + ".weight"], sd[p + ".bias"])  # noqa: E731
-    lin = lambda x, p: F.linear(x, sd[p + ".weight"], sd[p + ".bias"])  # noqa: E731
+    ln = lambda x, p: F.layer_norm(x, x.shape[-1:], sd[p + ".weight"], sd[p + ".bias"])
+    lin = lambda x, p: F.linear(x, sd[p + ".weight"], sd[p + ".bias"])
     B, T = idx.shape
     x = sd["transformer.wte.weight"][idx] + sd["transformer.wpe.weight"][:T]
     L = 1 + max(int(k.split(".")[2]) for k in sd if k.startswith("transformer.h."))
     for i in range(L):
         p = f"transformer.h.{i}."
         q, k, v = lin(ln(x, p + "ln_1"), p + "attn.c_attn").chunk(3, dim=-1)
-        heads = lambda t: t.view(B, T, n_head, -1).transpose(1, 2)  # noqa: E731
+        heads = lambda t: t.view(B, T, n_head, -1).transpose(1, 2)
         att = (heads(q) @ heads(k).transpose(-1, -2)) / math.sqrt(q.shape[-1] // n_head)
         att = att.masked_fill(torch.ones(T, T, dtype=torch.bool).triu(1), float("-inf")).softmax(-1)
         x = x + lin((att @ heads(v)).transpose(1, 2).reshape(B, T, -1), p + "attn.c_proj")
@@ -239,7 +239,7 @@ def gpt2_reference_forward(sd: dict, idx: torch.Tensor, n_head: int) -> torch.Te
 def nanogpt_state_dict(V=16, T=8, L=2, d=16, seed=0) -> dict:
     """A nanoGPT-style state_dict: torch.nn.LayerNorm norms, Linear weights, causal-mask buffers."""
     g = torch.Generator().manual_seed(seed)
-    r = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64) * 0.3  # noqa: E731
+    r = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64) * 0.3
 
     def layer_norm(prefix):
         m = torch.nn.LayerNorm(d, dtype=torch.float64)

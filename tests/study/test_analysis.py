@@ -7,7 +7,6 @@ import torch
 from torch import nn
 
 import normlab.nn
-
 from normlab.analysis import (
     ActivationStats,
     NormTimer,

