@@ -33,8 +33,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", default=None, help="a UTF-8 text file (default: CPython's help text, pydoc_data.topics)")
     p.add_argument("--experiments", type=comma_list(int, EXPERIMENTS), default=list(d.experiments),
                    help="comma-separated, which of 1-6 (default: all)")
-    p.add_argument("--grad-depths", type=comma_list(positive_int), default=None,
-                   help="comma-separated depths of experiment 2 (default: n_layer, 2·n_layer)")
+    p.add_argument("--grad-depths", type=comma_list(positive_int), default=list(d.grad_depths),
+                   help="comma-separated depths of experiment 2 (default: 6,12, the paper's)")
+    p.add_argument("--grad-d-model", type=positive_int, default=d.grad_d_model,
+                   help="width of experiment 2's models (default: %(default)s, the paper's)")
+    p.add_argument("--grad-seeds", type=positive_int, default=d.grad_seeds,
+                   help="seeds of experiment 2 (default: %(default)s)")
     p.add_argument("--warmup-lr", type=positive_float, default=d.warmup_lr, help="high learning rate of experiment 3 (default: %(default)s)")
     p.add_argument("--warmup-steps", type=positive_int, default=d.warmup_steps, help="steps per run of experiment 3")
     p.add_argument("--out", default="runs", help="parent directory of the study directory (default: %(default)s)")
@@ -51,7 +55,8 @@ def config_from_args(args: argparse.Namespace) -> StudyConfig:
         variants=args.variants, steps=args.steps, preset=args.preset, n_layer=args.n_layer, n_head=args.n_head,
         d_model=args.d_model, block_size=args.block_size, batch_size=args.batch_size, lr=args.lr, warmup=args.warmup,
         seed=args.seed, eval_interval=args.eval_interval, eval_iters=args.eval_iters, data=args.data,
-        experiments=args.experiments, grad_depths=args.grad_depths or [], warmup_lr=args.warmup_lr,
+        experiments=args.experiments, grad_depths=args.grad_depths,
+        grad_d_model=args.grad_d_model, grad_seeds=args.grad_seeds, warmup_lr=args.warmup_lr,
         warmup_steps=args.warmup_steps,
     )
 

@@ -92,9 +92,13 @@ class StudyConfig:
     eval_iters: int = 4
     data: str | None = None
     experiments: list[int] = field(default_factory=lambda: list(EXPERIMENTS))
-    # experiment 2: gradient norm at init, at these depths (0 → n_layer and 2·n_layer)
-    grad_depths: list[int] = field(default_factory=list)
-    grad_batches: int = 2
+    # experiment 2: gradient norm at init, at these depths, width and heads (the paper's d=512), over seeds
+    grad_depths: list[int] = field(default_factory=lambda: [6, 12])
+    grad_d_model: int = 512
+    grad_n_head: int = 8
+    grad_batch_size: int = 8
+    grad_batches: int = 1
+    grad_seeds: int = 3
     # experiment 3: warmup sensitivity at a high learning rate
     warmup_lr: float = 1e-2
     warmup_steps: int = 60
@@ -107,7 +111,8 @@ class StudyConfig:
             raise StudyConfigError(f"--experiments: expected numbers in {list(EXPERIMENTS)}, got {self.experiments}")
         if self.d_model % self.n_head:
             raise StudyConfigError(f"d_model={self.d_model} must be divisible by n_head={self.n_head}")
-        for k in ("steps", "batch_size", "block_size", "n_layer", "n_head", "d_model", "warmup_steps"):
+        for k in ("steps", "batch_size", "block_size", "n_layer", "n_head", "d_model", "warmup_steps", "grad_d_model",
+                  "grad_n_head", "grad_batch_size", "grad_batches", "grad_seeds"):
             if getattr(self, k) < 1:
                 raise StudyConfigError(f"{k} must be ≥ 1, got {getattr(self, k)}")
         if self.preset not in (None, "gpt2", "llama"):
@@ -121,10 +126,10 @@ class StudyConfig:
         for k in ("lr", "warmup_lr"):
             if not (math.isfinite(getattr(self, k)) and getattr(self, k) > 0):
                 raise StudyConfigError(f"--{k.replace('_', '-')}: expected a finite number > 0, got {getattr(self, k)}")
-        if any(d < 1 for d in self.grad_depths):
+        if not self.grad_depths or any(d < 1 for d in self.grad_depths):
             raise StudyConfigError(f"--grad-depths: expected positive depths, got {self.grad_depths}")
-        if not self.grad_depths:
-            self.grad_depths = [self.n_layer, 2 * self.n_layer]
+        if self.grad_d_model % self.grad_n_head:
+            raise StudyConfigError(f"grad_d_model={self.grad_d_model} must be divisible by grad_n_head={self.grad_n_head}")
 
     @property
     def warmup_iters(self) -> int:

@@ -206,82 +206,129 @@ def _dyt_saturation_note(name: str, r: RunResult, cfg: StudyConfig) -> str:
 # ---------------------------------------------------------------------------------------------------
 # 2. Gradient norm at initialization
 # ---------------------------------------------------------------------------------------------------
-#: Experiment 2's two initialisations: the paper's Xavier-style std 1/√d (computed from d) and the library's default.
-PAPER_INIT, DEFAULT_INIT = "Xavier-style, std 1/√d (paper)", "default, std 0.02"
+#: Experiment 2's two settings: the paper's (Xiong et al.: the original Transformer's Xavier init and ReLU
+#: FFN, no extra residual scaling, a final norm only for Pre-LN) and the library's default model.
+PAPER_SETTING, DEFAULT_SETTING = "paper's setting", "library default"
+SETTINGS = {
+    PAPER_SETTING: lambda placement: dict(init="xavier", mlp="relu", final_norm=placement == "pre"),
+    DEFAULT_SETTING: lambda placement: {},
+}
 
 
-def measure_grad_at_init(cfg: StudyConfig, corpus: Corpus) -> dict[tuple[str, int, str], list[float]]:
-    """``(init, depth, placement) → ‖∂L/∂W^{2,l}‖`` per layer l (the MLP's output matrix, as in Xiong et
-    al.) of the freshly initialised LayerNorm model, averaged over ``cfg.grad_batches`` training batches."""
-    inits = {PAPER_INIT: cfg.d_model**-0.5, DEFAULT_INIT: None}
-    ffn_out = lambda name: "mlp.c_proj.weight" in name
-    curves: dict[tuple[str, int, str], list[float]] = {}
-    for init, std in inits.items():
+def grad_model_config(cfg: StudyConfig, vocab_size: int, setting: str, depth: int, placement: str) -> dict:
+    """The LayerNorm model of experiment 2 at ``depth`` in ``setting``, at the experiment's width."""
+    return model_config(cfg, vocab_size, f"layernorm-{placement}", n_layer=depth, d_model=cfg.grad_d_model,
+                        n_head=cfg.grad_n_head, **SETTINGS[setting](placement))
+
+
+def measure_grad_at_init(cfg: StudyConfig, corpus: Corpus) -> dict[tuple[str, int, str], list[list[float]]]:
+    """``(setting, depth, placement) → per seed, ‖∂L/∂W^{2,l}‖ per layer l`` (the MLP's output matrix, as in
+    Xiong et al.) of the freshly initialised model, averaged over ``cfg.grad_batches`` training batches.
+    Seed ``cfg.seed + s`` sets both the init and the batches."""
+    ffn_out = lambda name: "mlp.c_proj.weight" in name  # noqa: E731
+    curves: dict[tuple[str, int, str], list[list[float]]] = {}
+    for setting in SETTINGS:
         for depth in cfg.grad_depths:
             for placement in ("post", "pre"):
-                over = {"n_layer": depth} | ({"init_std": std} if std else {})
-                model = build_model(model_config(cfg, corpus.vocab_size, f"layernorm-{placement}", **over), cfg.seed).train()
-                acc: dict[int, float] = {}
-                for i in range(cfg.grad_batches):
-                    x, y = corpus.batch("train", i, cfg.batch_size, cfg.block_size, cfg.seed)
-                    for k, v in grad_norm_at_init(model, x, y, include=ffn_out).items():
-                        acc[k] = acc.get(k, 0.0) + v / cfg.grad_batches
-                curves[(init, depth, placement)] = [acc[k] for k in sorted(acc)]
+                per_seed = []
+                for s in range(cfg.grad_seeds):
+                    seed = cfg.seed + s
+                    mc = grad_model_config(cfg, corpus.vocab_size, setting, depth, placement)
+                    model = build_model(mc, seed).train()
+                    acc: dict[int, float] = {}
+                    for i in range(cfg.grad_batches):
+                        x, y = corpus.batch("train", i, cfg.grad_batch_size, cfg.block_size, seed)
+                        for k, v in grad_norm_at_init(model, x, y, include=ffn_out).items():
+                            acc[k] = acc.get(k, 0.0) + v / cfg.grad_batches
+                    per_seed.append([acc[k] for k in sorted(acc)])
+                curves[(setting, depth, placement)] = per_seed
     return curves
 
 
-def grad_ratios(curves: dict[tuple[str, int, str], list[float]], depths: list[int]) -> dict[tuple[int, str], float]:
-    """Last/first-layer ratio per ``(depth, placement)`` under the paper's init."""
-    return {(d, p): curves[(PAPER_INIT, d, p)][-1] / curves[(PAPER_INIT, d, p)][0]
-            for d in depths for p in ("post", "pre")}
+def grad_ratios(curves: dict[tuple[str, int, str], list[list[float]]], setting: str = PAPER_SETTING
+                ) -> dict[tuple[int, str], list[float]]:
+    """Per-seed last/first-layer ratios per ``(depth, placement)`` in ``setting``."""
+    return {(d, p): [g[-1] / g[0] for g in per_seed] for (s, d, p), per_seed in curves.items() if s == setting}
 
 
-def render_grad_at_init(cfg: StudyConfig, out_dir: Path, curves: dict[tuple[str, int, str], list[float]],
+def _mean_curve(per_seed: list[list[float]]) -> tuple[list[float], list[float]]:
+    stats = [verdicts.mean_std([g[i] for g in per_seed]) for i in range(len(per_seed[0]))]
+    return [m for m, _ in stats], [s for _, s in stats]
+
+
+def _pm(values: list[float]) -> str:
+    mean, std = verdicts.mean_std(values)
+    return f"{mean:.3g} ± {std:.2g}"
+
+
+def render_grad_at_init(cfg: StudyConfig, out_dir: Path, curves: dict[tuple[str, int, str], list[list[float]]],
                         verdict: Verdict, results: dict[str, RunResult] | None = None) -> Experiment:
-    inits = (PAPER_INIT, DEFAULT_INIT)
-    rows = [[init, depth, f"{placement}-LN", g[0], g[len(g) // 2], g[-1], g[-1] / g[0]]
-            for (init, depth, placement), g in curves.items()]
+    def rows_of(setting: str) -> list[list]:
+        rows = []
+        for (s, depth, placement), per_seed in curves.items():
+            if s == setting:
+                mean, _ = _mean_curve(per_seed)
+                rows.append([depth, f"{placement}-LN", mean[0], mean[len(mean) // 2], mean[-1],
+                             _pm([g[-1] / g[0] for g in per_seed])])
+        return rows
+
+    headers = ["layers", "placement", "‖∇‖ layer 1", "‖∇‖ middle", "‖∇‖ last", "last / first (mean ± std)"]
     trained = {n: r for n, r in (results or {}).items() if any("layer_grad_norm" in x for x in r.records)}
-    fig, axes = new_figure(len(inits) + bool(trained), 5.5, 4)
+    fig, axes = new_figure(len(SETTINGS) + bool(trained), 5.5, 4)
     if trained:  # per-layer gradient norms recorded while the grid trained (all weight matrices of a layer)
         ax = axes[-1]
         for name, r in trained.items():
             recs = [x for x in r.records if "layer_grad_norm" in x]
             last = recs[-1]["layer_grad_norm"]
             ax.plot([int(k) + 1 for k in last], list(last.values()), marker="o", label=f"{name}, step {recs[-1]['step']}")
-        ax.set(xlabel="layer l", ylabel="‖∂L/∂W‖ (all matrices of the layer)", yscale="log", title="end of training (experiment 1 grid)")
+        ax.set(xlabel="layer l", ylabel="‖∂L/∂W‖ (all matrices of the layer)", yscale="log",
+               title="end of training (experiment 1 grid)")
         ax.legend(fontsize=6)
-    for ax, init in zip(axes, inits):
+    for ax, setting in zip(axes, SETTINGS):
         for depth in cfg.grad_depths:
             for placement in ("post", "pre"):
-                g = curves[(init, depth, placement)]
-                ax.plot(range(1, len(g) + 1), g, marker="o", ls="-" if placement == "post" else "--", label=f"{placement}-LN, {depth} layers")
-        ax.set(xlabel="layer l", ylabel="‖∂L/∂W^{2,l}‖ (MLP output matrix)", yscale="log", title=f"at initialization — {init}")
+                mean, std = _mean_curve(curves[(setting, depth, placement)])
+                layers = range(1, len(mean) + 1)
+                line = ax.plot(layers, mean, marker="o", ms=3, ls="-" if placement == "post" else "--",
+                               label=f"{placement}-LN, {depth} layers")[0]
+                ax.fill_between(layers, [m - s for m, s in zip(mean, std)], [m + s for m, s in zip(mean, std)],
+                                color=line.get_color(), alpha=0.2)
+        ax.set(xlabel="layer l", ylabel="‖∂L/∂W^{2,l}‖ (MLP output matrix)", yscale="log",
+               title=f"at initialization — {setting} (band: ± 1 std over seeds)")
         ax.legend(fontsize=7)
     plot = save_figure(fig, out_dir / "exp2_grad_init.png")
-    ratio = grad_ratios(curves, cfg.grad_depths)
-    measured = "last/first-layer gradient ratio (paper's init): " + "; ".join(
-        f"{d} layers Post-LN {ratio[(d, 'post')]:.2f}, Pre-LN {ratio[(d, 'pre')]:.2f}" for d in cfg.grad_depths)
+    ratio = grad_ratios(curves)
+    measured = f"last/first-layer gradient ratio, paper's setting, d={cfg.grad_d_model}, {cfg.grad_seeds} seeds: " + "; ".join(
+        f"{d} layers Post-LN {_pm(ratio[(d, 'post')])}, Pre-LN {_pm(ratio[(d, 'pre')])}" for d in cfg.grad_depths)
     claim = ("At initialization the gradient norm of Post-LN's weights grows with the layer index (large near the "
              "output), while Pre-LN's does not grow — the reason Post-LN needs warmup "
              "(Xiong et al. 2020, *On Layer Normalization in the Transformer Architecture*, Fig. 3).")
-    notes = [f"Mean over {cfg.grad_batches} training batches of one forward/backward of the freshly initialised "
-             "LayerNorm model (same seed); per layer the gradient norm of the MLP's output matrix W^{2,l}. Both inits "
-             "keep the library's extra 1/√(2·layers) scale on the residual output projections.",
-             f"Holds when, at every depth, Post-LN's last/first ratio is > {GROWS_ABOVE:g} and Pre-LN's "
-             f"≤ {GROWS_ABOVE:g} "
-             "(paper's init); partly when only Pre-LN's part or only the ordering Post > Pre holds."]
+    notes = [f"One forward/backward of the freshly initialised LayerNorm model (d={cfg.grad_d_model}, "
+             f"{cfg.grad_n_head} heads, context {cfg.block_size}) on {cfg.grad_batches} training batch(es) of "
+             f"{cfg.grad_batch_size} sequences; per layer the gradient norm of the MLP's output matrix W^{{2,l}}. "
+             f"Seeds {cfg.seed}…{cfg.seed + cfg.grad_seeds - 1} set both the init and the batches.",
+             "The paper's setting: Xavier-uniform Linears (q, k, v each its own matrix), zero biases, embeddings "
+             "N(0, 1/d), ReLU FFN, no extra scaling of the residual branches, a final LayerNorm for Pre-LN only. "
+             "The library default (second table) is nanoGPT's: N(0, 0.02), residual output projections scaled by "
+             "1/√(2·layers), GELU — that scaling shrinks every branch and hides the effect.",
+             f"Holds when Post-LN's last/first ratio at the deepest depth has mean − {verdicts.SPREAD_K:g}·std > "
+             f"{GROWS_ABOVE:g} (the last layer's gradient larger than the first's beyond the seeds' spread) and "
+             "Pre-LN's does not at any depth; partly when only one of the two."]
+    if max(cfg.grad_depths) < 12 or cfg.grad_d_model < 512:
+        notes.append(f"Below the paper's scale (6 and 12 layers, d=512): deepest {max(cfg.grad_depths)} layers, "
+                     f"d={cfg.grad_d_model}.")
     return Experiment(2, "Gradient norm per layer at initialization", claim, measured, verdict.word,
-                      ["init", "layers", "placement", "‖∇‖ layer 1", "‖∇‖ middle", "‖∇‖ last", "last / first"], rows, plot, notes,
-                      data={f"{i}|{d}|{p}": g for (i, d, p), g in curves.items()})
+                      headers, rows_of(PAPER_SETTING), plot, notes,
+                      [("Library default init (nanoGPT's):", headers, rows_of(DEFAULT_SETTING))],
+                      data={f"{s}|{d}|{p}": g for (s, d, p), g in curves.items()})
 
 
 def exp2_grad_at_init(cfg: StudyConfig, corpus: Corpus, out_dir: Path,
                       results: dict[str, RunResult] | None = None) -> Experiment:
-    """‖∂L/∂W^{2,l}‖ at initialization, Post-LN vs Pre-LN at two depths, under the paper's Xavier-style init
-    (std 1/√d) and the library's default."""
+    """‖∂L/∂W^{2,l}‖ at initialization, Post-LN vs Pre-LN at two depths, in the paper's setting and the
+    library's default, over seeds."""
     curves = measure_grad_at_init(cfg, corpus)
-    verdict = verdicts.grad_at_init(grad_ratios(curves, cfg.grad_depths))
+    verdict = verdicts.grad_at_init(grad_ratios(curves))
     return render_grad_at_init(cfg, out_dir, curves, verdict, results)
 
 

@@ -11,7 +11,7 @@ import pytest
 
 from normlab.study.config import StudyConfig
 from normlab.study.data import load_corpus
-from normlab.study.experiments import exp2_grad_at_init, model_config
+from normlab.study.experiments import DEFAULT_SETTING, PAPER_SETTING, exp2_grad_at_init, grad_model_config, model_config
 from normlab.study.train import _diverged, build_model, lr_at
 from normlab.study.verdicts import warmup as warmup_verdict
 
@@ -68,22 +68,34 @@ def test_warmup_verdict(losses, verdict):
 
 def test_exp2_is_the_mlp_output_matrix_gradient_at_init(tmp_path):
     """Experiment 2's per-layer values are ‖∂L/∂W^{2,l}‖ of the freshly initialised model, averaged over
-    the batches, layer 1 first — computed here by hand from the modules."""
-    cfg = StudyConfig(n_layer=2, n_head=2, d_model=32, block_size=16, batch_size=4, grad_depths=[2, 3], grad_batches=2,
-                      experiments=[2])
+    the batches, layer 1 first, per seed — computed here by hand from the modules; the paper's setting is
+    Xavier init, ReLU FFN and a final norm for Pre-LN only."""
+    cfg = StudyConfig(n_layer=2, n_head=2, d_model=32, block_size=16, grad_batch_size=4, grad_depths=[2, 3],
+                      grad_batches=2, grad_d_model=16, grad_n_head=2, grad_seeds=2, experiments=[2])
     corpus = load_corpus()
     exp = exp2_grad_at_init(cfg, corpus, tmp_path)
-    for depth in cfg.grad_depths:
-        for placement in ("post", "pre"):
-            model = build_model(model_config(cfg, corpus.vocab_size, f"layernorm-{placement}", n_layer=depth), cfg.seed)
-            want = [0.0] * depth
-            for i in range(cfg.grad_batches):
-                x, y = corpus.batch("train", i, cfg.batch_size, cfg.block_size, cfg.seed)
-                model.zero_grad()
-                model(x, y)[1].backward()
-                for layer, block in enumerate(model.transformer.h):
-                    want[layer] += block.mlp.c_proj.weight.grad.norm().item() / cfg.grad_batches
-            got = exp.data[f"default, std 0.02|{depth}|{placement}"]
-            assert got == pytest.approx(want, rel=1e-6), (depth, placement)
-            row = next(r for r in exp.rows if r[0] == "default, std 0.02" and r[1] == depth and r[2] == f"{placement}-LN")
-            assert row[-1] == pytest.approx(want[-1] / want[0], rel=1e-6)  # last / first
+    for setting in (PAPER_SETTING, DEFAULT_SETTING):
+        for depth in cfg.grad_depths:
+            for placement in ("post", "pre"):
+                mc = grad_model_config(cfg, corpus.vocab_size, setting, depth, placement)
+                assert (mc["d_model"], mc["n_head"], mc["n_layer"]) == (16, 2, depth)
+                assert (mc["init"], mc["mlp"], mc["final_norm"]) == (
+                    ("xavier", "relu", placement == "pre") if setting == PAPER_SETTING else ("gpt2", "gelu", True))
+                ratios = []
+                for s in range(cfg.grad_seeds):
+                    model = build_model(mc, cfg.seed + s)
+                    want = [0.0] * depth
+                    for i in range(cfg.grad_batches):
+                        x, y = corpus.batch("train", i, cfg.grad_batch_size, cfg.block_size, cfg.seed + s)
+                        model.zero_grad()
+                        model(x, y)[1].backward()
+                        for layer, block in enumerate(model.transformer.h):
+                            want[layer] += block.mlp.c_proj.weight.grad.norm().item() / cfg.grad_batches
+                    got = exp.data[f"{setting}|{depth}|{placement}"][s]
+                    assert got == pytest.approx(want, rel=1e-6), (setting, depth, placement, s)
+                    ratios.append(want[-1] / want[0])
+                rows = exp.rows if setting == PAPER_SETTING else exp.extra_tables[0][2]
+                row = next(r for r in rows if r[0] == depth and r[1] == f"{placement}-LN")
+                mean = sum(ratios) / 2
+                std = abs(ratios[0] - ratios[1]) / 2 ** 0.5
+                assert row[-1] == f"{mean:.3g} ± {std:.2g}"  # last / first over the seeds

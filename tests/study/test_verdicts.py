@@ -25,27 +25,39 @@ def test_loss_and_speed(delta, saving, word):
 
 
 def _ratios(post, pre):
-    """Depths 4 and 8 with the same ratios."""
-    return {(d, p): r for d in (4, 8) for p, r in (("post", post), ("pre", pre))}
+    """Depths 6 and 12 with the same per-seed ratios."""
+    return {(d, p): list(r) for d in (6, 12) for p, r in (("post", post), ("pre", pre))}
 
 
 @pytest.mark.parametrize("post, pre, word", [
-    (1.5, 0.7, HOLDS),
-    (1.06, 1.05, HOLDS),        # Post-LN just above 1.05, Pre-LN at it
-    (1.05, 0.7, PARTLY),        # Post-LN at 1.05 does not grow, Pre-LN flat
-    (1.3, 1.1, PARTLY),         # both grow, Post-LN more
-    (1.1, 1.2, NOT_HERE),       # Pre-LN grows more
+    ((1.5, 1.4, 1.6), (0.3, 0.4, 0.35), HOLDS),
+    ((1.21, 1.21), (1.0, 1.0), HOLDS),            # no spread: mean 1.21 > 1; Pre-LN at 1 does not grow
+    ((1.0, 1.0, 1.0), (0.3, 0.3, 0.3), PARTLY),   # Post-LN at exactly 1 does not grow
+    ((1.4, 1.0, 1.6), (0.3, 0.3, 0.3), PARTLY),   # mean 1.33, std 0.31: within the spread of 1
+    ((1.5, 1.6), (1.2, 1.3), PARTLY),             # Pre-LN grows too
+    ((0.9, 0.95), (1.2, 1.25), NOT_HERE),         # the other way round
 ])
 def test_grad_at_init(post, pre, word):
     assert v.grad_at_init(_ratios(post, pre)).word == word
 
 
-def test_grad_at_init_needs_every_depth():
-    ratios = _ratios(1.5, 0.7)
-    ratios[(8, "post")] = 1.0  # the deeper Post-LN model does not grow
+def test_grad_at_init_judges_post_at_the_deepest_depth_and_pre_at_every_depth():
+    ratios = _ratios((1.5, 1.6), (0.3, 0.4))
+    ratios[(6, "post")] = [0.9, 1.0]  # the shallower Post-LN model does not grow: the deepest decides
+    assert v.grad_at_init(ratios).word == HOLDS
+    ratios[(12, "post")] = [1.0, 1.01]
     assert v.grad_at_init(ratios).word == PARTLY
-    ratios[(8, "pre")] = 1.2  # nor is the deeper Pre-LN one flat or below Post-LN
+    ratios[(6, "pre")] = [1.3, 1.31]  # a shallower Pre-LN model that grows is enough to fail Pre-LN's part
     assert v.grad_at_init(ratios).word == NOT_HERE
+    assert "2 seeds" in v.grad_at_init(ratios).reason
+
+
+def test_mean_std():
+    assert v.mean_std([2.0]) == (2.0, 0.0)
+    mean, std = v.mean_std([1.0, 2.0, 3.0])
+    assert mean == 2.0 and std == pytest.approx(1.0)
+    with pytest.raises(ValueError):
+        v.mean_std([])
 
 
 @pytest.mark.parametrize("ratios, irrev, word", [
