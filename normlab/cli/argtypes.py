@@ -32,6 +32,22 @@ def positive_float(s: str) -> float:
     return v
 
 
+def number_in(lo: float, hi: float, *, hi_open: bool = False):
+    """A ``type=`` for a finite number in ``[lo, hi]`` (``[lo, hi)`` with ``hi_open``; ``hi`` may be ``inf``)."""
+    interval = f"[{lo:g}, {hi:g}{')' if hi_open else ']'}"
+
+    def parse(s: str) -> float:
+        try:
+            v = float(s)
+        except ValueError:
+            v = math.nan
+        if not (math.isfinite(v) and lo <= v and (v < hi if hi_open else v <= hi)):
+            raise argparse.ArgumentTypeError(f"expected a number in {interval}, got {s!r}")
+        return v
+
+    return parse
+
+
 def shape(s: str) -> tuple[int, int]:
     """``ROWSxN`` with positive integers, e.g. ``4096x768``."""
     rows, sep, n = s.strip().lower().partition("x")

@@ -6,10 +6,11 @@ Data parallel: ``torchrun --nproc_per_node=2 -m normlab study …`` (gloo on CPU
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 
-from normlab.cli.argtypes import comma_list, device, dir_name, positive_float, positive_int
+from normlab.cli.argtypes import comma_list, device, dir_name, number_in, positive_float, positive_int
 from normlab.study.config import DEFAULT_VARIANTS, EXPERIMENTS, NORMS, PLACEMENTS, StudyConfig, StudyConfigError
 
 
@@ -27,6 +28,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=positive_int, default=d.batch_size, help="global batch size (default: %(default)s)")
     p.add_argument("--lr", type=positive_float, default=d.lr, help="peak learning rate (default: %(default)s)")
     p.add_argument("--warmup", type=int, default=None, help="warmup steps (default: 10%% of --steps)")
+    p.add_argument("--min-lr-ratio", type=number_in(0, 1), default=d.min_lr_ratio,
+                   help="the cosine decay's final learning rate, as a fraction of --lr (default: %(default)s)")
+    p.add_argument("--beta1", type=number_in(0, 1, hi_open=True), default=d.beta1, help="AdamW's β₁ (default: %(default)s)")
+    p.add_argument("--beta2", type=number_in(0, 1, hi_open=True), default=d.beta2, help="AdamW's β₂ (default: %(default)s)")
+    p.add_argument("--weight-decay", type=number_in(0, math.inf), default=d.weight_decay,
+                   help="AdamW's weight decay, on weight matrices only (default: %(default)s)")
+    p.add_argument("--grad-clip", type=number_in(0, math.inf), default=d.grad_clip,
+                   help="max gradient norm; 0: no clipping (default: %(default)s)")
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--eval-interval", type=positive_int, default=d.eval_interval)
     p.add_argument("--eval-iters", type=positive_int, default=d.eval_iters)
@@ -54,6 +63,8 @@ def config_from_args(args: argparse.Namespace) -> StudyConfig:
     return StudyConfig(
         variants=args.variants, steps=args.steps, preset=args.preset, n_layer=args.n_layer, n_head=args.n_head,
         d_model=args.d_model, block_size=args.block_size, batch_size=args.batch_size, lr=args.lr, warmup=args.warmup,
+        min_lr_ratio=args.min_lr_ratio, beta1=args.beta1, beta2=args.beta2, weight_decay=args.weight_decay,
+        grad_clip=args.grad_clip,
         seed=args.seed, eval_interval=args.eval_interval, eval_iters=args.eval_iters, data=args.data,
         experiments=args.experiments, grad_depths=args.grad_depths,
         grad_d_model=args.grad_d_model, grad_seeds=args.grad_seeds, warmup_lr=args.warmup_lr,

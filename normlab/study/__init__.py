@@ -140,9 +140,9 @@ def _run(cfg: StudyConfig, out: Path, name: str, progress: bool, info: DistInfo,
         env = environment()
         setup_lines = [
             f"Model: GPT, {cfg.n_layer} layers, {cfg.n_head} heads, d={cfg.d_model}, context {cfg.block_size}"
-            f"{', preset ' + cfg.preset if cfg.preset else ''}; batch {cfg.batch_size}; AdamW lr {cfg.lr:g} "
+            f"{', preset ' + cfg.preset if cfg.preset else ''}; batch {cfg.batch_size}; AdamW (β₁ {cfg.beta1:g}, β₂ {cfg.beta2:g}) lr {cfg.lr:g} "
             f"(cosine to {cfg.lr * cfg.min_lr_ratio:g}, warmup {cfg.warmup_iters} steps), weight decay {cfg.weight_decay:g}, "
-            f"grad clip {cfg.grad_clip:g}; {cfg.steps} steps per variant, seed {cfg.seed}, same data order for every variant.",
+            f"grad clip {format(cfg.grad_clip, 'g') if cfg.grad_clip else 'none'}; {cfg.steps} steps per variant, seed {cfg.seed}, same data order for every variant.",
             "",
             f"Data: {corpus.source} — {len(corpus.text):,} characters, vocabulary {corpus.vocab_size}, 90/10 train/val split; "
             f"validation loss over {cfg.eval_iters} fixed batches.",

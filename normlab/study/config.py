@@ -56,6 +56,8 @@ class RunConfig:
     eval_iters: int
     data: str
     data_digest: str
+    beta1: float = 0.9
+    beta2: float = 0.95
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -68,6 +70,17 @@ class RunConfig:
             raise StudyConfigError(f"warmup must be in [0, steps={self.steps}], got {self.warmup}")
         if self.lr <= 0 or self.min_lr < 0:
             raise StudyConfigError(f"learning rates must be positive, got lr={self.lr}, min_lr={self.min_lr}")
+        check_optimizer(self.beta1, self.beta2, self.weight_decay, self.grad_clip)
+
+
+def check_optimizer(beta1: float, beta2: float, weight_decay: float, grad_clip: float) -> None:
+    """AdamW's betas in [0, 1), weight decay ≥ 0, grad clip ≥ 0 (0: no clipping)."""
+    for name, v in (("beta1", beta1), ("beta2", beta2)):
+        if not 0.0 <= v < 1.0:
+            raise StudyConfigError(f"--{name}: expected a number in [0, 1), got {v}")
+    for name, v in (("weight-decay", weight_decay), ("grad-clip", grad_clip)):
+        if not (math.isfinite(v) and v >= 0):
+            raise StudyConfigError(f"--{name}: expected a finite number ≥ 0, got {v}")
 
 
 @dataclass
@@ -83,10 +96,12 @@ class StudyConfig:
     d_model: int = 128
     preset: str | None = None
     lr: float = 2e-3
-    min_lr_ratio: float = 0.1
+    min_lr_ratio: float = 0.1  # the cosine decay's end, as a fraction of lr
     warmup: int | None = None  # None → 10 % of steps
-    weight_decay: float = 0.1
-    grad_clip: float = 1.0
+    beta1: float = 0.9
+    beta2: float = 0.95
+    weight_decay: float = 0.1  # AdamW's, on matrices only
+    grad_clip: float = 1.0     # max gradient norm; 0: no clipping
     seed: int = 1337
     eval_interval: int = 40
     eval_iters: int = 4
@@ -123,6 +138,9 @@ class StudyConfig:
             raise StudyConfigError(f"warmup of experiment 3 must be in [1, {self.warmup_steps}], got {self.warmup_warmup}")
         if self.warmup is not None and not 0 <= self.warmup <= self.steps:
             raise StudyConfigError(f"--warmup must be in [0, steps={self.steps}], got {self.warmup}")
+        check_optimizer(self.beta1, self.beta2, self.weight_decay, self.grad_clip)
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise StudyConfigError(f"--min-lr-ratio: expected a number in [0, 1], got {self.min_lr_ratio}")
         for k in ("lr", "warmup_lr"):
             if not (math.isfinite(getattr(self, k)) and getattr(self, k) > 0):
                 raise StudyConfigError(f"--{k.replace('_', '-')}: expected a finite number > 0, got {getattr(self, k)}")

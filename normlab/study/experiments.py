@@ -57,6 +57,7 @@ def run_config(cfg: StudyConfig, corpus: Corpus, variant: str, **overrides) -> R
         model=model_config(cfg, corpus.vocab_size, variant, **model_over),
         steps=cfg.steps, batch_size=cfg.batch_size, lr=cfg.lr, min_lr=cfg.lr * cfg.min_lr_ratio,
         warmup=cfg.warmup_iters, weight_decay=cfg.weight_decay, grad_clip=cfg.grad_clip, seed=cfg.seed,
+        beta1=cfg.beta1, beta2=cfg.beta2,
         eval_interval=min(cfg.eval_interval, cfg.steps), eval_iters=cfg.eval_iters, data=corpus.source,
         data_digest=corpus.digest,
     )

@@ -62,7 +62,7 @@ def make_optimizer(model: nn.Module, rc: RunConfig) -> torch.optim.Optimizer:
     decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
     groups = [{"params": decay, "weight_decay": rc.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=rc.lr, betas=(0.9, 0.95), eps=1e-8)
+    return torch.optim.AdamW(groups, lr=rc.lr, betas=(rc.beta1, rc.beta2), eps=1e-8)
 
 
 def sync_batch_norm(model: nn.Module, info: DistInfo) -> int:
@@ -280,7 +280,8 @@ def _step(step: int, model: nn.Module, train_model: nn.Module, opt: torch.optim.
     done = step + 1
     log_grads = done == 1 or done % rc.eval_interval == 0 or done == rc.steps
     layer_grads = grad_norm_per_layer(model) if log_grads else None
-    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), rc.grad_clip).item()
+    max_norm = rc.grad_clip if rc.grad_clip > 0 else math.inf  # 0: measured, not clipped
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm).item()
     opt.step()
     step_s = time.perf_counter() - t0
     rec = {

@@ -33,6 +33,9 @@ def usage_error(capsys, *argv: str) -> str:
     (["--threads", "-2"], "--threads"), (["--threads", "0"], "--threads"),
     (["--device", "tpu"], "--device"), (["--device", "cpu:0"], "--device"),
     (["--name", "../../escape"], "--name"), (["--name", ".."], "--name"), (["--name", "a/b"], "--name"),
+    (["--beta1", "1"], "--beta1"), (["--beta2", "-0.1"], "--beta2"), (["--beta2", "nan"], "--beta2"),
+    (["--weight-decay", "-1"], "--weight-decay"), (["--grad-clip", "inf"], "--grad-clip"),
+    (["--min-lr-ratio", "1.5"], "--min-lr-ratio"),
 ])
 def test_study_rejects_bad_arguments_before_any_work(tmp_path, capsys, args, flag):
     out = tmp_path / "a" / "b"
@@ -57,6 +60,45 @@ def test_study_config_checks_rates_and_depths():
                 StudyConfig(**{k: bad})
     with pytest.raises(StudyConfigError, match="--grad-depths"):
         StudyConfig(grad_depths=[2, 0])
+
+
+def test_optimizer_knobs_reach_config_json_and_the_optimizer(tmp_path):
+    """--beta1/--beta2/--weight-decay/--min-lr-ratio/--grad-clip land in the study's and each run's config.json
+    and in AdamW's parameter groups; a grad clip of 0 measures the norm without clipping."""
+    import json
+
+    import torch
+
+    from normlab.cli import build_parser
+    from normlab.cli.study import config_from_args
+    from normlab.study.experiments import run_config
+    from normlab.study.data import load_corpus
+    from normlab.study.train import build_model, make_optimizer
+
+    args = build_parser("study").parse_args(["study", *TINY, "--beta1", "0.8", "--beta2", "0.98", "--weight-decay", "0",
+                                             "--min-lr-ratio", "0.5", "--grad-clip", "0"])
+    cfg = config_from_args(args)
+    assert (cfg.beta1, cfg.beta2, cfg.weight_decay, cfg.min_lr_ratio, cfg.grad_clip) == (0.8, 0.98, 0.0, 0.5, 0.0)
+    rc = run_config(cfg, load_corpus(), "rmsnorm-pre")
+    assert (rc.beta1, rc.beta2, rc.weight_decay, rc.grad_clip, rc.min_lr) == (0.8, 0.98, 0.0, 0.0, 0.5 * cfg.lr)
+    opt = make_optimizer(build_model(rc.model, 0), rc)
+    assert all(g["betas"] == (0.8, 0.98) and g["weight_decay"] == 0.0 for g in opt.param_groups)
+    from normlab.study import run_study
+
+    res = run_study(cfg, out=tmp_path, name="k", progress=False)
+    saved = json.loads((tmp_path / "k" / "config.json").read_text())
+    assert (saved["beta1"], saved["beta2"], saved["grad_clip"]) == (0.8, 0.98, 0.0)
+    run = json.loads((tmp_path / "k" / "grid" / "rmsnorm-pre" / "config.json").read_text())
+    assert (run["beta1"], run["beta2"], run["weight_decay"]) == (0.8, 0.98, 0.0)
+    norms = [r["grad_norm"] for r in res.runs["rmsnorm-pre"].records if r["kind"] == "train"]
+    assert norms and all(n > 0 and torch.isfinite(torch.tensor(n)) for n in norms)
+
+
+def test_study_config_checks_the_optimizer():
+    for kw, flag in ((dict(beta1=1.0), "--beta1"), (dict(beta2=-0.5), "--beta2"), (dict(weight_decay=-1.0), "--weight-decay"),
+                     (dict(grad_clip=math.nan), "--grad-clip"), (dict(min_lr_ratio=2.0), "--min-lr-ratio")):
+        with pytest.raises(StudyConfigError, match=flag):
+            StudyConfig(**kw)
 
 
 def test_study_help_documents_the_limits(capsys):
