@@ -226,7 +226,7 @@ def measure_grad_at_init(cfg: StudyConfig, corpus: Corpus) -> dict[tuple[str, in
     """``(setting, depth, placement) → per seed, ‖∂L/∂W^{2,l}‖ per layer l`` (the MLP's output matrix, as in
     Xiong et al.) of the freshly initialised model, averaged over ``cfg.grad_batches`` training batches.
     Seed ``cfg.seed + s`` sets both the init and the batches."""
-    ffn_out = lambda name: "mlp.c_proj.weight" in name  # noqa: E731
+    ffn_out = lambda name: "mlp.c_proj.weight" in name
     curves: dict[tuple[str, int, str], list[list[float]]] = {}
     for setting in SETTINGS:
         for depth in cfg.grad_depths:

@@ -11,7 +11,7 @@ import pytest
 
 from normlab.study.config import StudyConfig
 from normlab.study.data import load_corpus
-from normlab.study.experiments import DEFAULT_SETTING, PAPER_SETTING, exp2_grad_at_init, grad_model_config, model_config
+from normlab.study.experiments import DEFAULT_SETTING, PAPER_SETTING, exp2_grad_at_init, grad_model_config
 from normlab.study.train import _diverged, build_model, lr_at
 from normlab.study.verdicts import warmup as warmup_verdict
 
