@@ -40,7 +40,7 @@ def _cpu_isa() -> str:
     """The ISA build of the native cpu kernels in use, or why there is none."""
     try:
         from normlab.kernels import cpu
-    except Exception as exc:  # noqa: BLE001 -- no native build here, or one that fails to load in any way
+    except Exception as exc:  # noqa: BLE001 — no native build here, or one that fails to load in any way
         return f"none ({type(exc).__name__})"
     return cpu.isa()
 

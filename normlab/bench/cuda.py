@@ -36,7 +36,7 @@ def _liger():
         from liger_kernel.ops.fused_add_rms_norm import LigerFusedAddRMSNormFunction
         from liger_kernel.ops.layer_norm import LigerLayerNormFunction
         from liger_kernel.ops.rms_norm import LigerRMSNormFunction
-    except Exception:  # noqa: BLE001 -- not installed, or incompatible with this torch/triton in any way
+    except Exception:  # noqa: BLE001 — not installed, or incompatible with this torch/triton in any way
         return None
     return LigerRMSNormFunction, LigerLayerNormFunction, LigerFusedAddRMSNormFunction
 
@@ -100,7 +100,7 @@ def run_case(op, rows, n, dtype, mode, device, impls, samples, min_time) -> list
             if isinstance(seconds, Exception):
                 raise seconds
             peak = peak_bytes(fn, str(device)) / 2**20 if mode == "fwd+bwd" else None
-        except Exception as exc:  # noqa: BLE001 -- a comparison library that fails this case is reported, not fatal
+        except Exception as exc:  # noqa: BLE001 — a comparison library that fails this case is reported, not fatal
             results.append({"impl": name, "error": f"{type(exc).__name__}: {exc}"[:200]})
             continue
         gbs = nbytes / seconds / 1e9

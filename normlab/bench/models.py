@@ -258,7 +258,7 @@ def _sharing_copy(model: nn.Module) -> nn.Module:
 def llama_rows(sizes: Sizes, samples: int, min_time: float) -> list[dict]:
     try:
         from transformers import LlamaConfig, LlamaForCausalLM
-    except Exception as exc:  # noqa: BLE001 -- not installed, or broken against this torch: one row says so
+    except Exception as exc:  # noqa: BLE001 — not installed, or broken against this torch: one row says so
         return [dict(model="Llama (Hugging Face)", step="forward", dtype="—", shape="—", error=f"transformers: {exc}")]
     config = LlamaConfig(**sizes.llama)
     torch.manual_seed(0)
