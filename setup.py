@@ -24,7 +24,8 @@ CSRC = "normlab/kernels/cpu/csrc"
 COMMON = ["-O3", "-std=c++17", "-ffp-contract=off", "-fopenmp"]
 ISA_BUILDS = [
     (f"{CSRC}/kernels_avx2.cpp", ["-mavx2", "-mfma", "-mf16c"]),
-    (f"{CSRC}/kernels_avx512.cpp", ["-mavx2", "-mfma", "-mf16c", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq"]),
+    (f"{CSRC}/kernels_avx512.cpp",
+     ["-mavx2", "-mfma", "-mf16c", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq"]),
 ]
 SANITIZE = ["-fsanitize=address,undefined", "-fno-omit-frame-pointer", "-fno-sanitize-recover=undefined"]
 sanitize = os.environ.get("NORMLAB_SANITIZE") == "1"

@@ -7,7 +7,8 @@ from normlab.dispatch import backend
 from normlab.ops import *
 from normlab.ops import __all__ as _ops_all
 
-__all__ = ["__version__", "backend", "dispatch", *_ops_all]
+__all__ = ["__version__", "backend", "dispatch"]
+__all__.extend(_ops_all)
 
 from normlab.models import convert
 from normlab.models.patch import patch, unpatch

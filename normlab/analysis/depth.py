@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import torch
@@ -50,7 +51,7 @@ def stream_rms(states: list[torch.Tensor]) -> list[float]:
 def angular_change(states: list[torch.Tensor]) -> list[float]:
     """Per block, the mean over tokens of ``arccos(cos(h_ℓ, h_ℓ₊₁)) / π`` (0: unchanged direction, ½: orthogonal)."""
     out = []
-    for a, b in zip(states, states[1:]):
+    for a, b in itertools.pairwise(states):
         cos = torch.nn.functional.cosine_similarity(a.double(), b.double(), dim=-1).clamp(-1.0, 1.0)
         out.append((torch.arccos(cos) / math.pi).mean().item())
     return out

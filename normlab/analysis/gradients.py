@@ -21,7 +21,8 @@ def layer_index(param_name: str) -> int | None:
     return int(m.group(1)) if m else None
 
 
-def grad_norm_per_layer(model: nn.Module, *, matrices_only: bool = True, include: Callable[[str], bool] | None = None) -> dict[int, float]:
+def grad_norm_per_layer(model: nn.Module, *, matrices_only: bool = True,
+                        include: Callable[[str], bool] | None = None) -> dict[int, float]:
     """``sqrt(Σ ‖∂L/∂W‖²)`` over the weight matrices of each numbered block, from the ``.grad`` already
     accumulated in ``model`` (call after ``loss.backward()``). ``matrices_only`` keeps 2-D weights (the
     linear maps; norm gains and biases are left out); ``include(name)`` narrows it further (e.g. to the
@@ -35,7 +36,8 @@ def grad_norm_per_layer(model: nn.Module, *, matrices_only: bool = True, include
     return {i: s**0.5 for i, s in sorted(sums.items())}
 
 
-def grad_norm_at_init(model: nn.Module, idx: torch.Tensor, targets: torch.Tensor, *, include: Callable[[str], bool] | None = None) -> dict[int, float]:
+def grad_norm_at_init(model: nn.Module, idx: torch.Tensor, targets: torch.Tensor, *,
+                      include: Callable[[str], bool] | None = None) -> dict[int, float]:
     """One forward/backward of a freshly built ``model`` (``model(idx, targets) -> (logits, loss)``) and
     its per-layer gradient norms; the model's gradients are cleared afterwards."""
     model.zero_grad(set_to_none=True)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from collections import defaultdict
 from collections.abc import Iterable
+from typing import Self
 
 import torch
 from torch import nn
@@ -61,7 +62,8 @@ class ActivationStats:
     ``keep_inputs=True``. ``rec.order`` is the order in which the layers ran.
     """
 
-    def __init__(self, model: nn.Module, layers: Iterable[tuple[str, nn.Module]] | None = None, *, keep_inputs: bool = False):
+    def __init__(self, model: nn.Module, layers: Iterable[tuple[str, nn.Module]] | None = None, *,
+                 keep_inputs: bool = False):
         self.layers = list(layers) if layers is not None else find_norm_layers(model)
         self.keep_inputs = keep_inputs
         self.records: dict[str, list[dict]] = defaultdict(list)
@@ -69,7 +71,7 @@ class ActivationStats:
         self.order: list[str] = []
         self._handles = []
 
-    def __enter__(self) -> ActivationStats:
+    def __enter__(self) -> Self:
         for name, m in self.layers:
             self._handles.append(m.register_forward_hook(self._hook(name)))
         return self
@@ -110,7 +112,8 @@ class NormTimer:
     times the whole step; ``rest = step_time − norm_time``.
     """
 
-    def __init__(self, model: nn.Module, layers: Iterable[tuple[str, nn.Module]] | None = None, *, backward: bool = True):
+    def __init__(self, model: nn.Module, layers: Iterable[tuple[str, nn.Module]] | None = None, *,
+                 backward: bool = True):
         self.layers = list(layers) if layers is not None else find_norm_layers(model)
         self.backward = backward
         self.forward_s = 0.0
@@ -125,14 +128,16 @@ class NormTimer:
     def reset(self) -> None:
         self.forward_s = self.backward_s = 0.0
 
-    def __enter__(self) -> NormTimer:
+    def __enter__(self) -> Self:
         for _, m in self.layers:
             key = id(m)
             self._handles.append(m.register_forward_pre_hook(lambda mod, inp, k=key: self._start(("f", k))))
-            self._handles.append(m.register_forward_hook(lambda mod, inp, out, k=key: self._stop(("f", k), "forward_s")))
+            self._handles.append(
+                m.register_forward_hook(lambda mod, inp, out, k=key: self._stop(("f", k), "forward_s")))
             if self.backward:
                 self._handles.append(m.register_full_backward_pre_hook(lambda mod, go, k=key: self._start(("b", k))))
-                self._handles.append(m.register_full_backward_hook(lambda mod, gi, go, k=key: self._stop(("b", k), "backward_s")))
+                self._handles.append(
+                    m.register_full_backward_hook(lambda mod, gi, go, k=key: self._stop(("b", k), "backward_s")))
         return self
 
     def __exit__(self, *exc) -> None:

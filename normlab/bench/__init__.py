@@ -40,7 +40,7 @@ def _cpu_isa() -> str:
     """The ISA build of the native cpu kernels in use, or why there is none."""
     try:
         from normlab.kernels import cpu
-    except Exception as exc:  # no native build here
+    except Exception as exc:  # noqa: BLE001 — no native build here, or one that fails to load in any way
         return f"none ({type(exc).__name__})"
     return cpu.isa()
 
@@ -68,11 +68,11 @@ def environment(device: str) -> dict:
     }
     if device.startswith("cuda"):
         env["gpu"] = torch.cuda.get_device_name(device)
-    try:
-        from importlib.metadata import version
+    from importlib.metadata import PackageNotFoundError, version
 
+    try:
         env["transformers"] = version("transformers")
-    except Exception:  # not installed: the llama rows say so
+    except PackageNotFoundError:  # not installed: the llama rows say so
         env["transformers"] = None
     return env
 
@@ -112,7 +112,8 @@ def benchmark(*, ops=OPS, shapes=None, dtypes=DTYPES, modes=MODES, device: str =
     compile_ref = (not quick) if compile_reference is None else compile_reference
     shapes = shapes or (QUICK_SHAPES if quick else STANDARD_SHAPES)
     env = environment(device)
-    print(f"normlab bench — {env['cpu']}, {env['cores']} cores; threads {env['torch_threads']} (torch's pool, the native kernels' too), kernels {env['cpu_isa']}")
+    print(f"normlab bench — {env['cpu']}, {env['cores']} cores; "
+          f"threads {env['torch_threads']} (torch's pool, the native kernels' too), kernels {env['cpu_isa']}")
     print(f"versions: python {env['python']}, torch {env['torch']}, numpy {env['numpy']}, normlab {env['normlab']}")
     print("allocator: " + " ".join(f"{k}={v}" for k, v in env["malloc"].items()))
     print(f"load average: {env['load_average'][0]} (1 min), {env['load_average'][1]} (5 min)")
@@ -138,8 +139,10 @@ def benchmark(*, ops=OPS, shapes=None, dtypes=DTYPES, modes=MODES, device: str =
     out = Path(out or "runs/bench")
     out.mkdir(parents=True, exist_ok=True)
     table = markdown(results) if results else ""
-    short = "\n".join(t for t in (summary(results) if results else "", targets(results), models_markdown(model_rows)) if t)
-    (out / "results.json").write_text(json.dumps({"environment": env, "results": results, "models": model_rows}, indent=1))
+    sections = (summary(results) if results else "", targets(results), models_markdown(model_rows))
+    short = "\n".join(t for t in sections if t)
+    record = {"environment": env, "results": results, "models": model_rows}
+    (out / "results.json").write_text(json.dumps(record, indent=1))
     (out / "results.md").write_text(short + "\n" + table)
     written = "results.json, results.md"
     if results:

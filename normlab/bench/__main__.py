@@ -5,6 +5,7 @@ import argparse
 from normlab.cli.bench import add_arguments, main
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(prog="python -m normlab.bench", description="benchmark the kernels against torch and copy_ bandwidth")
+    parser = argparse.ArgumentParser(prog="python -m normlab.bench",
+                                     description="benchmark the kernels against torch and copy_ bandwidth")
     add_arguments(parser)
     raise SystemExit(main(parser.parse_args()))

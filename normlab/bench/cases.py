@@ -48,7 +48,8 @@ def make_inputs(op: str, rows: int, n: int, dtype: torch.dtype, device: str, req
         weight=randn(n, scale=0.1, shift=1.0),
         bias=randn(n, scale=0.1) if with_bias else None,
         # in the input dtype, as a DyT module of a model in that dtype holds it
-        alpha=torch.full((1,), DYT_ALPHA, dtype=dtype, device=device).requires_grad_(requires_grad) if op == "dyt" else None,
+        alpha=(torch.full((1,), DYT_ALPHA, dtype=dtype, device=device).requires_grad_(requires_grad)
+               if op == "dyt" else None),
     )
 
 
@@ -181,8 +182,9 @@ def implementations(op: str, n: int, device: str, compile_reference: bool, secon
 
 
 def bytes_moved(op: str, mode: str, inputs: Inputs) -> int:
-    """Bytes counted (docs/architecture.md §8): fwd = read x + write y; fused add + norm = 4N; fwd+bwd = 5N (fused: 8N — the forward's
-    4N, then read dy, d(sum), s and write dx); parameters counted once per pass read, once per gradient written.
+    """Bytes counted (docs/architecture.md §8): fwd = read x + write y; fused add + norm = 4N; fwd+bwd = 5N
+    (fused: 8N — the forward's 4N, then read dy, d(sum), s and write dx); parameters counted once per pass
+    read, once per gradient written.
     DyT counts as a norm: 2N forward, 5N fwd+bwd, its alpha among the parameters."""
     x = inputs.x
     big = x.numel() * x.element_size()

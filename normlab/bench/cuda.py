@@ -36,7 +36,7 @@ def _liger():
         from liger_kernel.ops.fused_add_rms_norm import LigerFusedAddRMSNormFunction
         from liger_kernel.ops.layer_norm import LigerLayerNormFunction
         from liger_kernel.ops.rms_norm import LigerRMSNormFunction
-    except Exception:  # not installed, or incompatible with this torch/triton
+    except Exception:  # noqa: BLE001 — not installed, or incompatible with this torch/triton in any way
         return None
     return LigerRMSNormFunction, LigerLayerNormFunction, LigerFusedAddRMSNormFunction
 
@@ -100,11 +100,12 @@ def run_case(op, rows, n, dtype, mode, device, impls, samples, min_time) -> list
             if isinstance(seconds, Exception):
                 raise seconds
             peak = peak_bytes(fn, str(device)) / 2**20 if mode == "fwd+bwd" else None
-        except Exception as exc:  # e.g. a comparison library that does not support this case
+        except Exception as exc:  # noqa: BLE001 — a comparison library that fails this case is reported, not fatal
             results.append({"impl": name, "error": f"{type(exc).__name__}: {exc}"[:200]})
             continue
         gbs = nbytes / seconds / 1e9
-        results.append({"impl": name, "ms": seconds * 1e3, "GB/s": gbs, "% of copy": 100 * gbs / copy_gbs, "peak MiB": peak})
+        results.append({"impl": name, "ms": seconds * 1e3, "GB/s": gbs, "% of copy": 100 * gbs / copy_gbs,
+                        "peak MiB": peak})
     base = {"op": op, "rows": rows, "n": n, "dtype": str(dtype).replace("torch.", ""), "mode": mode,
             "copy GB/s": copy_gbs, "copy ms": t_copy * 1e3}
     for res in results:
@@ -128,11 +129,13 @@ def markdown(results: list[dict], device_name: str) -> str:
     for r in results:
         shape = f"{r['rows']}×{r['n']}"
         if "error" in r:
-            lines.append(f"| {r['op']} | {shape} | {r['dtype']} | {r['mode']} | {r['impl']} | error: {r['error']} |||||")
+            lines.append(f"| {r['op']} | {shape} | {r['dtype']} | {r['mode']} | {r['impl']} | "
+                         f"error: {r['error']} |||||")
             continue
         lines.append(
             f"| {r['op']} | {shape} | {r['dtype']} | {r['mode']} | {r['impl']} | {r['ms']:.3f} | {r['GB/s']:.0f} | "
-            f"{r['% of copy']:.0f} % | {f(r['x torch'], '.2f')} | {f(r['x compiled'], '.2f')} | {f(r['peak MiB'], '.0f')} |"
+            f"{r['% of copy']:.0f} % | {f(r['x torch'], '.2f')} | {f(r['x compiled'], '.2f')} | "
+            f"{f(r['peak MiB'], '.0f')} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -145,9 +148,11 @@ def targets(results: list[dict]) -> list[str]:
             continue
         case = f"{r['op']} {r['rows']}×{r['n']} {r['dtype']} {r['mode']}"
         if r["mode"] == "fwd" and r["n"] >= 1024:
-            out.append(f"{'ok ' if r['% of copy'] >= 85 else 'MISS'} fwd ≥ 85 % of copy: {case}: {r['% of copy']:.0f} %")
+            verdict = "ok " if r["% of copy"] >= 85 else "MISS"
+            out.append(f"{verdict} fwd ≥ 85 % of copy: {case}: {r['% of copy']:.0f} %")
         if r["mode"] == "fwd+bwd" and r["op"] in ("rms_norm", "layer_norm") and r["x torch"] is not None:
-            out.append(f"{'ok ' if r['x torch'] >= 1 else 'MISS'} fwd+bwd not slower than torch: {case}: ×{r['x torch']:.2f}")
+            verdict = "ok " if r["x torch"] >= 1 else "MISS"
+            out.append(f"{verdict} fwd+bwd not slower than torch: {case}: ×{r['x torch']:.2f}")
     return out
 
 

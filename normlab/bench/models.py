@@ -201,12 +201,13 @@ def _timed(model: str, step: str, dtype: str, shape: str, fns: dict[str, Callabl
     row = dict(model=model, step=step, dtype=dtype, shape=shape, normlab_modules=modules)
     calls: dict[str, int] = {}
     timed = interleaved_medians(fns, lambda: None, samples, min_time, calls)
-    errors = [f"{name}: {type(v).__name__}: {str(v).splitlines()[0][:200]}" for name, v in timed.items() if isinstance(v, Exception)]
+    errors = [f"{name}: {type(v).__name__}: {str(v).splitlines()[0][:200]}"
+              for name, v in timed.items() if isinstance(v, Exception)]
     if errors:
         row["error"] = "; ".join(errors)
     else:
-        row.update(torch_ms=timed["torch"] * 1e3, normlab_ms=timed["normlab"] * 1e3, speedup=timed["torch"] / timed["normlab"],
-                   max_logit_diff=max_diff, calls_per_sample=calls)
+        row.update(torch_ms=timed["torch"] * 1e3, normlab_ms=timed["normlab"] * 1e3,
+                   speedup=timed["torch"] / timed["normlab"], max_logit_diff=max_diff, calls_per_sample=calls)
     print(f"  {model:28s} {step:18s} {dtype:8s} {shape:16s} "
           + (row.get("error") or f"torch {row['torch_ms']:.4g} ms, normlab {row['normlab_ms']:.4g} ms, "
                                  f"×{row['speedup']:.2f}, max |Δ logits| {max_diff:.3g}"), flush=True)
@@ -222,7 +223,8 @@ def _training_pair(name: str, torch_side: nn.Module, normlab_side: nn.Module, mo
         diff = _max_diff(torch_side(idx)[0], normlab_side(idx)[0])
     fns = {side: _train_step(m, _optimizer(m, step["lr"], step["weight_decay"]), idx, targets)
            for side, m in (("torch", torch_side), ("normlab", normlab_side))}
-    return _timed(name, "train step", "float32", f"{step['batch']}×{step['seq']}", fns, diff, modules, samples, min_time)
+    shape = f"{step['batch']}×{step['seq']}"
+    return _timed(name, "train step", "float32", shape, fns, diff, modules, samples, min_time)
 
 
 def study_rows(sizes: Sizes, samples: int, min_time: float) -> list[dict]:
@@ -256,7 +258,7 @@ def _sharing_copy(model: nn.Module) -> nn.Module:
 def llama_rows(sizes: Sizes, samples: int, min_time: float) -> list[dict]:
     try:
         from transformers import LlamaConfig, LlamaForCausalLM
-    except Exception as exc:  # not installed: one row says so
+    except Exception as exc:  # noqa: BLE001 — not installed, or broken against this torch: one row says so
         return [dict(model="Llama (Hugging Face)", step="forward", dtype="—", shape="—", error=f"transformers: {exc}")]
     config = LlamaConfig(**sizes.llama)
     torch.manual_seed(0)
@@ -277,13 +279,14 @@ def llama_rows(sizes: Sizes, samples: int, min_time: float) -> list[dict]:
                 idx = tokens[:batch, :seq]
                 diff = _max_diff(base(idx).logits, patched(idx).logits)
                 fns = {side: (lambda m=m, idx=idx: m(idx)) for side, m in sides}
-                rows.append(_timed(name, "forward", dtype_name, f"{batch}×{seq}", fns, diff, modules, samples, min_time))
+                shape = f"{batch}×{seq}"
+                rows.append(_timed(name, "forward", dtype_name, shape, fns, diff, modules, samples, min_time))
             prefix, token = tokens[:1, :sizes.llama_prefix], tokens[:1, sizes.llama_prefix:sizes.llama_prefix + 1]
             fns, logits = {}, []
             for side, m in sides:
                 cache = m(prefix, use_cache=True).past_key_values if sizes.llama_prefix else None
 
-                def decode(m=m, cache=cache):
+                def decode(m=m, cache=cache, token=token):
                     out = m(token, past_key_values=cache, use_cache=cache is not None)
                     if cache is not None:
                         cache.crop(-1)  # back to the prefix: every call decodes the same position
@@ -292,7 +295,8 @@ def llama_rows(sizes: Sizes, samples: int, min_time: float) -> list[dict]:
                 logits.append(decode())
                 fns[side] = decode
             shape = f"1×1, {sizes.llama_prefix} cached" if sizes.llama_prefix else "1×1"
-            rows.append(_timed(name, "decode step", dtype_name, shape, fns, _max_diff(*logits), modules, samples, min_time))
+            diff = _max_diff(*logits)
+            rows.append(_timed(name, "decode step", dtype_name, shape, fns, diff, modules, samples, min_time))
         del patched
     return rows
 
@@ -300,7 +304,8 @@ def llama_rows(sizes: Sizes, samples: int, min_time: float) -> list[dict]:
 GROUPS = {"study": study_rows, "nanogpt": nanogpt_rows, "llama": llama_rows}
 
 
-def run_models(groups: list[str], samples: int, min_time: float, quick: bool = False, sizes: Sizes | None = None) -> list[dict]:
+def run_models(groups: list[str], samples: int, min_time: float, quick: bool = False,
+               sizes: Sizes | None = None) -> list[dict]:
     """The ``--models`` rows of ``groups`` (keys of :data:`GROUPS`), in that order."""
     sizes = sizes or (QUICK if quick else Sizes())
     print(f"models: {', '.join(groups)}; medians of {samples} interleaved samples of ≥ {math.ceil(min_time * 1e3)} ms")

@@ -31,10 +31,12 @@ def markdown(results: list[dict]) -> str:
             peak = f"{r['peak_mb']:.2f}" if "peak_mb" in r else ""
             name = f"**{r['impl']}**" if r is ours else r["impl"]
             lines.append(
-                f"| {op} | {rows}×{n} | {dtype} | {mode} | {name} | {r['ms']:.4g} | {r['gbps']:.1f} | {r['pct_copy']:.0f} % | {speed} | {peak} |"
+                f"| {op} | {rows}×{n} | {dtype} | {mode} | {name} | {r['ms']:.4g} | {r['gbps']:.1f} | "
+                f"{r['pct_copy']:.0f} % | {speed} | {peak} |"
             )
         c = recs[0]
-        lines.append(f"| {op} | {rows}×{n} | {dtype} | {mode} | copy_ (same run) | {c['copy_ms']:.4g} | {c['copy_gbps']:.1f} | 100 % | | |")
+        lines.append(f"| {op} | {rows}×{n} | {dtype} | {mode} | copy_ (same run) | {c['copy_ms']:.4g} | "
+                     f"{c['copy_gbps']:.1f} | 100 % | | |")
     return "\n".join(lines) + "\n"
 
 
@@ -56,7 +58,9 @@ def plot(results: list[dict], path: Path) -> None:
     if not panels:
         return
     keys = sorted(panels)
-    fig, axes = plt.subplots(len(keys), 1, figsize=(max(8, 1.6 * max(len(v) for v in panels.values()) + 3), 3.2 * len(keys)), squeeze=False)
+    most_groups = max(len(v) for v in panels.values())
+    figsize = (max(8, 1.6 * most_groups + 3), 3.2 * len(keys))
+    fig, axes = plt.subplots(len(keys), 1, figsize=figsize, squeeze=False)
     width = 0.8 / max(1, len(impls))
     for ax, key in zip(axes[:, 0], keys):
         groups = panels[key]
@@ -131,8 +135,8 @@ def targets(results: list[dict]) -> str:
         lines.append(f"- {'ok' if ok else '**MISS**'} {rows}×{n} {dtype} {mode}: F.rms_norm ms / normlab ms = {shown}")
     if not total:
         return ""
-    head = (f"rms_norm against F.rms_norm (target ≥ {RMS_TARGET:g}× from {RMS_TARGET_FROM[0]}×{RMS_TARGET_FROM[1]} up): "
-            f"met in {met} of {total} cases")
+    head = (f"rms_norm against F.rms_norm (target ≥ {RMS_TARGET:g}× from "
+            f"{RMS_TARGET_FROM[0]}×{RMS_TARGET_FROM[1]} up): met in {met} of {total} cases")
     return head + "\n\n" + "\n".join(lines) + "\n"
 
 
@@ -141,9 +145,10 @@ def models_markdown(rows: list[dict]) -> str:
     max |Δ logits| between the two on the same input (empty without rows)."""
     if not rows:
         return ""
-    lines = ["Whole models (`--models`), torch and normlab sampled round-robin in one process; speed-up = torch ms / "
-             "normlab ms; max abs logit diff = the two sides on the same input, before timing.", "",
-             "| model | step | dtype | shape | torch ms | normlab ms | speed-up | max abs logit diff | normlab modules |",
+    lines = [("Whole models (`--models`), torch and normlab sampled round-robin in one process; speed-up = torch ms / "
+              "normlab ms; max abs logit diff = the two sides on the same input, before timing."), "",
+             ("| model | step | dtype | shape | torch ms | normlab ms | speed-up | max abs logit diff "
+              "| normlab modules |"),
              "|---|---|---|---|---:|---:|---:|---:|---|"]
     for r in rows:
         head = f"| {r['model']} | {r['step']} | {r['dtype']} | {r['shape']} |"

@@ -35,7 +35,8 @@ def peak_bytes(fn: Callable[[], object], device: str) -> int:
     return peak
 
 
-def run_all(ops, shapes, dtypes, modes, device, samples, min_time, compile_reference, memory, secondary=True) -> list[dict]:
+def run_all(ops, shapes, dtypes, modes, device, samples, min_time, compile_reference, memory,
+            secondary=True) -> list[dict]:
     sync = device_sync(device)
     results = []
     for op in ops:
@@ -52,8 +53,9 @@ def run_all(ops, shapes, dtypes, modes, device, samples, min_time, compile_refer
                     nbytes = bytes_moved(op, mode, inputs)
                     fns = {name: runner(impl, inputs, mode, grads) for name, impl in impls.items()}
                     calls: dict[str, int] = {}
+                    timed_fns = {COPY: lambda dst=dst, plain=plain: dst.copy_(plain.x), **fns}
                     with torch.no_grad() if mode == "fwd" else contextlib.nullcontext():
-                        timed = interleaved_medians({COPY: lambda: dst.copy_(plain.x), **fns}, sync, samples, min_time, calls)
+                        timed = interleaved_medians(timed_fns, sync, samples, min_time, calls)
                     copy_s = timed.pop(COPY)
                     for name, fn in fns.items():
                         rec = {"op": op, "rows": rows, "n": n, "dtype": dtype_name, "mode": mode, "impl": name,

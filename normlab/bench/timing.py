@@ -77,7 +77,7 @@ def interleaved_medians(fns: dict[str, Callable[[], object]], sync: Sync, sample
     for name, fn in fns.items():
         try:
             reps[name] = _calibrated(fn, sync, min_time)
-        except Exception as exc:  # report and go on: one failing comparison must not hide the rest
+        except Exception as exc:  # noqa: BLE001 — report and go on: one failing comparison must not hide the rest
             out[name] = exc
     times: dict[str, list[float]] = {name: [] for name in reps}
     counts: dict[str, list[int]] = {name: [] for name in reps}

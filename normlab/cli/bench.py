@@ -33,24 +33,29 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ops", type=comma_list(str, OPS), default=list(OPS),
                         help=f"comma-separated, of {', '.join(OPS)} (default: all)")
     parser.add_argument("--shapes", type=comma_list(shape), default=None,
-                        help=f"comma-separated ROWSxN, positive integers (default: the ladder {_shape_list(STANDARD_SHAPES)})")
+                        help="comma-separated ROWSxN, positive integers "
+                             f"(default: the ladder {_shape_list(STANDARD_SHAPES)})")
     parser.add_argument("--dtypes", type=comma_list(str, ALL_DTYPES), default=list(DTYPES),
                         help=f"comma-separated, of {', '.join(ALL_DTYPES)} (default: {','.join(DTYPES)})")
     parser.add_argument("--modes", type=comma_list(str, MODES), default=list(MODES),
                         help=f"comma-separated, of {', '.join(MODES)} (default: both)")
-    parser.add_argument("--device", type=device, default="cpu", help="device of the tensors: cpu, cuda or cuda:N (default: cpu)")
-    parser.add_argument("--threads", type=positive_int, default=None, help="torch threads (the native kernels run on torch's pool), ≥ 1 (default: all cores)")
+    parser.add_argument("--device", type=device, default="cpu",
+                        help="device of the tensors: cpu, cuda or cuda:N (default: cpu)")
+    parser.add_argument("--threads", type=positive_int, default=None,
+                        help="torch threads (the native kernels run on torch's pool), ≥ 1 (default: all cores)")
     parser.add_argument("--samples", type=int, default=7, help="samples per measurement (median taken; at least 7)")
     parser.add_argument("--min-time", type=positive_float, default=0.03, help="seconds per sample (at least 0.03)")
-    parser.add_argument("--compile", dest="compile", action="store_true", default=None, help="include torch.compile of the reference (default: on unless --quick)")
+    parser.add_argument("--compile", dest="compile", action="store_true", default=None,
+                        help="include torch.compile of the reference (default: on unless --quick)")
     parser.add_argument("--no-compile", dest="compile", action="store_false")
     parser.add_argument("--no-memory", dest="memory", action="store_false", help="skip the peak-memory measurement")
     parser.add_argument("--models", type=comma_list(str, MODEL_GROUPS), nargs="?", const=list(MODEL_GROUPS), default=[],
-                        help=f"also time whole models, normlab against torch: comma-separated, of {', '.join(MODEL_GROUPS)} "
-                             "(no value: all) — the study GPT's training step with normlab vs torch.nn norms, a torch.nn "
-                             "nanoGPT's training step patched vs unpatched, a Hugging Face Llama forward and decode step "
-                             "patched vs unpatched")
-    parser.add_argument("--no-ops", dest="run_ops", action="store_false", help="skip the op ladder (with --models: the models only)")
+                        help="also time whole models, normlab against torch: comma-separated, of "
+                             f"{', '.join(MODEL_GROUPS)} (no value: all) — the study GPT's training step with normlab "
+                             "vs torch.nn norms, a torch.nn nanoGPT's training step patched vs unpatched, a Hugging "
+                             "Face Llama forward and decode step patched vs unpatched")
+    parser.add_argument("--no-ops", dest="run_ops", action="store_false",
+                        help="skip the op ladder (with --models: the models only)")
     parser.add_argument("--out", default="runs/bench", help="directory for results.json, results.md and results.png")
 
 

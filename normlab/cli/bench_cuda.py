@@ -25,9 +25,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--modes", type=comma_list(str, MODES), default=list(MODES),
                         help=f"comma-separated, of {', '.join(MODES)} (default: both)")
     parser.add_argument("--device", type=cuda_device, default="cuda", help="a CUDA device: cuda or cuda:N")
-    parser.add_argument("--samples", type=positive_int, default=7, help="samples per measurement (median taken; at least 7)")
+    parser.add_argument("--samples", type=positive_int, default=7,
+                        help="samples per measurement (median taken; at least 7)")
     parser.add_argument("--min-time", type=positive_float, default=0.03, help="seconds per sample (at least 0.03)")
-    parser.add_argument("--compile", dest="compile", action="store_true", default=None, help="include torch.compile of the reference (default: on unless --quick)")
+    parser.add_argument("--compile", dest="compile", action="store_true", default=None,
+                        help="include torch.compile of the reference (default: on unless --quick)")
     parser.add_argument("--no-compile", dest="compile", action="store_false")
     parser.add_argument("--out", default="runs/bench-cuda", help="directory for results.json and results.md")
 

@@ -25,7 +25,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("dst", metavar="DST", help="where to write the converted normlab model directory")
     parser.add_argument("--dtype", choices=("float32", "float64"), default="float64",
                         help="dtype of the probe comparison (default float64); the saved weights keep SRC's dtype")
-    parser.add_argument("--probe-batch", type=positive_int, default=4, help="sequences in the probe batch, ≥ 1 (default 4)")
+    parser.add_argument("--probe-batch", type=positive_int, default=4,
+                        help="sequences in the probe batch, ≥ 1 (default 4)")
     parser.add_argument("--probe-len", type=positive_int, default=None,
                         help="probe sequence length, 1 to block_size (default: min(block_size, 64))")
     parser.add_argument("--seed", type=int, default=0)
@@ -47,7 +48,8 @@ def _load_src(src: Path) -> tuple[nn.Module, GPT]:
     hint = ""
     if is_normlab_dir(src / "model"):
         hint = f" (a study run directory: its model is {src / 'model'})"
-    raise SystemExit(f"normlab convert: {src} is neither a normlab model directory nor a Hugging Face GPT-2 directory{hint}")
+    raise SystemExit(f"normlab convert: {src} is neither a normlab model directory "
+                     f"nor a Hugging Face GPT-2 directory{hint}")
 
 
 def _logits(model: nn.Module, idx: Tensor) -> Tensor:
@@ -87,5 +89,6 @@ def main(args: argparse.Namespace) -> int:
     n_ln = sum(isinstance(m, (nn.LayerNorm, LayerNorm)) for m in reloaded.modules())
     print(f"converted {src} → {dst} ({weights} weights): {len(reloaded.norm_layers())} norms are RMSNorm, "
           f"{n_ln} LayerNorm left")
-    print(f"max |logit difference| on a {args.probe_batch}×{T} probe batch ({args.dtype}): {(a - b).abs().max().item():.3e}")
+    max_diff = (a - b).abs().max().item()
+    print(f"max |logit difference| on a {args.probe_batch}×{T} probe batch ({args.dtype}): {max_diff:.3e}")
     return 0

@@ -25,9 +25,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("path", help="a normlab run directory (e.g. runs/default/grid/layernorm-pre), its saved model/ "
                                 "directory, or a local Hugging Face model directory")
     p.add_argument("--text", default=None, help="text sample (default: a passage of CPython's help text)")
-    p.add_argument("--text-file", type=text_file, default=None, metavar="FILE", help="read the text sample from this UTF-8 file")
-    p.add_argument("--max-tokens", type=positive_int, default=256, help="tokens of the text sample, ≥ 1 (default: %(default)s)")
-    p.add_argument("--json", type=new_file, default=None, help="also write the report as JSON to this file (its directory must exist)")
+    p.add_argument("--text-file", type=text_file, default=None, metavar="FILE",
+                   help="read the text sample from this UTF-8 file")
+    p.add_argument("--max-tokens", type=positive_int, default=256,
+                   help="tokens of the text sample, ≥ 1 (default: %(default)s)")
+    p.add_argument("--json", type=new_file, default=None,
+                   help="also write the report as JSON to this file (its directory must exist)")
 
 
 def main(args: argparse.Namespace) -> int:

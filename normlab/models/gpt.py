@@ -101,7 +101,8 @@ class GPTConfig:
             if self.placement != "mixln":
                 raise ValueError(f"mixln_post_layers applies to placement 'mixln', not {self.placement!r}")
             if not (isinstance(self.mixln_post_layers, int) and 0 <= self.mixln_post_layers <= self.n_layer):
-                raise ValueError(f"mixln_post_layers must be an int in [0, n_layer={self.n_layer}], got {self.mixln_post_layers!r}")
+                raise ValueError(f"mixln_post_layers must be an int in [0, n_layer={self.n_layer}], "
+                                 f"got {self.mixln_post_layers!r}")
 
     @property
     def head_dim(self) -> int:
@@ -357,7 +358,8 @@ class GPT(nn.Module):
             # (on a GPU this check would wait for the device at every step; its embedding asserts instead)
             lo, hi = (int(v) for v in idx.aminmax())
             if lo < 0 or hi >= self.config.vocab_size:
-                raise ValueError(f"token ids must be in [0, vocab_size={self.config.vocab_size}), got ids from {lo} to {hi}")
+                raise ValueError(f"token ids must be in [0, vocab_size={self.config.vocab_size}), "
+                                 f"got ids from {lo} to {hi}")
         x = self.transformer.wte(idx)
         rope = None
         if self.config.pos == "learned":
@@ -388,9 +390,10 @@ class GPT(nn.Module):
 
     @classmethod
     def from_nanogpt_state_dict(cls, state_dict: dict, config: GPTConfig) -> GPT:
-        """A GPT (in the dtype of the weights) loaded from a nanoGPT ``model.state_dict()`` (``torch.nn.LayerNorm``-style keys
-        ``weight``/``bias``). Drops nanoGPT's causal-mask buffers (``*.attn.bias``, 4-D) and the
-        ``_orig_mod.`` prefix of a ``torch.compile``d model; any other mismatch raises."""
+        """A GPT (in the dtype of the weights) loaded from a nanoGPT ``model.state_dict()``
+        (``torch.nn.LayerNorm``-style keys ``weight``/``bias``). Drops nanoGPT's causal-mask buffers
+        (``*.attn.bias``, 4-D) and the ``_orig_mod.`` prefix of a ``torch.compile``d model; any other
+        mismatch raises."""
         sd = {k.removeprefix("_orig_mod."): v for k, v in state_dict.items()}
         sd = {k: v for k, v in sd.items() if not (k.endswith(".attn.bias") and v.dim() == 4)}
         model = cls(config)

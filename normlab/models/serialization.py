@@ -38,7 +38,8 @@ def load_pretrained(directory: str | Path, map_location: str | torch.device = "c
     """The :class:`GPT` saved by :func:`save_pretrained` in ``directory``, in the saved dtype."""
     directory = Path(directory)
     if not is_normlab_dir(directory):
-        raise ValueError(f"{directory} is not a normlab model directory (no config.json with model_type {MODEL_TYPE!r})")
+        raise ValueError(f"{directory} is not a normlab model directory "
+                         f"(no config.json with model_type {MODEL_TYPE!r})")
     config = json.loads((directory / "config.json").read_text())
     config.pop("model_type")
     model = GPT(GPTConfig.from_dict(config))

@@ -70,7 +70,8 @@ class Corpus:
         if len(self.val) < block_size + 2:
             raise ValueError(
                 f"--data: text too short for context {block_size}: the 10 % validation split has "
-                f"{len(self.val)} characters, needs at least {block_size + 2} (≥ {10 * (block_size + 2)} characters in all)"
+                f"{len(self.val)} characters, needs at least {block_size + 2} "
+                f"(≥ {10 * (block_size + 2)} characters in all)"
             )
 
     def batch(self, split: str, index: int, batch_size: int, block_size: int, seed: int, rank: int = 0, world: int = 1):

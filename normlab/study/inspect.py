@@ -48,7 +48,8 @@ class InspectReport:
             p = r["params"]
             w = p.get("weight")
             b = p.get("bias")
-            rows.append([r["name"], r["class"], r["placement"], r["d"], r["mean_cos"], r["mean_abs_cos"], r["ratio"], r["input_rms"],
+            rows.append([r["name"], r["class"], r["placement"], r["d"], r["mean_cos"], r["mean_abs_cos"], r["ratio"],
+                         r["input_rms"],
                          f"{w['mean']:.3g}±{w['std']:.3g} [{w['min']:.3g}, {w['max']:.3g}]" if w else "-",
                          f"{b['mean']:.3g}±{b['std']:.3g}" if b else "-"])
         return text_table(headers, rows)
@@ -58,8 +59,8 @@ def _param_stats(m: nn.Module) -> dict[str, dict[str, float]]:
     out = {}
     for n, p in m.named_parameters(recurse=False):
         t = p.detach().double().reshape(-1)
-        out[n] = {"mean": t.mean().item(), "std": t.std(unbiased=False).item(), "min": t.min().item(), "max": t.max().item(),
-                  "numel": t.numel()}
+        out[n] = {"mean": t.mean().item(), "std": t.std(unbiased=False).item(), "min": t.min().item(),
+                  "max": t.max().item(), "numel": t.numel()}
     return out
 
 
@@ -86,7 +87,8 @@ def _residual_sums(nodes) -> list:
     return adds
 
 
-def detect_placement(layers: list[tuple[str, nn.Module]], inputs: dict[str, torch.Tensor], outputs: dict[str, torch.Tensor]) -> dict[str, str]:
+def detect_placement(layers: list[tuple[str, nn.Module]], inputs: dict[str, torch.Tensor],
+                     outputs: dict[str, torch.Tensor]) -> dict[str, str]:
     """Per norm layer: ``pre``, ``post``, ``branch-out`` (it normalizes a branch's output: sandwich / peri-LN,
     OLMo 2), ``final`` (a last norm on the stream, before the head) or ``other``, from the autograd graph of
     one forward pass (see the module docstring)."""
@@ -117,7 +119,9 @@ def detect_placement(layers: list[tuple[str, nn.Module]], inputs: dict[str, torc
 def overall_placement(labels: dict[str, str]) -> str:
     values = list(labels.values())
     if "branch-out" in values:
-        return "sandwich (pre + branch-output norms)" if "pre" in values else "reordered (branch-output norms only, OLMo 2)"
+        if "pre" in values:
+            return "sandwich (pre + branch-output norms)"
+        return "reordered (branch-output norms only, OLMo 2)"
     counts = Counter(v for v in values if v in ("pre", "post"))
     if not counts:
         return "none found"
@@ -130,7 +134,8 @@ def overall_placement(labels: dict[str, str]) -> str:
     return f"mostly {top}-norm ({n}/{total})"
 
 
-def inspect_model(model: nn.Module, run, *, source: str = "", kind: str = "", description: str = "", tokens: int = 0) -> InspectReport:
+def inspect_model(model: nn.Module, run, *, source: str = "", kind: str = "", description: str = "",
+                  tokens: int = 0) -> InspectReport:
     """Hook every norm layer of ``model``, call ``run()`` (one forward pass, gradients enabled so the graph
     can be read) and build the report."""
     layers = find_norm_layers(model)
@@ -248,8 +253,9 @@ def _inspect_saved(p: Path, text: str, max_tokens: int) -> InspectReport:
     else:
         corpus = load_corpus()
         if corpus.vocab_size != model.config.vocab_size:
-            raise ValueError(f"inspect: {p} has no vocabulary (vocab_size {model.config.vocab_size}, the built-in corpus "
-                             f"has {corpus.vocab_size}); inspect the study run directory that holds it instead")
+            raise ValueError(f"inspect: {p} has no vocabulary (vocab_size {model.config.vocab_size}, "
+                             f"the built-in corpus has {corpus.vocab_size}); "
+                             "inspect the study run directory that holds it instead")
     return _inspect_gpt(model, corpus, text, max_tokens, str(p))
 
 
@@ -286,7 +292,8 @@ def _load_and_inspect_hf(p: Path, text: str, max_tokens: int) -> InspectReport:
     try:
         from transformers import AutoModel, AutoTokenizer
     except ImportError as e:
-        raise RuntimeError("inspect: loading a Hugging Face model needs `transformers` (pip install 'normlab[hf]')") from e
+        raise RuntimeError(
+            "inspect: loading a Hugging Face model needs `transformers` (pip install 'normlab[hf]')") from e
     no_tokenizer = (f"{p}: no usable tokenizer in this directory (a model saved without its tokenizer: "
                     "save the tokenizer beside it, e.g. tokenizer.save_pretrained(dir))")
     try:

@@ -100,9 +100,11 @@ def environment() -> dict:
 def write_report(out_dir: Path, title: str, setup: list[str], experiments: list[Experiment]) -> Path:
     """``out_dir/report.md``: setup, a summary of the verdicts, then one section per experiment."""
     lines = [f"# {title}", "", *setup, "", "## Verdicts", ""]
-    lines.append(markdown_table(["#", "experiment", "verdict", "measured"], [[e.number, f"[{e.title}](#{e.number})", f"**{e.verdict}**", e.measured] for e in experiments]))
+    verdicts = [[e.number, f"[{e.title}](#{e.number})", f"**{e.verdict}**", e.measured] for e in experiments]
+    lines.append(markdown_table(["#", "experiment", "verdict", "measured"], verdicts))
     for e in experiments:
-        lines += ["", f'<a id="{e.number}"></a>', "", f"## {e.number}. {e.title}", "", f"**Claim.** {e.claim}", "", f"**Measured.** {e.measured}", "",
+        lines += ["", f'<a id="{e.number}"></a>', "", f"## {e.number}. {e.title}", "",
+                  f"**Claim.** {e.claim}", "", f"**Measured.** {e.measured}", "",
                   f"**Verdict: {e.verdict}.**", "", markdown_table(e.headers, e.rows)]
         for caption, headers, rows in e.extra_tables:
             lines += ["", caption, "", markdown_table(headers, rows)]

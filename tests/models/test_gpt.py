@@ -212,7 +212,7 @@ def test_batchnorm_leaks_future_tokens_in_training():
         idx = batch(model.config)[0]
         other = idx.clone()
         other[:, -1] = (other[:, -1] + 1) % TINY["vocab_size"]
-        first = lambda i: model(i)[0][:, 0]
+        first = lambda i, model=model: model(i)[0][:, 0]
         assert (not torch.equal(first(idx), first(other))) == leaks
         model.eval()
         assert torch.equal(first(idx), first(other))
@@ -328,7 +328,8 @@ def test_lnscaling_scales_each_norm_by_its_depth(layer_idx):
     (2, None, ["post", "pre"]), (8, None, ["post", "post", *["pre"] * 6]), (4, 0, ["pre"] * 4), (3, 3, ["post"] * 3),
 ])
 def test_mixln_splits_post_then_pre(n_layer, post_layers, want):
-    """Mix-LN (Li et al. 2024): the first ⌊L/4⌋ blocks (at least one, or ``mixln_post_layers``) are post, the rest pre."""
+    """Mix-LN (Li et al. 2024): the first ⌊L/4⌋ blocks (at least one, or ``mixln_post_layers``) are post,
+    the rest pre."""
     cfg = GPTConfig(**{**TINY, "n_layer": n_layer}, placement="mixln", mixln_post_layers=post_layers)
     model = GPT(cfg)
     assert [b.placement for b in model.transformer.h] == want

@@ -28,7 +28,8 @@ def usage_error(capsys, *argv: str) -> str:
 @pytest.mark.parametrize("args, flag", [
     (["--lr", "inf"], "--lr"), (["--lr", "nan"], "--lr"), (["--lr", "0"], "--lr"),
     (["--warmup-lr", "nan"], "--warmup-lr"), (["--warmup-lr", "-1"], "--warmup-lr"),
-    (["--experiments", "2", "--grad-depths", "0"], "--grad-depths"), (["--experiments", "2", "--grad-depths", "2,-3"], "--grad-depths"),
+    (["--experiments", "2", "--grad-depths", "0"], "--grad-depths"),
+    (["--experiments", "2", "--grad-depths", "2,-3"], "--grad-depths"),
     (["--experiments", "7"], "--experiments"), (["--steps", "0"], "--steps"),
     (["--threads", "-2"], "--threads"), (["--threads", "0"], "--threads"),
     (["--device", "tpu"], "--device"), (["--device", "cpu:0"], "--device"),

@@ -32,7 +32,8 @@ def _direct_norm_inputs(text):
     T = len(ids)
     e = model.embeddings
     with torch.no_grad():
-        h = e.word_embeddings(ids) + e.token_type_embeddings(torch.zeros_like(ids)) + e.position_embeddings(torch.arange(T))
+        token_types = torch.zeros_like(ids)
+        h = e.word_embeddings(ids) + e.token_type_embeddings(token_types) + e.position_embeddings(torch.arange(T))
         out = [h]
         h = e.LayerNorm(h)
         for layer in model.encoder.layer:

@@ -18,11 +18,11 @@ from normlab.study.data import load_corpus
 from normlab.study.train import read_records
 
 ROOT = Path(__file__).resolve().parents[2]
-TINY = dict(n_layer=2, n_head=2, d_model=32, block_size=16, batch_size=4, eval_interval=4, eval_iters=2, grad_d_model=32,
-            grad_depths=[2, 3], grad_seeds=2)
+TINY = dict(n_layer=2, n_head=2, d_model=32, block_size=16, batch_size=4, eval_interval=4, eval_iters=2,
+            grad_d_model=32, grad_depths=[2, 3], grad_seeds=2)
 TINY_ARGS = ["--n-layer", "2", "--n-head", "2", "--d-model", "32", "--block-size", "16", "--batch-size", "4",
-             "--eval-interval", "4", "--eval-iters", "2", "--grad-d-model", "32", "--grad-depths", "2,3", "--grad-seeds", "2",
-             "--threads", "1", "--no-progress"]
+             "--eval-interval", "4", "--eval-iters", "2", "--grad-d-model", "32", "--grad-depths", "2,3",
+             "--grad-seeds", "2", "--threads", "1", "--no-progress"]
 
 
 # ``normlab study`` whose training runs get a step callback that sends the process a signal right after a
@@ -46,7 +46,8 @@ sys.exit(main(sys.argv[1:]))
 def cli(out: Path, *args: str, env: dict | None = None, torchrun: bool = False,
         stop_after: tuple[int, str] | None = None) -> subprocess.CompletedProcess:
     """``normlab study`` on the tiny configuration; ``stop_after=(step, signal name)`` interrupts it there."""
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"] if torchrun else [sys.executable]
+    torchrun_launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    launcher = torchrun_launcher if torchrun else [sys.executable]
     entry = ["-c", STOPPING_CLI] if stop_after else ["-m", "normlab"]
     if stop_after:
         env = {**(env or {}), "STOP_AFTER_STEP": str(stop_after[0]), "STOP_SIGNAL": stop_after[1]}
@@ -72,7 +73,8 @@ def test_tiny_study_writes_report_plots_and_is_not_retrained(tmp_path, capsys, o
         assert f"## {n}. " in report
     assert report.count("**Claim.**") == 6 and report.count("**Verdict: ") == 6
     assert "- dyt-pre: the input of its last DyT (ln_f) has rms" in report  # the DyT saturation diagnosis
-    for png in ("exp1_loss_speed", "exp2_grad_init", "exp3_warmup", "exp4_geometry", "exp5_invariances", "exp6_conversion"):
+    for png in ("exp1_loss_speed", "exp2_grad_init", "exp3_warmup", "exp4_geometry", "exp5_invariances",
+                "exp6_conversion"):
         data = (out_dir / f"{png}.png").read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000, png
     assert [e.number for e in res.experiments] == [1, 2, 3, 4, 5, 6]
@@ -136,7 +138,8 @@ def test_bad_input_is_rejected_before_any_work(tmp_path):
     # any UTF-8 text file works
     (tmp_path / "poem.txt").write_text("Ein Männlein steht im Walde ganz still und stumm. ✓\n" * 40)
     res = run_study(out=tmp_path, name="poem", data=str(tmp_path / "poem.txt"), variants=["rmsnorm-pre"], steps=3,
-                    experiments=[1], progress=False, **{k: v for k, v in TINY.items() if k != "eval_interval"}, eval_interval=3)
+                    experiments=[1], progress=False, **{k: v for k, v in TINY.items() if k != "eval_interval"},
+                    eval_interval=3)
     assert res.runs["rmsnorm-pre"].config.data.endswith("poem.txt") and (tmp_path / "poem" / "report.md").exists()
     r = cli(tmp_path, "--variants", "layernorm-sideways")
     assert r.returncode == 2 and "unknown variant 'layernorm-sideways'" in r.stderr
@@ -163,7 +166,8 @@ def test_interrupted_study_resumes_to_the_same_result(tmp_path, uninterrupted, s
     assert r.returncode == code, r.stderr
     run = tmp_path / "t" / "grid" / "rmsnorm-pre"
     ckpt_step = torch.load(run / "checkpoint.pt", weights_only=False)["step"]
-    assert ckpt_step == (4 if signal_name == "KILL" else 6)  # SIGKILL: last periodic checkpoint; SIGINT: saved on the way out
+    # SIGKILL: last periodic checkpoint; SIGINT: saved on the way out
+    assert ckpt_step == (4 if signal_name == "KILL" else 6)
     assert not (run / "result.json").exists()
     if signal_name == "INT":
         assert "re-run the same command to resume" in r.stderr
@@ -231,7 +235,8 @@ def test_torchrun_two_processes_match_one(tmp_path, one_thread):
         assert v1[1:] == pytest.approx(v2[1:], rel=trained), (v, v1, v2)
         # the 2-process run's final weights and running statistics, evaluated in one process
         assert _evaluate_here(tmp_path / "two" / "t" / "grid" / v) == pytest.approx(v2[-1], rel=SUM_ORDER_REL), v
-    assert json.loads((tmp_path / "two" / "t" / "grid" / variants.split(",")[0] / "result.json").read_text())["world"] == 2
+    first_result = tmp_path / "two" / "t" / "grid" / variants.split(",")[0] / "result.json"
+    assert json.loads(first_result.read_text())["world"] == 2
 
 
 def test_a_step_callback_stops_the_run_and_it_resumes(tmp_path, one_thread):
