@@ -72,8 +72,8 @@ def test_optimizer_knobs_reach_config_json_and_the_optimizer(tmp_path):
 
     from normlab.cli import build_parser
     from normlab.cli.study import config_from_args
-    from normlab.study.experiments import run_config
     from normlab.study.data import load_corpus
+    from normlab.study.experiments import run_config
     from normlab.study.train import build_model, make_optimizer
 
     args = build_parser("study").parse_args(["study", *TINY, "--beta1", "0.8", "--beta2", "0.98", "--weight-decay", "0",
@@ -96,8 +96,9 @@ def test_optimizer_knobs_reach_config_json_and_the_optimizer(tmp_path):
 
 
 def test_study_config_checks_the_optimizer():
-    for kw, flag in ((dict(beta1=1.0), "--beta1"), (dict(beta2=-0.5), "--beta2"), (dict(weight_decay=-1.0), "--weight-decay"),
-                     (dict(grad_clip=math.nan), "--grad-clip"), (dict(min_lr_ratio=2.0), "--min-lr-ratio")):
+    bad = ((dict(beta1=1.0), "--beta1"), (dict(beta2=-0.5), "--beta2"), (dict(weight_decay=-1.0), "--weight-decay"),
+           (dict(grad_clip=math.nan), "--grad-clip"), (dict(min_lr_ratio=2.0), "--min-lr-ratio"))
+    for kw, flag in bad:
         with pytest.raises(StudyConfigError, match=flag):
             StudyConfig(**kw)
 
