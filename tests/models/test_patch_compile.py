@@ -1,4 +1,4 @@
-"""A ``normlab.patch``-ed Hugging Face model under ``torch.compile(fullgraph=True)``: one graph, the norms in it
+"""A ``normlab.patch``-ed Hugging Face model (Llama, Qwen3, Gemma) under ``torch.compile(fullgraph=True)``: one graph, the norms in it
 as normlab's operators (no graph break at them), and the eager model's logits and gradients."""
 
 from __future__ import annotations
@@ -9,19 +9,24 @@ import pytest
 import torch
 import torch._dynamo
 from torch import nn
-from transformers import LlamaConfig, LlamaForCausalLM, Qwen3Config, Qwen3ForCausalLM
+from transformers import GemmaConfig, GemmaForCausalLM, LlamaConfig, LlamaForCausalLM, Qwen3Config, Qwen3ForCausalLM
 
 import normlab
 
 SMALL = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
              num_key_value_heads=2, max_position_embeddings=32, rms_norm_eps=1e-3)
 GRAD_TOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2}  # relative to the gradient's largest entry
-NORMS = {"llama": ("LlamaRMSNorm", 5), "qwen3": ("Qwen3RMSNorm", 9)}  # Qwen3: q_norm and k_norm in every layer
+# Qwen3: q_norm and k_norm in every layer; Gemma: the (1 + w) scale, fp32 throughout
+NORMS = {"llama": ("LlamaRMSNorm", 5), "qwen3": ("Qwen3RMSNorm", 9), "gemma": ("GemmaRMSNorm", 5)}
 
 
 def tiny(name: str, dtype: torch.dtype) -> nn.Module:
-    model = (LlamaForCausalLM(LlamaConfig(**SMALL)) if name == "llama"
-             else Qwen3ForCausalLM(Qwen3Config(**SMALL, head_dim=8)))
+    if name == "llama":
+        model = LlamaForCausalLM(LlamaConfig(**SMALL))
+    elif name == "qwen3":
+        model = Qwen3ForCausalLM(Qwen3Config(**SMALL, head_dim=8))
+    else:
+        model = GemmaForCausalLM(GemmaConfig(**SMALL, head_dim=8))
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():  # norm weights far from their init of ones
         for p in model.parameters():
@@ -46,7 +51,7 @@ def logits_and_grads(model: nn.Module, forward, idx: torch.Tensor) -> tuple[torc
 
 @pytest.mark.parametrize("backend", [None, "reference"])  # None: the default choice (cpu kernels where built)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("name", ["llama", "qwen3"])
+@pytest.mark.parametrize("name", ["llama", "qwen3", "gemma"])
 def test_patched_hf_model_compiles_to_one_graph_with_the_norms(name, dtype, backend):
     model = tiny(name, dtype)
     hf_class, count = NORMS[name]
