@@ -1,5 +1,5 @@
-"""A ``normlab.patch``-ed Hugging Face model (Llama, Qwen3, Gemma) under ``torch.compile(fullgraph=True)``: one graph, the norms in it
-as normlab's operators (no graph break at them), and the eager model's logits and gradients."""
+"""A ``normlab.patch``-ed Hugging Face model (Llama, Qwen3, Gemma) under ``torch.compile(fullgraph=True)``: one
+graph, the norms in it as normlab's operators (no graph break at them), and the eager model's logits and gradients."""
 
 from __future__ import annotations
 
