@@ -17,21 +17,27 @@ from normlab.study.config import DEFAULT_VARIANTS, EXPERIMENTS, NORMS, PLACEMENT
 def add_arguments(p: argparse.ArgumentParser) -> None:
     d = StudyConfig()
     p.add_argument("--variants", default=",".join(DEFAULT_VARIANTS),
-                   help=f"comma-separated <norm>-<placement>; norms {', '.join(NORMS)}; placements {', '.join(PLACEMENTS)} "
-                        f"(default: %(default)s)")
-    p.add_argument("--steps", type=positive_int, default=d.steps, help="training steps per variant (default: %(default)s)")
-    p.add_argument("--preset", choices=["gpt2", "llama"], default=None, help="model preset; --variants still sets norm and placement")
+                   help=f"comma-separated <norm>-<placement>; norms {', '.join(NORMS)}; "
+                        f"placements {', '.join(PLACEMENTS)} (default: %(default)s)")
+    p.add_argument("--steps", type=positive_int, default=d.steps,
+                   help="training steps per variant (default: %(default)s)")
+    p.add_argument("--preset", choices=["gpt2", "llama"], default=None,
+                   help="model preset; --variants still sets norm and placement")
     p.add_argument("--n-layer", type=positive_int, default=d.n_layer)
     p.add_argument("--n-head", type=positive_int, default=d.n_head)
     p.add_argument("--d-model", type=positive_int, default=d.d_model)
-    p.add_argument("--block-size", type=positive_int, default=d.block_size, help="context length (default: %(default)s)")
-    p.add_argument("--batch-size", type=positive_int, default=d.batch_size, help="global batch size (default: %(default)s)")
+    p.add_argument("--block-size", type=positive_int, default=d.block_size,
+                   help="context length (default: %(default)s)")
+    p.add_argument("--batch-size", type=positive_int, default=d.batch_size,
+                   help="global batch size (default: %(default)s)")
     p.add_argument("--lr", type=positive_float, default=d.lr, help="peak learning rate (default: %(default)s)")
     p.add_argument("--warmup", type=int, default=None, help="warmup steps (default: 10%% of --steps)")
     p.add_argument("--min-lr-ratio", type=number_in(0, 1), default=d.min_lr_ratio,
                    help="the cosine decay's final learning rate, as a fraction of --lr (default: %(default)s)")
-    p.add_argument("--beta1", type=number_in(0, 1, hi_open=True), default=d.beta1, help="AdamW's β₁ (default: %(default)s)")
-    p.add_argument("--beta2", type=number_in(0, 1, hi_open=True), default=d.beta2, help="AdamW's β₂ (default: %(default)s)")
+    p.add_argument("--beta1", type=number_in(0, 1, hi_open=True), default=d.beta1,
+                   help="AdamW's β₁ (default: %(default)s)")
+    p.add_argument("--beta2", type=number_in(0, 1, hi_open=True), default=d.beta2,
+                   help="AdamW's β₂ (default: %(default)s)")
     p.add_argument("--weight-decay", type=number_in(0, math.inf), default=d.weight_decay,
                    help="AdamW's weight decay, on weight matrices only (default: %(default)s)")
     p.add_argument("--grad-clip", type=number_in(0, math.inf), default=d.grad_clip,
@@ -48,11 +54,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="width of experiment 2's models (default: %(default)s, the paper's)")
     p.add_argument("--grad-seeds", type=positive_int, default=d.grad_seeds,
                    help="seeds of experiment 2 (default: %(default)s)")
-    p.add_argument("--warmup-lr", type=positive_float, default=d.warmup_lr, help="high learning rate of experiment 3 (default: %(default)s)")
+    p.add_argument("--warmup-lr", type=positive_float, default=d.warmup_lr,
+                   help="high learning rate of experiment 3 (default: %(default)s)")
     p.add_argument("--warmup-steps", type=positive_int, default=d.warmup_steps, help="steps per run of experiment 3")
     p.add_argument("--out", default="runs", help="parent directory of the study directory (default: %(default)s)")
     p.add_argument("--name", type=dir_name, default=None,
-                   help="study directory name inside --out (default: 'default' for the default study, else a config hash)")
+                   help="study directory name inside --out "
+                        "(default: 'default' for the default study, else a config hash)")
     p.add_argument("--device", type=device, default=None, help="cpu, cuda or cuda:N (default: cuda when available)")
     p.add_argument("--threads", type=positive_int, default=None,
                    help="torch threads per process, ≥ 1 (default: cores / processes, 1 when the machine is busy)")

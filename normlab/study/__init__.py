@@ -36,10 +36,10 @@ class StudyResult:
         """The table printed at the end: one line per variant, then one per experiment."""
         parts = []
         if self.runs:
+            columns = ["final_val_loss", "final_train_loss", "tokens_per_s", "norm_ms", "wall_s"]
             parts.append(text_table(
                 ["variant", "final val loss", "final train loss", "tokens/s", "norm ms/step", "wall s"],
-                [[n, r.final["final_val_loss"], r.final["final_train_loss"], r.final["tokens_per_s"], r.final["norm_ms"], r.final["wall_s"]]
-                 for n, r in self.runs.items()]))
+                [[n, *(r.final[c] for c in columns)] for n, r in self.runs.items()]))
         if self.experiments:
             parts.append(text_table(["#", "experiment", "verdict", "measured"],
                                     [[e.number, e.title, e.verdict, e.measured] for e in self.experiments]))
@@ -101,14 +101,17 @@ def _run(cfg: StudyConfig, out: Path, name: str, progress: bool, info: DistInfo,
     corpus = load_corpus(cfg.data)
     corpus.check_block_size(cfg.block_size)
     if cfg.batch_size % info.world:
-        raise StudyConfigError(f"batch size {cfg.batch_size} must be divisible by the number of processes {info.world}")
+        raise StudyConfigError(
+            f"batch size {cfg.batch_size} must be divisible by the number of processes {info.world}")
     run_configs = {v: ex.run_config(cfg, corpus, v) for v in cfg.variants}  # validates every variant's model
     for rc in run_configs.values():
         rc.check_valid()
     out_dir = out / name
-    on_main_then_share(lambda: check_or_write_config(out_dir, {**cfg.to_dict(), "data_digest": corpus.digest}, what="study"), info)
+    study_config = {**cfg.to_dict(), "data_digest": corpus.digest}
+    on_main_then_share(lambda: check_or_write_config(out_dir, study_config, what="study"), info)
     log(f"normlab study → {out_dir}  ({len(cfg.variants)} variants × {cfg.steps} steps, corpus {corpus.source}: "
-        f"{len(corpus.text):,} chars, vocab {corpus.vocab_size}; {info.world} process(es), {torch.get_num_threads()} threads)")
+        f"{len(corpus.text):,} chars, vocab {corpus.vocab_size}; "
+        f"{info.world} process(es), {torch.get_num_threads()} threads)")
     load = _load_average()
     if load is not None and load > (os.cpu_count() or 1):
         log(f"note: the machine is busy (load average {load:.1f} on {os.cpu_count()} cores): timings are noisy and the "
@@ -139,22 +142,28 @@ def _run(cfg: StudyConfig, out: Path, name: str, progress: bool, info: DistInfo,
         result.experiments = exps
         env = environment()
         setup_lines = [
-            f"Model: GPT, {cfg.n_layer} layers, {cfg.n_head} heads, d={cfg.d_model}, context {cfg.block_size}"
-            f"{', preset ' + cfg.preset if cfg.preset else ''}; batch {cfg.batch_size}; AdamW (β₁ {cfg.beta1:g}, β₂ {cfg.beta2:g}) lr {cfg.lr:g} "
-            f"(cosine to {cfg.lr * cfg.min_lr_ratio:g}, warmup {cfg.warmup_iters} steps), weight decay {cfg.weight_decay:g}, "
-            f"grad clip {format(cfg.grad_clip, 'g') if cfg.grad_clip else 'none'}; {cfg.steps} steps per variant, seed {cfg.seed}, same data order for every variant.",
+            (f"Model: GPT, {cfg.n_layer} layers, {cfg.n_head} heads, d={cfg.d_model}, context {cfg.block_size}"
+             f"{', preset ' + cfg.preset if cfg.preset else ''}; batch {cfg.batch_size}; "
+             f"AdamW (β₁ {cfg.beta1:g}, β₂ {cfg.beta2:g}) lr {cfg.lr:g} "
+             f"(cosine to {cfg.lr * cfg.min_lr_ratio:g}, warmup {cfg.warmup_iters} steps), "
+             f"weight decay {cfg.weight_decay:g}, "
+             f"grad clip {format(cfg.grad_clip, 'g') if cfg.grad_clip else 'none'}; {cfg.steps} steps per variant, "
+             f"seed {cfg.seed}, same data order for every variant."),
             "",
-            f"Data: {corpus.source} — {len(corpus.text):,} characters, vocabulary {corpus.vocab_size}, 90/10 train/val split; "
-            f"validation loss over {cfg.eval_iters} fixed batches.",
+            (f"Data: {corpus.source} — {len(corpus.text):,} characters, vocabulary {corpus.vocab_size}, "
+             f"90/10 train/val split; validation loss over {cfg.eval_iters} fixed batches."),
             "",
             f"Machine: {env['cpu']}, {env['threads']} threads, {info.world} process(es) on {info.device}; "
             f"torch {env['torch']}, normlab {env['normlab']}, Python {env['python']}. "
-            f"Study time: {time.perf_counter() - t0:.0f} s (this invocation; runs finished earlier are loaded, not retrained)"
+            f"Study time: {time.perf_counter() - t0:.0f} s "
+            f"(this invocation; runs finished earlier are loaded, not retrained)"
             + (f"; load average at the start {load:.1f}." if load is not None else "."),
         ]
-        result.report = write_report(out_dir, "normlab study — normalization in Transformers, measured", setup_lines, exps)
-        summary = {"runs": {n: r.final for n, r in result.runs.items()},
-                   "experiments": [{"number": e.number, "title": e.title, "verdict": e.verdict, "measured": e.measured} for e in exps]}
+        title = "normlab study — normalization in Transformers, measured"
+        result.report = write_report(out_dir, title, setup_lines, exps)
+        experiment_rows = [{"number": e.number, "title": e.title, "verdict": e.verdict, "measured": e.measured}
+                           for e in exps]
+        summary = {"runs": {n: r.final for n, r in result.runs.items()}, "experiments": experiment_rows}
         (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         log("\n" + result.summary())
         log(f"\nstudy time {time.perf_counter() - t0:.0f} s — report: {result.report}")

@@ -135,7 +135,8 @@ class StudyConfig:
         if self.warmup_warmup is None:
             self.warmup_warmup = max(1, self.warmup_steps // 3)
         if not 0 < self.warmup_warmup <= self.warmup_steps:
-            raise StudyConfigError(f"warmup of experiment 3 must be in [1, {self.warmup_steps}], got {self.warmup_warmup}")
+            raise StudyConfigError(
+                f"warmup of experiment 3 must be in [1, {self.warmup_steps}], got {self.warmup_warmup}")
         if self.warmup is not None and not 0 <= self.warmup <= self.steps:
             raise StudyConfigError(f"--warmup must be in [0, steps={self.steps}], got {self.warmup}")
         check_optimizer(self.beta1, self.beta2, self.weight_decay, self.grad_clip)
@@ -147,7 +148,8 @@ class StudyConfig:
         if not self.grad_depths or any(d < 1 for d in self.grad_depths):
             raise StudyConfigError(f"--grad-depths: expected positive depths, got {self.grad_depths}")
         if self.grad_d_model % self.grad_n_head:
-            raise StudyConfigError(f"grad_d_model={self.grad_d_model} must be divisible by grad_n_head={self.grad_n_head}")
+            raise StudyConfigError(
+                f"grad_d_model={self.grad_d_model} must be divisible by grad_n_head={self.grad_n_head}")
 
     @property
     def warmup_iters(self) -> int:

@@ -148,12 +148,14 @@ def render_loss_and_speed(results: dict[str, RunResult], cfg: StudyConfig, out_d
                     f"(Δ {data['val_loss_delta']:+.3f}); time saved by RMSNorm in the norm layers {isolated:+.1f}% "
                     f"in isolation, {data['in_train_saving']:+.1f}% in training; whole training step "
                     f"{data['step_saving']:+.1f}%")
-        extra.append(("Isolated forward+backward of one norm layer at the model's activation shape "
-                      f"{shape[0]}×{shape[1]} (best of three interleaved medians of 7):", ["layer", "µs", "RMSNorm saving"],
+        extra.append((("Isolated forward+backward of one norm layer at the model's activation shape "
+                       f"{shape[0]}×{shape[1]} (best of three interleaved medians of 7):"),
+                      ["layer", "µs", "RMSNorm saving"],
                       [["LayerNorm (layernorm-pre)", 1e6 * micro["layernorm-pre"], ""],
                        ["RMSNorm (rmsnorm-pre)", 1e6 * micro["rmsnorm-pre"], f"{isolated:+.1f}%"]]))
         notes.append("Quality counts as comparable when the final validation losses differ by "
-                     f"≤ {COMPARABLE_NATS:g} nats/char; faster means ≥ {FASTER_BY:g}% less forward+backward time of the norm layer in the isolated measurement (best of "
+                     f"≤ {COMPARABLE_NATS:g} nats/char; faster means ≥ {FASTER_BY:g}% less forward+backward time "
+                     "of the norm layer in the isolated measurement (best of "
                      "three interleaved medians of 7). The in-training norm time is reported too, but the variants "
                      "train one after another, so on a shared machine it also measures the load of the moment.")
     for name, r in results.items():
@@ -194,14 +196,16 @@ def _dyt_saturation_note(name: str, r: RunResult, cfg: StudyConfig) -> str:
     last = rec.order[-1]
     h = rec.inputs[last][0]
     sat = (layers[last].alpha.detach().abs() * h.abs() > 9).double().mean().item()
-    dead = [g["step"] for g in r.records if "layer_grad_norm" in g and g["layer_grad_norm"] and not any(g["layer_grad_norm"].values())]
+    dead = [g["step"] for g in r.records
+            if "layer_grad_norm" in g and g["layer_grad_norm"] and not any(g["layer_grad_norm"].values())]
     text = (f"{name}: the input of its last DyT ({last.replace('transformer.', '')}) has rms "
             f"{h.double().pow(2).mean().sqrt().item():.3g}; {100 * sat:.0f}% of its entries saturate tanh (|αx| > 9, "
             "where tanh' rounds to 0 in fp32)")
     if dead:
         text += (f", and from logged step {dead[0]} on every block's gradient is exactly 0 — only the embeddings and "
                  "the head train")
-    return text + ". DyT (Zhu et al. 2025) has no statistics to bound the residual stream; its paper tunes α₀ per model (α₀ = 0.5 here)."
+    return text + (". DyT (Zhu et al. 2025) has no statistics to bound the residual stream; "
+                   "its paper tunes α₀ per model (α₀ = 0.5 here).")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -281,7 +285,8 @@ def render_grad_at_init(cfg: StudyConfig, out_dir: Path, curves: dict[tuple[str,
         for name, r in trained.items():
             recs = [x for x in r.records if "layer_grad_norm" in x]
             last = recs[-1]["layer_grad_norm"]
-            ax.plot([int(k) + 1 for k in last], list(last.values()), marker="o", label=f"{name}, step {recs[-1]['step']}")
+            ax.plot([int(k) + 1 for k in last], list(last.values()), marker="o",
+                    label=f"{name}, step {recs[-1]['step']}")
         ax.set(xlabel="layer l", ylabel="‖∂L/∂W‖ (all matrices of the layer)", yscale="log",
                title="end of training (experiment 1 grid)")
         ax.legend(fontsize=6)
@@ -299,22 +304,24 @@ def render_grad_at_init(cfg: StudyConfig, out_dir: Path, curves: dict[tuple[str,
         ax.legend(fontsize=7)
     plot = save_figure(fig, out_dir / "exp2_grad_init.png")
     ratio = grad_ratios(curves)
-    measured = f"last/first-layer gradient ratio, paper's setting, d={cfg.grad_d_model}, {cfg.grad_seeds} seeds: " + "; ".join(
-        f"{d} layers Post-LN {_pm(ratio[(d, 'post')])}, Pre-LN {_pm(ratio[(d, 'pre')])}" for d in cfg.grad_depths)
+    per_depth = "; ".join(f"{d} layers Post-LN {_pm(ratio[(d, 'post')])}, Pre-LN {_pm(ratio[(d, 'pre')])}"
+                          for d in cfg.grad_depths)
+    measured = (f"last/first-layer gradient ratio, paper's setting, d={cfg.grad_d_model}, {cfg.grad_seeds} seeds: "
+                + per_depth)
     claim = ("At initialization the gradient norm of Post-LN's weights grows with the layer index (large near the "
              "output), while Pre-LN's does not grow — the reason Post-LN needs warmup "
              "(Xiong et al. 2020, *On Layer Normalization in the Transformer Architecture*, Fig. 3).")
-    notes = [f"One forward/backward of the freshly initialised LayerNorm model (d={cfg.grad_d_model}, "
-             f"{cfg.grad_n_head} heads, context {cfg.block_size}) on {cfg.grad_batches} training batch(es) of "
-             f"{cfg.grad_batch_size} sequences; per layer the gradient norm of the MLP's output matrix W^{{2,l}}. "
-             f"Seeds {cfg.seed}…{cfg.seed + cfg.grad_seeds - 1} set both the init and the batches.",
-             "The paper's setting: Xavier-uniform Linears (q, k, v each its own matrix), zero biases, embeddings "
-             "N(0, 1/d), ReLU FFN, no extra scaling of the residual branches, a final LayerNorm for Pre-LN only. "
-             "The library default (second table) is nanoGPT's: N(0, 0.02), residual output projections scaled by "
-             "1/√(2·layers), GELU — that scaling shrinks every branch and hides the effect.",
-             f"Holds when Post-LN's last/first ratio at the deepest depth has mean − {verdicts.SPREAD_K:g}·std > "
-             f"{GROWS_ABOVE:g} (the last layer's gradient larger than the first's beyond the seeds' spread) and "
-             "Pre-LN's does not at any depth; partly when only one of the two."]
+    notes = [(f"One forward/backward of the freshly initialised LayerNorm model (d={cfg.grad_d_model}, "
+              f"{cfg.grad_n_head} heads, context {cfg.block_size}) on {cfg.grad_batches} training batch(es) of "
+              f"{cfg.grad_batch_size} sequences; per layer the gradient norm of the MLP's output matrix W^{{2,l}}. "
+              f"Seeds {cfg.seed}…{cfg.seed + cfg.grad_seeds - 1} set both the init and the batches."),
+             ("The paper's setting: Xavier-uniform Linears (q, k, v each its own matrix), zero biases, embeddings "
+              "N(0, 1/d), ReLU FFN, no extra scaling of the residual branches, a final LayerNorm for Pre-LN only. "
+              "The library default (second table) is nanoGPT's: N(0, 0.02), residual output projections scaled by "
+              "1/√(2·layers), GELU — that scaling shrinks every branch and hides the effect."),
+             (f"Holds when Post-LN's last/first ratio at the deepest depth has mean − {verdicts.SPREAD_K:g}·std > "
+              f"{GROWS_ABOVE:g} (the last layer's gradient larger than the first's beyond the seeds' spread) and "
+              "Pre-LN's does not at any depth; partly when only one of the two.")]
     if max(cfg.grad_depths) < 12 or cfg.grad_d_model < 512:
         notes.append(f"Below the paper's scale (6 and 12 layers, d=512): deepest {max(cfg.grad_depths)} layers, "
                      f"d={cfg.grad_d_model}.")
@@ -390,17 +397,19 @@ def render_warmup(cfg: StudyConfig, corpus: Corpus, out_dir: Path, runs: dict[tu
                 f"and Pre-LN {_cost(pre_cost)} after {cfg.warmup_steps} steps")
     claim = ("Post-LN needs a learning-rate warmup: without it, at a high learning rate, it trains much worse; "
              "Pre-LN trains well without warmup (Xiong et al. 2020).")
-    notes = [f"{cfg.warmup_steps} steps per run, linear warmup of {cfg.warmup_warmup} steps or none, then cosine "
-             "decay; same data, seed and model as experiment 1 otherwise. The paper's models are deeper and wider "
-             "(6+ layers, d=512) and train far longer; a short run at this size tests the early-training part of the claim only.",
-             "Holds when removing warmup raises Post-LN's final val loss by > 0.05 and by > 0.05 more than Pre-LN's "
-             "(a run that diverged — a non-finite loss, or a final val loss more than 1 nat above the untrained "
-             "model's — counts as an infinite loss); partly when it raises Post-LN's by > 0.05 but Pre-LN's as much, "
-             "or Post-LN's by less but still more than Pre-LN's; a diverged run with warmup says nothing."]
+    notes = [(f"{cfg.warmup_steps} steps per run, linear warmup of {cfg.warmup_warmup} steps or none, then cosine "
+              "decay; same data, seed and model as experiment 1 otherwise. The paper's models are deeper and wider "
+              "(6+ layers, d=512) and train far longer; "
+              "a short run at this size tests the early-training part of the claim only."),
+             ("Holds when removing warmup raises Post-LN's final val loss by > 0.05 and by > 0.05 more than Pre-LN's "
+              "(a run that diverged — a non-finite loss, or a final val loss more than 1 nat above the untrained "
+              "model's — counts as an infinite loss); partly when it raises Post-LN's by > 0.05 but Pre-LN's as much, "
+              "or Post-LN's by less but still more than Pre-LN's; a diverged run with warmup says nothing.")]
     stuck = [f"{p}-LN {'with' if w else 'without'} warmup" for (p, w), val in v.items() if val > unigram - 0.1]
     if stuck:
         notes.append(f"Still on the unigram plateau (final val loss > {unigram - 0.1:.2f}, i.e. within 0.1 nats of the "
-                     f"entropy {unigram:.2f} of predicting character frequencies without context): {', '.join(stuck)}.")
+                     f"entropy {unigram:.2f} of predicting character frequencies without context): "
+                     f"{', '.join(stuck)}.")
     return Experiment(3, "Warmup sensitivity at a high learning rate", claim, measured, word,
                       ["placement", "warmup", "final val loss", "final train loss", "diverged"], rows, plot, notes,
                       data={"post_cost": post_cost, "pre_cost": pre_cost})
@@ -409,14 +418,18 @@ def render_warmup(cfg: StudyConfig, corpus: Corpus, out_dir: Path, runs: dict[tu
 # ---------------------------------------------------------------------------------------------------
 # 4. Geometry
 # ---------------------------------------------------------------------------------------------------
-def norm_input_cos(model: torch.nn.Module, batches: list[torch.Tensor]) -> tuple[dict[str, float], dict[str, list[torch.Tensor]]]:
+def norm_input_cos(model: torch.nn.Module, batches: list[torch.Tensor]
+                   ) -> tuple[dict[str, float], dict[str, list[torch.Tensor]]]:
     """Mean ``|cos(h, 1)|`` of the inputs ``h`` of every norm layer of ``model`` over ``batches``, in
     forward order, and the captured inputs."""
     model.eval()
     with torch.no_grad(), ActivationStats(model, keep_inputs=True) as rec:
         for x in batches:
             model(x)
-    out = {name: cos_uniform(torch.cat([h.reshape(-1, h.shape[-1]) for h in rec.inputs[name]])).abs().mean().item() for name in rec.order}
+    out = {}
+    for name in rec.order:
+        h = torch.cat([t.reshape(-1, t.shape[-1]) for t in rec.inputs[name]])
+        out[name] = cos_uniform(h).abs().mean().item()
     return out, rec.inputs
 
 
@@ -437,7 +450,8 @@ def measure_geometry(results: dict[str, RunResult], cfg: StudyConfig, corpus: Co
         per_layer[name] = after
         mean_after = sum(after.values()) / len(after)
         worst = max(after, key=after.get)
-        rows.append([name, sum(at_init.values()) / len(at_init), mean_after, worst.replace("transformer.", ""), after[worst],
+        mean_at_init = sum(at_init.values()) / len(at_init)
+        rows.append([name, mean_at_init, mean_after, worst.replace("transformer.", ""), after[worst],
                      base, mean_after / base])
         if name.startswith("layernorm"):
             ln_ratios.append(mean_after / base)
@@ -469,8 +483,8 @@ def render_geometry(results: dict[str, RunResult], cfg: StudyConfig, out_dir: Pa
     for name in per_layer:  # the activation statistics recorded at every evaluation during training
         evals = [r for r in results[name].records if r["kind"] == "eval" and r.get("act")]
         if evals:
-            ax_t.plot([r["step"] for r in evals], [sum(v["in_abs_cos"] for v in r["act"].values()) / len(r["act"]) for r in evals],
-                      marker="o", ms=3, label=name)
+            mean_cos = [sum(v["in_abs_cos"] for v in r["act"].values()) / len(r["act"]) for r in evals]
+            ax_t.plot([r["step"] for r in evals], mean_cos, marker="o", ms=3, label=name)
     ax_t.axhline(base, color="k", ls=":")
     ax_t.set(xlabel="step", ylabel="mean over layers of mean |cos(h, 1)|", yscale="log", title="during training")
     ax_t.legend(fontsize=7)
@@ -482,21 +496,26 @@ def render_geometry(results: dict[str, RunResult], cfg: StudyConfig, out_dir: Pa
              "Comparative Analysis with RMSNorm*).")
     if verdict is not None:
         word = verdict.word
-        measured = (f"trained LayerNorm models: mean |cos(h, 1)| = {', '.join(f'{x:.2f}×' for x in ln_ratios)} the random "
+        ratios = ", ".join(f"{x:.2f}×" for x in ln_ratios)
+        worst_formula = max(r[1] for r in irrev_rows)
+        worst_module = max(r[2] for r in irrev_rows)
+        measured = (f"trained LayerNorm models: mean |cos(h, 1)| = {ratios} the random "
                     f"baseline {base:.3f}; irreversibility max |LN(3h + 5·1) − LN(h)| = "
-                    f"{max(r[1] for r in irrev_rows):.1e} (fp64, eps 0); trained modules under h + c·1: {max(r[2] for r in irrev_rows):.1e} relative")
+                    f"{worst_formula:.1e} (fp64, eps 0); trained modules under h + c·1: {worst_module:.1e} relative")
     else:
         word, measured = "not measured", "needs a trained layernorm-* variant"
-    notes = [f"Inputs of every norm layer captured with forward hooks on 2 validation batches "
-             f"({2 * cfg.batch_size * cfg.block_size} vectors of d={cfg.d_model}). At initialization they are at the "
-             "baseline already (random embeddings; Post-LN's are centred by construction), so what the verdict tests "
-             "is that training does not move them away from it.",
-             f"'At the baseline' means mean |cos| ≤ {GEOMETRY_TOLERANCE:g}× √(2/π)/√d; irreversibility holds when the "
-             "fp64 formula (eps = 0) differs by < 1e-12 and the trained modules (fp64 copy, their own eps and affine "
-             "map) change by < 1e-9 relative under h → h + c·1, c = 5·rms(h). Scaling is checked with eps = 0 only: "
-             "with eps > 0, LN(αh) ≠ LN(h) exactly when var(h) is not ≫ eps (the residual stream at init has var ≈ 4e-4)."]
+    notes = [(f"Inputs of every norm layer captured with forward hooks on 2 validation batches "
+              f"({2 * cfg.batch_size * cfg.block_size} vectors of d={cfg.d_model}). At initialization they are at the "
+              "baseline already (random embeddings; Post-LN's are centred by construction), so what the verdict tests "
+              "is that training does not move them away from it."),
+             (f"'At the baseline' means mean |cos| ≤ {GEOMETRY_TOLERANCE:g}× √(2/π)/√d; irreversibility holds when the "
+              "fp64 formula (eps = 0) differs by < 1e-12 and the trained modules (fp64 copy, their own eps and affine "
+              "map) change by < 1e-9 relative under h → h + c·1, c = 5·rms(h). Scaling is checked with eps = 0 only: "
+              "with eps > 0, LN(αh) ≠ LN(h) exactly when var(h) is not ≫ eps "
+              "(the residual stream at init has var ≈ 4e-4).")]
     extra = [("Irreversibility on the captured inputs h of every LayerNorm (α = 3, c = 5):",
-              ["variant", "max |LN(αh+c·1) − LN(h)| (fp64, eps 0)", "max rel. change of the trained modules under h + c·1"], irrev_rows)]
+              ["variant", "max |LN(αh+c·1) − LN(h)| (fp64, eps 0)",
+               "max rel. change of the trained modules under h + c·1"], irrev_rows)]
     return Experiment(4, "Geometry: cos(h, 1) of norm inputs, irreversibility", claim, measured, word,
                       ["variant", "mean |cos| at init", "mean |cos| trained", "largest layer", "its |cos|", "baseline",
                        "trained / baseline"], rows, plot, notes, extra, data={"per_layer": per_layer, "baseline": base})
@@ -525,7 +544,8 @@ def measure_invariances_of_norms(cfg: StudyConfig) -> tuple[dict[str, dict], lis
 
     d = cfg.d_model
     g = torch.Generator().manual_seed(cfg.seed)
-    norms = {"LayerNorm": LayerNorm(d, eps=1e-12, dtype=torch.float64), "RMSNorm": RMSNorm(d, eps=1e-12, dtype=torch.float64)}
+    norms = {"LayerNorm": LayerNorm(d, eps=1e-12, dtype=torch.float64),
+             "RMSNorm": RMSNorm(d, eps=1e-12, dtype=torch.float64)}
     with torch.no_grad():  # a trained-looking affine map, not the identity
         for m in norms.values():
             m.weight.copy_(1 + 0.3 * torch.randn(d, generator=g, dtype=torch.float64))
@@ -547,28 +567,34 @@ def render_invariances(cfg: StudyConfig, out_dir: Path, measured: dict[str, dict
             inv = measured[k][t + "_invariant"]
             row += [measured[k][t], "yes" if PAPER_TABLE1[k][t] else "no", "yes" if inv else "no"]
         rows.append(row)
-    rows.append(["δ·‖∂L/∂(δW)‖ / ‖∂L/∂W‖ (δ = 4)"] + sum([[measured[k]["grad_ratio"], "1", "yes" if abs(measured[k]["grad_ratio"] - 1) < 1e-6 else "no"] for k in norms], []))
+    grad_cells = [cell for k in norms
+                  for cell in (measured[k]["grad_ratio"], "1",
+                               "yes" if abs(measured[k]["grad_ratio"] - 1) < 1e-6 else "no")]
+    rows.append(["δ·‖∂L/∂(δW)‖ / ‖∂L/∂W‖ (δ = 4)", *grad_cells])
     fig, (ax,) = new_figure(1, 6.5, 3.8)
     xs = range(len(labels))
     for j, k in enumerate(norms):
         vals = [max(measured[k][t], 1e-18) for t in labels]
         ax.bar([x + 0.38 * j for x in xs], vals, width=0.38, label=k)
     ax.axhline(1e-6, color="k", ls=":", label="invariance threshold 1e-6")
-    ax.set_xticks([x + 0.19 for x in xs], [labels[t].split(" ")[0] + " " + labels[t].split(" ")[1] for t in labels], fontsize=8)
+    short_labels = [labels[t].split(" ")[0] + " " + labels[t].split(" ")[1] for t in labels]
+    ax.set_xticks([x + 0.19 for x in xs], short_labels, fontsize=8)
     ax.set(yscale="log", ylabel="max relative change of the output (fp64)", title="invariances, measured")
     ax.legend(fontsize=8)
     plot = save_figure(fig, out_dir / "exp5_invariances.png")
     measured_txt = (f"{sum(matches)}/{len(matches)} cells match Table 1; RMSNorm changes by "
                     f"{measured['RMSNorm']['recentering']:.2g} under re-centering, every invariant cell ≤ "
                     f"{max(measured[k][t] for k in norms for t in labels if PAPER_TABLE1[k][t]):.1e}; "
-                    f"gradient ratio {measured['LayerNorm']['grad_ratio']:.6f} (LN), {measured['RMSNorm']['grad_ratio']:.6f} (RMS)")
+                    f"gradient ratio {measured['LayerNorm']['grad_ratio']:.6f} (LN), "
+                    f"{measured['RMSNorm']['grad_ratio']:.6f} (RMS)")
     claim = ("LayerNorm is invariant to input scaling, weight-matrix scaling and re-centering; RMSNorm to scaling "
              "but not to re-centering; scale invariance makes ‖∂L/∂W‖ scale as 1/δ when W → δW "
              "(Zhang & Sennrich 2019, Table 1 and §4).")
-    notes = [f"normlab.nn modules in float64 with eps = 1e-12, d = {d}, random affine parameters; x = W h for random "
-             "h, W; L = Σ N(x) ⊙ g for a fixed random g. A relative change < 1e-6 counts as invariant."]
+    notes = [(f"normlab.nn modules in float64 with eps = 1e-12, d = {d}, random affine parameters; x = W h for random "
+              "h, W; L = Σ N(x) ⊙ g for a fixed random g. A relative change < 1e-6 counts as invariant.")]
     return Experiment(5, "Invariances of LayerNorm vs RMSNorm", claim, measured_txt, verdict.word,
-                      ["transformation", "LN rel. change", "LN paper", "LN measured", "RMS rel. change", "RMS paper", "RMS measured"],
+                      ["transformation", "LN rel. change", "LN paper", "LN measured",
+                       "RMS rel. change", "RMS paper", "RMS measured"],
                       rows, plot, notes, data=measured)
 
 
@@ -612,7 +638,7 @@ def measure_conversion(ln: torch.nn.Module, cfg: StudyConfig, corpus: Corpus) ->
     for label, fn in (("forward", fwd), ("forward+backward", fwd_bwd)):
         for _ in range(3):  # interleave to share the machine's noise
             for mname, m in (("Pre-LN", ln), ("Pre-RMSNorm (converted)", rms)):
-                t.setdefault((label, mname), []).append(median_time(lambda m=m: fn(m), samples=7, min_time=0.02))
+                t.setdefault((label, mname), []).append(median_time(lambda m=m, fn=fn: fn(m), samples=7, min_time=0.02))
     speed = {}
     for label in ("forward", "forward+backward"):
         speed[label] = 100 * (1 - min(t[(label, "Pre-RMSNorm (converted)")]) / min(t[(label, "Pre-LN")]))
@@ -624,7 +650,8 @@ def render_conversion(cfg: StudyConfig, out_dir: Path, data: dict, verdict: Verd
     rows = [["max |logit diff| fp32", d32], ["max |logit diff| fp64", d64], ["max |logit| (scale)", scale]]
     for label in ("forward", "forward+backward"):
         tl, tr = min(t[(label, "Pre-LN")]), min(t[(label, "Pre-RMSNorm (converted)")])
-        rows += [[f"{label} ms, Pre-LN", 1e3 * tl], [f"{label} ms, Pre-RMSNorm", 1e3 * tr], [f"{label} time saved", f"{speed[label]:+.1f}%"]]
+        rows += [[f"{label} ms, Pre-LN", 1e3 * tl], [f"{label} ms, Pre-RMSNorm", 1e3 * tr],
+                 [f"{label} time saved", f"{speed[label]:+.1f}%"]]
     fig, (ax_d, ax_t) = new_figure(2, 4.5, 3.6)
     ax_d.bar(["fp32", "fp64"], [max(d32, 1e-18), max(d64, 1e-18)])
     ax_d.set(yscale="log", ylabel="max |logit diff|", title="converted vs original")
@@ -637,12 +664,13 @@ def render_conversion(cfg: StudyConfig, out_dir: Path, data: dict, verdict: Verd
     plot = save_figure(fig, out_dir / "exp6_conversion.png")
     measured = (f"max |logit diff| {d64:.1e} (fp64), {d32:.1e} (fp32, logits up to {scale:.1f}); time saved "
                 f"{speed['forward']:+.1f}% forward, {speed['forward+backward']:+.1f}% forward+backward")
-    notes = ["Equivalence counts as exact when the fp64 difference is < 1e-9 (fp32: < 1e-3 of the logit scale); "
-             f"times are the best of three interleaved medians of 7 on a shared machine — a few % is noise, so faster "
-             f"means ≥ {FASTER_BY:g}% less time in both measurements.",
-             "The converted model is what normlab.models.convert.pre_ln_to_pre_rmsnorm builds: RMSNorm plus the "
-             "LayerNorm's bias (RMSNorm(x)·w + b), an untied output head (the embedding is re-centred, the head is not), "
-             f"norms on the {_backend_name()} backend; the time saved is the norm layers' saving minus those extras."]
+    notes = [("Equivalence counts as exact when the fp64 difference is < 1e-9 (fp32: < 1e-3 of the logit scale); "
+              f"times are the best of three interleaved medians of 7 on a shared machine — a few % is noise, so faster "
+              f"means ≥ {FASTER_BY:g}% less time in both measurements."),
+             ("The converted model is what normlab.models.convert.pre_ln_to_pre_rmsnorm builds: RMSNorm plus the "
+              "LayerNorm's bias (RMSNorm(x)·w + b), an untied output head "
+              "(the embedding is re-centred, the head is not), "
+              f"norms on the {_backend_name()} backend; the time saved is the norm layers' saving minus those extras.")]
     return Experiment(6, "Pre-LN → Pre-RMSNorm conversion", CONVERSION_CLAIM, measured, verdict.word,
                       ["quantity", "value"], rows, plot, notes, data={"d32": d32, "d64": d64, "speed": speed})
 

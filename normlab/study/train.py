@@ -222,7 +222,7 @@ class _Metrics:
         self._file = None
         if info.is_main:  # drop records newer than the checkpoint (they are recomputed)
             atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in kept))
-            self._file = open(path, "a")
+            self._file = open(path, "a")  # noqa: SIM115 — append handle kept open across steps, closed in close()
 
     def emit(self, rec: dict) -> None:
         self.records.append(rec)

@@ -49,7 +49,8 @@ def _arms(post_off, post_on, pre_off, pre_on):
     """Experiment 3's runs: (placement, warmup) → (final val loss, diverged)."""
     def run(v):
         return (v, not math.isfinite(v) or v > 100)
-    return {("post", False): run(post_off), ("post", True): run(post_on), ("pre", False): run(pre_off), ("pre", True): run(pre_on)}
+    return {("post", False): run(post_off), ("post", True): run(post_on),
+            ("pre", False): run(pre_off), ("pre", True): run(pre_on)}
 
 
 @pytest.mark.parametrize("losses, verdict", [
