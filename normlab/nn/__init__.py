@@ -2,9 +2,10 @@
 
 from normlab.nn.batch_norm import BatchNorm
 from normlab.nn.dyt import DyT
+from normlab.nn.gated_rms_norm import GatedRMSNorm
 from normlab.nn.group_norm import GroupNorm
 from normlab.nn.layer_norm import AdaLayerNorm, AddLayerNorm, LayerNorm
 from normlab.nn.rms_norm import AddRMSNorm, RMSNorm
 
 __all__ = ["LayerNorm", "AddLayerNorm", "AdaLayerNorm", "RMSNorm", "AddRMSNorm"]
-__all__ += ["BatchNorm", "GroupNorm", "DyT"]
+__all__ += ["BatchNorm", "GroupNorm", "DyT", "GatedRMSNorm"]
