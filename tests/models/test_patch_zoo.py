@@ -74,27 +74,45 @@ def randomize_(m: nn.Module, seed: int) -> nn.Module:
     return m.eval()
 
 
+def call_arguments(module: nn.Module, x: torch.Tensor) -> list[tuple[torch.Tensor, ...]]:
+    """The calls to compare: the input alone; for a forward that takes a gate, the input and a gate, and the
+    input alone only where the gate is optional."""
+    gate = inspect.signature(module.forward).parameters.get("gate")
+    if gate is None:
+        return [(x,)]
+    z = (torch.randn(x.shape, generator=torch.Generator().manual_seed(8), dtype=torch.float64) * 2).to(x.dtype)
+    return [(x, z), (x,)] if gate.default is None else [(x, z)]
+
+
 def outputs_equal(original: nn.Module, patched: nn.Module, width: int, exact: tuple[str, ...]) -> str:
     """'' when ``patched`` reproduces ``original`` on fresh inputs (shape, values and seed unlike the
     probe's) in fp32 and bf16 — bitwise in the dtypes the decision says, else by the tolerance rule
-    against ``patched`` in float64 — else what differs."""
+    against ``patched`` in float64 — else what differs. A gated norm is compared with a gate too."""
     import copy
 
     for dtype in (torch.float32, torch.bfloat16):
         o_mod, p_mod = copy.deepcopy(original).to(dtype), copy.deepcopy(patched).to(dtype)
         x = (torch.randn(3, 5, width, generator=torch.Generator().manual_seed(7), dtype=torch.float64) * 2 - 0.5).to(dtype)
-        with torch.no_grad():
-            o, f = o_mod(x), p_mod(x)
-            r = copy.deepcopy(p_mod).double()(x.double())
-        if str(dtype).removeprefix("torch.") in exact:
-            if not torch.equal(o, f):
-                return f"{dtype}: not bitwise equal"
-            continue
-        e_f, e_t = (f.double() - r).abs().max().item(), (o.double() - r).abs().max().item()
-        if not e_f <= 2 * e_t + ATOL[dtype]:
-            return f"{dtype}: max|f-r| {e_f:.3g} > 2·max|t-r| + atol"
-        if not e_t <= 64 * torch.finfo(dtype).eps * r.abs().max().item() + ATOL[dtype]:
-            return f"{dtype}: the original is {e_t:.3g} from the formula"
+        for args in call_arguments(original, x):
+            with torch.no_grad():
+                try:
+                    o = o_mod(*args)
+                except Exception:
+                    if len(args) == 1:  # a gate optional in the signature only
+                        continue
+                    raise
+                f = p_mod(*args)
+                r = copy.deepcopy(p_mod).double()(*(a.double() for a in args))
+            what = f"{dtype}{' with a gate' if len(args) > 1 else ''}"
+            if str(dtype).removeprefix("torch.") in exact:
+                if not torch.equal(o, f):
+                    return f"{what}: not bitwise equal"
+                continue
+            e_f, e_t = (f.double() - r).abs().max().item(), (o.double() - r).abs().max().item()
+            if not e_f <= 2 * e_t + ATOL[dtype]:
+                return f"{what}: max|f-r| {e_f:.3g} > 2·max|t-r| + atol"
+            if not e_t <= 64 * torch.finfo(dtype).eps * r.abs().max().item() + ATOL[dtype]:
+                return f"{what}: the original is {e_t:.3g} from the formula"
     return ""
 
 
@@ -153,8 +171,17 @@ class ShiftedRMSNorm(RenamedGemmaNorm):
 
 
 class GatedLikeRMSNorm(RenamedGemmaNorm):
+    """Gemma's norm of ``x · silu(gate)``: GatedRMSNorm(casting="gemma", offset=1)."""
+
     def forward(self, x, gate=None):
         return super().forward(x if gate is None else x * F.silu(gate))
+
+
+class SigmoidGatedRMSNorm(RenamedGemmaNorm):
+    """A gate through a sigmoid, not silu: no normlab formula."""
+
+    def forward(self, x, gate=None):
+        return super().forward(x) * (1.0 if gate is None else torch.sigmoid(gate))
 
 
 class HardCodedEpsLayerNorm(nn.Module):
@@ -180,20 +207,21 @@ class WidthFreeRMSNorm(nn.Module):
 def test_rules_on_hand_written_classes():
     probe._cache.clear()
     model = nn.ModuleDict(dict(gemma=RenamedGemmaNorm(16), shifted=ShiftedRMSNorm(16), gated=GatedLikeRMSNorm(16),
-                               olmo=HardCodedEpsLayerNorm(16), free=WidthFreeRMSNorm()))
+                               sigmoid=SigmoidGatedRMSNorm(16), olmo=HardCodedEpsLayerNorm(16), free=WidthFreeRMSNorm()))
     randomize_(model, seed=0)
     x = torch.randn(4, 16, dtype=torch.float64).float() * 1e-3   # tiny rows: eps matters
     want = {k: m(x) for k, m in model.items()}
     report = normlab.patch(model)
     assert report.counts == {"RenamedGemmaNorm → RMSNorm": 1, "HardCodedEpsLayerNorm → LayerNorm": 1,
-                             "WidthFreeRMSNorm → RMSNorm": 1}
+                             "WidthFreeRMSNorm → RMSNorm": 1, "GatedLikeRMSNorm → GatedRMSNorm": 1}
     assert (model["gemma"].casting, model["gemma"].offset) == ("gemma", 1.0)
     assert model["olmo"].eps == 1e-8 and model["olmo"].weight is None
     assert model["free"].normalized_shape is None
     assert "no normlab formula reproduces" in report.reasons["ShiftedRMSNorm"]
-    assert "forward takes gate" in report.reasons["GatedLikeRMSNorm"]
+    assert "forward takes gate" in report.reasons["SigmoidGatedRMSNorm"]
+    assert (model["gated"].casting, model["gated"].offset, model["gated"].norm_before_gate) == ("gemma", 1.0, False)
     assert "ShiftedRMSNorm: no normlab formula" in str(report) and "not replaced (2 modules)" in str(report)
-    for k in ("gemma", "olmo", "free"):
+    for k in ("gemma", "olmo", "free", "gated"):
         torch.testing.assert_close(model[k](x), want[k], rtol=1e-5, atol=1e-6)
     wide = torch.randn(3, 40)
     torch.testing.assert_close(model["free"](wide), WidthFreeRMSNorm()(wide))   # any last dim
