@@ -251,6 +251,54 @@ def add_layer_norm(
     return _like(input), _like(input, residual_dtype), _stats(input), _stats(input)
 
 
+# ---- Gated RMSNorm ---------------------------------------------------------------------------------------
+def _group_stats(x: Tensor, group_size: int) -> Tensor:
+    """Per-row-and-group fp32 statistics of ``(..., n)`` rows: shape ``(..., n / group_size)``."""
+    return x.new_empty((*x.shape[:-1], x.shape[-1] // group_size), dtype=torch.float32)
+
+
+@kernel("gated_rms_norm")
+def gated_rms_norm_fwd(
+    x: Tensor, gate: Optional[Tensor], weight: Optional[Tensor], eps: float, group_size: int, norm_before_gate: bool,
+    casting: str, offset: float, out: Optional[Tensor] = None,
+) -> tuple[Tensor, Tensor]:
+    """Gated RMSNorm of the rows ``x`` ``(rows, n)``, the RMS per group of ``group_size`` (a divisor of n);
+    ``gate`` ``(rows, n)`` in x's dtype or None: ``(y, rstd)``, ``y`` ``(rows, n)`` in x's dtype (``out`` itself
+    when given), ``rstd`` ``(rows, n / group_size)`` fp32."""
+    return _like(x, given=out), _group_stats(x, group_size)
+
+
+@kernel("gated_rms_norm")
+def gated_rms_norm_bwd(
+    dy: Tensor, x: Tensor, gate: Optional[Tensor], weight: Optional[Tensor], rstd: Tensor, group_size: int,
+    norm_before_gate: bool, offset: float,
+) -> tuple[Tensor, Optional[Tensor], Optional[Tensor]]:
+    """``(dx, dz, dw)`` from the forward's ``rstd``: ``dx`` ``(rows, n)`` in x's dtype, ``dz`` in the gate's
+    (None without one), ``dw`` ``(n,)`` in the weight's dtype (None without one)."""
+    return _like(x), None if gate is None else _like(gate), _param_grad(weight)
+
+
+@native("gated_rms_norm")
+def gated_rms_norm(
+    input: Tensor, gate: Optional[Tensor], weight: Optional[Tensor], eps: float, group_size: int,
+    norm_before_gate: bool, casting: str, offset: float,
+) -> tuple[Tensor, Tensor]:
+    """The whole op, autograd included: ``(y, rstd)``, ``y`` of input's shape and dtype, ``rstd``
+    ``(*input.shape[:-1], n / group_size)`` fp32."""
+    return _like(input), _group_stats(input, group_size)
+
+
+@native("gated_rms_norm")
+def gated_rms_norm_backward(
+    grad: Tensor, input: Tensor, gate: Optional[Tensor], weight: Optional[Tensor], rstd: Tensor, group_size: int,
+    norm_before_gate: bool, offset: float, weight_grad: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """``(dx, dz, dw)``; ``dz`` of the gate's shape and dtype (an empty placeholder in input's dtype without a
+    gate), ``dw`` in the weight's dtype when ``weight_grad``, else an empty fp32 placeholder."""
+    dz = _like(gate) if gate is not None else input.new_empty(0)
+    return _like(input), dz, _native_grad(weight, weight_grad)
+
+
 # ---- DyT -------------------------------------------------------------------------------------------------
 @native("dyt")
 def dyt(input: Tensor, alpha: Tensor, weight: Optional[Tensor], bias: Optional[Tensor]) -> Tensor:

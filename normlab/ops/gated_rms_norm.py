@@ -156,10 +156,10 @@ def gated_rms_norm_reference(
 
 
 # ----------------------------------------------------------------------------------------------
-# Custom op of the Python backends (reference, triton); the cpu backend's is native
-# (torch.ops.normlab.gated_rms_norm, with its autograd in C++)
+# Custom op of the Python backends: the backend's kernels (normlab/kernels/contract.py) or the
+# reference, on contiguous (rows, n) rows; the cpu backend's op is native (torch.ops.normlab.gated_rms_norm)
 # ----------------------------------------------------------------------------------------------
-def _gated_impl(
+def _fwd(
     x: Tensor, z: Optional[Tensor], weight: Optional[Tensor], eps: float, group_size: int, norm_before_gate: bool,
     casting: str, offset: float, backend: str,
 ) -> tuple[Tensor, Tensor]:
@@ -169,12 +169,12 @@ def _gated_impl(
     return kernel(x, z, weight, eps, group_size, norm_before_gate, casting, offset)
 
 
-def _gated_fake(x, z, weight, eps, group_size, norm_before_gate, casting, offset, backend):
+def _fake(x, z, weight, eps, group_size, norm_before_gate, casting, offset, backend):
     stats = x.new_empty((x.shape[0], group_count(x.shape[1], group_size)), dtype=compute_dtype(x.dtype))
     return torch.empty_like(x), stats
 
 
-def _gated_setup(ctx, inputs, output):
+def _setup(ctx, inputs, output):
     x, z, weight, eps, group_size, norm_before_gate, casting, offset, backend = inputs
     ctx.save_for_backward(x, z, weight, output[1])
     ctx.options = (eps, group_size, norm_before_gate, offset, backend)
@@ -182,7 +182,7 @@ def _gated_setup(ctx, inputs, output):
     ctx.set_materialize_grads(False)  # no zero tensor for rstd's gradient (it has none)
 
 
-def _gated_backward(ctx, dy, _drstd):
+def _backward(ctx, dy, _drstd):
     if dy is None:
         return (None,) * 9
     x, z, weight, rstd = ctx.saved_tensors
@@ -196,7 +196,7 @@ def _gated_backward(ctx, dy, _drstd):
 
 
 _gated_rms_norm_op = custom_op_with_eager_twin(
-    "normlab::py_gated_rms_norm", _gated_impl, _gated_fake, _gated_setup, _gated_backward
+    "normlab::py_gated_rms_norm", _fwd, _fake, _setup, _backward
 )
 
 

@@ -42,7 +42,7 @@ def backend_module():
     import normlab.kernels.triton as nt
 
     if nt.INTERPRETED != (DEVICE == "cpu"):
-        for name in ("_common", "rms_norm", "layer_norm"):
+        for name in ("_common", "rms_norm", "layer_norm", "gated_rms_norm"):
             importlib.reload(sys.modules[f"normlab.kernels.triton.{name}"])
         nt = importlib.reload(nt)
     assert nt.INTERPRETED == (DEVICE == "cpu")

@@ -20,6 +20,7 @@ from normlab.ops.rms_norm import rms_norm_bwd_ref  # noqa: E402
 from tests import helpers  # noqa: E402
 
 ROWS, N = 3, 8
+GROUP = 4  # gated_rms_norm's group size: two groups per row
 
 
 def _load(backend: str) -> dispatch._Backend:
@@ -33,7 +34,7 @@ def _load(backend: str) -> dispatch._Backend:
 #: What each backend serves: the cpu backend every entry point, the triton one the kernels of two families.
 EXPECTED = {
     "cpu": (*contract.kernels(), *contract.native_ops()),
-    "triton": contract.kernels("rms_norm", "layer_norm"),
+    "triton": contract.kernels("rms_norm", "layer_norm", "gated_rms_norm"),
 }
 DEVICES = {"cpu": "cpu", "triton": DEVICE}
 
@@ -67,6 +68,7 @@ def _samples(dtype: torch.dtype, device: str, optional: bool) -> dict:
         "x": x, "input": x, "dy": dy, "grad": dy, "residual": r(ROWS, N, seed=6), "eps": 1e-5, "casting": "llama",
         "offset": 0.5, "k": N - 2, "residual_dtype": torch.float32, "rstd": rstd, "mean": mean,
         "alpha": torch.tensor([0.7], device=device), "weight_grad": optional, "bias_grad": optional,
+        "group_size": GROUP, "norm_before_gate": optional, "gate": r(ROWS, N, seed=8) if optional else None,
         "out": torch.empty_like(x), "residual_out": torch.empty_like(x, dtype=torch.float32),
         **{name: t if optional else None for name, t in given.items()},
     }
@@ -97,6 +99,8 @@ def _run_problem(name: str, fn, device: str) -> str | None:
     for dtype in (torch.float32, torch.bfloat16):
         for optional in (True, False):
             values = _samples(dtype, device, optional)
+            if entry.family == "gated_rms_norm":  # statistics per row and group
+                values["rstd"] = values["rstd"][:, None].repeat(1, N // GROUP)
             args = [values[p.name] for p in params if p.default is inspect.Parameter.empty]
             kwargs = {p.name: values[p.name] for p in params if p.default is not inspect.Parameter.empty and optional}
             got, want = fn(*args, **kwargs), entry.stub(*args, **kwargs)
@@ -152,6 +156,8 @@ def test_the_contract_lists():
     """The lists the backends register from: every entry point once, by family."""
     assert contract.kernels("rms_norm") == ("rms_norm_fwd", "rms_norm_bwd", "add_rms_norm_fwd")
     assert contract.native_ops("dyt") == ("dyt", "dyt_backward")
+    assert contract.kernels("gated_rms_norm") == ("gated_rms_norm_fwd", "gated_rms_norm_bwd")
+    assert contract.native_ops("gated_rms_norm") == ("gated_rms_norm", "gated_rms_norm_backward")
     assert set(contract.kernels()) | set(contract.native_ops()) == set(contract.ENTRY_POINTS)
     with pytest.raises(ValueError, match=r"no kernel entry points for the families \['batch_norm'\]"):
         contract.kernels("batch_norm")

@@ -279,6 +279,38 @@ def test_real_tiny_models_patched_with_equal_logits(name, dtype):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_tiny_bamba_patched_with_equal_logits(dtype):
+    """A hybrid Mamba-2 / attention model (on CPU the mamba mixer's plain-torch path): its gated norms become
+    GatedRMSNorm (two groups), its RMSNorms RMSNorm; logits bitwise equal in bf16, by the tolerance rule of
+    the float32 noise otherwise."""
+    import transformers as tr
+
+    config = tr.BambaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                            num_key_value_heads=2, max_position_embeddings=32, rms_norm_eps=1e-3, attn_layer_indices=[1],
+                            mamba_n_heads=4, mamba_n_groups=2, mamba_d_state=8, mamba_chunk_size=8)
+    torch.manual_seed(0)
+    model = randomize_(tr.BambaForCausalLM(config), seed=1).to(dtype)
+    with torch.no_grad():  # a sane SSM: decaying states and small steps, so the logits are finite
+        for name, p in model.named_parameters():
+            if name.endswith(("A_log", "dt_bias")):
+                p.fill_(-1.0 if name.endswith("dt_bias") else 0.0)
+    idx = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        want = model(idx).logits
+        report = normlab.patch(model)
+        got = model(idx).logits
+    assert not report.refused, str(report)
+    assert report.counts["BambaRMSNormGated → GatedRMSNorm"] == 1 and report.counts["BambaRMSNorm → RMSNorm"] == 5
+    gated = next(m for _, m in report_modules(model, report) if isinstance(m, nnl.GatedRMSNorm))
+    assert (gated.group_size, gated.casting, gated.norm_before_gate) == (32, "llama", False)
+    assert torch.isfinite(want).all()
+    if dtype == torch.bfloat16:
+        assert torch.equal(got, want)
+    else:
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
 def report_modules(model: nn.Module, report) -> list[tuple[str, nn.Module]]:
     return [(n, model.get_submodule(n)) for n, _, _ in report.replaced]
 

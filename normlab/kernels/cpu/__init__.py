@@ -141,6 +141,18 @@ def add_layer_norm_fwd(x, residual, weight, bias, eps, residual_dtype, out=None,
     return _into(results, {"out": out, "residual_out": residual_out})
 
 
+def gated_rms_norm_fwd(x, gate, weight, eps, group_size, norm_before_gate, casting, offset, out=None):
+    """``(y, rstd)``: gated RMSNorm of the ``(rows, n)`` input, ``rstd`` per row and group."""
+    results = _ops.gated_rms_norm(x, gate, weight, eps, group_size, norm_before_gate, casting, offset)
+    return _into(results, {"out": out})
+
+
+def gated_rms_norm_bwd(dy, x, gate, weight, rstd, group_size, norm_before_gate, offset):
+    """``(dx, dz | None, dw | None)`` from the saved ``rstd``."""
+    dx, dz, dw = _ops.gated_rms_norm_backward(dy, x, gate, weight, rstd, group_size, norm_before_gate, offset, weight is not None)
+    return dx, dz if gate is not None else None, dw if weight is not None else None
+
+
 dispatch.register_kernels("cpu", sys.modules[__name__], supports=supports, names=contract.kernels())
 # the native operators, the whole ops with their autograd among them (normlab.dispatch.native)
 dispatch.register_kernels("cpu", _ops, supports=supports, names=contract.native_ops())

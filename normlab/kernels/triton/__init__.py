@@ -1,4 +1,4 @@
-"""The ``triton`` backend: GPU kernels of rms_norm, add_rms_norm, layer_norm and add_layer_norm.
+"""The ``triton`` backend: GPU kernels of rms_norm, add_rms_norm, layer_norm, add_layer_norm and gated_rms_norm.
 
 Serves CUDA tensors of fp32/bf16/fp16 (weights in the input dtype or fp32), any row length; CPU tensors
 only under ``TRITON_INTERPRET=1`` (set before this module is imported), which the tests use. Importing
@@ -12,8 +12,9 @@ import triton  # noqa: F401  (ImportError here: the dispatch falls back)
 
 from normlab import dispatch
 from normlab.kernels import contract
-from normlab.kernels.triton import layer_norm, rms_norm
+from normlab.kernels.triton import gated_rms_norm, layer_norm, rms_norm
 # the backend's kernels, as attributes of the package
+from normlab.kernels.triton.gated_rms_norm import gated_rms_norm_bwd, gated_rms_norm_fwd  # noqa: F401
 from normlab.kernels.triton.layer_norm import add_layer_norm_fwd, layer_norm_bwd, layer_norm_fwd  # noqa: F401
 from normlab.kernels.triton.rms_norm import add_rms_norm_fwd, rms_norm_bwd, rms_norm_fwd  # noqa: F401
 
@@ -35,3 +36,4 @@ def supports(op: str, x: torch.Tensor, **options) -> bool:
 
 dispatch.register_kernels("triton", rms_norm, supports=supports, names=contract.kernels("rms_norm"))
 dispatch.register_kernels("triton", layer_norm, supports=supports, names=contract.kernels("layer_norm"))
+dispatch.register_kernels("triton", gated_rms_norm, supports=supports, names=contract.kernels("gated_rms_norm"))

@@ -4,11 +4,13 @@
 #define CPU_CAPABILITY_AVX2
 
 #include "kernels.h"
+#include "gated_kernels.h"
 
 namespace normlab::cpu {
 
 const KernelTable& kernels_avx2() {
-  static const KernelTable table{"avx2", &AVX2::norm_fwd, &AVX2::norm_bwd, &AVX2::dyt_fwd, &AVX2::dyt_bwd};
+  static const KernelTable table{"avx2", &AVX2::norm_fwd, &AVX2::norm_bwd, &AVX2::dyt_fwd, &AVX2::dyt_bwd,
+                                  &AVX2::gated_fwd, &AVX2::gated_bwd};
   return table;
 }
 

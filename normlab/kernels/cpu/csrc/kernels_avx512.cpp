@@ -4,11 +4,13 @@
 #define CPU_CAPABILITY_AVX512
 
 #include "kernels.h"
+#include "gated_kernels.h"
 
 namespace normlab::cpu {
 
 const KernelTable& kernels_avx512() {
-  static const KernelTable table{"avx512", &AVX512::norm_fwd, &AVX512::norm_bwd, &AVX512::dyt_fwd, &AVX512::dyt_bwd};
+  static const KernelTable table{"avx512", &AVX512::norm_fwd, &AVX512::norm_bwd, &AVX512::dyt_fwd, &AVX512::dyt_bwd,
+                                  &AVX512::gated_fwd, &AVX512::gated_bwd};
   return table;
 }
 

@@ -782,6 +782,189 @@ Tensor dyt_autograd(const Tensor& input, const Tensor& alpha, const OptTensor& w
   return DytFunction::apply(input, alpha, weight, bias)[0];
 }
 
+// ---- Gated RMSNorm ---------------------------------------------------------------------------------------------
+// Rows of n elements in groups of `group_size`; rstd holds one fp32 value per row and group, shape (..., groups).
+void check_gated(const Tensor& input, const OptTensor& gate, const OptTensor& weight, int64_t group_size) {
+  check_rows(input, "input");
+  const int64_t n = input.size(-1);
+  TORCH_CHECK(group_size >= 1 && n % group_size == 0, "group_size must be a positive divisor of ", n, ", got ", group_size);
+  if (gate) {
+    TORCH_CHECK(gate->sizes() == input.sizes() && gate->scalar_type() == input.scalar_type() && gate->device().is_cpu(),
+                "gate must be a CPU tensor of the input's shape ", input.sizes(), " and dtype, got ", gate->sizes(), " ",
+                gate->scalar_type());
+  }
+  check_param(weight, "weight", n);
+}
+
+Tensor gated_stats_like(const Tensor& x, int64_t groups) {
+  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end() - 1);
+  shape.push_back(groups);
+  return at::empty(shape, x.options().dtype(at::kFloat));
+}
+
+std::tuple<Tensor, Tensor> gated_rms_norm_cpu(const Tensor& input, const OptTensor& gate, const OptTensor& weight,
+                                              double eps, int64_t group_size, bool norm_before_gate,
+                                              c10::string_view casting, double offset) {
+  check_gated(input, gate, weight, group_size);
+  TORCH_CHECK(casting == "llama" || casting == "gemma", "unknown casting mode '", casting, "'; expected llama or gemma");
+  const Tensor x = input.contiguous();
+  const Tensor z = gate ? gate->contiguous() : Tensor();
+  const int64_t n = x.size(-1), rows = x.numel() / n;
+  const Mode mode = rms_mode(casting, x.scalar_type());
+  const Tensor w32 = rms_weight(weight, offset, mode, x.scalar_type());
+  Tensor y = at::empty_like(x, at::MemoryFormat::Contiguous), rstd = gated_stats_like(x, n / group_size);
+  GatedFwdArgs a{};
+  a.x = x.const_data_ptr();
+  a.z = z.defined() ? z.const_data_ptr() : nullptr;
+  a.y = y.data_ptr();
+  a.w = w32.defined() ? w32.const_data_ptr<float>() : ones(n);
+  a.rstd = rstd.data_ptr<float>();
+  a.n = n;
+  a.group = group_size;
+  a.eps = static_cast<float>(eps);
+  a.t = dtype_of(x);
+  a.before = norm_before_gate;
+  a.llama = mode == Mode::rms_llama;
+  const KernelTable& table = kernels();
+  for_rows(rows, n, [&](int64_t begin, int64_t end) { table.gated_fwd(a, begin, end); });
+  return {y, rstd};
+}
+
+// (dx, dz, dw); dz is an empty placeholder without a gate, dw without weight_grad (the schema returns tensors).
+std::tuple<Tensor, Tensor, Tensor> gated_rms_norm_backward_cpu(const Tensor& grad, const Tensor& input,
+                                                               const OptTensor& gate, const OptTensor& weight,
+                                                               const Tensor& rstd, int64_t group_size,
+                                                               bool norm_before_gate, double offset, bool weight_grad) {
+  check_gated(input, gate, weight, group_size);
+  TORCH_CHECK(grad.sizes() == input.sizes() && grad.scalar_type() == input.scalar_type(),
+              "grad must have the input's shape and dtype");
+  const Tensor x = input.contiguous(), dy = grad.contiguous(), z = gate ? gate->contiguous() : Tensor();
+  const int64_t n = x.size(-1), rows = x.numel() / n;
+  TORCH_CHECK(rstd.numel() == rows * (n / group_size) && rstd.scalar_type() == at::kFloat,
+              "rstd must hold one fp32 value per row and group");
+  const Tensor rs = rstd.contiguous(), w32 = bwd_weight(weight, offset);
+  Tensor dx = at::empty_like(x, at::MemoryFormat::Contiguous);
+  Tensor dz = z.defined() ? at::empty_like(x, at::MemoryFormat::Contiguous) : at::empty({0}, x.options());
+  const bool want_dw = weight_grad && weight.has_value();
+  const int64_t slots = worker_slots(rows, n);
+  const auto f32 = x.options().dtype(at::kFloat);
+  Tensor pw = at::empty({slots, n}, f32), dw = at::zeros({n}, f32);
+  GatedBwdArgs a{};
+  a.dy = dy.const_data_ptr();
+  a.x = x.const_data_ptr();
+  a.z = z.defined() ? z.const_data_ptr() : nullptr;
+  a.dx = dx.data_ptr();
+  a.dz = z.defined() ? dz.data_ptr() : nullptr;
+  a.w = w32.defined() ? w32.const_data_ptr<float>() : ones(n);
+  a.rstd = rs.const_data_ptr<float>();
+  a.n = n;
+  a.group = group_size;
+  a.t = dtype_of(x);
+  a.before = norm_before_gate;
+  const KernelTable& table = kernels();
+  float* pw0 = pw.data_ptr<float>();
+  run_chunks_in_order(rows, slots, [&](int64_t begin, int64_t end, int64_t slot) {
+    GatedBwdArgs part = a;
+    part.pw = pw0 + slot * n;
+    std::fill(part.pw, part.pw + n, 0.f);
+    table.gated_bwd(part, begin, end);
+  }, [&](int64_t slot) {
+    if (want_dw) add_into(dw.data_ptr<float>(), pw0 + slot * n, n);
+  });
+  return {dx, dz, want_dw ? in_dtype(dw, weight) : at::empty({0}, f32)};
+}
+
+// The differentiable formula (double backward), recomputing rstd from x and the gate.
+std::tuple<Tensor, Tensor, Tensor> gated_rms_norm_backward_composite(const Tensor& dy, const Tensor& x,
+                                                                     const OptTensor& gate, const OptTensor& weight,
+                                                                     double eps, int64_t group_size,
+                                                                     bool norm_before_gate, double offset) {
+  const Tensor xf = x.to(at::kFloat), dyf = dy.to(at::kFloat);
+  const int64_t n = x.size(-1), groups = n / group_size;
+  Tensor s, slope;
+  if (gate) {
+    const Tensor zf = gate->to(at::kFloat), sig = at::sigmoid(zf);
+    s = at::silu(zf);
+    slope = sig * (1 + zf * (1 - sig));
+  }
+  const Tensor h = gate && !norm_before_gate ? xf * s : xf;
+  const Tensor hg = h.reshape({-1, groups, group_size});
+  const Tensor r = at::rsqrt(hg.square().mean(-1, true) + eps);
+  const Tensor xhat_g = hg * r;
+  const Tensor w = weight ? weight->to(at::kFloat) + offset : Tensor();
+  const Tensor u = gate && norm_before_gate ? dyf * s : dyf;
+  const Tensor g = (w.defined() ? u * w : u).reshape({-1, groups, group_size});
+  const Tensor proj = (g * xhat_g).sum(-1, true) / static_cast<double>(group_size);
+  const Tensor dh = (r * (g - xhat_g * proj)).reshape(x.sizes());
+  const Tensor xhat = xhat_g.reshape(x.sizes());
+  Tensor dx = dh, dz;
+  if (gate && !norm_before_gate) {
+    dx = dh * s;
+    dz = dh * xf * slope;
+  } else if (gate) {
+    dz = dyf * (w.defined() ? xhat * w : xhat) * slope;
+  }
+  Tensor dw;
+  if (weight) dw = at::where(dyf == 0, at::zeros({}, dyf.options()), u * xhat).reshape({-1, n}).sum(0).to(weight->scalar_type());
+  return {dx.to(x.scalar_type()), dz.defined() ? dz.to(gate->scalar_type()) : dz, dw};
+}
+
+using GatedFwdSig = std::tuple<Tensor, Tensor>(const Tensor&, const OptTensor&, const OptTensor&, double, int64_t, bool,
+                                               c10::string_view, double);
+using GatedBwdSig = std::tuple<Tensor, Tensor, Tensor>(const Tensor&, const Tensor&, const OptTensor&, const OptTensor&,
+                                                       const Tensor&, int64_t, bool, double, bool);
+
+class GatedRmsNormFunction : public torch::autograd::Function<GatedRmsNormFunction> {
+ public:
+  static variable_list forward(AutogradContext* ctx, const Tensor& input, const OptTensor& gate, const OptTensor& weight,
+                               double eps, int64_t group_size, bool norm_before_gate, c10::string_view casting,
+                               double offset) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    auto [y, rstd] = NORMLAB_OP("gated_rms_norm", GatedFwdSig)
+                         .call(input, gate, weight, eps, group_size, norm_before_gate, casting, offset);
+    ctx->save_for_backward({input, gate.value_or(Tensor()), weight.value_or(Tensor()), rstd});
+    ctx->saved_data["eps"] = eps;
+    ctx->saved_data["group_size"] = group_size;
+    ctx->saved_data["before"] = norm_before_gate;
+    ctx->saved_data["offset"] = offset;
+    ctx->saved_data["dw"] = wants(weight);
+    ctx->mark_non_differentiable({rstd});
+    ctx->set_materialize_grads(false);
+    return {y, rstd};
+  }
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const Tensor& dy = grads[0];
+    const Tensor none;
+    if (!dy.defined()) return {none, none, none, none, none, none, none, none};
+    auto saved = ctx->get_saved_variables();
+    const OptTensor gate = saved_opt(saved[1]), weight = saved_opt(saved[2]);
+    const double eps = ctx->saved_data["eps"].toDouble(), offset = ctx->saved_data["offset"].toDouble();
+    const int64_t group_size = ctx->saved_data["group_size"].toInt();
+    const bool before = ctx->saved_data["before"].toBool();
+    Tensor dx, dz, dw;
+    if (at::GradMode::is_enabled()) {
+      std::tie(dx, dz, dw) = gated_rms_norm_backward_composite(dy, saved[0], gate, weight, eps, group_size, before, offset);
+    } else {
+      std::tie(dx, dz, dw) = NORMLAB_OP("gated_rms_norm_backward", GatedBwdSig)
+                                 .call(dy, saved[0], gate, weight, saved[3], group_size, before, offset,
+                                       ctx->saved_data["dw"].toBool());
+    }
+    // which gradients exist follows from the saved inputs, not from sizes (symbolic under torch.compile)
+    return {dx, gate ? dz : none, ctx->saved_data["dw"].toBool() ? dw : none, none, none, none, none, none};
+  }
+};
+
+std::tuple<Tensor, Tensor> gated_rms_norm_autograd(const Tensor& input, const OptTensor& gate, const OptTensor& weight,
+                                                   double eps, int64_t group_size, bool norm_before_gate,
+                                                   c10::string_view casting, double offset) {
+  if (!needs_grad({&input}, {&gate, &weight})) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    return NORMLAB_OP("gated_rms_norm", GatedFwdSig).call(input, gate, weight, eps, group_size, norm_before_gate, casting, offset);
+  }
+  auto out = GatedRmsNormFunction::apply(input, gate, weight, eps, group_size, norm_before_gate, casting, offset);
+  return {out[0], out[1]};
+}
+
 }  // namespace
 
 TORCH_LIBRARY(normlab, m) {
@@ -800,6 +983,10 @@ TORCH_LIBRARY(normlab, m) {
   m.def("dyt(Tensor input, Tensor alpha, Tensor? weight, Tensor? bias) -> Tensor");
   m.def("dyt_backward(Tensor grad, Tensor input, Tensor alpha, Tensor? weight, bool weight_grad, bool bias_grad) "
         "-> (Tensor, Tensor, Tensor, Tensor)");
+  m.def("gated_rms_norm(Tensor input, Tensor? gate, Tensor? weight, float eps, int group_size, bool norm_before_gate, "
+        "str casting, float offset) -> (Tensor, Tensor)");
+  m.def("gated_rms_norm_backward(Tensor grad, Tensor input, Tensor? gate, Tensor? weight, Tensor rstd, int group_size, "
+        "bool norm_before_gate, float offset, bool weight_grad) -> (Tensor, Tensor, Tensor)");
   m.def("cpu_isa() -> str", &cpu_isa);
   m.def("cpu_isas() -> str[]", &cpu_isas);
   m.def("set_cpu_isa(str isa) -> str", &set_cpu_isa);
@@ -816,6 +1003,8 @@ TORCH_LIBRARY_IMPL(normlab, CPU, m) {
   m.impl("add_layer_norm", &add_layer_norm_cpu);
   m.impl("dyt", &dyt_cpu);
   m.impl("dyt_backward", &dyt_backward_cpu);
+  m.impl("gated_rms_norm", &gated_rms_norm_cpu);
+  m.impl("gated_rms_norm_backward", &gated_rms_norm_backward_cpu);
 }
 
 TORCH_LIBRARY_IMPL(normlab, Autograd, m) {
@@ -824,6 +1013,7 @@ TORCH_LIBRARY_IMPL(normlab, Autograd, m) {
   m.impl("layer_norm", &layer_norm_autograd);
   m.impl("add_layer_norm", &add_layer_norm_autograd);
   m.impl("dyt", &dyt_autograd);
+  m.impl("gated_rms_norm", &gated_rms_norm_autograd);
 }
 
 }  // namespace normlab::cpu

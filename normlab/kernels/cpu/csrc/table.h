@@ -67,10 +67,40 @@ struct DytBwdArgs {
   Dtype t;
 };
 
+// Gated RMSNorm: rows of n elements in groups of `group`, each normalized by its own RMS.
+struct GatedFwdArgs {
+  const void* x;       // (rows, n), dtype t; z and y the same
+  const void* z;       // the gate, or null
+  void* y;
+  const float* w;      // n fp32 values: the effective weights `offset + w` (ones when there is none)
+  float* rstd;         // (rows, n / group)
+  int64_t n, group;
+  float eps;
+  Dtype t;
+  bool before;         // norm_before_gate: y = norm(x)·w·silu(z), else norm(x·silu(z))·w
+  bool llama;          // round the normalized value to t before the weight (and the gate after)
+};
+
+struct GatedBwdArgs {
+  const void* dy;      // (rows, n), dtype t, as x, z, dx, dz
+  const void* x;
+  const void* z;       // or null
+  void* dx;
+  void* dz;            // null without a gate
+  const float* w;      // n fp32 values (offset + w), ones when there is none
+  const float* rstd;
+  float* pw;           // n fp32: Σ over the range's rows of the weight-gradient terms, added in row order
+  int64_t n, group;
+  Dtype t;
+  bool before;
+};
+
 using NormFwdFn = void (*)(const NormFwdArgs&, int64_t row_begin, int64_t row_end);
 using NormBwdFn = void (*)(const NormBwdArgs&, int64_t row_begin, int64_t row_end);
 using DytFwdFn = void (*)(const DytFwdArgs&, int64_t row_begin, int64_t row_end);
 using DytBwdFn = void (*)(const DytBwdArgs&, int64_t row_begin, int64_t row_end);
+using GatedFwdFn = void (*)(const GatedFwdArgs&, int64_t row_begin, int64_t row_end);
+using GatedBwdFn = void (*)(const GatedBwdArgs&, int64_t row_begin, int64_t row_end);
 
 struct KernelTable {
   const char* isa;
@@ -78,6 +108,8 @@ struct KernelTable {
   NormBwdFn norm_bwd;
   DytFwdFn dyt_fwd;
   DytBwdFn dyt_bwd;
+  GatedFwdFn gated_fwd;
+  GatedBwdFn gated_bwd;
 };
 
 // One per ISA build (kernels_<isa>.cpp).
