@@ -30,6 +30,7 @@ from torch import Tensor
 
 from normlab import dispatch
 from normlab.ops._common import (
+    HALF_DTYPES,
     as_float,
     check_choice,
     check_input,
@@ -217,13 +218,24 @@ def resolve_group_size(group_size: int | None, n: int) -> int:
     return g
 
 
+def _widened(t: Optional[Tensor], x: Tensor) -> Optional[Tensor]:
+    """A bf16/fp16 gate or weight next to a float32/float64 input, exactly upcast (Mamba mixers hand an fp32
+    input with a bf16 gate and weight, which the Hugging Face norms multiply in fp32)."""
+    wide_input = isinstance(x, Tensor) and x.dtype in (torch.float32, torch.float64)
+    if wide_input and isinstance(t, Tensor) and t.dtype in HALF_DTYPES:
+        return t.to(x.dtype)
+    return t
+
+
 def _check(x, gate, normalized_shape, weight, eps, group_size, casting, offset):
     check_input(x)
     shape, n = normalized_size(x, normalized_shape)
     if gate is not None:
         check_same(x, gate, "input", "gate")
         if gate.dtype != x.dtype:
-            raise TypeError(f"expected gate of dtype {x.dtype} (the input's), got {gate.dtype}")
+            raise TypeError(
+                f"expected gate of dtype {x.dtype} (the input's; bf16/fp16 next to a float32/float64 input), got {gate.dtype}"
+            )
     check_param(weight, "weight", shape, x)
     check_choice(casting, "casting mode", CASTING_MODES)
     if not (-math.inf < as_float(offset, "offset", "a finite number") < math.inf):
@@ -239,7 +251,9 @@ def gated_rms_norm(
     """Gated RMSNorm over the trailing ``normalized_shape``, the RMS per group of ``group_size`` elements:
     ``rmsnorm(x · silu(gate)) · (offset + w)``, or with ``norm_before_gate`` ``rmsnorm(x) · (offset + w) ·
     silu(gate)``; ``gate`` has the input's shape and dtype, or is None (grouped RMSNorm). ``casting`` is
-    described in the module docstring."""
+    described in the module docstring. A bf16/fp16 gate or weight next to a float32/float64 input is upcast
+    exactly (its gradient returns in its own dtype)."""
+    gate, weight = _widened(gate, input), _widened(weight, input)
     n, eps, g = _check(input, gate, normalized_shape, weight, eps, group_size, casting, offset)
     nbg, offset = bool(norm_before_gate), float(offset)
     x, w = row_view(input, n), flat_param(weight, n)

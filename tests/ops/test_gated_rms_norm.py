@@ -240,6 +240,8 @@ def test_bad_input_messages():
         normlab.gated_rms_norm(x, torch.randn(1, 8), 8)  # no silent broadcasting
     with pytest.raises(TypeError, match="gate of dtype torch.float32"):
         normlab.gated_rms_norm(x, x.double(), 8)
+    with pytest.raises(TypeError, match="weight of dtype torch.float32"):
+        normlab.gated_rms_norm(x, x, 8, torch.ones(8, dtype=torch.float64))
     with pytest.raises(TypeError, match="gate must have a floating dtype"):
         normlab.gated_rms_norm(x, torch.ones(2, 8, dtype=torch.int64), 8)
     with pytest.raises(ValueError, match="group_size 3 must divide the normalized size 8"):
@@ -283,6 +285,18 @@ def test_fp32_master_weight_with_half_input():
         assert y.dtype == torch.bfloat16
         assert_close_same_dtype(y, gated_rms_norm_reference(x, z, 16, w, casting=casting, group_size=4),
                                 ref64(x, z, 16, w, casting=casting, group_size=4), casting)
+
+
+def test_half_gate_and_weight_next_to_a_wide_input_are_upcast_exactly():
+    """A Mamba mixer in bf16 hands its norm an fp32 input with a bf16 gate and weight."""
+    x, z, w = rand(4, 16), rand(4, 16, seed=1, dtype=torch.bfloat16).requires_grad_(), rand(16, seed=2, dtype=torch.bfloat16)
+    y = normlab.gated_rms_norm(x, z, 16, w, group_size=8)
+    assert y.dtype == torch.float32
+    assert torch.equal(y, normlab.gated_rms_norm(x, z.detach().float(), 16, w.float(), group_size=8))
+    y.sum().backward()
+    assert z.grad.dtype == torch.bfloat16
+    with pytest.raises(TypeError, match="expected gate of dtype torch.bfloat16"):
+        normlab.gated_rms_norm(x.bfloat16(), z.detach().float(), 16)
 
 
 def test_silu_is_torch_silu():
