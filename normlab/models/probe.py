@@ -160,7 +160,8 @@ def _decide(m: nn.Module) -> Decision:
     best, (_, _, err) = min(results, key=lambda r: r[1][2])
     what = best.recipe.describe()
     prefix = f"its forward takes {GATE_ARGUMENT} besides the input and " if gated else ""
-    return Decision(None, reason=f"{prefix}no normlab formula reproduces its outputs (closest: {what}, {err:.2g} × the allowed error)")
+    closest = f"closest: {what}, {err:.2g} × the allowed error"
+    return Decision(None, reason=f"{prefix}no normlab formula reproduces its outputs ({closest})")
 
 
 def _width(m: nn.Module) -> int | None:

@@ -6,7 +6,7 @@ plus torch's ``device, dtype``; ``casting`` and ``offset`` are :mod:`normlab.ops
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -22,7 +22,7 @@ class GatedRMSNorm(nn.Module):
     ``group_size`` (a divisor of ``hidden_size``; None: one group) sets the elements each RMS is taken over.
     ``reset_parameters`` sets ``weight = 1 − offset``: the effective scale starts at 1."""
 
-    __constants__ = ["normalized_shape", "eps", "group_size", "norm_before_gate"]
+    __constants__: ClassVar[list[str]] = ["normalized_shape", "eps", "group_size", "norm_before_gate"]
 
     def __init__(
         self, hidden_size: int, eps: float | None = 1e-6, group_size: int | None = None, norm_before_gate: bool = False,
@@ -41,14 +41,15 @@ class GatedRMSNorm(nn.Module):
     def reset_parameters(self) -> None:
         nn.init.constant_(self.weight, 1.0 - self.offset)
 
-    def forward(self, hidden_states: Tensor, gate: Optional[Tensor] = None) -> Tensor:
+    def forward(self, hidden_states: Tensor, gate: Tensor | None = None) -> Tensor:
         return gated_rms_norm(
             hidden_states, gate, self.normalized_shape, self.weight, self.eps, group_size=self.group_size,
             norm_before_gate=self.norm_before_gate, casting=self.casting, offset=self.offset,
         )
 
     def extra_repr(self) -> str:
-        s = f"{self.normalized_shape[0]}, eps={self.eps}, group_size={self.group_size}, norm_before_gate={self.norm_before_gate}"
+        s = f"{self.normalized_shape[0]}, eps={self.eps}, group_size={self.group_size}"
+        s += f", norm_before_gate={self.norm_before_gate}"
         if self.casting != "llama":
             s += f", casting={self.casting!r}"
         if self.offset != 0.0:

@@ -22,7 +22,6 @@ from __future__ import annotations
 import math
 import numbers
 from collections.abc import Sequence
-from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -69,7 +68,7 @@ def _groups(t: Tensor, group_size: int) -> Tensor:
     return t.reshape(t.shape[0], t.shape[1] // group_size, group_size)
 
 
-def _normalized_ref(x: Tensor, z: Optional[Tensor], eps: float, group_size: int, norm_before_gate: bool):
+def _normalized_ref(x: Tensor, z: Tensor | None, eps: float, group_size: int, norm_before_gate: bool):
     """``(x̂, rstd, silu(z) | None)`` in the compute dtype: x̂ the grouped-RMS-normalized ``x`` (times silu(z)
     when the gate comes first), ``rstd`` ``(rows, groups)``."""
     c = compute_dtype(x.dtype)
@@ -83,7 +82,7 @@ def _normalized_ref(x: Tensor, z: Optional[Tensor], eps: float, group_size: int,
 
 
 def gated_rms_norm_fwd_ref(
-    x: Tensor, z: Optional[Tensor], weight: Optional[Tensor], eps: float, group_size: int, norm_before_gate: bool,
+    x: Tensor, z: Tensor | None, weight: Tensor | None, eps: float, group_size: int, norm_before_gate: bool,
     casting: str, offset: float,
 ) -> tuple[Tensor, Tensor]:
     """Reference forward on ``(rows, n)`` rows: ``(y, rstd)``, ``rstd`` ``(rows, n / group_size)``."""
@@ -103,9 +102,9 @@ def gated_rms_norm_fwd_ref(
 
 
 def gated_rms_norm_bwd_ref(
-    dy: Tensor, x: Tensor, z: Optional[Tensor], weight: Optional[Tensor], rstd: Tensor, eps: float, group_size: int,
+    dy: Tensor, x: Tensor, z: Tensor | None, weight: Tensor | None, rstd: Tensor, eps: float, group_size: int,
     norm_before_gate: bool, offset: float,
-) -> tuple[Tensor, Optional[Tensor], Optional[Tensor]]:
+) -> tuple[Tensor, Tensor | None, Tensor | None]:
     """Reference backward on ``(rows, n)`` rows, in the compute dtype: ``(dx, dz | None, dw | None)``.
 
     With ``h = x·silu(z)`` (gate first) or ``h = x``, ``x̂ = h·rstd`` per group, ``w' = offset + w`` and
@@ -142,7 +141,7 @@ def gated_rms_norm_bwd_ref(
 
 
 def gated_rms_norm_reference(
-    x: Tensor, gate: Optional[Tensor], normalized_shape: int | Sequence[int], weight: Optional[Tensor] = None,
+    x: Tensor, gate: Tensor | None, normalized_shape: int | Sequence[int], weight: Tensor | None = None,
     eps: float | None = None, *, group_size: int | None = None, norm_before_gate: bool = False,
     casting: str = "llama", offset: float = 0.0,
 ) -> Tensor:
@@ -150,9 +149,8 @@ def gated_rms_norm_reference(
     _, n = normalized_size(x, normalized_shape)
     g = resolve_group_size(group_size, n)
     z = None if gate is None else rows(gate, n)
-    y, _ = gated_rms_norm_fwd_ref(
-        rows(x, n), z, flat_param(weight, n), resolve_eps(eps, x.dtype), g, bool(norm_before_gate), casting, float(offset)
-    )
+    eps, w = resolve_eps(eps, x.dtype), flat_param(weight, n)
+    y, _ = gated_rms_norm_fwd_ref(rows(x, n), z, w, eps, g, bool(norm_before_gate), casting, float(offset))
     return y.reshape(x.shape)
 
 
@@ -161,7 +159,7 @@ def gated_rms_norm_reference(
 # reference, on contiguous (rows, n) rows; the cpu backend's op is native (torch.ops.normlab.gated_rms_norm)
 # ----------------------------------------------------------------------------------------------
 def _fwd(
-    x: Tensor, z: Optional[Tensor], weight: Optional[Tensor], eps: float, group_size: int, norm_before_gate: bool,
+    x: Tensor, z: Tensor | None, weight: Tensor | None, eps: float, group_size: int, norm_before_gate: bool,
     casting: str, offset: float, backend: str,
 ) -> tuple[Tensor, Tensor]:
     if backend == dispatch.REFERENCE:
@@ -176,7 +174,7 @@ def _fake(x, z, weight, eps, group_size, norm_before_gate, casting, offset, back
 
 
 def _setup(ctx, inputs, output):
-    x, z, weight, eps, group_size, norm_before_gate, casting, offset, backend = inputs
+    x, z, weight, eps, group_size, norm_before_gate, _casting, offset, backend = inputs
     ctx.save_for_backward(x, z, weight, output[1])
     ctx.options = (eps, group_size, norm_before_gate, offset, backend)
     ctx.mark_non_differentiable(output[1])
@@ -218,7 +216,7 @@ def resolve_group_size(group_size: int | None, n: int) -> int:
     return g
 
 
-def _widened(t: Optional[Tensor], x: Tensor) -> Optional[Tensor]:
+def _widened(t: Tensor | None, x: Tensor) -> Tensor | None:
     """A bf16/fp16 gate or weight next to a float32/float64 input, exactly upcast (Mamba mixers hand an fp32
     input with a bf16 gate and weight, which the Hugging Face norms multiply in fp32)."""
     wide_input = isinstance(x, Tensor) and x.dtype in (torch.float32, torch.float64)
@@ -234,7 +232,8 @@ def _check(x, gate, normalized_shape, weight, eps, group_size, casting, offset):
         check_same(x, gate, "input", "gate")
         if gate.dtype != x.dtype:
             raise TypeError(
-                f"expected gate of dtype {x.dtype} (the input's; bf16/fp16 next to a float32/float64 input), got {gate.dtype}"
+                f"expected gate of dtype {x.dtype} (the input's; bf16/fp16 next to a float32/float64 input), "
+                f"got {gate.dtype}"
             )
     check_param(weight, "weight", shape, x)
     check_choice(casting, "casting mode", CASTING_MODES)
@@ -244,7 +243,7 @@ def _check(x, gate, normalized_shape, weight, eps, group_size, casting, offset):
 
 
 def gated_rms_norm(
-    input: Tensor, gate: Optional[Tensor], normalized_shape: int | Sequence[int], weight: Optional[Tensor] = None,
+    input: Tensor, gate: Tensor | None, normalized_shape: int | Sequence[int], weight: Tensor | None = None,
     eps: float | None = None, *, group_size: int | None = None, norm_before_gate: bool = False,
     casting: str = "llama", offset: float = 0.0, backend: str | None = None,
 ) -> Tensor:

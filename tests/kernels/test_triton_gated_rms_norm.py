@@ -1,23 +1,22 @@
-"""The Triton gated RMSNorm kernels against the reference with the tolerance rule (DESIGN.md §4): every option
-and dtype, groups longer than one chunk, the weight gradient's partials, batch invariance and determinism.
+"""The Triton gated RMSNorm kernels against the reference with the tolerance rule (docs/architecture.md §7):
+every option and dtype, groups longer than one chunk, the weight gradient's partials, batch invariance and determinism.
 
 On CPU tensors through Triton's interpreter by default (``tests/kernels/_triton.py``); ``NORMLAB_TEST_DEVICE=cuda``
 runs the same tests compiled on a GPU."""
 
 from __future__ import annotations
 
+import pytest
+import torch
+
+import normlab
+from normlab.ops.gated_rms_norm import gated_rms_norm_bwd_ref, gated_rms_norm_fwd_ref
+from tests import helpers
+from tests.helpers import assert_close_same_dtype
 from tests.kernels._triton import DEVICE, backend_module  # first: sets TRITON_INTERPRET before triton loads
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
-
-import normlab  # noqa: E402
-from normlab.ops.gated_rms_norm import gated_rms_norm_bwd_ref, gated_rms_norm_fwd_ref  # noqa: E402
-from tests import helpers  # noqa: E402
-from tests.helpers import assert_close_same_dtype  # noqa: E402
-
 nt = backend_module()
-from normlab.kernels.triton import _common  # noqa: E402
+from normlab.kernels.triton import _common
 
 EPS = 1e-5
 
@@ -82,7 +81,8 @@ def test_through_the_op_and_batch_invariance():
     alone = normlab.gated_rms_norm(x[7:8], z[7:8], 64, w, group_size=16, backend="triton")
     assert torch.equal(y[7:8], alone)
     grads = torch.autograd.grad(y.square().sum(), (x, z, w))
-    again = torch.autograd.grad(normlab.gated_rms_norm(x, z, 64, w, group_size=16, backend="triton").square().sum(), (x, z, w))
+    y_again = normlab.gated_rms_norm(x, z, 64, w, group_size=16, backend="triton")
+    again = torch.autograd.grad(y_again.square().sum(), (x, z, w))
     for a, b in zip(grads, again):
         assert torch.equal(a, b)
     with normlab.backend("reference"):

@@ -207,7 +207,8 @@ class WidthFreeRMSNorm(nn.Module):
 def test_rules_on_hand_written_classes():
     probe._cache.clear()
     model = nn.ModuleDict(dict(gemma=RenamedGemmaNorm(16), shifted=ShiftedRMSNorm(16), gated=GatedLikeRMSNorm(16),
-                               sigmoid=SigmoidGatedRMSNorm(16), olmo=HardCodedEpsLayerNorm(16), free=WidthFreeRMSNorm()))
+                               sigmoid=SigmoidGatedRMSNorm(16), olmo=HardCodedEpsLayerNorm(16),
+                               free=WidthFreeRMSNorm()))
     randomize_(model, seed=0)
     x = torch.randn(4, 16, dtype=torch.float64).float() * 1e-3   # tiny rows: eps matters
     want = {k: m(x) for k, m in model.items()}
@@ -286,9 +287,10 @@ def test_tiny_bamba_patched_with_equal_logits(dtype):
     the float32 noise otherwise."""
     import transformers as tr
 
-    config = tr.BambaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                            num_key_value_heads=2, max_position_embeddings=32, rms_norm_eps=1e-3, attn_layer_indices=[1],
-                            mamba_n_heads=4, mamba_n_groups=2, mamba_d_state=8, mamba_chunk_size=8)
+    config = tr.BambaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32, rms_norm_eps=1e-3,
+                            attn_layer_indices=[1], mamba_n_heads=4, mamba_n_groups=2, mamba_d_state=8,
+                            mamba_chunk_size=8)
     torch.manual_seed(0)
     model = randomize_(tr.BambaForCausalLM(config), seed=1).to(dtype)
     with torch.no_grad():  # a sane SSM: decaying states and small steps, so the logits are finite

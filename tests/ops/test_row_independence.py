@@ -31,7 +31,8 @@ ROW_OPS = {
     "group_norm": lambda x, r: normlab.group_norm(x.reshape(x.shape[0], 4, -1), 2, B[:4], W[:4]).reshape(x.shape),
     "group_norm_one_group": lambda x, r: normlab.group_norm(x.reshape(x.shape[0], 4, -1), 1, B[:4], W[:4]).reshape(x.shape),
     "dyt": lambda x, r: normlab.dyt(x, ALPHA, *wb(x.shape[-1])),
-    "gated_rms_norm": lambda x, r: normlab.gated_rms_norm(x, r, x.shape[-1], wb(x.shape[-1])[0], group_size=x.shape[-1] // 4),
+    "gated_rms_norm": lambda x, r: normlab.gated_rms_norm(x, r, x.shape[-1], wb(x.shape[-1])[0],
+                                                          group_size=x.shape[-1] // 4),
     "gated_rms_norm_after": lambda x, r: normlab.gated_rms_norm(x, r, x.shape[-1], wb(x.shape[-1])[0], casting="gemma",
                                                                 norm_before_gate=True),
     "batch_norm_eval": lambda x, r: normlab.batch_norm(x.reshape(x.shape[0], 4, -1), W[:4], B[:4].abs() + 0.1, W[4:8], B[4:8], False),
@@ -49,7 +50,9 @@ def test_batch_invariance(op):
     assert torch.equal(f(x[6:8], r[6:8])[1:2], alone), f"{op}: row 7 differs in a batch of 2"
 
 
-@pytest.mark.parametrize("op", ["layer_norm", "rms_norm", "add_layer_norm", "group_norm_one_group", "gated_rms_norm_after"])
+@pytest.mark.parametrize(
+    "op", ["layer_norm", "rms_norm", "add_layer_norm", "group_norm_one_group", "gated_rms_norm_after"]
+)
 def test_long_rows_batch_and_thread_invariant(op, monkeypatch):
     """Rows longer than torch's parallel grain (32768): a lone row is summed in the same order as in a
     batch and with 1 or 2 threads (torch's own x.mean(dim=-1) is neither); dx of the row too."""
@@ -160,8 +163,10 @@ THREAD_CASES = {
     "batch_norm": (lambda x, w: normlab.batch_norm(x, None, None, w, None, True, layout="NLC"), (40, 1000, 3), (3,)),
     "layer_norm": (lambda x, w, b: normlab.layer_norm(x, 64, w, b), (600, 64), (64,), (64,)),
     "rms_norm": (lambda x, w: normlab.rms_norm(x, 64, w), (600, 64), (64,)),
-    "gated_rms_norm": (lambda x, z, w: normlab.gated_rms_norm(x, z, 64, w, group_size=16), (600, 64), (600, 64), (64,)),
-    "gated_rms_norm_after": (lambda x, z, w: normlab.gated_rms_norm(x, z, 64, w, norm_before_gate=True), (600, 64), (600, 64), (64,)),
+    "gated_rms_norm": (lambda x, z, w: normlab.gated_rms_norm(x, z, 64, w, group_size=16), (600, 64), (600, 64),
+                       (64,)),
+    "gated_rms_norm_after": (lambda x, z, w: normlab.gated_rms_norm(x, z, 64, w, norm_before_gate=True), (600, 64),
+                             (600, 64), (64,)),
     "group_norm": (lambda x, w: normlab.group_norm(x, 1, w), (1, 4, 10000), (4,)),
 }
 

@@ -149,7 +149,9 @@ def gated_rms_norm_fwd(x, gate, weight, eps, group_size, norm_before_gate, casti
 
 def gated_rms_norm_bwd(dy, x, gate, weight, rstd, group_size, norm_before_gate, offset):
     """``(dx, dz | None, dw | None)`` from the saved ``rstd``."""
-    dx, dz, dw = _ops.gated_rms_norm_backward(dy, x, gate, weight, rstd, group_size, norm_before_gate, offset, weight is not None)
+    dx, dz, dw = _ops.gated_rms_norm_backward(
+        dy, x, gate, weight, rstd, group_size, norm_before_gate, offset, weight is not None
+    )
     return dx, dz if gate is not None else None, dw if weight is not None else None
 
 

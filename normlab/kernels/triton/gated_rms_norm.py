@@ -50,9 +50,8 @@ def _gated_rms_norm_fwd_kernel(
         cols = c * BLOCK + tl.arange(0, BLOCK)
         mask = cols < group
         h = tl.load(X + base + cols, mask=mask, other=0.0).to(tl.float32)
-        if HAS_GATE:
-            if BEFORE == 0:
-                h = h * _silu(tl.load(Z + base + cols, mask=mask, other=0.0).to(tl.float32))
+        if HAS_GATE and BEFORE == 0:
+            h = h * _silu(tl.load(Z + base + cols, mask=mask, other=0.0).to(tl.float32))
         acc += h * h
     rstd = 1.0 / tl.sqrt(tl.sum(acc, axis=0) / group + eps)
     tl.store(RSTD + pid, rstd)
@@ -74,9 +73,8 @@ def _gated_rms_norm_fwd_kernel(
                 v = (v * (w.to(dt).to(tl.float32) + offset).to(dt).to(tl.float32)).to(dt).to(tl.float32)
             else:
                 v = v * (w.to(tl.float32) + offset)
-        if HAS_GATE:
-            if BEFORE:
-                v = v * s
+        if HAS_GATE and BEFORE:
+            v = v * s
         tl.store(Y + base + cols, v.to(dt), mask=mask)
 
 

@@ -153,11 +153,15 @@ inline void gated_fwd_typed(const GatedFwdArgs& a, int64_t begin, int64_t end) {
   with_dtype(a.t, [&](auto tv) { gated_fwd_rows<decltype(tv), GATE, BEFORE, LLAMA>(a, begin, end); });
 }
 
+template <bool GATE, bool BEFORE>
+inline void gated_fwd_cast(const GatedFwdArgs& a, int64_t begin, int64_t end) {
+  a.llama ? gated_fwd_typed<GATE, BEFORE, true>(a, begin, end) : gated_fwd_typed<GATE, BEFORE, false>(a, begin, end);
+}
+
 inline void gated_fwd(const GatedFwdArgs& a, int64_t begin, int64_t end) {
-  const bool gate = a.z != nullptr;
-  if (!gate) return a.llama ? gated_fwd_typed<false, false, true>(a, begin, end) : gated_fwd_typed<false, false, false>(a, begin, end);
-  if (a.before) return a.llama ? gated_fwd_typed<true, true, true>(a, begin, end) : gated_fwd_typed<true, true, false>(a, begin, end);
-  a.llama ? gated_fwd_typed<true, false, true>(a, begin, end) : gated_fwd_typed<true, false, false>(a, begin, end);
+  if (!a.z) gated_fwd_cast<false, false>(a, begin, end);
+  else if (a.before) gated_fwd_cast<true, true>(a, begin, end);
+  else gated_fwd_cast<true, false>(a, begin, end);
 }
 
 inline void gated_bwd(const GatedBwdArgs& a, int64_t begin, int64_t end) {

@@ -787,11 +787,12 @@ Tensor dyt_autograd(const Tensor& input, const Tensor& alpha, const OptTensor& w
 void check_gated(const Tensor& input, const OptTensor& gate, const OptTensor& weight, int64_t group_size) {
   check_rows(input, "input");
   const int64_t n = input.size(-1);
-  TORCH_CHECK(group_size >= 1 && n % group_size == 0, "group_size must be a positive divisor of ", n, ", got ", group_size);
+  TORCH_CHECK(group_size >= 1 && n % group_size == 0, "group_size must be a positive divisor of ", n, ", got ",
+              group_size);
   if (gate) {
     TORCH_CHECK(gate->sizes() == input.sizes() && gate->scalar_type() == input.scalar_type() && gate->device().is_cpu(),
-                "gate must be a CPU tensor of the input's shape ", input.sizes(), " and dtype, got ", gate->sizes(), " ",
-                gate->scalar_type());
+                "gate must be a CPU tensor of the input's shape ", input.sizes(), " and dtype, got ", gate->sizes(),
+                " ", gate->scalar_type());
   }
   check_param(weight, "weight", n);
 }
@@ -806,7 +807,8 @@ std::tuple<Tensor, Tensor> gated_rms_norm_cpu(const Tensor& input, const OptTens
                                               double eps, int64_t group_size, bool norm_before_gate,
                                               c10::string_view casting, double offset) {
   check_gated(input, gate, weight, group_size);
-  TORCH_CHECK(casting == "llama" || casting == "gemma", "unknown casting mode '", casting, "'; expected llama or gemma");
+  TORCH_CHECK(casting == "llama" || casting == "gemma", "unknown casting mode '", casting,
+              "'; expected llama or gemma");
   const Tensor x = input.contiguous();
   const Tensor z = gate ? gate->contiguous() : Tensor();
   const int64_t n = x.size(-1), rows = x.numel() / n;
@@ -905,7 +907,9 @@ std::tuple<Tensor, Tensor, Tensor> gated_rms_norm_backward_composite(const Tenso
     dz = dyf * (w.defined() ? xhat * w : xhat) * slope;
   }
   Tensor dw;
-  if (weight) dw = at::where(dyf == 0, at::zeros({}, dyf.options()), u * xhat).reshape({-1, n}).sum(0).to(weight->scalar_type());
+  if (weight) {
+    dw = at::where(dyf == 0, at::zeros({}, dyf.options()), u * xhat).reshape({-1, n}).sum(0).to(weight->scalar_type());
+  }
   return {dx.to(x.scalar_type()), dz.defined() ? dz.to(gate->scalar_type()) : dz, dw};
 }
 
@@ -916,9 +920,9 @@ using GatedBwdSig = std::tuple<Tensor, Tensor, Tensor>(const Tensor&, const Tens
 
 class GatedRmsNormFunction : public torch::autograd::Function<GatedRmsNormFunction> {
  public:
-  static variable_list forward(AutogradContext* ctx, const Tensor& input, const OptTensor& gate, const OptTensor& weight,
-                               double eps, int64_t group_size, bool norm_before_gate, c10::string_view casting,
-                               double offset) {
+  static variable_list forward(AutogradContext* ctx, const Tensor& input, const OptTensor& gate,
+                               const OptTensor& weight, double eps, int64_t group_size, bool norm_before_gate,
+                               c10::string_view casting, double offset) {
     at::AutoDispatchBelowADInplaceOrView guard;
     auto [y, rstd] = NORMLAB_OP("gated_rms_norm", GatedFwdSig)
                          .call(input, gate, weight, eps, group_size, norm_before_gate, casting, offset);
@@ -943,7 +947,8 @@ class GatedRmsNormFunction : public torch::autograd::Function<GatedRmsNormFuncti
     const bool before = ctx->saved_data["before"].toBool();
     Tensor dx, dz, dw;
     if (at::GradMode::is_enabled()) {
-      std::tie(dx, dz, dw) = gated_rms_norm_backward_composite(dy, saved[0], gate, weight, eps, group_size, before, offset);
+      std::tie(dx, dz, dw) =
+          gated_rms_norm_backward_composite(dy, saved[0], gate, weight, eps, group_size, before, offset);
     } else {
       std::tie(dx, dz, dw) = NORMLAB_OP("gated_rms_norm_backward", GatedBwdSig)
                                  .call(dy, saved[0], gate, weight, saved[3], group_size, before, offset,
@@ -959,7 +964,8 @@ std::tuple<Tensor, Tensor> gated_rms_norm_autograd(const Tensor& input, const Op
                                                    c10::string_view casting, double offset) {
   if (!needs_grad({&input}, {&gate, &weight})) {
     at::AutoDispatchBelowADInplaceOrView guard;
-    return NORMLAB_OP("gated_rms_norm", GatedFwdSig).call(input, gate, weight, eps, group_size, norm_before_gate, casting, offset);
+    return NORMLAB_OP("gated_rms_norm", GatedFwdSig)
+        .call(input, gate, weight, eps, group_size, norm_before_gate, casting, offset);
   }
   auto out = GatedRmsNormFunction::apply(input, gate, weight, eps, group_size, norm_before_gate, casting, offset);
   return {out[0], out[1]};
