@@ -24,7 +24,6 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Optional
 
 import torch
 from torch import Tensor
@@ -101,18 +100,18 @@ def _stats(x: Tensor) -> Tensor:
     return x.new_empty(x.shape[:-1], dtype=torch.float32)
 
 
-def _like(x: Tensor, dtype: torch.dtype | None = None, given: Optional[Tensor] = None) -> Tensor:
+def _like(x: Tensor, dtype: torch.dtype | None = None, given: Tensor | None = None) -> Tensor:
     """A contiguous output of ``x``'s shape (in ``dtype``), or the buffer ``given`` for it."""
     if given is not None:
         return given
     return torch.empty_like(x, dtype=dtype, memory_format=torch.contiguous_format)
 
 
-def _param_grad(p: Optional[Tensor]) -> Optional[Tensor]:
+def _param_grad(p: Tensor | None) -> Tensor | None:
     return None if p is None else p.new_empty(p.shape)
 
 
-def _native_grad(p: Optional[Tensor], wanted: bool) -> Tensor:
+def _native_grad(p: Tensor | None, wanted: bool) -> Tensor:
     """A native backward's parameter gradient: ``p``'s shape and dtype when ``wanted``, else an empty fp32
     placeholder (a schema has no optional outputs)."""
     if p is None or not wanted:
@@ -123,7 +122,7 @@ def _native_grad(p: Optional[Tensor], wanted: bool) -> Tensor:
 # ---- RMSNorm ---------------------------------------------------------------------------------------------
 @kernel("rms_norm")
 def rms_norm_fwd(
-    x: Tensor, weight: Optional[Tensor], eps: float, casting: str, offset: float, k: int, out: Optional[Tensor] = None
+    x: Tensor, weight: Tensor | None, eps: float, casting: str, offset: float, k: int, out: Tensor | None = None
 ) -> tuple[Tensor, Tensor]:
     """RMSNorm of the rows ``x`` ``(rows, n)``, the RMS over the first ``k`` elements: ``(y, rstd)``, ``y``
     ``(rows, n)`` in x's dtype (``out`` itself when given), ``rstd`` ``(rows,)`` fp32."""
@@ -132,8 +131,8 @@ def rms_norm_fwd(
 
 @kernel("rms_norm")
 def rms_norm_bwd(
-    dy: Tensor, x: Tensor, weight: Optional[Tensor], rstd: Tensor, offset: float, k: int, dsum: Optional[Tensor] = None
-) -> tuple[Tensor, Optional[Tensor]]:
+    dy: Tensor, x: Tensor, weight: Tensor | None, rstd: Tensor, offset: float, k: int, dsum: Tensor | None = None
+) -> tuple[Tensor, Tensor | None]:
     """``(dx, dw)`` from the forward's ``rstd``: ``dx`` ``(rows, n)`` in x's dtype, plus ``dsum`` (the gradient
     reaching a fused add's sum, ``(rows, n)``) when given; ``dw`` ``(n,)`` in the weight's dtype, None without one."""
     return _like(x), _param_grad(weight)
@@ -141,8 +140,8 @@ def rms_norm_bwd(
 
 @kernel("rms_norm")
 def add_rms_norm_fwd(
-    x: Tensor, residual: Tensor, weight: Optional[Tensor], eps: float, casting: str, offset: float, k: int,
-    residual_dtype: torch.dtype, out: Optional[Tensor] = None, residual_out: Optional[Tensor] = None,
+    x: Tensor, residual: Tensor, weight: Tensor | None, eps: float, casting: str, offset: float, k: int,
+    residual_dtype: torch.dtype, out: Tensor | None = None, residual_out: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """``(y, s, rstd)``: ``s = x + residual`` added in fp32 and stored in ``residual_dtype`` (``residual_out``
     when given), ``y = rms_norm(s)`` in x's dtype (``out`` when given), ``rstd`` ``(rows,)`` fp32 of ``s``."""
@@ -151,7 +150,7 @@ def add_rms_norm_fwd(
 
 @native("rms_norm")
 def rms_norm(
-    input: Tensor, weight: Optional[Tensor], eps: float, casting: str, offset: float, k: int
+    input: Tensor, weight: Tensor | None, eps: float, casting: str, offset: float, k: int
 ) -> tuple[Tensor, Tensor]:
     """The whole op, autograd included: ``(y, rstd)``, ``y`` of input's shape and dtype, ``rstd``
     ``input.shape[:-1]`` fp32."""
@@ -160,7 +159,7 @@ def rms_norm(
 
 @native("rms_norm", writes=("out",))
 def rms_norm_into(
-    input: Tensor, weight: Optional[Tensor], eps: float, casting: str, offset: float, k: int, out: Tensor
+    input: Tensor, weight: Tensor | None, eps: float, casting: str, offset: float, k: int, out: Tensor
 ) -> Tensor:
     """The forward written into ``out`` (contiguous, input's shape and dtype; no autograd): returns ``rstd``."""
     return _stats(input)
@@ -168,8 +167,8 @@ def rms_norm_into(
 
 @native("rms_norm")
 def rms_norm_backward(
-    grad: Tensor, input: Tensor, weight: Optional[Tensor], rstd: Tensor, offset: float, k: int,
-    grad_sum: Optional[Tensor], weight_grad: bool,
+    grad: Tensor, input: Tensor, weight: Tensor | None, rstd: Tensor, offset: float, k: int,
+    grad_sum: Tensor | None, weight_grad: bool,
 ) -> tuple[Tensor, Tensor]:
     """``(dx, dw)``; ``dw`` in the weight's dtype when ``weight_grad``, else an empty fp32 placeholder."""
     return _like(input), _native_grad(weight, weight_grad)
@@ -177,7 +176,7 @@ def rms_norm_backward(
 
 @native("rms_norm")
 def add_rms_norm(
-    input: Tensor, residual: Tensor, weight: Optional[Tensor], eps: float, casting: str, offset: float, k: int,
+    input: Tensor, residual: Tensor, weight: Tensor | None, eps: float, casting: str, offset: float, k: int,
     residual_dtype: torch.dtype,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """The whole fused op, autograd included: ``(y, s, rstd)`` as :func:`add_rms_norm_fwd`."""
@@ -187,7 +186,7 @@ def add_rms_norm(
 # ---- LayerNorm -------------------------------------------------------------------------------------------
 @kernel("layer_norm")
 def layer_norm_fwd(
-    x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float, out: Optional[Tensor] = None
+    x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float, out: Tensor | None = None
 ) -> tuple[Tensor, Tensor, Tensor]:
     """LayerNorm of the rows ``x`` ``(rows, n)``: ``(y, mean, rstd)``, ``y`` in x's dtype (``out`` when given),
     ``mean`` and ``rstd`` ``(rows,)`` fp32."""
@@ -196,9 +195,9 @@ def layer_norm_fwd(
 
 @kernel("layer_norm")
 def layer_norm_bwd(
-    dy: Tensor, x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], mean: Tensor, rstd: Tensor,
-    dsum: Optional[Tensor] = None,
-) -> tuple[Tensor, Optional[Tensor], Optional[Tensor]]:
+    dy: Tensor, x: Tensor, weight: Tensor | None, bias: Tensor | None, mean: Tensor, rstd: Tensor,
+    dsum: Tensor | None = None,
+) -> tuple[Tensor, Tensor | None, Tensor | None]:
     """``(dx, dw, db)`` from the forward's ``mean``/``rstd``: ``dx`` in x's dtype (plus ``dsum`` when given),
     ``dw``/``db`` ``(n,)`` in the weight's/bias's dtype, None for a missing parameter."""
     return _like(x), _param_grad(weight), _param_grad(bias)
@@ -206,8 +205,8 @@ def layer_norm_bwd(
 
 @kernel("layer_norm")
 def add_layer_norm_fwd(
-    x: Tensor, residual: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float,
-    residual_dtype: torch.dtype, out: Optional[Tensor] = None, residual_out: Optional[Tensor] = None,
+    x: Tensor, residual: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float,
+    residual_dtype: torch.dtype, out: Tensor | None = None, residual_out: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """``(y, s, mean, rstd)``: ``s = x + residual`` in ``residual_dtype`` (``residual_out`` when given),
     ``y = layer_norm(s)`` in x's dtype (``out`` when given), the statistics of ``s`` ``(rows,)`` fp32."""
@@ -216,7 +215,7 @@ def add_layer_norm_fwd(
 
 @native("layer_norm")
 def layer_norm(
-    input: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float
+    input: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float
 ) -> tuple[Tensor, Tensor, Tensor]:
     """The whole op, autograd included: ``(y, mean, rstd)``, statistics ``input.shape[:-1]`` fp32."""
     return _like(input), _stats(input), _stats(input)
@@ -224,7 +223,7 @@ def layer_norm(
 
 @native("layer_norm", writes=("out",))
 def layer_norm_into(
-    input: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float, out: Tensor
+    input: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float, out: Tensor
 ) -> tuple[Tensor, Tensor]:
     """The forward written into ``out`` (contiguous, input's shape and dtype; no autograd): returns
     ``(mean, rstd)``."""
@@ -233,7 +232,7 @@ def layer_norm_into(
 
 @native("layer_norm")
 def layer_norm_backward(
-    grad: Tensor, input: Tensor, weight: Optional[Tensor], mean: Tensor, rstd: Tensor, grad_sum: Optional[Tensor],
+    grad: Tensor, input: Tensor, weight: Tensor | None, mean: Tensor, rstd: Tensor, grad_sum: Tensor | None,
     weight_grad: bool, bias_grad: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """``(dx, dw, db)``; ``dw`` in the weight's dtype when ``weight_grad``, ``db`` ``(n,)`` fp32 when
@@ -244,7 +243,7 @@ def layer_norm_backward(
 
 @native("layer_norm")
 def add_layer_norm(
-    input: Tensor, residual: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float,
+    input: Tensor, residual: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float,
     residual_dtype: torch.dtype,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """The whole fused op, autograd included: ``(y, s, mean, rstd)`` as :func:`add_layer_norm_fwd`."""
@@ -259,8 +258,8 @@ def _group_stats(x: Tensor, group_size: int) -> Tensor:
 
 @kernel("gated_rms_norm")
 def gated_rms_norm_fwd(
-    x: Tensor, gate: Optional[Tensor], weight: Optional[Tensor], eps: float, group_size: int, norm_before_gate: bool,
-    casting: str, offset: float, out: Optional[Tensor] = None,
+    x: Tensor, gate: Tensor | None, weight: Tensor | None, eps: float, group_size: int, norm_before_gate: bool,
+    casting: str, offset: float, out: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Gated RMSNorm of the rows ``x`` ``(rows, n)``, the RMS per group of ``group_size`` (a divisor of n);
     ``gate`` ``(rows, n)`` in x's dtype or None: ``(y, rstd)``, ``y`` ``(rows, n)`` in x's dtype (``out`` itself
@@ -270,9 +269,9 @@ def gated_rms_norm_fwd(
 
 @kernel("gated_rms_norm")
 def gated_rms_norm_bwd(
-    dy: Tensor, x: Tensor, gate: Optional[Tensor], weight: Optional[Tensor], rstd: Tensor, group_size: int,
+    dy: Tensor, x: Tensor, gate: Tensor | None, weight: Tensor | None, rstd: Tensor, group_size: int,
     norm_before_gate: bool, offset: float,
-) -> tuple[Tensor, Optional[Tensor], Optional[Tensor]]:
+) -> tuple[Tensor, Tensor | None, Tensor | None]:
     """``(dx, dz, dw)`` from the forward's ``rstd``: ``dx`` ``(rows, n)`` in x's dtype, ``dz`` in the gate's
     (None without one), ``dw`` ``(n,)`` in the weight's dtype (None without one)."""
     return _like(x), None if gate is None else _like(gate), _param_grad(weight)
@@ -280,7 +279,7 @@ def gated_rms_norm_bwd(
 
 @native("gated_rms_norm")
 def gated_rms_norm(
-    input: Tensor, gate: Optional[Tensor], weight: Optional[Tensor], eps: float, group_size: int,
+    input: Tensor, gate: Tensor | None, weight: Tensor | None, eps: float, group_size: int,
     norm_before_gate: bool, casting: str, offset: float,
 ) -> tuple[Tensor, Tensor]:
     """The whole op, autograd included: ``(y, rstd)``, ``y`` of input's shape and dtype, ``rstd``
@@ -290,7 +289,7 @@ def gated_rms_norm(
 
 @native("gated_rms_norm")
 def gated_rms_norm_backward(
-    grad: Tensor, input: Tensor, gate: Optional[Tensor], weight: Optional[Tensor], rstd: Tensor, group_size: int,
+    grad: Tensor, input: Tensor, gate: Tensor | None, weight: Tensor | None, rstd: Tensor, group_size: int,
     norm_before_gate: bool, offset: float, weight_grad: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """``(dx, dz, dw)``; ``dz`` of the gate's shape and dtype (an empty placeholder in input's dtype without a
@@ -301,7 +300,7 @@ def gated_rms_norm_backward(
 
 # ---- DyT -------------------------------------------------------------------------------------------------
 @native("dyt")
-def dyt(input: Tensor, alpha: Tensor, weight: Optional[Tensor], bias: Optional[Tensor]) -> Tensor:
+def dyt(input: Tensor, alpha: Tensor, weight: Tensor | None, bias: Tensor | None) -> Tensor:
     """The whole op, autograd included: ``y = weight · tanh(alpha · input) + bias`` of input's shape and dtype;
     ``alpha`` a one-element tensor."""
     return _like(input)
@@ -309,7 +308,7 @@ def dyt(input: Tensor, alpha: Tensor, weight: Optional[Tensor], bias: Optional[T
 
 @native("dyt")
 def dyt_backward(
-    grad: Tensor, input: Tensor, alpha: Tensor, weight: Optional[Tensor], weight_grad: bool, bias_grad: bool
+    grad: Tensor, input: Tensor, alpha: Tensor, weight: Tensor | None, weight_grad: bool, bias_grad: bool
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """``(dx, dalpha, dw, db)``: ``dalpha`` of alpha's shape and dtype, ``dw`` in the weight's dtype when
     ``weight_grad``, ``db`` ``(n,)`` fp32 when ``bias_grad``, each else an empty fp32 placeholder."""

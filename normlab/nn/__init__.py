@@ -7,5 +7,5 @@ from normlab.nn.group_norm import GroupNorm
 from normlab.nn.layer_norm import AdaLayerNorm, AddLayerNorm, LayerNorm
 from normlab.nn.rms_norm import AddRMSNorm, RMSNorm
 
-__all__ = ["LayerNorm", "AddLayerNorm", "AdaLayerNorm", "RMSNorm", "AddRMSNorm"]
-__all__ += ["BatchNorm", "GroupNorm", "DyT", "GatedRMSNorm"]
+__all__ = ["AdaLayerNorm", "AddLayerNorm", "AddRMSNorm", "LayerNorm", "RMSNorm"]
+__all__ += ["BatchNorm", "DyT", "GatedRMSNorm", "GroupNorm"]

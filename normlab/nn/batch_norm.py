@@ -11,8 +11,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from normlab.ops.batch_norm import LAYOUTS, batch_norm
 from normlab.ops._common import check_choice
+from normlab.ops.batch_norm import LAYOUTS, batch_norm
 
 
 class BatchNorm(nn.Module):

@@ -24,7 +24,6 @@ formula (served by the reference alone), the synchronized autograd function and 
 from __future__ import annotations
 
 import math
-from typing import Optional
 
 import torch
 from torch import Tensor
@@ -89,7 +88,7 @@ def batch_stats_ref(x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     return d, rough + correction, channel_mean(d.square())
 
 
-def deviations(x: Tensor, mean: Tensor, correction: Optional[Tensor] | str = None) -> Tensor:
+def deviations(x: Tensor, mean: Tensor, correction: Tensor | None | str = None) -> Tensor:
     """``x - mean`` in the compute dtype. ``correction="batch"`` removes the rounding error of a batch
     mean as :func:`batch_stats_ref` does; a tensor is that error already known (synchronized statistics);
     ``None`` keeps ``mean`` as given (running statistics are exact constants)."""
@@ -100,7 +99,7 @@ def deviations(x: Tensor, mean: Tensor, correction: Optional[Tensor] | str = Non
     return d if correction is None else d - _bcast(correction)
 
 
-def normalize(d: Tensor, var: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float, dtype: torch.dtype) -> Tensor:
+def normalize(d: Tensor, var: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float, dtype: torch.dtype) -> Tensor:
     """``y = d · rsqrt(var + eps) · w + b`` from the deviations ``d``, returned in ``dtype``."""
     c = d.dtype
     y = d * _bcast(torch.rsqrt(var.to(c) + eps))
@@ -112,8 +111,8 @@ def normalize(d: Tensor, var: Tensor, weight: Optional[Tensor], bias: Optional[T
 
 
 def batch_norm_fwd_ref(
-    x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], running_mean: Optional[Tensor],
-    running_var: Optional[Tensor], training: bool, eps: float,
+    x: Tensor, weight: Tensor | None, bias: Tensor | None, running_mean: Tensor | None,
+    running_var: Tensor | None, training: bool, eps: float,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Reference forward on ``(A, C, B)``: ``(y, mean, var)``, the per-channel statistics it normalized with
     (the batch's in training, copies of the running ones in eval) in the compute dtype."""
@@ -127,9 +126,9 @@ def batch_norm_fwd_ref(
 
 
 def batch_norm_bwd_ref(
-    dy: Tensor, x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], mean: Tensor, var: Tensor, eps: float,
-    training: bool, reduce=None, correction: Optional[Tensor] = None,
-) -> tuple[Tensor, Optional[Tensor], Optional[Tensor]]:
+    dy: Tensor, x: Tensor, weight: Tensor | None, bias: Tensor | None, mean: Tensor, var: Tensor, eps: float,
+    training: bool, reduce=None, correction: Tensor | None = None,
+) -> tuple[Tensor, Tensor | None, Tensor | None]:
     """Analytic backward on ``(A, C, B)``. With ``x̂ = (x - mean)·rstd``, ``g = dy``, sums over dims 0, 2:
 
     - eval (statistics are constants): ``dx = g · w · rstd``;
@@ -162,9 +161,9 @@ def batch_norm_bwd_ref(
 
 
 def batch_norm_reference(
-    input: Tensor, running_mean: Optional[Tensor], running_var: Optional[Tensor], weight: Optional[Tensor] = None,
-    bias: Optional[Tensor] = None, training: bool = False, momentum: Optional[float] = 0.1, eps: float = 1e-5,
-    *, layout: str = "NCL", num_batches_tracked: Optional[Tensor] = None,
+    input: Tensor, running_mean: Tensor | None, running_var: Tensor | None, weight: Tensor | None = None,
+    bias: Tensor | None = None, training: bool = False, momentum: float | None = 0.1, eps: float = 1e-5,
+    *, layout: str = "NCL", num_batches_tracked: Tensor | None = None,
 ) -> Tensor:
     """The spec, differentiable with plain autograd (no custom op); updates the running statistics."""
     x = as_acb(input, layout)
@@ -306,9 +305,9 @@ def _check(input, running_mean, running_var, weight, bias, training, momentum, e
 
 
 def batch_norm(
-    input: Tensor, running_mean: Optional[Tensor], running_var: Optional[Tensor], weight: Optional[Tensor] = None,
-    bias: Optional[Tensor] = None, training: bool = False, momentum: Optional[float] = 0.1, eps: float = 1e-5,
-    *, layout: str = "NCL", num_batches_tracked: Optional[Tensor] = None, process_group=None,
+    input: Tensor, running_mean: Tensor | None, running_var: Tensor | None, weight: Tensor | None = None,
+    bias: Tensor | None = None, training: bool = False, momentum: float | None = 0.1, eps: float = 1e-5,
+    *, layout: str = "NCL", num_batches_tracked: Tensor | None = None, process_group=None,
 ) -> Tensor:
     """BatchNorm as ``torch.nn.functional.batch_norm``, with a channels-last ``layout="NLC"``.
 

@@ -12,22 +12,29 @@ formula, and the functional API; the cpu backend's native op plugs in through :m
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 from torch import Tensor
 
 from normlab import dispatch
 from normlab.ops._common import (
-    FLOAT_DTYPES, HALF_DTYPES, check_input, check_param, compute_dtype, custom_op_with_eager_twin, plain_rows, row_sum,
-    row_view, rows, zero_where_no_grad,
+    FLOAT_DTYPES,
+    HALF_DTYPES,
+    check_input,
+    check_param,
+    compute_dtype,
+    custom_op_with_eager_twin,
+    plain_rows,
+    row_sum,
+    row_view,
+    rows,
+    zero_where_no_grad,
 )
 
 
 # ----------------------------------------------------------------------------------------------
 # Reference (the spec): plain PyTorch on a (rows, n) view, n the size of the weight/bias
 # ----------------------------------------------------------------------------------------------
-def dyt_fwd_ref(x: Tensor, alpha: Tensor, weight: Optional[Tensor], bias: Optional[Tensor]) -> Tensor:
+def dyt_fwd_ref(x: Tensor, alpha: Tensor, weight: Tensor | None, bias: Tensor | None) -> Tensor:
     """Reference forward on ``(rows, n)`` rows, ``alpha`` a one-element tensor."""
     c = compute_dtype(x.dtype)
     y = torch.tanh(alpha.to(c).reshape(()) * x.to(c))
@@ -39,8 +46,8 @@ def dyt_fwd_ref(x: Tensor, alpha: Tensor, weight: Optional[Tensor], bias: Option
 
 
 def dyt_bwd_ref(
-    dy: Tensor, x: Tensor, alpha: Tensor, weight: Optional[Tensor], bias: Optional[Tensor]
-) -> tuple[Tensor, Tensor, Optional[Tensor], Optional[Tensor]]:
+    dy: Tensor, x: Tensor, alpha: Tensor, weight: Tensor | None, bias: Tensor | None
+) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
     """With ``t = tanh(α x)`` and ``g = dy · w``: ``dx = g · α · (1 - t²)``, ``dα = Σ g · x · (1 - t²)``,
     ``dw = Σ_rows dy · t``, ``db = Σ_rows dy`` (contributions are 0 where ``dy == 0``)."""
     c = compute_dtype(x.dtype)
@@ -56,13 +63,13 @@ def dyt_bwd_ref(
     return dx, dalpha, dw, db
 
 
-def _rows(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor]):
+def _rows(x: Tensor, weight: Tensor | None, bias: Tensor | None):
     p = weight if weight is not None else bias
     n = 1 if p is None else p.numel()
     return rows(x, n), None if weight is None else weight.reshape(n), None if bias is None else bias.reshape(n)
 
 
-def dyt_reference(input: Tensor, alpha: Tensor, weight: Optional[Tensor] = None, bias: Optional[Tensor] = None) -> Tensor:
+def dyt_reference(input: Tensor, alpha: Tensor, weight: Tensor | None = None, bias: Tensor | None = None) -> Tensor:
     """The spec, differentiable with plain autograd (no custom op)."""
     x, w, b = _rows(input, weight, bias)
     return dyt_fwd_ref(x, alpha, w, b).reshape(input.shape)
@@ -112,7 +119,7 @@ def _check(input, alpha, weight, bias):
 
 
 def dyt(
-    input: Tensor, alpha: Tensor, weight: Optional[Tensor] = None, bias: Optional[Tensor] = None, *, backend: str | None = None
+    input: Tensor, alpha: Tensor, weight: Tensor | None = None, bias: Tensor | None = None, *, backend: str | None = None
 ) -> Tensor:
     """DyT: ``y = weight · tanh(alpha · input) + bias``, weight/bias over the trailing dims of their shape."""
     if (  # the common call, plainly valid: the module's scalar alpha and vectors of the last dim

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import math
 import numbers
-from typing import Optional
 
 import torch
 from torch import Tensor
@@ -51,7 +50,7 @@ def _group_sum(t: Tensor) -> Tensor:
     return row_sum(t.reshape(t.shape[0], t.shape[1], -1)).reshape(t.shape[0], t.shape[1], 1, 1)
 
 
-def group_deviations(x: Tensor, num_groups: int, mean: Optional[Tensor] = None) -> Tensor:
+def group_deviations(x: Tensor, num_groups: int, mean: Tensor | None = None) -> Tensor:
     """``x - mean`` per (sample, group) as ``(N, G, C/G, S)`` in the compute dtype, corrected for the
     rounding of ``mean`` (corrected two-pass: ``d - mean(d)``, ``d = x - mean`` exact near the mean).
     ``mean`` (shape ``(N·G,)``) defaults to the group means of ``x``."""
@@ -78,7 +77,7 @@ def _per_group(v: Tensor, d: Tensor) -> Tensor:
 
 
 def group_norm_apply_ref(
-    d: Tensor, rstd: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], shape: torch.Size, dtype: torch.dtype
+    d: Tensor, rstd: Tensor, weight: Tensor | None, bias: Tensor | None, shape: torch.Size, dtype: torch.dtype
 ) -> Tensor:
     """``y = d·rstd·w + b`` from the deviations ``d`` ``(N, G, C/G, S)``, returned as ``(N, C, S)`` in ``dtype``."""
     c = d.dtype
@@ -91,7 +90,7 @@ def group_norm_apply_ref(
 
 
 def group_norm_fwd_ref(
-    x: Tensor, num_groups: int, weight: Optional[Tensor], bias: Optional[Tensor], eps: float
+    x: Tensor, num_groups: int, weight: Tensor | None, bias: Tensor | None, eps: float
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Reference forward on the ``(N, C, S)`` input: ``(y, mean, rstd)``, statistics ``(N·G,)`` in the compute dtype."""
     d, mean, rstd = group_stats_ref(x, num_groups, eps)
@@ -99,9 +98,9 @@ def group_norm_fwd_ref(
 
 
 def group_norm_bwd_ref(
-    dy: Tensor, x: Tensor, num_groups: int, weight: Optional[Tensor], bias: Optional[Tensor], mean: Tensor, rstd: Tensor,
+    dy: Tensor, x: Tensor, num_groups: int, weight: Tensor | None, bias: Tensor | None, mean: Tensor, rstd: Tensor,
     eps: float,
-) -> tuple[Tensor, Optional[Tensor], Optional[Tensor]]:
+) -> tuple[Tensor, Tensor | None, Tensor | None]:
     """Analytic backward on ``(N, C, S)``. With ``x̂ = (x - mean)·rstd``, ``g = dy·w`` and ``m`` elements
     per group: ``dx = rstd · (g - Σ_group g / m - x̂ · Σ_group g x̂ / m)``, ``dw_c = Σ_{n,s} dy x̂``,
     ``db_c = Σ_{n,s} dy``. Under grad mode (double backward) the statistics are recomputed from ``x``."""
@@ -122,7 +121,7 @@ def group_norm_bwd_ref(
 
 
 def group_norm_reference(
-    input: Tensor, num_groups: int, weight: Optional[Tensor] = None, bias: Optional[Tensor] = None, eps: float = 1e-5
+    input: Tensor, num_groups: int, weight: Tensor | None = None, bias: Tensor | None = None, eps: float = 1e-5
 ) -> Tensor:
     """The spec, differentiable with plain autograd (no custom op)."""
     return group_norm_fwd_ref(_ncs(input), num_groups, weight, bias, eps)[0].reshape(input.shape)
@@ -185,7 +184,7 @@ def _check(input, num_groups, weight, bias, eps):
 
 
 def group_norm(
-    input: Tensor, num_groups: int, weight: Optional[Tensor] = None, bias: Optional[Tensor] = None, eps: float = 1e-5
+    input: Tensor, num_groups: int, weight: Tensor | None = None, bias: Tensor | None = None, eps: float = 1e-5
 ) -> Tensor:
     """GroupNorm as ``torch.nn.functional.group_norm``: input ``(N, C, *)``, ``C`` divisible by
     ``num_groups``, per-channel ``weight``/``bias`` of shape ``(C,)``."""

@@ -15,7 +15,6 @@ autograd formulas, and the functional API; fast kernels plug in through :mod:`no
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Optional
 
 import torch
 from torch import Tensor
@@ -69,7 +68,7 @@ def _stats_ref(x: Tensor, eps: float) -> tuple[Tensor, Tensor, Tensor]:
 
 
 def layer_norm_fwd_ref(
-    x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float
+    x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Reference forward on a ``(rows, n)`` input: returns ``(y, mean, rstd)``."""
     d, mean, rstd = _stats_ref(x, eps)
@@ -83,9 +82,9 @@ def layer_norm_fwd_ref(
 
 
 def layer_norm_bwd_ref(
-    dy: Tensor, x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], mean: Tensor, rstd: Tensor,
-    eps: float, dsum: Optional[Tensor] = None,
-) -> tuple[Tensor, Optional[Tensor], Optional[Tensor]]:
+    dy: Tensor, x: Tensor, weight: Tensor | None, bias: Tensor | None, mean: Tensor, rstd: Tensor,
+    eps: float, dsum: Tensor | None = None,
+) -> tuple[Tensor, Tensor | None, Tensor | None]:
     """Reference backward on ``(rows, n)`` views, in the compute dtype.
 
     With ``g = dy · w`` and ``x̂ = (x − mean) · rstd`` (deviations corrected as in the forward):
@@ -111,8 +110,8 @@ def layer_norm_bwd_ref(
 
 
 def layer_norm_reference(
-    x: Tensor, normalized_shape: int | Sequence[int], weight: Optional[Tensor] = None,
-    bias: Optional[Tensor] = None, eps: float = 1e-5,
+    x: Tensor, normalized_shape: int | Sequence[int], weight: Tensor | None = None,
+    bias: Tensor | None = None, eps: float = 1e-5,
 ) -> Tensor:
     """The spec, differentiable with plain autograd (no custom op): what every backend must match."""
     shape, n = normalized_size(x, normalized_shape)
@@ -121,8 +120,8 @@ def layer_norm_reference(
 
 
 def add_layer_norm_reference(
-    x: Tensor, residual: Tensor, normalized_shape: int | Sequence[int], weight: Optional[Tensor] = None,
-    bias: Optional[Tensor] = None, eps: float = 1e-5, *, residual_dtype: torch.dtype | None = None,
+    x: Tensor, residual: Tensor, normalized_shape: int | Sequence[int], weight: Tensor | None = None,
+    bias: Tensor | None = None, eps: float = 1e-5, *, residual_dtype: torch.dtype | None = None,
 ) -> tuple[Tensor, Tensor]:
     """The spec of the fused op: ``s = x + residual`` (added in the compute dtype, stored in
     ``residual_dtype``), then ``(layer_norm(s)`` in the input dtype``, s)``."""
@@ -136,7 +135,7 @@ def add_layer_norm_reference(
 # reference, on contiguous (rows, n) rows; the cpu backend's ops are native (torch.ops.normlab.*)
 # ----------------------------------------------------------------------------------------------
 def _fwd(
-    x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float, backend: str
+    x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float, backend: str
 ) -> tuple[Tensor, Tensor, Tensor]:
     if backend == dispatch.REFERENCE:
         return layer_norm_fwd_ref(x, weight, bias, eps)
@@ -177,7 +176,7 @@ _layer_norm_op = custom_op_with_eager_twin("normlab::py_layer_norm", _fwd, _fake
 
 
 def _add_fwd(
-    x: Tensor, residual: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float,
+    x: Tensor, residual: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float,
     residual_dtype: torch.dtype, backend: str,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     if backend == dispatch.REFERENCE:
@@ -226,8 +225,8 @@ def _check(x, normalized_shape, weight, bias, eps):
 
 
 def layer_norm(
-    input: Tensor, normalized_shape: int | Sequence[int], weight: Optional[Tensor] = None,
-    bias: Optional[Tensor] = None, eps: float = 1e-5, *, backend: str | None = None, out: Optional[Tensor] = None,
+    input: Tensor, normalized_shape: int | Sequence[int], weight: Tensor | None = None,
+    bias: Tensor | None = None, eps: float = 1e-5, *, backend: str | None = None, out: Tensor | None = None,
 ) -> Tensor:
     """LayerNorm over the trailing ``normalized_shape``: ``y = (x − mean) / sqrt(var + eps) · w + b``.
 
@@ -258,8 +257,8 @@ def layer_norm(
 
 
 def add_layer_norm(
-    input: Tensor, residual: Tensor, normalized_shape: int | Sequence[int], weight: Optional[Tensor] = None,
-    bias: Optional[Tensor] = None, eps: float = 1e-5, *, residual_dtype: torch.dtype | None = None,
+    input: Tensor, residual: Tensor, normalized_shape: int | Sequence[int], weight: Tensor | None = None,
+    bias: Tensor | None = None, eps: float = 1e-5, *, residual_dtype: torch.dtype | None = None,
     backend: str | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Fused residual add + LayerNorm: ``s = input + residual`` (stored in ``residual_dtype``, default the

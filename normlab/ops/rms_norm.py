@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Optional
 
 import torch
 from torch import Tensor
@@ -40,18 +39,22 @@ from normlab.ops._common import (
     custom_op_with_eager_twin,
     empty_stats,
     flat_param,
-    finite as _finite,
     forward_into,
     fused_add,
     normalized_size,
     plain_rows,
-    positive as _positive,
     row_mean,
     row_sum,
     row_view,
     rows,
     write_out,
     zero_where_no_grad,
+)
+from normlab.ops._common import (
+    finite as _finite,
+)
+from normlab.ops._common import (
+    positive as _positive,
 )
 
 CASTING_MODES = ("llama", "gemma", "none")
@@ -86,13 +89,13 @@ def _rstd_ref(x: Tensor, eps: float, k: int) -> Tensor:
     return torch.rsqrt(row_mean(xs.pow(2)) + eps)
 
 
-def rms_norm_fwd_ref(x: Tensor, weight: Optional[Tensor], eps: float, casting: str, offset: float, k: int) -> tuple[Tensor, Tensor]:
+def rms_norm_fwd_ref(x: Tensor, weight: Tensor | None, eps: float, casting: str, offset: float, k: int) -> tuple[Tensor, Tensor]:
     """Reference forward on a ``(rows, n)`` input: returns ``(y, rstd)``."""
     rstd = _rstd_ref(x, eps, k)
     return rms_norm_apply_ref(x, weight, rstd, casting, offset), rstd
 
 
-def rms_norm_apply_ref(x: Tensor, weight: Optional[Tensor], rstd: Tensor, casting: str, offset: float) -> Tensor:
+def rms_norm_apply_ref(x: Tensor, weight: Tensor | None, rstd: Tensor, casting: str, offset: float) -> Tensor:
     """``y`` from the per-row ``rstd`` with the casting mode's roundings (the reference's second half:
     a kernel given the same rstd must agree bitwise)."""
     if casting == "none":
@@ -109,9 +112,9 @@ def rms_norm_apply_ref(x: Tensor, weight: Optional[Tensor], rstd: Tensor, castin
 
 
 def rms_norm_bwd_ref(
-    dy: Tensor, x: Tensor, weight: Optional[Tensor], rstd: Tensor, offset: float, k: int, eps: float,
-    dsum: Optional[Tensor] = None,
-) -> tuple[Tensor, Optional[Tensor]]:
+    dy: Tensor, x: Tensor, weight: Tensor | None, rstd: Tensor, offset: float, k: int, eps: float,
+    dsum: Tensor | None = None,
+) -> tuple[Tensor, Tensor | None]:
     """Reference backward on ``(rows, n)`` views, in the compute dtype.
 
     With ``g = dy · (offset + w)`` and ``x̂ = x · rstd``:
@@ -138,7 +141,7 @@ def rms_norm_bwd_ref(
 
 
 def rms_norm_reference(
-    x: Tensor, normalized_shape: int | Sequence[int], weight: Optional[Tensor] = None, eps: float | None = None,
+    x: Tensor, normalized_shape: int | Sequence[int], weight: Tensor | None = None, eps: float | None = None,
     *, casting: str = "llama", offset: float = 0.0, partial: float | None = None,
 ) -> Tensor:
     """The spec, differentiable with plain autograd (no custom op): what every backend must match."""
@@ -148,7 +151,7 @@ def rms_norm_reference(
 
 
 def add_rms_norm_reference(
-    x: Tensor, residual: Tensor, normalized_shape: int | Sequence[int], weight: Optional[Tensor] = None,
+    x: Tensor, residual: Tensor, normalized_shape: int | Sequence[int], weight: Tensor | None = None,
     eps: float | None = None, *, casting: str = "llama", offset: float = 0.0, partial: float | None = None,
     residual_dtype: torch.dtype | None = None,
 ) -> tuple[Tensor, Tensor]:
@@ -164,7 +167,7 @@ def add_rms_norm_reference(
 # reference, on contiguous (rows, n) rows; the cpu backend's ops are native (torch.ops.normlab.*)
 # ----------------------------------------------------------------------------------------------
 def _fwd(
-    x: Tensor, weight: Optional[Tensor], eps: float, casting: str, offset: float, k: int, backend: str
+    x: Tensor, weight: Tensor | None, eps: float, casting: str, offset: float, k: int, backend: str
 ) -> tuple[Tensor, Tensor]:
     if backend == dispatch.REFERENCE:
         return rms_norm_fwd_ref(x, weight, eps, casting, offset, k)
@@ -205,7 +208,7 @@ _rms_norm_op = custom_op_with_eager_twin("normlab::py_rms_norm", _fwd, _fake, _s
 
 
 def _add_fwd(
-    x: Tensor, residual: Tensor, weight: Optional[Tensor], eps: float, casting: str, offset: float, k: int,
+    x: Tensor, residual: Tensor, weight: Tensor | None, eps: float, casting: str, offset: float, k: int,
     residual_dtype: torch.dtype, backend: str,
 ) -> tuple[Tensor, Tensor, Tensor]:
     if backend == dispatch.REFERENCE:
@@ -263,9 +266,9 @@ def _check(x, normalized_shape, weight, eps, casting, partial, offset):
 
 
 def rms_norm(
-    input: Tensor, normalized_shape: int | Sequence[int], weight: Optional[Tensor] = None, eps: float | None = None,
+    input: Tensor, normalized_shape: int | Sequence[int], weight: Tensor | None = None, eps: float | None = None,
     *, casting: str = "llama", offset: float = 0.0, partial: float | None = None, backend: str | None = None,
-    out: Optional[Tensor] = None,
+    out: Tensor | None = None,
 ) -> Tensor:
     """RMSNorm over the trailing ``normalized_shape``: ``y = x / sqrt(mean(x²) + eps) * (offset + w)``.
 
@@ -301,7 +304,7 @@ def rms_norm(
 
 
 def add_rms_norm(
-    input: Tensor, residual: Tensor, normalized_shape: int | Sequence[int], weight: Optional[Tensor] = None,
+    input: Tensor, residual: Tensor, normalized_shape: int | Sequence[int], weight: Tensor | None = None,
     eps: float | None = None, *, casting: str = "llama", offset: float = 0.0, partial: float | None = None,
     residual_dtype: torch.dtype | None = None, backend: str | None = None,
 ) -> tuple[Tensor, Tensor]:

@@ -12,10 +12,10 @@ DEVICE = os.environ.get("NORMLAB_TEST_DEVICE", "cpu")
 if DEVICE == "cpu":
     os.environ["TRITON_INTERPRET"] = "1"  # before any Triton kernel is defined
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-import triton.language as tl  # noqa: E402
-from triton.runtime import interpreter  # noqa: E402
+import numpy as np
+import torch
+import triton.language as tl
+from triton.runtime import interpreter
 
 
 def _round_fp32_to_bf16_like_gpus(cast_impl):

@@ -6,18 +6,17 @@ the contract in each way the checker knows is rejected."""
 
 from __future__ import annotations
 
+import inspect
+
+import pytest
+import torch
+
+from normlab import dispatch
+from normlab.kernels import contract
+from normlab.ops.layer_norm import layer_norm_fwd_ref
+from normlab.ops.rms_norm import rms_norm_bwd_ref
+from tests import helpers
 from tests.kernels._triton import DEVICE, backend_module  # first: sets TRITON_INTERPRET before triton loads
-
-import inspect  # noqa: E402
-
-import pytest  # noqa: E402
-import torch  # noqa: E402
-
-from normlab import dispatch  # noqa: E402
-from normlab.kernels import contract  # noqa: E402
-from normlab.ops.layer_norm import layer_norm_fwd_ref  # noqa: E402
-from normlab.ops.rms_norm import rms_norm_bwd_ref  # noqa: E402
-from tests import helpers  # noqa: E402
 
 ROWS, N = 3, 8
 GROUP = 4  # gated_rms_norm's group size: two groups per row

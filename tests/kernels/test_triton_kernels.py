@@ -13,26 +13,25 @@ import os
 import subprocess
 import sys
 
-from tests.kernels._triton import DEVICE, backend_module  # first: sets TRITON_INTERPRET before triton loads
+import pytest
+import torch
+import torch.nn.functional as F
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-
-import normlab  # noqa: E402
-from normlab import dispatch  # noqa: E402
-from normlab.ops.layer_norm import add_layer_norm_reference, layer_norm_bwd_ref, layer_norm_fwd_ref  # noqa: E402
-from normlab.ops.rms_norm import (  # noqa: E402
+import normlab
+from normlab import dispatch
+from normlab.ops.layer_norm import add_layer_norm_reference, layer_norm_bwd_ref, layer_norm_fwd_ref
+from normlab.ops.rms_norm import (
     add_rms_norm_reference,
     rms_norm_apply_ref,
     rms_norm_bwd_ref,
     rms_norm_fwd_ref,
 )
-from tests import helpers  # noqa: E402
-from tests.helpers import assert_close_same_dtype, assert_tolerance_rule, max_err  # noqa: E402
+from tests import helpers
+from tests.helpers import assert_close_same_dtype, assert_tolerance_rule, max_err
+from tests.kernels._triton import DEVICE, backend_module  # first: sets TRITON_INTERPRET before triton loads
 
 nt = backend_module()
-from normlab.kernels.triton import _common  # noqa: E402
+from normlab.kernels.triton import _common
 
 
 def rand(*shape, **kwargs):

@@ -5,8 +5,16 @@ from __future__ import annotations
 import pytest
 import torch
 from torch import nn
-from transformers import (BertConfig, BertForMaskedLM, GemmaConfig, GemmaForCausalLM, GPT2Config, GPT2LMHeadModel,
-                          LlamaConfig, LlamaForCausalLM)
+from transformers import (
+    BertConfig,
+    BertForMaskedLM,
+    GemmaConfig,
+    GemmaForCausalLM,
+    GPT2Config,
+    GPT2LMHeadModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+)
 
 import normlab
 from normlab import nn as nnl

@@ -157,7 +157,7 @@ def test_ada_layer_norm_vs_formula_and_gradcheck(shape):
     c = rand(2, 3, dtype=torch.float64, seed=1).requires_grad_()
     torch.testing.assert_close(m(x, c), ada_formula(x, c, m.scale_shift, 1e-6), rtol=0, atol=1e-13)
     w, b = m.scale_shift.weight, m.scale_shift.bias
-    f = lambda x, c, w, b: torch.func.functional_call(m, {"scale_shift.weight": w, "scale_shift.bias": b}, (x, c))  # noqa: E731
+    f = lambda x, c, w, b: torch.func.functional_call(m, {"scale_shift.weight": w, "scale_shift.bias": b}, (x, c))
     assert torch.autograd.gradcheck(f, (x, c, w, b))
 
 

@@ -63,7 +63,7 @@ def test_batchnorm_matches_torch_attributes():
 def test_batchnorm_trains_like_torch(momentum, shape, kw):
     """5 SGD steps: outputs, weights and running statistics follow torch.nn.BatchNorm1d; then eval."""
     ours, theirs = BatchNorm(5, momentum=momentum, **kw), nn.BatchNorm1d(5, momentum=momentum, **kw)
-    make = lambda step: rand(*shape, seed=step, scale=1 + step, mean=0.5 * step)  # noqa: E731
+    make = lambda step: rand(*shape, seed=step, scale=1 + step, mean=0.5 * step)
     for a, b in zip(*_train_steps([ours, theirs], make)):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
     _assert_same_state(ours, theirs, rtol=1e-5, atol=1e-6)
@@ -79,7 +79,7 @@ def test_batchnorm_trains_like_torch(momentum, shape, kw):
 
 
 def test_batchnorm_state_dict_both_ways_after_training():
-    make = lambda step: rand(6, 4, 3, seed=step, mean=step)  # noqa: E731
+    make = lambda step: rand(6, 4, 3, seed=step, mean=step)
     ours = BatchNorm(4, momentum=None)
     _train_steps([ours], make)
     theirs = nn.BatchNorm1d(4, momentum=None)
@@ -150,7 +150,7 @@ def test_groupnorm_matches_torch():
     for kw in ({"affine": False}, {"bias": False}, {"eps": 1e-3}):
         assert GroupNorm(2, 4, **kw).extra_repr() == nn.GroupNorm(2, 4, **kw).extra_repr()
         assert list(GroupNorm(2, 4, **kw).state_dict()) == list(nn.GroupNorm(2, 4, **kw).state_dict())
-    make = lambda step: rand(4, 6, 5, seed=step, mean=step)  # noqa: E731
+    make = lambda step: rand(4, 6, 5, seed=step, mean=step)
     for a, b in zip(*_train_steps([ours, theirs], make)):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
     _assert_same_state(ours, theirs, rtol=1e-5, atol=1e-6)

@@ -170,7 +170,7 @@ def test_add_layer_norm_gradcheck(residual_dtype, affine):
     x, r = rand(5, 12, dtype=torch.float64).requires_grad_(), rand(5, 12, dtype=torch.float64, seed=4).requires_grad_()
     w, b = params(affine, (12,))
     leaves = [t.requires_grad_() for t in (w, b) if t is not None]
-    f = lambda a, c, *p: normlab.add_layer_norm(a, c, 12, *p, eps=1e-5, residual_dtype=residual_dtype)  # noqa: E731
+    f = lambda a, c, *p: normlab.add_layer_norm(a, c, 12, *p, eps=1e-5, residual_dtype=residual_dtype)
     assert torch.autograd.gradcheck(f, (x, r, *leaves))
     assert torch.autograd.gradgradcheck(f, (x, r, *leaves))
 

@@ -8,11 +8,12 @@ it raises ImportError when triton is not installed, and the dispatch falls back 
 from __future__ import annotations
 
 import torch
-import triton  # noqa: F401  (ImportError here: the dispatch falls back)
+import triton
 
 from normlab import dispatch
 from normlab.kernels import contract
 from normlab.kernels.triton import gated_rms_norm, layer_norm, rms_norm
+
 # the backend's kernels, as attributes of the package
 from normlab.kernels.triton.gated_rms_norm import gated_rms_norm_bwd, gated_rms_norm_fwd  # noqa: F401
 from normlab.kernels.triton.layer_norm import add_layer_norm_fwd, layer_norm_bwd, layer_norm_fwd  # noqa: F401
