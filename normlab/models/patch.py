@@ -118,7 +118,8 @@ class PatchReport:
         return len(self.replaced)
 
     def __str__(self) -> str:
-        lines = [f"normlab.patch: {len(self.replaced)} modules replaced" if self.replaced else "normlab.patch: nothing replaced"]
+        lines = [f"normlab.patch: {len(self.replaced)} modules replaced" if self.replaced
+                 else "normlab.patch: nothing replaced"]
         lines += [f"  {n:4d} × {what}" for what, n in self.counts.items()]
         if self.refused:
             lines.append(f"  not replaced ({len(self.refused)} modules):")

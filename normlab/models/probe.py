@@ -2,7 +2,7 @@
 
 A class is read once: its attributes (1-D ``weight`` / ``bias``, an eps attribute, a forward that takes
 the input alone, or the input and a ``gate``), then a probe runs a randomised copy of it and each candidate
-normlab module on the same inputs, in float32 and bfloat16 (and the module's own dtype). A class whose
+normlab module on the same inputs, in float32, bfloat16 and float16. A class whose
 forward takes ``(hidden_states, gate)`` is probed with a gate (and without, where the gate is optional)
 against GatedRMSNorm; one with a ``group_size`` (or ``n_groups``) that splits its width also against
 grouped RMSNorm (GatedRMSNorm without a gate). The first candidate that agrees
@@ -27,7 +27,7 @@ from normlab.nn import GatedRMSNorm, LayerNorm, RMSNorm
 
 EPS_ATTRIBUTES = ("variance_epsilon", "eps", "epsilon", "layer_norm_eps", "norm_eps", "rms_norm_eps")
 WIDTH_ATTRIBUTES = ("hidden_size", "normalized_shape", "dim", "d_model", "num_features", "embed_dim")
-PROBE_DTYPES = (torch.float32, torch.bfloat16)
+PROBE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 ATOL = {torch.float32: 1e-6, torch.float64: 1e-12, torch.bfloat16: 1e-2, torch.float16: 1e-3}
 ULPS = {torch.float32: 64, torch.float64: 64, torch.bfloat16: 2, torch.float16: 2}
 GATE_ARGUMENT = "gate"
@@ -38,7 +38,8 @@ _NORM_NAME = re.compile(r"RMSNorm|RmsNorm|LayerNorm|Norm$|Norm\d?d$", re.IGNOREC
 class Recipe:
     """A normlab module that reproduces a class: ``op`` ``rms_norm`` (with ``casting``, ``offset``),
     ``gated_rms_norm`` (also ``norm_before_gate``; the group size is read from each instance) or
-    ``layer_norm``; ``exact``: the probe dtypes in which it agreed bitwise."""
+    ``layer_norm``; ``exact``: the 16-bit probe dtypes in which it agreed bitwise (in fp32 another summation
+    order decides the last bit, so equality there depends on the input and is not claimed)."""
 
     op: str
     casting: str = "llama"
@@ -136,7 +137,8 @@ def _decide(m: nn.Module) -> Decision:
     takes = _extra_forward_arguments(m)
     gated = takes == [GATE_ARGUMENT] and getattr(m, "bias", None) is None and getattr(m, "weight", None) is not None
     if takes and not gated:
-        return Decision(None, reason=f"its forward takes {', '.join(takes)} besides the input (a gated or conditioned norm)")
+        return Decision(None, reason=f"its forward takes {', '.join(takes)} besides the input "
+                                     "(a gated or conditioned norm)")
     eps_attribute = next((a for a in EPS_ATTRIBUTES if isinstance(getattr(m, a, None), float)), None)
     has_bias = getattr(m, "bias", None) is not None
     candidates = (Recipe("layer_norm"),) if has_bias else (*RMS_CANDIDATES, Recipe("layer_norm"))
@@ -150,9 +152,10 @@ def _decide(m: nn.Module) -> Decision:
         [Decision(c, eps=eps) for eps in HARD_CODED_EPS for c in candidates]
     try:
         results = [(d, _probe(m, d)) for d in tries]
-    except Exception as e:  # the original refused the probe input
+    except Exception as e:  # noqa: BLE001 — any error of foreign code on the probe input is a refusal with its reason
         why = str(e).splitlines()[0][:100] if str(e) else ""
-        return Decision(None, reason=f"does not take a (..., width) input normalized over its last dim ({type(e).__name__}: {why})")
+        return Decision(None, reason="does not take a (..., width) input normalized over its last dim "
+                                     f"({type(e).__name__}: {why})")
     passing = [(d, exact) for d, (exact, ok, _) in results if ok]
     if passing:
         d, exact = max(passing, key=lambda r: len(r[1]))  # the first of the most bitwise
@@ -242,8 +245,9 @@ def _randomised(m: nn.Module, dtype: torch.dtype) -> nn.Module:
 
 def _probe(m: nn.Module, decision: Decision) -> tuple[tuple[str, ...], bool, float]:
     """(the dtypes where bitwise equal, within the rule in all, worst error / allowed error) over the probe dtypes."""
-    own = getattr(m, "weight", None)
-    dtypes = dict.fromkeys((*PROBE_DTYPES, *([own.dtype] if own is not None and own.is_floating_point() else [])))
+    # the same dtypes whatever the instance's: the cached decision must not depend on which instance came first
+    # (and many classes compute an fp64 input in fp32 on purpose)
+    dtypes = PROBE_DTYPES
     exact, ok, worst = [], True, 0.0
     with torch.no_grad():
         for dtype in dtypes:
@@ -274,6 +278,6 @@ def _probe(m: nn.Module, decision: Decision) -> tuple[tuple[str, ...], bool, flo
                     ratio = math.inf
                 ok = ok and ratio <= 1.0
                 worst = max(worst, ratio)
-            if equal:
+            if equal and dtype.itemsize == 2:
                 exact.append(str(dtype).removeprefix("torch."))
     return tuple(exact), ok, worst

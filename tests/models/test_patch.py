@@ -26,12 +26,13 @@ EPS = dict(rms_norm_eps=1e-3)
 
 def tiny(name: str) -> nn.Module:
     if name == "gpt2":
-        return GPT2LMHeadModel(GPT2Config(vocab_size=64, n_positions=32, n_embd=32, n_layer=2, n_head=4, bos_token_id=0, eos_token_id=0,
-                                          layer_norm_epsilon=1e-3))
+        return GPT2LMHeadModel(GPT2Config(vocab_size=64, n_positions=32, n_embd=32, n_layer=2, n_head=4, bos_token_id=0,
+                                          eos_token_id=0, layer_norm_epsilon=1e-3))
     if name == "llama":
         return LlamaForCausalLM(LlamaConfig(**SMALL, **EPS, num_key_value_heads=2, max_position_embeddings=32))
     if name == "gemma":
-        return GemmaForCausalLM(GemmaConfig(**SMALL, **EPS, num_key_value_heads=2, head_dim=8, max_position_embeddings=32))
+        config = GemmaConfig(**SMALL, **EPS, num_key_value_heads=2, head_dim=8, max_position_embeddings=32)
+        return GemmaForCausalLM(config)
     if name == "bert":
         return BertForMaskedLM(BertConfig(**SMALL, max_position_embeddings=32, layer_norm_eps=1e-3))
     raise AssertionError(name)

@@ -62,7 +62,7 @@ def build_with_width(cls: type, width: int) -> nn.Module | None:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             return cls(**kwargs)
-    except Exception:
+    except Exception:  # noqa: BLE001 — a class that cannot be built from a width is outside the count
         return None
 
 
@@ -92,7 +92,8 @@ def outputs_equal(original: nn.Module, patched: nn.Module, width: int, exact: tu
 
     for dtype in (torch.float32, torch.bfloat16):
         o_mod, p_mod = copy.deepcopy(original).to(dtype), copy.deepcopy(patched).to(dtype)
-        x = (torch.randn(3, 5, width, generator=torch.Generator().manual_seed(7), dtype=torch.float64) * 2 - 0.5).to(dtype)
+        g = torch.Generator().manual_seed(7)
+        x = (torch.randn(3, 5, width, generator=g, dtype=torch.float64) * 2 - 0.5).to(dtype)
         for args in call_arguments(original, x):
             with torch.no_grad():
                 try:
@@ -226,6 +227,15 @@ def test_rules_on_hand_written_classes():
         torch.testing.assert_close(model[k](x), want[k], rtol=1e-5, atol=1e-6)
     wide = torch.randn(3, 40)
     torch.testing.assert_close(model["free"](wide), WidthFreeRMSNorm()(wide))   # any last dim
+
+
+def test_decision_does_not_depend_on_the_dtype_of_the_first_instance():
+    """A class that computes an fp64 input in fp32 (as Gemma's) is decided the same from an fp64 instance."""
+    probe._cache.clear()
+    first = probe.decide(RenamedGemmaNorm(16).double())
+    probe._cache.clear()
+    again = probe.decide(RenamedGemmaNorm(16).to(torch.bfloat16))
+    assert first == again and first.recipe is not None and first.recipe.offset == 1.0
 
 
 def test_decision_is_made_once_per_class(monkeypatch):
