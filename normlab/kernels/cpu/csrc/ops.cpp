@@ -116,7 +116,7 @@ Tensor stats_like(const Tensor& x) {
   return at::empty(x.sizes().slice(0, x.dim() - 1), x.options().dtype(at::kFloat));
 }
 
-// The last-level cache of CPU 0, from sysfs (cpuid, behind sysconf, reports 10× too much on some VMs); 32 MB
+// The last-level cache of CPU 0, from sysfs (cpuid, behind sysconf, overstates it on some VMs); 32 MB
 // where it does not say. An output larger than it cannot stay cached: it is written with non-temporal stores.
 int64_t last_level_cache_bytes() {
   static const int64_t bytes = [] {
