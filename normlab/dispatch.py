@@ -98,10 +98,12 @@ def _ensure_loaded(name: str) -> _Backend | None:
     module = KNOWN_BACKENDS[name]
     try:
         importlib.import_module(module)  # registers its kernels
-    except Exception as exc:  # a missing native build or triton, no GPU driver, …
+    except Exception as exc:  # noqa: BLE001 — a missing native build or triton, no GPU driver, …: any import failure
         _load_errors[name] = f"{type(exc).__name__}: {exc}"
         if name == "cpu":
-            warnings.warn(f"normlab's cpu backend did not load ({_load_errors[name]}); the reference serves", stacklevel=3)
+            warnings.warn(
+                f"normlab's cpu backend did not load ({_load_errors[name]}); the reference serves", stacklevel=3
+            )
         return None
     return _registry.get(name)
 
@@ -113,7 +115,9 @@ def _check_name(name: str, where: str = "") -> str:
 
 
 # os.environ's own dict (bytes keys on POSIX): a look-up there costs a tenth of os.environ.get, on every call.
-_environ_data, _ENV_KEY = (os.environ._data, b"NORMLAB_BACKEND") if os.name == "posix" else (os.environ, "NORMLAB_BACKEND")
+_environ_data, _ENV_KEY = (
+    (os.environ._data, b"NORMLAB_BACKEND") if os.name == "posix" else (os.environ, "NORMLAB_BACKEND")
+)
 
 
 def requested_backend() -> str | None:
@@ -156,7 +160,8 @@ def select(op: str, x: torch.Tensor, requested: str | None = None, **options) ->
     name = requested_backend() if requested is None else _check_name(requested)
     if torch.compiler.is_compiling():
         return _select(op, x, name, options)
-    key = (op, name, x.dtype, x.device, x.dim(), *[(v.dtype, v.device) if isinstance(v, torch.Tensor) else v for v in options.values()])
+    option_keys = [(v.dtype, v.device) if isinstance(v, torch.Tensor) else v for v in options.values()]
+    key = (op, name, x.dtype, x.device, x.dim(), *option_keys)
     try:
         return _decisions[key]
     except KeyError:

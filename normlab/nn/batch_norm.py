@@ -8,6 +8,8 @@ statistics across processes (as ``torch.nn.SyncBatchNorm``, on any backend, gloo
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import torch
 from torch import Tensor, nn
 
@@ -17,7 +19,7 @@ from normlab.ops.batch_norm import LAYOUTS, batch_norm
 
 class BatchNorm(nn.Module):
     _version = 2  # as torch's _NormBase: version 2 added num_batches_tracked
-    __constants__ = ["track_running_stats", "momentum", "eps", "num_features", "affine", "layout"]
+    __constants__: ClassVar[list[str]] = ["track_running_stats", "momentum", "eps", "num_features", "affine", "layout"]
 
     def __init__(
         self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1, affine: bool = True,
@@ -96,9 +98,13 @@ class BatchNorm(nn.Module):
         )
         return s if self.layout == "NCL" else s + f", layout={self.layout!r}"
 
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
+    def _load_from_state_dict(
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+    ):
         version = local_metadata.get("version", None)
         key = prefix + "num_batches_tracked"
         if (version is None or version < 2) and self.track_running_stats and key not in state_dict:
             state_dict[key] = torch.tensor(0, dtype=torch.long)  # a state dict from before the counter existed
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )

@@ -7,6 +7,7 @@ Parameters ``alpha`` (shape ``(1,)``, init ``alpha_init``), ``weight`` (ones) an
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -15,7 +16,7 @@ from normlab.ops.dyt import dyt
 
 
 class DyT(nn.Module):
-    __constants__ = ["normalized_shape", "alpha_init", "elementwise_affine"]
+    __constants__: ClassVar[list[str]] = ["normalized_shape", "alpha_init", "elementwise_affine"]
 
     def __init__(
         self, normalized_shape: int | Sequence[int], alpha_init: float = 0.5, elementwise_affine: bool = True,
@@ -47,7 +48,8 @@ class DyT(nn.Module):
         k = len(self.normalized_shape)
         if input.dim() < k or tuple(input.shape[input.dim() - k:]) != self.normalized_shape:
             raise ValueError(
-                f"expected input with trailing shape {list(self.normalized_shape)} (normalized_shape), got shape {list(input.shape)}"
+                f"expected input with trailing shape {list(self.normalized_shape)} (normalized_shape), "
+                f"got shape {list(input.shape)}"
             )
         return dyt(input, self.alpha, self.weight, self.bias)
 

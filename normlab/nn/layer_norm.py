@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 import numbers
 from collections.abc import Sequence
+from typing import ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -26,7 +27,7 @@ class LayerNorm(nn.Module):
     """``y = (x − mean) / sqrt(var + eps) · weight + bias`` over the trailing ``normalized_shape``
     (biased variance, two-pass statistics); weight starts at 1, bias at 0, as ``torch.nn.LayerNorm``."""
 
-    __constants__ = ["normalized_shape", "eps", "elementwise_affine"]
+    __constants__: ClassVar[list[str]] = ["normalized_shape", "eps", "elementwise_affine"]
 
     def __init__(
         self, normalized_shape: int | Sequence[int], eps: float = 1e-5, elementwise_affine: bool = True,

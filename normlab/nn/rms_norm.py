@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import numbers
 from collections.abc import Sequence
+from typing import ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -24,7 +25,7 @@ class RMSNorm(nn.Module):
     effective scale starts at 1: ones as ``torch.nn.RMSNorm`` for ``offset=0``, zeros for Gemma's
     ``offset=1``. ``normalized_shape=None`` (weightless only) normalizes the input's last dim, whatever its size."""
 
-    __constants__ = ["normalized_shape", "eps", "elementwise_affine"]
+    __constants__: ClassVar[list[str]] = ["normalized_shape", "eps", "elementwise_affine"]
 
     def __init__(
         self, normalized_shape: int | Sequence[int] | None, eps: float | None = None, elementwise_affine: bool = True,
@@ -32,7 +33,9 @@ class RMSNorm(nn.Module):
     ) -> None:
         super().__init__()
         if normalized_shape is None and elementwise_affine:
-            raise ValueError("normalized_shape=None (the input's last dim) needs elementwise_affine=False: a weight has a shape")
+            raise ValueError(
+                "normalized_shape=None (the input's last dim) needs elementwise_affine=False: a weight has a shape"
+            )
         if isinstance(normalized_shape, numbers.Integral):
             normalized_shape = (int(normalized_shape),)
         self.normalized_shape = None if normalized_shape is None else tuple(int(s) for s in normalized_shape)
@@ -54,7 +57,9 @@ class RMSNorm(nn.Module):
 
     def forward(self, input: Tensor) -> Tensor:
         shape = input.shape[-1:] if self.normalized_shape is None else self.normalized_shape
-        return rms_norm(input, shape, self.weight, self.eps, casting=self.casting, offset=self.offset, partial=self.partial)
+        return rms_norm(
+            input, shape, self.weight, self.eps, casting=self.casting, offset=self.offset, partial=self.partial
+        )
 
     def extra_repr(self) -> str:
         s = f"{self.normalized_shape}, eps={self.eps}, elementwise_affine={self.elementwise_affine}"

@@ -24,11 +24,12 @@ _HALVES = frozenset(HALF_DTYPES)
 
 def plain_rows(x, normalized_shape, *params) -> bool:
     """Whether a call is plainly valid, so the full checks can be skipped: ``x`` a tensor of a floating dtype,
-    ``normalized_shape`` an int (or a 1-tuple of one) equal to its last dim, each parameter None or a vector of that size in the
-    input's dtype (or fp32 for a half input) on its device, and no torch.func transform active. A call that
-    is not takes the full checks, which raise the errors."""
+    ``normalized_shape`` an int (or a 1-tuple of one) equal to its last dim, each parameter None or a vector of
+    that size in the input's dtype (or fp32 for a half input) on its device, and no torch.func transform active.
+    A call that is not takes the full checks, which raise the errors."""
     if type(normalized_shape) is not int:  # (n,) as torch.nn modules hold it
-        if type(normalized_shape) not in (tuple, torch.Size) or len(normalized_shape) != 1 or type(normalized_shape[0]) is not int:
+        is_sequence = type(normalized_shape) in (tuple, torch.Size)
+        if not is_sequence or len(normalized_shape) != 1 or type(normalized_shape[0]) is not int:
             return False
         normalized_shape = normalized_shape[0]
     if not isinstance(x, torch.Tensor) or not x.dim():
@@ -76,7 +77,9 @@ def check_input(x: torch.Tensor, name: str = "input") -> None:
         )
 
 
-def normalized_size(x: torch.Tensor, normalized_shape: int | Sequence[int], name: str = "input") -> tuple[tuple[int, ...], int]:
+def normalized_size(
+    x: torch.Tensor, normalized_shape: int | Sequence[int], name: str = "input"
+) -> tuple[tuple[int, ...], int]:
     """Check that ``normalized_shape`` is the trailing shape of ``x``; return it and its element count."""
     try:
         if isinstance(normalized_shape, numbers.Integral):
@@ -105,7 +108,8 @@ def check_param(p: torch.Tensor | None, name: str, shape: tuple[int, ...], x: to
         raise ValueError(f"expected {name} of shape {list(shape)}, got {list(p.shape)}")
     allowed = (x.dtype, torch.float32) if x.dtype in HALF_DTYPES else (x.dtype,)
     if p.dtype not in allowed:
-        raise TypeError(f"expected {name} of dtype {' or '.join(map(str, allowed))} (input is {x.dtype}), got {p.dtype}")
+        expected = " or ".join(map(str, allowed))
+        raise TypeError(f"expected {name} of dtype {expected} (input is {x.dtype}), got {p.dtype}")
     if p.device != x.device:
         raise ValueError(f"expected {name} on {x.device} (the input's device), got {p.device}")
 

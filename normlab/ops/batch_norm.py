@@ -99,7 +99,9 @@ def deviations(x: Tensor, mean: Tensor, correction: Tensor | None | str = None) 
     return d if correction is None else d - _bcast(correction)
 
 
-def normalize(d: Tensor, var: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float, dtype: torch.dtype) -> Tensor:
+def normalize(
+    d: Tensor, var: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float, dtype: torch.dtype
+) -> Tensor:
     """``y = d · rsqrt(var + eps) · w + b`` from the deviations ``d``, returned in ``dtype``."""
     c = d.dtype
     y = d * _bcast(torch.rsqrt(var.to(c) + eps))
@@ -199,7 +201,7 @@ def _fake(x, weight, bias, running_mean, running_var, training, eps):
 
 
 def _setup(ctx, inputs, output):
-    x, weight, bias, running_mean, running_var, training, eps = inputs
+    x, weight, bias, _running_mean, _running_var, training, eps = inputs
     ctx.save_for_backward(x, weight, bias, output[1], output[2])
     ctx.options = (training, eps)
     ctx.mark_non_differentiable(output[1], output[2])
@@ -294,12 +296,15 @@ def _check(input, running_mean, running_var, weight, bias, training, momentum, e
         if p is not None and p.requires_grad:
             raise ValueError(f"{name} is a statistics buffer, updated in place: it must not require grad")
     if not training and (running_mean is None or running_var is None):
-        raise ValueError("expected running_mean and running_var tensors when training=False (eval uses running statistics)")
+        raise ValueError(
+            "expected running_mean and running_var tensors when training=False (eval uses running statistics)"
+        )
     if momentum is not None and not (0.0 <= as_float(momentum, "momentum", "None or a number in [0, 1]") <= 1.0):
         raise ValueError(f"momentum must be in [0, 1] or None (cumulative average), got {momentum}")
     if momentum is None and training and running_mean is not None and num_batches_tracked is None:
         raise ValueError("momentum=None (cumulative moving average) expects a num_batches_tracked tensor")
-    if num_batches_tracked is not None and (not isinstance(num_batches_tracked, Tensor) or num_batches_tracked.numel() != 1):
+    is_counter = isinstance(num_batches_tracked, Tensor) and num_batches_tracked.numel() == 1
+    if num_batches_tracked is not None and not is_counter:
         raise ValueError("expected num_batches_tracked to be a one-element tensor (a counter)")
     return check_eps(eps)
 

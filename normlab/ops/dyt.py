@@ -105,7 +105,8 @@ def _check(input, alpha, weight, bias):
         raise ValueError(f"expected alpha to be a one-element tensor (a learnable scalar), got {got}")
     allowed = (input.dtype, torch.float32) if input.dtype in HALF_DTYPES else (input.dtype,)
     if alpha.dtype not in FLOAT_DTYPES or alpha.dtype not in allowed:
-        raise TypeError(f"expected alpha of dtype {' or '.join(map(str, allowed))} (input is {input.dtype}), got {alpha.dtype}")
+        expected = " or ".join(map(str, allowed))
+        raise TypeError(f"expected alpha of dtype {expected} (input is {input.dtype}), got {alpha.dtype}")
     if alpha.device != input.device:
         raise ValueError(f"expected alpha on {input.device} (the input's device), got {alpha.device}")
     p = weight if weight is not None else bias
@@ -113,13 +114,16 @@ def _check(input, alpha, weight, bias):
         return
     shape = tuple(p.shape)
     if input.dim() < len(shape) or tuple(input.shape[input.dim() - len(shape):]) != shape:
-        raise ValueError(f"expected input with trailing shape {list(shape)} (the weight/bias shape), got shape {list(input.shape)}")
+        raise ValueError(
+            f"expected input with trailing shape {list(shape)} (the weight/bias shape), got shape {list(input.shape)}"
+        )
     check_param(weight, "weight", shape, input)
     check_param(bias, "bias", shape, input)
 
 
 def dyt(
-    input: Tensor, alpha: Tensor, weight: Tensor | None = None, bias: Tensor | None = None, *, backend: str | None = None
+    input: Tensor, alpha: Tensor, weight: Tensor | None = None, bias: Tensor | None = None, *,
+    backend: str | None = None,
 ) -> Tensor:
     """DyT: ``y = weight · tanh(alpha · input) + bias``, weight/bias over the trailing dims of their shape."""
     if (  # the common call, plainly valid: the module's scalar alpha and vectors of the last dim

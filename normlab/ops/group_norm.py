@@ -115,7 +115,10 @@ def group_norm_bwd_ref(
     g = _groups(dyf if weight is None else dyf * weight.to(c)[None, :, None], num_groups)
     m = xhat[0, 0].numel()
     dx = r * (g - _group_sum(g) / m - xhat * _group_sum(g * xhat) / m)
-    dw = None if weight is None else zero_where_no_grad(dyf, dyf * xhat.reshape(x.shape)).sum(dim=(0, 2)).to(weight.dtype)
+    if weight is None:
+        dw = None
+    else:
+        dw = zero_where_no_grad(dyf, dyf * xhat.reshape(x.shape)).sum(dim=(0, 2)).to(weight.dtype)
     db = None if bias is None else dyf.sum(dim=(0, 2)).to(bias.dtype)
     return dx.reshape(x.shape).to(x.dtype), dw, db
 

@@ -5,8 +5,9 @@
 Statistics run over the trailing ``normalized_shape`` and accumulate in fp32 (fp64 for fp64 input);
 the variance is computed from deviations (corrected two-pass: ``d = x − mean``, then ``d − mean(d)``
 removes the rounding error of the stored mean), never as ``E[x²] − E[x]²``, which cancels
-catastrophically (negative variances) once the mean is large against the spread (mean 1e4 in fp32). bf16/fp16 input is computed in fp32 and cast once at the end, like ``F.layer_norm``. The
-forward saves only ``mean`` and ``rstd`` per row.
+catastrophically (negative variances) once the mean is large against the spread (mean 1e4 in fp32).
+bf16/fp16 input is computed in fp32 and cast once at the end, like ``F.layer_norm``. The forward saves
+only ``mean`` and ``rstd`` per row.
 
 This file holds the reference (the spec), the custom ops with their fake implementations and
 autograd formulas, and the functional API; fast kernels plug in through :mod:`normlab.dispatch`.
@@ -114,7 +115,7 @@ def layer_norm_reference(
     bias: Tensor | None = None, eps: float = 1e-5,
 ) -> Tensor:
     """The spec, differentiable with plain autograd (no custom op): what every backend must match."""
-    shape, n = normalized_size(x, normalized_shape)
+    _shape, n = normalized_size(x, normalized_shape)
     y, _, _ = layer_norm_fwd_ref(rows(x, n), flat_param(weight, n), flat_param(bias, n), float(eps))
     return y.reshape(x.shape)
 
@@ -192,7 +193,7 @@ def _add_fake(x, residual, weight, bias, eps, residual_dtype, backend):
 
 
 def _add_setup(ctx, inputs, output):
-    x, residual, weight, bias, eps, residual_dtype, backend = inputs
+    x, residual, weight, bias, eps, _residual_dtype, backend = inputs
     ctx.save_for_backward(output[1], weight, bias, output[2], output[3])
     ctx.options = (eps, backend, x.dtype, residual.dtype)
     ctx.mark_non_differentiable(output[2], output[3])
@@ -235,7 +236,9 @@ def layer_norm(
     """
     if out is None and positive(eps) and plain_rows(input, normalized_shape, weight, bias) and input.numel():
         # the common call, plainly valid: no other check, rows along the last dim as they are
-        key = (input.dtype, input.device, input.dim(), None if weight is None else weight.dtype, None if bias is None else bias.dtype)
+        weight_dtype = None if weight is None else weight.dtype
+        bias_dtype = None if bias is None else bias.dtype
+        key = (input.dtype, input.device, input.dim(), weight_dtype, bias_dtype)
         op = dispatch.native_for("layer_norm", key, input, backend, weight=weight, bias=bias)
         if op is not None:
             return op(input, weight, bias, eps)[0]

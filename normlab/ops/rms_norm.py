@@ -89,7 +89,9 @@ def _rstd_ref(x: Tensor, eps: float, k: int) -> Tensor:
     return torch.rsqrt(row_mean(xs.pow(2)) + eps)
 
 
-def rms_norm_fwd_ref(x: Tensor, weight: Tensor | None, eps: float, casting: str, offset: float, k: int) -> tuple[Tensor, Tensor]:
+def rms_norm_fwd_ref(
+    x: Tensor, weight: Tensor | None, eps: float, casting: str, offset: float, k: int
+) -> tuple[Tensor, Tensor]:
     """Reference forward on a ``(rows, n)`` input: returns ``(y, rstd)``."""
     rstd = _rstd_ref(x, eps, k)
     return rms_norm_apply_ref(x, weight, rstd, casting, offset), rstd
@@ -145,8 +147,9 @@ def rms_norm_reference(
     *, casting: str = "llama", offset: float = 0.0, partial: float | None = None,
 ) -> Tensor:
     """The spec, differentiable with plain autograd (no custom op): what every backend must match."""
-    shape, n = normalized_size(x, normalized_shape)
-    y, _ = rms_norm_fwd_ref(rows(x, n), flat_param(weight, n), resolve_eps(eps, x.dtype), casting, float(offset), partial_size(n, partial))
+    _shape, n = normalized_size(x, normalized_shape)
+    x_rows, w, row_eps = rows(x, n), flat_param(weight, n), resolve_eps(eps, x.dtype)
+    y, _ = rms_norm_fwd_ref(x_rows, w, row_eps, casting, float(offset), partial_size(n, partial))
     return y.reshape(x.shape)
 
 
@@ -188,7 +191,7 @@ def _fake(x, weight, eps, casting, offset, k, backend):
 
 
 def _setup(ctx, inputs, output):
-    x, weight, eps, casting, offset, k, backend = inputs
+    x, weight, eps, _casting, offset, k, backend = inputs
     ctx.save_for_backward(x, weight, output[1])
     ctx.options = (offset, k, eps, backend)
     ctx.mark_non_differentiable(output[1])
@@ -224,7 +227,7 @@ def _add_fake(x, residual, weight, eps, casting, offset, k, residual_dtype, back
 
 
 def _add_setup(ctx, inputs, output):
-    x, residual, weight, eps, casting, offset, k, residual_dtype, backend = inputs
+    x, residual, weight, eps, _casting, offset, k, _residual_dtype, backend = inputs
     ctx.save_for_backward(output[1], weight, output[2])
     ctx.options = (offset, k, eps, backend, x.dtype, residual.dtype)
     ctx.mark_non_differentiable(output[2])
@@ -288,7 +291,10 @@ def rms_norm(
     weight = _upcast_half_weight(weight, input)
     n, eps, k = _check(input, normalized_shape, weight, eps, casting, partial, offset)
     x, w = row_view(input, n), flat_param(weight, n)
-    name = dispatch.select("rms_norm", x, backend, weight=w, casting=casting, offset=offset, k=k) if x.numel() else dispatch.REFERENCE
+    name = (
+        dispatch.select("rms_norm", x, backend, weight=w, casting=casting, offset=offset, k=k)
+        if x.numel() else dispatch.REFERENCE
+    )
     op = dispatch.native(name, "rms_norm")
     if op is not None:  # rows made contiguous, autograd and all, in the backend's own operator
         if out is not None:
@@ -316,7 +322,10 @@ def add_rms_norm(
     residual_dtype = check_residual_dtype(residual_dtype, input)
     x, r, w = row_view(input, n), row_view(residual, n), flat_param(weight, n)
     name = (
-        dispatch.select("add_rms_norm", x, backend, residual=r, weight=w, casting=casting, offset=offset, k=k, residual_dtype=residual_dtype)
+        dispatch.select(
+            "add_rms_norm", x, backend, residual=r, weight=w, casting=casting, offset=offset, k=k,
+            residual_dtype=residual_dtype,
+        )
         if x.numel() else dispatch.REFERENCE
     )
     op = dispatch.native(name, "add_rms_norm")

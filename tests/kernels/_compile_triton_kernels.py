@@ -26,7 +26,9 @@ def compile_kernel(fn, signature: dict[str, str], constexprs: dict, num_warps: i
     """Compile as a launch with 16-divisible pointers and sizes would; return the resource line."""
     signature = {**signature, **{name: "constexpr" for name in constexprs}}
     names = list(signature)
-    aligned = {(i,): [["tt.divisibility", 16]] for i, a in enumerate(names) if signature[a].startswith("*") or a in ("n", "k")}
+    aligned = {
+        (i,): [["tt.divisibility", 16]] for i, a in enumerate(names) if signature[a].startswith("*") or a in ("n", "k")
+    }
     kernel = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=aligned),
                             target=TARGET, options={"num_warps": num_warps})
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
@@ -45,10 +47,11 @@ def main() -> int:
         for casting in (0, 1, 2):
             print(compile_kernel(rms_norm._rms_norm_fwd_kernel,
                                  dict(X=io, R=io, W=p, Y=io, S=p, RSTD=p, n="i32", k="i32", eps="fp32", offset="fp32"),
-                                 dict(HAS_RES=True, HAS_W=True, CASTING=casting, BLOCK=block, NUM_CHUNKS=chunks), warps))
+                                 dict(HAS_RES=True, HAS_W=True, CASTING=casting, BLOCK=block, NUM_CHUNKS=chunks),
+                                 warps))
         print(compile_kernel(rms_norm._rms_norm_bwd_kernel,
-                             dict(DY=io, X=io, W=io, RSTD=p, DSUM=io, DX=io, DW_PART=p, rows="i32", rows_per_program="i32",
-                                  n="i32", k="i32", offset="fp32"),
+                             dict(DY=io, X=io, W=io, RSTD=p, DSUM=io, DX=io, DW_PART=p, rows="i32",
+                                  rows_per_program="i32", n="i32", k="i32", offset="fp32"),
                              dict(HAS_W=True, HAS_DSUM=True, BLOCK=block, NUM_CHUNKS=chunks), warps))
         print(compile_kernel(layer_norm._layer_norm_fwd_kernel,
                              dict(X=io, R=io, W=io, B=io, Y=io, S=io, MEAN=p, RSTD=p, n="i32", eps="fp32"),

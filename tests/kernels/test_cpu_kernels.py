@@ -1,5 +1,5 @@
-"""The native ``cpu`` backend against the references (docs/architecture.md §7), at the kernel contract and through the ops,
-on every ISA build this CPU runs."""
+"""The native ``cpu`` backend against the references (docs/architecture.md §7), at the kernel contract and
+through the ops, on every ISA build this CPU runs."""
 
 from __future__ import annotations
 
@@ -83,7 +83,8 @@ def test_fp32_to_half_rounds_like_torch(dtype):
     mismatch = (got.view(torch.int16) != want.view(torch.int16)) & kept
     assert not mismatch.any(), f"{int(mismatch.sum())} mismatches, e.g. {src[mismatch][:5]}"
     spots = _stored_sum(torch.tensor([1.0 + 2**-8, 1.0 + 3 * 2**-8, 3.4e38]), torch.bfloat16)
-    assert spots.view(torch.int16).tolist() == [0x3F80, 0x3F82, 0x7F80]  # tie → even (down), tie → even (up), overflow → inf
+    # tie → even (down), tie → even (up), overflow → inf
+    assert spots.view(torch.int16).tolist() == [0x3F80, 0x3F82, 0x7F80]
 
 
 @pytest.mark.parametrize("dtype", HALF)
@@ -155,7 +156,9 @@ def test_rms_odd_sizes_vs_torch(dtype, n):
 
 @pytest.mark.parametrize("dtype", LOW)
 @pytest.mark.parametrize("n", ODD_N)
-@pytest.mark.parametrize("partial,offset,affine,dsum", [(None, 0.0, True, False), (0.4, 1.0, True, True), (None, 0.0, False, True)])
+@pytest.mark.parametrize(
+    "partial,offset,affine,dsum", [(None, 0.0, True, False), (0.4, 1.0, True, True), (None, 0.0, False, True)]
+)
 def test_rms_backward(dtype, n, partial, offset, affine, dsum):
     """Gradients vs the fp64 reference; torch's place in the rule is the reference in the same dtype."""
     k = partial_size(n, partial)
@@ -169,7 +172,8 @@ def test_rms_backward(dtype, n, partial, offset, affine, dsum):
         dx_same, dw_same = rms_norm_bwd_ref(dy, x, w, rstd, offset, k, 1e-5, ds)
         _, rstd64 = rms_norm_fwd_ref(x.double(), None, 1e-5, "gemma", 0.0, k)
         w64 = None if w is None else w.double()
-        dx64, dw64 = rms_norm_bwd_ref(dy.double(), x.double(), w64, rstd64, offset, k, 1e-5, None if ds is None else ds.double())
+        ds64 = None if ds is None else ds.double()
+        dx64, dw64 = rms_norm_bwd_ref(dy.double(), x.double(), w64, rstd64, offset, k, 1e-5, ds64)
     finally:
         torch.set_grad_enabled(True)
     assert dx.dtype == dtype
@@ -187,7 +191,8 @@ def test_rms_fp32_grads_vs_fp64_autograd():
     w = rand(33, seed=2)
     for casting, offset, partial in [("llama", 0.0, None), ("gemma", 1.0, 0.5)]:
         xs, ws = x.clone().requires_grad_(), w.clone().requires_grad_()
-        normlab.rms_norm(xs, 33, ws, 1e-6, casting=casting, offset=offset, partial=partial, backend="cpu").sin().sum().backward()
+        y = normlab.rms_norm(xs, 33, ws, 1e-6, casting=casting, offset=offset, partial=partial, backend="cpu")
+        y.sin().sum().backward()
         x64, w64 = x.double().requires_grad_(), w.double().requires_grad_()
         normlab.rms_norm(x64, 33, w64, 1e-6, casting=casting, offset=offset, partial=partial).sin().sum().backward()
         torch.testing.assert_close(xs.grad.double(), x64.grad, rtol=1e-5, atol=1e-5)
@@ -204,7 +209,8 @@ def test_layer_norm_forward_backward(dtype, n, affine):
     b = rand(n, dtype=dtype, seed=3) if affine == "wb" else None
     dy = rand(4, n, dtype=dtype, seed=4)
     y, mean, rstd = K.layer_norm_fwd(x, w, b, 1e-5)
-    y64, mean64, rstd64 = ln_fwd_ref(x.double(), None if w is None else w.double(), None if b is None else b.double(), 1e-5)
+    w64, b64 = (None if p is None else p.double() for p in (w, b))
+    y64, mean64, rstd64 = ln_fwd_ref(x.double(), w64, b64, 1e-5)
     assert_tolerance_rule(y, F.layer_norm(x, (n,), w, b, 1e-5), y64, f"ln fwd {dtype} n={n}")
     torch.testing.assert_close(mean.double(), mean64, rtol=1e-5, atol=1e-5)
     dx, dw, db = K.layer_norm_bwd(dy, x, w, b, mean, rstd)
@@ -243,7 +249,7 @@ def test_layer_norm_large_mean_tiny_variance(mean, scale):
 
 
 def test_layer_norm_dsum_and_fp32_master_weight():
-    x, dy, ds = rand(6, 100, dtype=torch.bfloat16), rand(6, 100, dtype=torch.bfloat16, seed=1), rand(6, 100, dtype=torch.bfloat16, seed=2)
+    x, dy, ds = (rand(6, 100, dtype=torch.bfloat16, seed=seed) for seed in (0, 1, 2))
     w, b = rand(100, seed=3), rand(100, seed=4)
     y, mean, rstd = K.layer_norm_fwd(x, w, b, 1e-5)
     y_same, m_same, r_same = ln_fwd_ref(x, w, b, 1e-5)
@@ -278,7 +284,8 @@ def test_fused_add_equals_add_then_norm(dtype, layer):
 @pytest.mark.parametrize("layer", [False, True])
 def test_fused_add_fp32_residual_stream(layer):
     """bf16 activations with an fp32 residual stream: s in fp32, the norm of s cast to bf16 at the end."""
-    x, r, w = rand(5, 96, dtype=torch.bfloat16), rand(5, 96, dtype=torch.bfloat16, seed=1), rand(96, dtype=torch.bfloat16, seed=2)
+    x, r = rand(5, 96, dtype=torch.bfloat16), rand(5, 96, dtype=torch.bfloat16, seed=1)
+    w = rand(96, dtype=torch.bfloat16, seed=2)
     s_want = x.float() + r.float()
     if layer:
         y, s, _, _ = K.add_layer_norm_fwd(x, r, w, None, 1e-5, torch.float32)
@@ -292,7 +299,8 @@ def test_fused_add_fp32_residual_stream(layer):
 
 
 def test_add_rms_norm_op_through_cpu_backend():
-    x, r = rand(4, 3, 40, dtype=torch.bfloat16).requires_grad_(), rand(4, 3, 40, dtype=torch.bfloat16, seed=1).requires_grad_()
+    x = rand(4, 3, 40, dtype=torch.bfloat16).requires_grad_()
+    r = rand(4, 3, 40, dtype=torch.bfloat16, seed=1).requires_grad_()
     w = rand(40, dtype=torch.bfloat16, seed=2).requires_grad_()
     y, s = normlab.add_rms_norm(x, r, 40, w, backend="cpu")
     (y.float().square().sum() + s.float().sum()).backward()
@@ -315,7 +323,10 @@ def test_non_contiguous_inputs():
     w = rand(50, seed=5)
     for inp in (x, xt):
         assert not inp.is_contiguous()
-        torch.testing.assert_close(normlab.rms_norm(inp, 50, w, backend="cpu"), normlab.rms_norm(inp.contiguous(), 50, w, backend="cpu"), rtol=0, atol=0)
+        torch.testing.assert_close(
+            normlab.rms_norm(inp, 50, w, backend="cpu"), normlab.rms_norm(inp.contiguous(), 50, w, backend="cpu"),
+            rtol=0, atol=0,
+        )
         y, _ = K.rms_norm_fwd(inp, w, EPS32, "llama", 0.0, 50)
         torch.testing.assert_close(y, K.rms_norm_fwd(inp.contiguous(), w, EPS32, "llama", 0.0, 50)[0], rtol=0, atol=0)
         y, _, _ = K.layer_norm_fwd(inp, w, w, 1e-5)
@@ -467,13 +478,15 @@ def test_default_dispatch_picks_cpu_and_falls_back_for_fp64():
         x = rand(4, 8, dtype=dtype)
         assert dispatch.select("rms_norm", x, weight=None, casting="llama", offset=0.0, k=8) == "cpu"
         assert dispatch.select("layer_norm", x, weight=None, bias=None) == "cpu"
-        assert dispatch.select("add_rms_norm", x, residual=x, weight=None, casting="llama", offset=0.0, k=8, residual_dtype=torch.float32) == "cpu"
+        add_rms = dict(residual=x, weight=None, casting="llama", offset=0.0, k=8, residual_dtype=torch.float32)
+        assert dispatch.select("add_rms_norm", x, **add_rms) == "cpu"
         assert dispatch.select("add_layer_norm", x, residual=x, weight=None, bias=None, residual_dtype=dtype) == "cpu"
     x64 = rand(4, 8, dtype=torch.float64)
     assert dispatch.select("rms_norm", x64, weight=None, casting="llama", offset=0.0, k=8) == "reference"
     assert dispatch.select("rms_norm", x64, "cpu", weight=None, casting="llama", offset=0.0, k=8) == "reference"
     x = rand(4, 8)
-    assert dispatch.select("add_rms_norm", x, residual=x, weight=None, casting="llama", offset=0.0, k=8, residual_dtype=torch.float64) == "reference"
+    add_rms = dict(residual=x, weight=None, casting="llama", offset=0.0, k=8, residual_dtype=torch.float64)
+    assert dispatch.select("add_rms_norm", x, **add_rms) == "reference"
     # the answer never depends on the number of rows
     assert {K.supports("rms_norm", rand(m, 8)) for m in (1, 64, 65, 4096)} == {True}
     # and the op through the default choice equals the explicit cpu backend
@@ -496,7 +509,9 @@ def test_out_buffers():
     x.copy_(rand(8, 32, seed=7))
     y_new = K.rms_norm_fwd(x, w, 1e-5, "llama", 0.0, 32)[0]
     assert torch.equal(K.rms_norm_fwd(x, w, 1e-5, "llama", 0.0, 32, out=x)[0], y_new)  # in place is safe
-    with pytest.raises(ValueError, match="out must be a contiguous CPU tensor of shape \\[8, 32\\] and dtype torch.float32"):
+    with pytest.raises(
+        ValueError, match="out must be a contiguous CPU tensor of shape \\[8, 32\\] and dtype torch.float32"
+    ):
         K.rms_norm_fwd(x, w, 1e-5, "llama", 0.0, 32, out=torch.empty(8, 32, dtype=torch.bfloat16))
     with pytest.raises(ValueError, match="residual_out must be"):
         K.add_rms_norm_fwd(x, r, w, 1e-5, "llama", 0.0, 32, torch.float32, residual_out=torch.empty(64, 16).t())
@@ -520,7 +535,8 @@ def _isa_outputs() -> list[torch.Tensor]:
     out = []
     for dtype in LOW:
         for n in (1, 17, 767, 4097):
-            x, r, dy = rand(33, n, dtype=dtype, mean=0.3), rand(33, n, dtype=dtype, seed=1), rand(33, n, dtype=dtype, seed=4)
+            x, r = rand(33, n, dtype=dtype, mean=0.3), rand(33, n, dtype=dtype, seed=1)
+            dy = rand(33, n, dtype=dtype, seed=4)
             x[3, 0], x[4, -1], x[5] = float("nan"), float("inf"), 0.0
             w, b = rand(n, dtype=dtype, seed=2), rand(n, dtype=dtype, seed=3)
             out += _all_forward(x, r, w, b) + _all_backward(x, r, w, b, dy)
@@ -555,7 +571,8 @@ def test_isa_chosen_at_load_time_follows_the_environment():
     code = "import torch, normlab.kernels.cpu as K; print(K.isa())"
     for isa in K.isas():
         env = {**__import__("os").environ, "NORMLAB_CPU_ISA": isa}
-        got = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout.strip()
+        run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+        got = run.stdout.strip()
         assert got == isa
     with pytest.raises(RuntimeError, match="does not run the 'sse2' build"):
         K.set_isa("sse2")
@@ -563,7 +580,8 @@ def test_isa_chosen_at_load_time_follows_the_environment():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_native_ops_pass_opcheck(dtype):
-    x, r, w, b = rand(6, 40, dtype=dtype), rand(6, 40, dtype=dtype, seed=1), rand(40, dtype=dtype, seed=2), rand(40, dtype=dtype, seed=3)
+    x, r = rand(6, 40, dtype=dtype), rand(6, 40, dtype=dtype, seed=1)
+    w, b = rand(40, dtype=dtype, seed=2), rand(40, dtype=dtype, seed=3)
     ops = torch.ops.normlab
     torch.library.opcheck(ops.rms_norm, (x, w, 1e-6, "llama", 0.0, 40))
     torch.library.opcheck(ops.rms_norm, (x, None, 1e-6, "none", 0.0, 13))
@@ -591,13 +609,20 @@ def test_compiled_step_calls_the_native_ops():
 
     torch._dynamo.reset()
     x, r = rand(4, 32).requires_grad_(), rand(4, 32, seed=1)
-    w, b, a = rand(32, seed=2).requires_grad_(), rand(32, seed=3).requires_grad_(), torch.tensor(0.5, requires_grad=True)
+    w, b = rand(32, seed=2).requires_grad_(), rand(32, seed=3).requires_grad_()
+    a = torch.tensor(0.5, requires_grad=True)
     compiled = torch.compile(step, fullgraph=True, backend=aot_autograd(fw_compiler=capture, bw_compiler=capture))
     out = compiled(x, r, w, b, a)
     grads = torch.autograd.grad(out, (x, w, b, a))
     forward, backward = graphs
-    assert {"normlab.add_rms_norm.default", "normlab.layer_norm.default", "normlab.rms_norm.default", "normlab.dyt.default"} <= forward
-    assert {"normlab.rms_norm_backward.default", "normlab.layer_norm_backward.default", "normlab.dyt_backward.default"} <= backward
+    native_forward = {
+        "normlab.add_rms_norm.default", "normlab.layer_norm.default", "normlab.rms_norm.default", "normlab.dyt.default"
+    }
+    native_backward = {
+        "normlab.rms_norm_backward.default", "normlab.layer_norm_backward.default", "normlab.dyt_backward.default"
+    }
+    assert native_forward <= forward
+    assert native_backward <= backward
     assert not any("py_" in target for target in forward | backward)
     eager = step(x, r, w, b, a)
     torch.testing.assert_close(out, eager)
@@ -615,7 +640,8 @@ def test_streamed_outputs_write_the_same_values():
     y, rstd = K.rms_norm_fwd(x, w, 1e-5, "llama", 0.0, 4096)
     y_small, rstd_small = K.rms_norm_fwd(x[head], w, 1e-5, "llama", 0.0, 4096)
     assert torch.equal(y[head], y_small)
-    assert torch.equal(K.rms_norm_bwd(dy, x, w, rstd, 0.0, 4096)[0][head], K.rms_norm_bwd(dy[head], x[head], w, rstd_small, 0.0, 4096)[0])
+    dx_head = K.rms_norm_bwd(dy, x, w, rstd, 0.0, 4096)[0][head]
+    assert torch.equal(dx_head, K.rms_norm_bwd(dy[head], x[head], w, rstd_small, 0.0, 4096)[0])
     yl, mean, lrstd = K.layer_norm_fwd(x, w, b, 1e-5)
     yl_small, mean_small, lrstd_small = K.layer_norm_fwd(x[head], w, b, 1e-5)
     assert torch.equal(yl[head], yl_small)

@@ -18,7 +18,11 @@ LN_CONFIGS = [
     dict(normalized_shape=[16], bias=False),
     dict(normalized_shape=16, elementwise_affine=False),
 ]
-RMS_CONFIGS = [dict(normalized_shape=16), dict(normalized_shape=(3, 16), eps=1e-6), dict(normalized_shape=16, elementwise_affine=False)]
+RMS_CONFIGS = [
+    dict(normalized_shape=16),
+    dict(normalized_shape=(3, 16), eps=1e-6),
+    dict(normalized_shape=16, elementwise_affine=False),
+]
 
 
 def randomize(module: nn.Module, seed: int = 0) -> nn.Module:
@@ -38,7 +42,8 @@ def test_layer_norm_interchange_with_torch(cfg):
         dst.load_state_dict(src.state_dict())  # strict: same keys and shapes
         mine = dst if isinstance(dst, LayerNorm) else src
         theirs = src if mine is dst else dst
-        torch.testing.assert_close(mine(x) if not isinstance(mine, AddLayerNorm) else mine(x, torch.zeros_like(x))[0], theirs(x))
+        y = mine(x) if not isinstance(mine, AddLayerNorm) else mine(x, torch.zeros_like(x))[0]
+        torch.testing.assert_close(y, theirs(x))
         assert mine.extra_repr() == theirs.extra_repr()
         assert mine.normalized_shape == theirs.normalized_shape and mine.eps == theirs.eps
 
@@ -52,7 +57,8 @@ def test_rms_norm_interchange_with_torch(cfg):
         dst.load_state_dict(src.state_dict())
         mine = dst if isinstance(dst, RMSNorm) else src
         theirs = src if mine is dst else dst
-        torch.testing.assert_close(mine(x) if not isinstance(mine, AddRMSNorm) else mine(x, torch.zeros_like(x))[0], theirs(x))
+        y = mine(x) if not isinstance(mine, AddRMSNorm) else mine(x, torch.zeros_like(x))[0]
+        torch.testing.assert_close(y, theirs(x))
         assert mine.extra_repr() == theirs.extra_repr()
 
 
@@ -74,7 +80,10 @@ def test_rms_norm_extra_repr_shows_non_default_options():
     assert r.extra_repr() == "(8,), eps=1e-06, elementwise_affine=True, casting='gemma', offset=1.0, partial=0.25"
     assert "residual_dtype=torch.float32" in repr(AddRMSNorm(8, residual_dtype=torch.float32))
     assert repr(LayerNorm(8, bias=False)) == "LayerNorm((8,), eps=1e-05, elementwise_affine=True, bias=False)"
-    assert repr(AdaLayerNorm(8, 4)) == "AdaLayerNorm(\n  (8,), cond_dim=4, eps=1e-05\n  (scale_shift): Linear(in_features=4, out_features=16, bias=True)\n)"
+    assert repr(AdaLayerNorm(8, 4)) == (
+        "AdaLayerNorm(\n  (8,), cond_dim=4, eps=1e-05\n"
+        "  (scale_shift): Linear(in_features=4, out_features=16, bias=True)\n)"
+    )
 
 
 def test_rms_norm_module_options_forwarded():

@@ -136,7 +136,9 @@ def test_batchnorm_input_checks_like_torch():
         BatchNorm(4, layout="NHWC")
     with pytest.raises(ValueError, match=r"expected input with 4 features \(num_features\) at dim 1 for layout 'NCL'"):
         m(torch.randn(2, 3, 4))
-    with pytest.raises(ValueError, match=r"expected input with 4 features \(num_features\) at the last dim for layout 'NLC'"):
+    with pytest.raises(
+        ValueError, match=r"expected input with 4 features \(num_features\) at the last dim for layout 'NLC'"
+    ):
         BatchNorm(4, layout="NLC")(torch.randn(2, 4, 3))
 
 
@@ -168,7 +170,10 @@ def test_groupnorm_matches_torch():
     with pytest.raises(ValueError, match=r"num_channels \(6\) must be divisible by num_groups \(4\)"):
         GroupNorm(4, 6)
     for m in (GroupNorm(2, 6), GroupNorm(2, 6, affine=False)):  # a wrong channel count is caught, weights or not
-        with pytest.raises(ValueError, match=r"expected input of shape \(N, 6, \*\) \(6 = num_channels at dim 1\), got shape \[2, 4, 3\]"):
+        with pytest.raises(
+            ValueError,
+            match=r"expected input of shape \(N, 6, \*\) \(6 = num_channels at dim 1\), got shape \[2, 4, 3\]",
+        ):
             m(torch.randn(2, 4, 3))
 
 

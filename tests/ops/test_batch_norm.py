@@ -93,7 +93,8 @@ def test_textbook_and_half_params(dtype):
         rm, rv = running(6, torch.float32)
         y32 = normlab.batch_norm(x, rm, rv, w.float(), b.float(), True, eps=eps)
         assert y32.dtype == dtype
-        assert_tolerance_rule(y32, F.batch_norm(x, *running(6, torch.float32), w.float(), b.float(), True, eps=eps), ref64, "fp32 params")
+        y_torch = F.batch_norm(x, *running(6, torch.float32), w.float(), b.float(), True, eps=eps)
+        assert_tolerance_rule(y32, y_torch, ref64, "fp32 params")
 
 
 def test_large_mean_two_pass():
@@ -125,7 +126,9 @@ def test_running_stats_five_steps_functional(momentum, layout):
     rm_t, rv_t = rm.clone(), rv.clone()
     for step in range(5):
         x = rand(4, c, 6, seed=10 + step, scale=1 + step, mean=step)
-        normlab.batch_norm(to_layout(x, layout), rm, rv, training=True, momentum=momentum, layout=layout, num_batches_tracked=nbt)
+        normlab.batch_norm(
+            to_layout(x, layout), rm, rv, training=True, momentum=momentum, layout=layout, num_batches_tracked=nbt
+        )
         factor = 1.0 / (step + 1) if momentum is None else momentum
         F.batch_norm(x, rm_t, rv_t, training=True, momentum=factor)
         torch.testing.assert_close(rm, rm_t, rtol=1e-6, atol=1e-7)
@@ -140,7 +143,8 @@ def test_running_stats_five_steps_functional(momentum, layout):
 
 
 def test_eval_uses_running_stats():
-    x, w, b = rand(5, 3, 4, dtype=torch.float64), rand(3, dtype=torch.float64, seed=1), rand(3, dtype=torch.float64, seed=2)
+    x = rand(5, 3, 4, dtype=torch.float64)
+    w, b = rand(3, dtype=torch.float64, seed=1), rand(3, dtype=torch.float64, seed=2)
     rm, rv = running(3, torch.float64)
     y = normlab.batch_norm(x, rm, rv, w, b, False, eps=1e-4)
     expected = (x - rm[:, None]) / torch.sqrt(rv[:, None] + 1e-4) * w[:, None] + b[:, None]

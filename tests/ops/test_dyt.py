@@ -26,10 +26,11 @@ def test_matches_textbook(dtype, shape, affine):
     w = rand(n, dtype=dtype, seed=1) if affine in ("both", "weight") else None
     b = rand(n, dtype=dtype, seed=2) if affine in ("both", "bias") else None
     y = normlab.dyt(x, alpha, w, b)
-    ref64 = dyt_reference(x.double(), alpha.double(), None if w is None else w.double(), None if b is None else b.double())
+    w64, b64 = (None if p is None else p.double() for p in (w, b))
+    ref64 = dyt_reference(x.double(), alpha.double(), w64, b64)
     assert y.dtype == dtype and y.shape == x.shape
     assert_close_same_dtype(y, textbook(x, alpha, w, b), ref64, f"dyt {affine}")
-    torch.testing.assert_close(ref64, textbook(x.double(), alpha.double(), *(None if p is None else p.double() for p in (w, b))))
+    torch.testing.assert_close(ref64, textbook(x.double(), alpha.double(), w64, b64))
     if dtype in (torch.bfloat16, torch.float16):  # computed in fp32, rounded once
         expected = textbook(x.float(), alpha.float(), *(None if p is None else p.float() for p in (w, b))).to(dtype)
         assert torch.equal(y, expected)

@@ -33,7 +33,8 @@ def test_matches_torch_and_textbook(dtype, shape, groups, affine):
     x = rand(*shape, dtype=dtype, scale=2.0, mean=1.0)
     w, b = (rand(c, dtype=dtype, seed=1), rand(c, dtype=dtype, seed=2)) if affine else (None, None)
     y = normlab.group_norm(x, groups, w, b, 1e-5)
-    ref64 = group_norm_reference(x.double(), groups, None if w is None else w.double(), None if b is None else b.double(), 1e-5)
+    w64, b64 = (None if p is None else p.double() for p in (w, b))
+    ref64 = group_norm_reference(x.double(), groups, w64, b64, 1e-5)
     assert y.dtype == dtype and y.shape == x.shape
     assert_tolerance_rule(y, F.group_norm(x, groups, w, b, 1e-5), ref64, f"group_norm {shape} G={groups}")
     assert_tolerance_rule(y, textbook(x, groups, w, b, 1e-5), ref64, "textbook")
@@ -77,7 +78,9 @@ def test_gradcheck(affine, shape, groups):
     def f(*args):
         it = iter(args)
         xx = next(it)
-        return normlab.group_norm(xx, groups, next(it) if w is not None else None, next(it) if b is not None else None, 1e-3)
+        ww = next(it) if w is not None else None
+        bb = next(it) if b is not None else None
+        return normlab.group_norm(xx, groups, ww, bb, 1e-3)
 
     assert torch.autograd.gradcheck(f, ins)
     if affine == "both":
@@ -107,17 +110,20 @@ def test_nan_in_one_sample_leaves_others_exact():
     y[good].sum().backward()
     y_ok.sum().backward()
     assert torch.equal(x.grad[good], x_ok.grad)
-    assert torch.equal(w.grad, w_ok.grad) and torch.equal(b.grad, b_ok.grad), "a NaN sample leaked into the parameter gradients"
+    assert torch.equal(w.grad, w_ok.grad) and torch.equal(b.grad, b_ok.grad), (
+        "a NaN sample leaked into the parameter gradients"
+    )
 
 
 def test_single_value_groups_like_torch():
     """torch raises "Expected more than 1 value per channel" when N·C/G·prod(*) == 1 (one sample, one
     value per group); normlab raises the same. With more samples a one-value group has deviation 0: y = bias."""
     b = rand(4, seed=2)
+    too_few = r"Expected more than 1 value per channel when training, got input size \[1, "
     for shape, groups in [((1, 4, 1), 4), ((1, 4), 4), ((1, 2, 1, 1), 2)]:
-        with pytest.raises(ValueError, match=r"Expected more than 1 value per channel when training, got input size \[1, "):
+        with pytest.raises(ValueError, match=too_few):
             F.group_norm(rand(*shape), groups)
-        with pytest.raises(ValueError, match=r"Expected more than 1 value per channel when training, got input size \[1, "):
+        with pytest.raises(ValueError, match=too_few):
             normlab.group_norm(rand(*shape), groups)
     assert torch.equal(normlab.group_norm(rand(3, 2), 2), torch.zeros(3, 2))
     x = rand(2, 4, 1, mean=3.0)
@@ -141,7 +147,9 @@ def test_zero_size(dtype):
 
 def test_bad_input_messages():
     x = torch.randn(2, 6, 3)
-    with pytest.raises(ValueError, match=r"number of channels \(input.shape\[1\] = 6\) to be divisible by num_groups, got num_groups=4"):
+    with pytest.raises(
+        ValueError, match=r"number of channels \(input.shape\[1\] = 6\) to be divisible by num_groups, got num_groups=4"
+    ):
         normlab.group_norm(x, 4)
     for g in (0, -2, 1.5):
         with pytest.raises(ValueError, match="num_groups must be a positive int"):

@@ -55,7 +55,11 @@ def test_strided_inputs_equal_contiguous(op):
 def test_fused_adds_take_fp32_master_weights(dtype):
     x, r = rand(4, 24, dtype=dtype), rand(4, 24, dtype=dtype, seed=3)
     w, b = rand(24, seed=1).requires_grad_(), rand(24, seed=2).requires_grad_()
-    for fn, ref, params in ((normlab.add_layer_norm, add_layer_norm_reference, (w, b)), (normlab.add_rms_norm, add_rms_norm_reference, (w,))):
+    cases = (
+        (normlab.add_layer_norm, add_layer_norm_reference, (w, b)),
+        (normlab.add_rms_norm, add_rms_norm_reference, (w,)),
+    )
+    for fn, ref, params in cases:
         y, s = fn(x, r, 24, *params)
         assert y.dtype == s.dtype == dtype
         y_ref, s_ref = ref(x, r, 24, *params)

@@ -85,7 +85,9 @@ def test_textbook(dtype):
     ref64 = layer_norm_reference(x.double(), 64, d64(w), d64(b), eps)
     assert_tolerance_rule(normlab.layer_norm(x, 64, w, b, eps), layer_norm_textbook(x, w, b, eps), ref64, "textbook")
     if dtype == torch.float64:
-        torch.testing.assert_close(normlab.layer_norm(x, 64, w, b, eps), layer_norm_textbook(x, w, b, eps), rtol=0, atol=1e-13)
+        torch.testing.assert_close(
+            normlab.layer_norm(x, 64, w, b, eps), layer_norm_textbook(x, w, b, eps), rtol=0, atol=1e-13
+        )
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -158,7 +160,9 @@ def test_gradcheck(affine, shape):
 
     def f(a, *p):
         it = iter(p)
-        return normlab.layer_norm(a, shape, next(it) if w is not None else None, next(it) if b is not None else None, 1e-5)
+        ww = next(it) if w is not None else None
+        bb = next(it) if b is not None else None
+        return normlab.layer_norm(a, shape, ww, bb, 1e-5)
 
     assert torch.autograd.gradcheck(f, (x, *leaves))
     assert torch.autograd.gradgradcheck(f, (x, *leaves))
@@ -286,7 +290,9 @@ def test_nan_row_does_not_leak():
     # rows where the NaN/inf rows are replaced by clean ones (unused by the loss either way)
     w_clean, b_clean = w.detach().clone().requires_grad_(), b.detach().clone().requires_grad_()
     normlab.layer_norm(rand(6, 32), 32, w_clean, b_clean)[good].square().sum().backward()
-    assert torch.isfinite(w.grad).all() and torch.equal(w.grad, w_clean.grad), "a NaN/inf row leaked into the weight gradient"
+    assert torch.isfinite(w.grad).all() and torch.equal(w.grad, w_clean.grad), (
+        "a NaN/inf row leaked into the weight gradient"
+    )
     assert torch.equal(b.grad, b_clean.grad)
 
 
@@ -350,7 +356,9 @@ def test_kernel_contract(monkeypatch):
     calls = []
 
     def rows2d(*ts):
-        assert all(t is None or (t.dim() == 2 and t.is_contiguous()) for t in ts), [t.shape for t in ts if t is not None]
+        assert all(t is None or (t.dim() == 2 and t.is_contiguous()) for t in ts), [
+            t.shape for t in ts if t is not None
+        ]
 
     def fwd(x, weight, bias, eps, out=None):
         rows2d(x, out)
@@ -391,7 +399,8 @@ def test_functional_namespace():
     import normlab.functional as NF
 
     assert NF.layer_norm is normlab.layer_norm and NF.add_layer_norm is normlab.add_layer_norm
-    assert torch.ops.normlab.py_layer_norm.default is not None and torch.ops.normlab.py_add_layer_norm.default is not None
+    assert torch.ops.normlab.py_layer_norm.default is not None
+    assert torch.ops.normlab.py_add_layer_norm.default is not None
 
 
 def test_opcheck_fake_and_autograd_registration():

@@ -51,13 +51,15 @@ def test_textbook_llama_and_gemma(dtype):
     x, w = rand(6, 64, dtype=dtype), rand(64, dtype=dtype, seed=2)
     eps = 1e-6
     ref64 = rms_norm_reference(x.double(), 64, w.double(), eps)
-    assert_tolerance_rule(normlab.rms_norm(x, 64, w, eps, casting="llama"), llama_rmsnorm_textbook(x, w, eps), ref64, "llama")
+    y_llama = normlab.rms_norm(x, 64, w, eps, casting="llama")
+    assert_tolerance_rule(y_llama, llama_rmsnorm_textbook(x, w, eps), ref64, "llama")
     ref64g = rms_norm_reference(x.double(), 64, w.double(), eps, offset=1.0)
     assert_tolerance_rule(
         normlab.rms_norm(x, 64, w, eps, casting="gemma", offset=1.0), gemma_rmsnorm_textbook(x, w, eps), ref64g, "gemma"
     )
     if dtype != torch.float64:  # the llama rule rounds before the weight multiply: bitwise the textbook
-        assert torch.equal(normlab.rms_norm(x, 64, w, eps, casting="llama", backend="reference"), llama_rmsnorm_textbook(x, w, eps))
+        y_reference = normlab.rms_norm(x, 64, w, eps, casting="llama", backend="reference")
+        assert torch.equal(y_reference, llama_rmsnorm_textbook(x, w, eps))
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -68,7 +70,9 @@ def test_options_vs_reference(dtype, casting, partial, offset):
     x, w = rand(5, 48, dtype=dtype), rand(48, dtype=dtype, seed=3)
     fast = normlab.rms_norm(x, 48, w, casting=casting, partial=partial, offset=offset)
     same = rms_norm_reference(x, 48, w, casting=casting, partial=partial, offset=offset)
-    ref64 = rms_norm_reference(x.double(), 48, w.double(), eps=torch.finfo(torch.float32).eps, partial=partial, offset=offset)
+    ref64 = rms_norm_reference(
+        x.double(), 48, w.double(), eps=torch.finfo(torch.float32).eps, partial=partial, offset=offset
+    )
     assert_close_same_dtype(fast, same, ref64, f"{casting} p={partial} o={offset}")
 
 
@@ -118,7 +122,9 @@ def test_gradcheck(casting, partial, offset):
 def test_add_rms_norm_gradcheck(partial, residual_dtype):
     x, r = rand(5, 12, dtype=torch.float64).requires_grad_(), rand(5, 12, dtype=torch.float64, seed=4).requires_grad_()
     w = rand(12, dtype=torch.float64, seed=1).requires_grad_()
-    f = lambda a, b, c: normlab.add_rms_norm(a, b, 12, c, 1e-5, partial=partial, offset=0.5, residual_dtype=residual_dtype)
+    f = lambda a, b, c: normlab.add_rms_norm(
+        a, b, 12, c, 1e-5, partial=partial, offset=0.5, residual_dtype=residual_dtype
+    )
     assert torch.autograd.gradcheck(f, (x, r, w))
     assert torch.autograd.gradgradcheck(f, (x, r, w))
 
@@ -134,7 +140,8 @@ def test_add_rms_norm_values(dtype, residual_dtype):
     y64, _ = add_rms_norm_reference(x.double(), r.double(), 40, w.double(), eps=torch.finfo(torch.float32).eps)
     assert_close_same_dtype(y, y_ref, y64, "add_rms_norm")
     # the sum path equals normlab's own add followed by rms_norm
-    torch.testing.assert_close(y, normlab.rms_norm(s_ref, 40, w).to(dtype), rtol=0, atol=0) if residual_dtype is None else None
+    if residual_dtype is None:
+        torch.testing.assert_close(y, normlab.rms_norm(s_ref, 40, w).to(dtype), rtol=0, atol=0)
 
 
 def test_add_rms_norm_grads_match_unfused():
@@ -215,7 +222,9 @@ def test_nan_row_does_not_leak():
     # rows where the NaN/inf rows are replaced by clean ones (unused by the loss either way)
     x_clean, w_clean = rand(6, 32), w.detach().clone().requires_grad_()
     normlab.rms_norm(x_clean, 32, w_clean)[good].square().sum().backward()
-    assert torch.isfinite(w.grad).all() and torch.equal(w.grad, w_clean.grad), "a NaN/inf row leaked into the weight gradient"
+    assert torch.isfinite(w.grad).all() and torch.equal(w.grad, w_clean.grad), (
+        "a NaN/inf row leaked into the weight gradient"
+    )
 
 
 def test_zero_size():
@@ -339,7 +348,8 @@ def test_opcheck(residual_dtype):
     w = rand(16, seed=2).requires_grad_()
     torch.library.opcheck(torch.ops.normlab.py_rms_norm, (x, w, 1e-6, "llama", 0.0, 16, "reference"))
     torch.library.opcheck(
-        torch.ops.normlab.py_add_rms_norm, (x, r, w, 1e-6, "llama", 0.0, 8, residual_dtype or torch.float32, "reference")
+        torch.ops.normlab.py_add_rms_norm,
+        (x, r, w, 1e-6, "llama", 0.0, 8, residual_dtype or torch.float32, "reference"),
     )
 
 
@@ -374,7 +384,8 @@ def test_non_numeric_options_name_the_expected_value():
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 def test_casting_none_and_offsets_textbook(dtype):
     """Independent formulas for the modes torch has no op for: "none" (input dtype throughout, the mean of
-    squares in fp32), "llama" with an offset and with partial — bitwise for the reference (the spec; fast paths are held to it by test_options_vs_reference)."""
+    squares in fp32), "llama" with an offset and with partial — bitwise for the reference (the spec; fast paths
+    are held to it by test_options_vs_reference)."""
     x, w, eps = rand(5, 40, dtype=dtype, scale=3.0), rand(40, dtype=dtype, seed=2), 1e-5
     rstd = torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + eps)
     none = x * rstd.to(dtype) * (w + 0.5).to(dtype)
@@ -382,5 +393,6 @@ def test_casting_none_and_offsets_textbook(dtype):
     llama = (x.float() * rstd).to(dtype) * (w + 0.5)
     assert torch.equal(normlab.rms_norm(x, 40, w, eps, casting="llama", offset=0.5, backend="reference"), llama)
     rstd_p = torch.rsqrt(x.float()[:, :10].pow(2).mean(-1, keepdim=True) + eps)  # ceil(40 · 0.25) = 10
-    assert torch.equal(normlab.rms_norm(x, 40, w, eps, partial=0.25, backend="reference"), (x.float() * rstd_p).to(dtype) * w)
+    y_partial = normlab.rms_norm(x, 40, w, eps, partial=0.25, backend="reference")
+    assert torch.equal(y_partial, (x.float() * rstd_p).to(dtype) * w)
     assert torch.equal(normlab.rms_norm(x, 40, None, eps, casting="none", backend="reference"), x * rstd.to(dtype))

@@ -25,18 +25,23 @@ ALPHA = torch.tensor([0.7])
 ROW_OPS = {
     "layer_norm": lambda x, r: normlab.layer_norm(x, x.shape[-1], *wb(x.shape[-1])),
     "rms_norm": lambda x, r: normlab.rms_norm(x, x.shape[-1], wb(x.shape[-1])[0]),
-    "rms_norm_partial_gemma": lambda x, r: normlab.rms_norm(x, x.shape[-1], None, 1e-6, casting="gemma", offset=1.0, partial=0.3),
+    "rms_norm_partial_gemma": lambda x, r: normlab.rms_norm(x, x.shape[-1], None, 1e-6, casting="gemma", offset=1.0,
+                                                            partial=0.3),
     "add_layer_norm": lambda x, r: torch.cat(normlab.add_layer_norm(x, r, x.shape[-1]), dim=-1),
-    "add_rms_norm": lambda x, r: torch.cat(normlab.add_rms_norm(x, r, x.shape[-1], residual_dtype=torch.float64), dim=-1).float(),
+    "add_rms_norm": lambda x, r: torch.cat(normlab.add_rms_norm(x, r, x.shape[-1], residual_dtype=torch.float64),
+                                           dim=-1).float(),
     "group_norm": lambda x, r: normlab.group_norm(x.reshape(x.shape[0], 4, -1), 2, B[:4], W[:4]).reshape(x.shape),
-    "group_norm_one_group": lambda x, r: normlab.group_norm(x.reshape(x.shape[0], 4, -1), 1, B[:4], W[:4]).reshape(x.shape),
+    "group_norm_one_group": lambda x, r: normlab.group_norm(x.reshape(x.shape[0], 4, -1), 1, B[:4],
+                                                            W[:4]).reshape(x.shape),
     "dyt": lambda x, r: normlab.dyt(x, ALPHA, *wb(x.shape[-1])),
     "gated_rms_norm": lambda x, r: normlab.gated_rms_norm(x, r, x.shape[-1], wb(x.shape[-1])[0],
                                                           group_size=x.shape[-1] // 4),
     "gated_rms_norm_after": lambda x, r: normlab.gated_rms_norm(x, r, x.shape[-1], wb(x.shape[-1])[0], casting="gemma",
                                                                 norm_before_gate=True),
-    "batch_norm_eval": lambda x, r: normlab.batch_norm(x.reshape(x.shape[0], 4, -1), W[:4], B[:4].abs() + 0.1, W[4:8], B[4:8], False),
-    "batch_norm_eval_nlc": lambda x, r: normlab.batch_norm(x.reshape(x.shape[0], -1, 4), W[:4], B[:4].abs() + 0.1, None, None, False, layout="NLC"),
+    "batch_norm_eval": lambda x, r: normlab.batch_norm(x.reshape(x.shape[0], 4, -1), W[:4], B[:4].abs() + 0.1,
+                                                       W[4:8], B[4:8], False),
+    "batch_norm_eval_nlc": lambda x, r: normlab.batch_norm(x.reshape(x.shape[0], -1, 4), W[:4], B[:4].abs() + 0.1,
+                                                           None, None, False, layout="NLC"),
 }
 
 
@@ -84,7 +89,9 @@ def test_reference_long_rows_match_torch(dtype):
     cases = {
         "layer_norm": (lambda t: normlab.layer_norm(t, n, eps=1e-6), lambda t: F.layer_norm(t, (n,), eps=1e-6)),
         "rms_norm": (lambda t: normlab.rms_norm(t, n, eps=1e-6), lambda t: F.rms_norm(t, (n,), eps=1e-6)),
-        "group_norm": (lambda t: normlab.group_norm(t.reshape(3, 1, n), 1), lambda t: F.group_norm(t.reshape(3, 1, n), 1)),
+        "group_norm": (
+            lambda t: normlab.group_norm(t.reshape(3, 1, n), 1), lambda t: F.group_norm(t.reshape(3, 1, n), 1)
+        ),
         "batch_norm": (lambda t: normlab.batch_norm(t.reshape(3, 1, n), None, None, training=True),
                        lambda t: F.batch_norm(t.reshape(3, 1, n), None, None, training=True)),
     }

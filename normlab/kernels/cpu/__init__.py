@@ -8,8 +8,8 @@ torch's intra-op pool (``at::parallel_for``), so ``torch.set_num_threads`` gover
 
 It provides every entry point of the kernel contract (:mod:`normlab.kernels.contract`): the native operators,
 and the Python kernels as thin wrappers of them. Serves CPU tensors of float32, bfloat16 and float16 (weights
-in the input dtype or fp32); float64 and empty inputs go to the reference. Importing this module raises when the extension is missing or cannot
-load; :mod:`normlab.dispatch` then warns once and the reference serves.
+in the input dtype or fp32); float64 and empty inputs go to the reference. Importing this module raises when the
+extension is missing or cannot load; :mod:`normlab.dispatch` then warns once and the reference serves.
 """
 
 from __future__ import annotations
@@ -70,10 +70,9 @@ def supports(op: str, x: torch.Tensor, **options) -> bool:
     if any(t is not None and (t.device.type != "cpu" or t.dtype not in DTYPES) for t in tensors):
         return False
     residual, residual_dtype = options.get("residual"), options.get("residual_dtype")
-    if residual is not None:
-        if residual_dtype not in DTYPES or residual.device.type != "cpu" or residual.dtype not in (x.dtype, residual_dtype):
-            return False
-    return True
+    if residual is None:
+        return True
+    return residual_dtype in DTYPES and residual.device.type == "cpu" and residual.dtype in (x.dtype, residual_dtype)
 
 
 # ---- fake implementations: torch.compile traces the native ops without running them; the contract's stubs
