@@ -22,6 +22,7 @@ $(STAMP): pyproject.toml constraints.txt $(NATIVE)
 	touch $(STAMP)
 
 test: $(STAMP)
+	$(VENV)/bin/ruff check normlab tests setup.py
 	$(PY) -m pytest -n 2 -q tests
 
 # The kernel tests against a build with AddressSanitizer and UndefinedBehaviorSanitizer.
@@ -30,7 +31,8 @@ test-sanitize: $(STAMP)
 	NORMLAB_CPU_EXTENSION="$$(ls $(CURDIR)/$(SANITIZED)/lib/normlab/kernels/cpu/_C*.so)" \
 	LD_PRELOAD="$$($(CXX) -print-file-name=libasan.so) $$($(CXX) -print-file-name=libubsan.so)" \
 	ASAN_OPTIONS=detect_leaks=0 UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 \
-	$(PY) -m pytest -q -p no:randomly tests/kernels/test_cpu_kernels.py tests/ops/test_rms_norm.py tests/ops/test_layer_norm.py tests/ops/test_dyt.py
+	$(PY) -m pytest -q -p no:randomly tests/kernels/test_cpu_kernels.py tests/kernels/test_cpu_gated_rms_norm.py \
+		tests/ops/test_rms_norm.py tests/ops/test_layer_norm.py tests/ops/test_dyt.py tests/ops/test_gated_rms_norm.py
 
 study: $(STAMP)
 	$(VENV)/bin/normlab study

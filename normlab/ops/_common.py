@@ -297,6 +297,6 @@ def custom_op_with_eager_twin(name: str, impl, fake, setup_context, backward):
             return op(*args)
         if torch.is_grad_enabled() and any(isinstance(a, torch.Tensor) and a.requires_grad for a in args):
             return twin.apply(*args)
-        return impl(*args)  # nothing to differentiate: no autograd node (saves ≈ 10 µs per call)
+        return impl(*args)  # nothing to differentiate: no autograd node (its cost: docs/benchmarks.md)
 
     return call

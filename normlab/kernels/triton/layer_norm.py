@@ -173,7 +173,7 @@ def layer_norm_bwd(dy, x, weight, bias, mean, rstd, dsum=None):
     )
     if n == 1:
         # LayerNorm of one element is the constant b: its input gradient is exactly 0. The kernel's
-        # g − mean(g) is not, on a GPU: the compiler fuses dy·w − mean_g into one FMA (seen on H100: 1.7e-5).
+        # g − mean(g) is not, on a GPU: the compiler fuses dy·w − mean_g into one FMA (docs/benchmarks.md).
         dx = torch.zeros_like(x) if dsum is None else dsum.to(x.dtype, copy=True)
     dw = None if weight is None else sum_partials(dw_part, weight.dtype)
     db = None if bias is None else sum_partials(db_part, bias.dtype)
