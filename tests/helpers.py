@@ -61,3 +61,25 @@ def threads(count: int, monkeypatch=None):
         yield
     finally:
         torch.set_num_threads(before)
+
+
+def assert_same_bits_on_every_isa(outputs) -> None:
+    """``outputs()`` (a list of tensors) is bitwise the same under every ISA build of the cpu backend this CPU
+    runs; NaNs agree in place, not in payload (x86 keeps the first operand's, and the compiler orders
+    commutative operands per build)."""
+    from normlab.kernels import cpu as K
+
+    before = K.isa()
+    try:
+        results = {}
+        for isa in K.isas():
+            K.set_isa(isa)
+            results[isa] = outputs()
+    finally:
+        K.set_isa(before)
+    first, *others = results.values()
+    for isa, got in zip(list(results)[1:], others):
+        for i, (a, b) in enumerate(zip(first, got)):
+            bits = torch.int16 if a.element_size() == 2 else torch.int32
+            same = (a.view(bits) == b.view(bits)) | (torch.isnan(a) & torch.isnan(b))
+            assert same.all(), f"{isa} differs from {K.isa()} in output {i}"

@@ -10,7 +10,7 @@ import normlab
 from normlab import dispatch
 from normlab.kernels import cpu as K
 from normlab.ops.gated_rms_norm import gated_rms_norm_bwd_ref, gated_rms_norm_fwd_ref
-from tests.helpers import assert_close_same_dtype, rand, threads
+from tests.helpers import assert_close_same_dtype, assert_same_bits_on_every_isa, rand, threads
 
 LOW = [torch.float32, torch.bfloat16, torch.float16]
 EPS = 1e-5
@@ -151,20 +151,7 @@ def _isa_outputs() -> list[torch.Tensor]:
 
 def test_every_isa_build_gives_the_same_bits():
     """AVX2 and AVX-512 agree bitwise, silu's exp included; NaNs agree in place, not in payload."""
-    before = K.isa()
-    try:
-        results = {}
-        for isa in K.isas():
-            K.set_isa(isa)
-            results[isa] = _isa_outputs()
-    finally:
-        K.set_isa(before)
-    first, *others = results.values()
-    for isa, got in zip(list(results)[1:], others):
-        for i, (a, b) in enumerate(zip(first, got)):
-            bits = torch.int16 if a.element_size() == 2 else torch.int32
-            same = (a.view(bits) == b.view(bits)) | (torch.isnan(a) & torch.isnan(b))
-            assert same.all(), f"{isa} differs from {K.isa()} in output {i}"
+    assert_same_bits_on_every_isa(_isa_outputs)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

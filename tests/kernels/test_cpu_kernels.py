@@ -15,7 +15,14 @@ import normlab
 from normlab import dispatch
 from normlab.kernels import cpu as K
 from normlab.ops.rms_norm import partial_size, rms_norm_apply_ref, rms_norm_bwd_ref, rms_norm_fwd_ref
-from tests.helpers import ATOL, assert_close_same_dtype, assert_tolerance_rule, rand, threads
+from tests.helpers import (
+    ATOL,
+    assert_close_same_dtype,
+    assert_same_bits_on_every_isa,
+    assert_tolerance_rule,
+    rand,
+    threads,
+)
 
 HALF = [torch.bfloat16, torch.float16]
 LOW = [torch.float32, *HALF]
@@ -551,20 +558,7 @@ def test_every_isa_build_gives_the_same_bits():
     """The AVX2 and AVX-512 builds (each one this CPU runs) agree bitwise on every kernel, DyT's tanh
     included: the same IEEE operations per element and the same 16-lane sums. NaNs agree in place, not in
     payload: x86 keeps the first operand's payload, and the compiler orders commutative operands per build."""
-    before = K.isa()
-    try:
-        results = {}
-        for isa in K.isas():
-            K.set_isa(isa)
-            results[isa] = _isa_outputs()
-    finally:
-        K.set_isa(before)
-    first, *others = results.values()
-    for isa, got in zip(list(results)[1:], others):
-        for i, (a, b) in enumerate(zip(first, got)):
-            bits = torch.int16 if a.element_size() == 2 else torch.int32
-            same = (a.view(bits) == b.view(bits)) | (torch.isnan(a) & torch.isnan(b))
-            assert same.all(), f"{isa} differs from {K.isa()} in output {i}"
+    assert_same_bits_on_every_isa(_isa_outputs)
 
 
 def test_isa_chosen_at_load_time_follows_the_environment():
