@@ -47,7 +47,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--eval-iters", type=positive_int, default=d.eval_iters)
     p.add_argument("--data", default=None, help="a UTF-8 text file (default: CPython's help text, pydoc_data.topics)")
     p.add_argument("--experiments", type=comma_list(int, EXPERIMENTS), default=list(d.experiments),
-                   help="comma-separated, which of 1-6 (default: all)")
+                   help="comma-separated, which of 1-7 (default: all)")
+    p.add_argument("--share-widths", type=comma_list(positive_int), default=list(d.share_widths),
+                   help="model widths of experiment 7, multiples of 32 (default: 128,256,512)")
     p.add_argument("--grad-depths", type=comma_list(positive_int), default=list(d.grad_depths),
                    help="comma-separated depths of experiment 2 (default: 6,12, the paper's)")
     p.add_argument("--grad-d-model", type=positive_int, default=d.grad_d_model,
@@ -75,7 +77,8 @@ def config_from_args(args: argparse.Namespace) -> StudyConfig:
         grad_clip=args.grad_clip,
         seed=args.seed, eval_interval=args.eval_interval, eval_iters=args.eval_iters, data=args.data,
         experiments=args.experiments, grad_depths=args.grad_depths,
-        grad_d_model=args.grad_d_model, grad_seeds=args.grad_seeds, warmup_lr=args.warmup_lr,
+        grad_d_model=args.grad_d_model, grad_seeds=args.grad_seeds, share_widths=args.share_widths,
+        warmup_lr=args.warmup_lr,
         warmup_steps=args.warmup_steps,
     )
 

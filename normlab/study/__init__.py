@@ -1,4 +1,4 @@
-"""The study: train a grid of norm variants on a character-level corpus and report on six published claims.
+"""The study: train a grid of norm variants on a character-level corpus and report on seven published claims.
 
 ``normlab.study.run_study(steps=200, variants=["layernorm-pre", "rmsnorm-pre"])`` or ``normlab study``.
 Re-running the same command resumes where it stopped; finished runs are not retrained.
@@ -139,6 +139,8 @@ def _run(cfg: StudyConfig, out: Path, name: str, progress: bool, info: DistInfo,
             exps.append(ex.exp5_invariances(cfg, out_dir))
         if 6 in want:
             exps.append(ex.exp6_conversion(result.runs, cfg, corpus, out_dir))
+        if 7 in want:
+            exps.append(ex.exp7_norm_share(cfg, corpus, out_dir))
         result.experiments = exps
         env = environment()
         setup_lines = [

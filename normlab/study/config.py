@@ -10,7 +10,7 @@ from pathlib import Path
 NORMS = ("layernorm", "rmsnorm", "batchnorm", "groupnorm", "dyt", "none")
 PLACEMENTS = ("post", "pre", "sandwich", "deepnorm", "olmo2", "mixln", "lnscaling", "none")
 DEFAULT_VARIANTS = ("layernorm-pre", "layernorm-post", "rmsnorm-pre", "rmsnorm-post", "dyt-pre", "none-pre")
-EXPERIMENTS = (1, 2, 3, 4, 5, 6)
+EXPERIMENTS = (1, 2, 3, 4, 5, 6, 7)
 
 
 class StudyConfigError(ValueError):
@@ -114,6 +114,9 @@ class StudyConfig:
     grad_batch_size: int = 8
     grad_batches: int = 1
     grad_seeds: int = 3
+    # experiment 7: the norm layers' share of a training step at these widths, over repeated interleaved timings
+    share_widths: list[int] = field(default_factory=lambda: [128, 256, 512])
+    share_repeats: int = 3
     # experiment 3: warmup sensitivity at a high learning rate
     warmup_lr: float = 1e-2
     warmup_steps: int = 60
@@ -127,7 +130,7 @@ class StudyConfig:
         if self.d_model % self.n_head:
             raise StudyConfigError(f"d_model={self.d_model} must be divisible by n_head={self.n_head}")
         for k in ("steps", "batch_size", "block_size", "n_layer", "n_head", "d_model", "warmup_steps", "grad_d_model",
-                  "grad_n_head", "grad_batch_size", "grad_batches", "grad_seeds"):
+                  "grad_n_head", "grad_batch_size", "grad_batches", "grad_seeds", "share_repeats"):
             if getattr(self, k) < 1:
                 raise StudyConfigError(f"{k} must be ≥ 1, got {getattr(self, k)}")
         if self.preset not in (None, "gpt2", "llama"):
@@ -147,6 +150,9 @@ class StudyConfig:
                 raise StudyConfigError(f"--{k.replace('_', '-')}: expected a finite number > 0, got {getattr(self, k)}")
         if not self.grad_depths or any(d < 1 for d in self.grad_depths):
             raise StudyConfigError(f"--grad-depths: expected positive depths, got {self.grad_depths}")
+        if not self.share_widths or any(d < 1 or (d > 32 and d % 32) for d in self.share_widths):
+            raise StudyConfigError("--share-widths: expected positive widths, multiples of 32 above 32, "
+                                   f"got {self.share_widths}")
         if self.grad_d_model % self.grad_n_head:
             raise StudyConfigError(
                 f"grad_d_model={self.grad_d_model} must be divisible by grad_n_head={self.grad_n_head}")

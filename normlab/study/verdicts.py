@@ -27,6 +27,10 @@ WARMUP_COST = 0.05
 EXACT_FP64, EXACT_FP32_REL = 1e-9, 1e-3
 
 
+#: Experiment 7: the norm layers are "a tiny fraction" of a training step below this percent.
+TINY_SHARE = 10.0
+
+
 class Verdict(NamedTuple):
     word: str
     reason: str
@@ -114,3 +118,22 @@ def conversion(d32: float, d64: float, logit_scale: float, saving_fwd_pct: float
     exact = d64 < EXACT_FP64 and d32 < EXACT_FP32_REL * max(1.0, logit_scale)
     faster = saving_fwd_pct >= FASTER_BY and saving_fwd_bwd_pct >= FASTER_BY
     return _both(exact, faster, "exact", f"faster (≥ {FASTER_BY:g}% in both)")
+
+
+def norm_share(shares: dict[int, list[float]], savings: dict[int, list[float]]) -> Verdict:
+    """Experiment 7: ``width → per-repeat percent`` of a training step spent in the norm layers (LayerNorm's
+    step against the same model with identity norms) and saved by RMSNorm. "Tiny" holds at the widest width
+    when its share's mean + SPREAD_K·std is below TINY_SHARE; RMSNorm's saving stays within the share (the
+    end-to-end bound) when its mean − SPREAD_K·std is not above the share's mean + SPREAD_K·std at any width."""
+    widest = max(shares)
+    share_mean, share_std = mean_std(shares[widest])
+    tiny = share_mean + SPREAD_K * share_std < TINY_SHARE
+
+    def within(d: int) -> bool:
+        (sm, ss), (vm, vs) = mean_std(shares[d]), mean_std(savings[d])
+        return vm - SPREAD_K * vs <= sm + SPREAD_K * ss
+
+    bounded = all(within(d) for d in shares)
+    reason = (f"share at d={widest} {share_mean:.1f} ± {share_std:.1f}% (< {TINY_SHARE:g}% beyond the spread: "
+              f"{_yes(tiny)}); RMSNorm's saving within the share at every width: {_yes(bounded)}")
+    return Verdict(HOLDS if tiny and bounded else PARTLY if tiny or bounded else NOT_HERE, reason)

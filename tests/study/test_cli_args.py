@@ -30,7 +30,7 @@ def usage_error(capsys, *argv: str) -> str:
     (["--warmup-lr", "nan"], "--warmup-lr"), (["--warmup-lr", "-1"], "--warmup-lr"),
     (["--experiments", "2", "--grad-depths", "0"], "--grad-depths"),
     (["--experiments", "2", "--grad-depths", "2,-3"], "--grad-depths"),
-    (["--experiments", "7"], "--experiments"), (["--steps", "0"], "--steps"),
+    (["--experiments", "8"], "--experiments"), (["--steps", "0"], "--steps"),
     (["--threads", "-2"], "--threads"), (["--threads", "0"], "--threads"),
     (["--device", "tpu"], "--device"), (["--device", "cpu:0"], "--device"),
     (["--name", "../../escape"], "--name"), (["--name", ".."], "--name"), (["--name", "a/b"], "--name"),

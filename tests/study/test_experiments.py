@@ -100,3 +100,19 @@ def test_exp2_is_the_mlp_output_matrix_gradient_at_init(tmp_path):
                 mean = sum(ratios) / 2
                 std = abs(ratios[0] - ratios[1]) / 2 ** 0.5
                 assert row[-1] == f"{mean:.3g} ± {std:.2g}"  # last / first over the seeds
+
+
+def test_exp7_times_the_three_norms_per_width_and_repeat(tmp_path):
+    """Experiment 7: per width and repeat one time per variant; the share and saving are the percents of
+    LayerNorm's step that identity norms and RMSNorm take off."""
+    from normlab.study.experiments import SHARE_VARIANTS, exp7_norm_share, share_percents
+
+    cfg = StudyConfig(n_layer=1, block_size=8, batch_size=2, share_widths=[16, 32], share_repeats=2, experiments=[7])
+    exp = exp7_norm_share(cfg, load_corpus(), tmp_path)
+    assert sorted(exp.data) == ["16", "32"]
+    for t in exp.data.values():
+        assert set(t) == set(SHARE_VARIANTS) and all(len(v) == 2 and min(v) > 0 for v in t.values())
+    times = {16: {"LayerNorm": [2.0, 4.0], "RMSNorm": [1.5, 4.0], "identity": [1.0, 3.0]}}
+    assert share_percents(times) == ({16: [50.0, 25.0]}, {16: [25.0, 0.0]})
+    assert [r[0] for r in exp.rows] == [16, 32] and (tmp_path / "exp7_norm_share.png").exists()
+    assert exp.verdict in ("holds", "partly holds", "does not hold here")

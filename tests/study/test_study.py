@@ -19,10 +19,10 @@ from normlab.study.train import read_records
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY = dict(n_layer=2, n_head=2, d_model=32, block_size=16, batch_size=4, eval_interval=4, eval_iters=2,
-            grad_d_model=32, grad_depths=[2, 3], grad_seeds=2)
+            grad_d_model=32, grad_depths=[2, 3], grad_seeds=2, share_widths=[16, 32], share_repeats=2)
 TINY_ARGS = ["--n-layer", "2", "--n-head", "2", "--d-model", "32", "--block-size", "16", "--batch-size", "4",
              "--eval-interval", "4", "--eval-iters", "2", "--grad-d-model", "32", "--grad-depths", "2,3",
-             "--grad-seeds", "2", "--threads", "1", "--no-progress"]
+             "--grad-seeds", "2", "--share-widths", "16,32", "--threads", "1", "--no-progress"]
 
 
 # ``normlab study`` whose training runs get a step callback that sends the process a signal right after a
@@ -69,15 +69,15 @@ def test_tiny_study_writes_report_plots_and_is_not_retrained(tmp_path, capsys, o
     res = run_study(out=tmp_path, name="s", progress=False, **kw)
     out_dir = tmp_path / "s"
     report = (out_dir / "report.md").read_text()
-    for n in range(1, 7):
+    for n in range(1, 8):
         assert f"## {n}. " in report
-    assert report.count("**Claim.**") == 6 and report.count("**Verdict: ") == 6
+    assert report.count("**Claim.**") == 7 and report.count("**Verdict: ") == 7
     assert "- dyt-pre: the input of its last DyT (ln_f) has rms" in report  # the DyT saturation diagnosis
     for png in ("exp1_loss_speed", "exp2_grad_init", "exp3_warmup", "exp4_geometry", "exp5_invariances",
-                "exp6_conversion"):
+                "exp6_conversion", "exp7_norm_share"):
         data = (out_dir / f"{png}.png").read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000, png
-    assert [e.number for e in res.experiments] == [1, 2, 3, 4, 5, 6]
+    assert [e.number for e in res.experiments] == [1, 2, 3, 4, 5, 6, 7]
     assert all(e.verdict in ("holds", "partly holds", "does not hold here") for e in res.experiments)
     assert res.experiments[4].verdict == "holds"  # invariances are exact math
     recs = read_records(out_dir / "grid" / "rmsnorm-pre" / "metrics.jsonl")

@@ -89,3 +89,23 @@ def test_invariances():
 ])
 def test_conversion(d32, d64, scale, fwd, fwd_bwd, word):
     assert v.conversion(d32, d64, scale, fwd, fwd_bwd).word == word
+
+
+@pytest.mark.parametrize("share, saving, word", [
+    ((4.0, 5.0, 6.0), (1.0, 2.0, 3.0), HOLDS),       # 5 ± 1: 7 < 10; saving inside the share
+    ((9.0, 9.0), (1.0, 1.0), HOLDS),                 # no spread: 9 < 10
+    ((10.0, 10.0), (1.0, 1.0), PARTLY),              # at 10 %: not tiny
+    ((4.0, 6.0, 8.0), (1.0, 1.0, 1.0), PARTLY),      # 6 ± 2: 10 is within the spread
+    ((2.0, 2.0), (8.0, 8.0), PARTLY),                # tiny, but RMSNorm "saves" more than the norms cost
+    ((20.0, 20.0), (30.0, 30.0), NOT_HERE),
+])
+def test_norm_share(share, saving, word):
+    shares = {128: [50.0, 50.0], 512: list(share)}      # only the widest width's share decides "tiny"
+    savings = {128: [1.0, 1.0], 512: list(saving)}
+    assert v.norm_share(shares, savings).word == word
+
+
+def test_norm_share_bound_is_checked_at_every_width():
+    shares, savings = {128: [3.0, 3.0], 512: [2.0, 2.0]}, {128: [9.0, 9.0], 512: [1.0, 1.0]}
+    assert v.norm_share(shares, savings).word == PARTLY
+    assert "within the share at every width: no" in v.norm_share(shares, savings).reason
