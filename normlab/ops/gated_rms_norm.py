@@ -19,7 +19,6 @@ autograd formula, and the functional API; kernels plug in through :mod:`normlab.
 
 from __future__ import annotations
 
-import math
 import numbers
 from collections.abc import Sequence
 
@@ -30,7 +29,6 @@ from torch import Tensor
 from normlab import dispatch
 from normlab.ops._common import (
     HALF_DTYPES,
-    as_float,
     check_choice,
     check_input,
     check_param,
@@ -45,7 +43,7 @@ from normlab.ops._common import (
     rows,
     zero_where_no_grad,
 )
-from normlab.ops.rms_norm import resolve_eps
+from normlab.ops.rms_norm import check_offset, resolve_eps
 
 CASTING_MODES = ("llama", "gemma")
 
@@ -237,8 +235,7 @@ def _check(x, gate, normalized_shape, weight, eps, group_size, casting, offset):
             )
     check_param(weight, "weight", shape, x)
     check_choice(casting, "casting mode", CASTING_MODES)
-    if not (-math.inf < as_float(offset, "offset", "a finite number") < math.inf):
-        raise ValueError(f"offset must be a finite number, got {offset}")
+    check_offset(offset)
     return n, resolve_eps(eps, x.dtype), resolve_group_size(group_size, n)
 
 

@@ -68,6 +68,12 @@ def resolve_eps(eps: float | None, dtype: torch.dtype) -> float:
     return _DEFAULT_EPS[dtype] if eps is None else check_eps(eps)
 
 
+def check_offset(offset: float) -> None:
+    """The scale's offset (Gemma's 1 in ``offset + w``) is a finite number."""
+    if not (-math.inf < as_float(offset, "offset", "a finite number") < math.inf):
+        raise ValueError(f"offset must be a finite number, got {offset}")
+
+
 def partial_size(n: int, partial: float | None) -> int:
     """Number of leading elements the RMS is estimated from: ``ceil(n · partial)`` of the decimal as
     written — binary floats put ``100 * 0.07`` at 7.000000000000001, so an excess below 10⁻¹² of the
@@ -263,8 +269,7 @@ def _check(x, normalized_shape, weight, eps, casting, partial, offset):
     shape, n = normalized_size(x, normalized_shape)
     check_param(weight, "weight", shape, x)
     check_choice(casting, "casting mode", CASTING_MODES)
-    if not (-math.inf < as_float(offset, "offset", "a finite number") < math.inf):
-        raise ValueError(f"offset must be a finite number, got {offset}")
+    check_offset(offset)
     return n, resolve_eps(eps, x.dtype), partial_size(n, partial)
 
 
