@@ -9,60 +9,64 @@ import argparse
 import math
 import os
 import sys
+from dataclasses import fields
 
 from normlab.cli.argtypes import comma_list, device, dir_name, number_in, positive_float, positive_int
-from normlab.study.config import DEFAULT_VARIANTS, EXPERIMENTS, NORMS, PLACEMENTS, StudyConfig, StudyConfigError
+from normlab.study.config import EXPERIMENTS, NORMS, PLACEMENTS, PROFILES, StudyConfig, StudyConfigError
+
+
+def _both(field: str) -> str:
+    """``(default: X; full profile: Y)`` for a StudyConfig field."""
+    d, f = getattr(StudyConfig(), field), getattr(StudyConfig.from_profile("full"), field)
+    show = lambda v: ",".join(map(str, v)) if isinstance(v, list) else str(v)
+    return f"(default: {show(d)}" + (f"; full profile: {show(f)})" if f != d else ")")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    d = StudyConfig()
-    p.add_argument("--variants", default=",".join(DEFAULT_VARIANTS),
-                   help=f"comma-separated <norm>-<placement>; norms {', '.join(NORMS)}; "
-                        f"placements {', '.join(PLACEMENTS)} (default: %(default)s)")
-    p.add_argument("--steps", type=positive_int, default=d.steps,
-                   help="training steps per variant (default: %(default)s)")
+    p.add_argument("--profile", choices=list(PROFILES), default="default",
+                   help="the settings every other option starts from: 'default' (make study, a few minutes) or "
+                        "'full' (each experiment at the scale where its claim can show, about an hour on 2 cores)")
+
+    def option(flag: str, type, text: str, field: str | None = None) -> None:
+        """A StudyConfig field's option: unset, it keeps the profile's value."""
+        field = field or flag[2:].replace("-", "_")
+        p.add_argument(flag, type=type, default=None, dest=field, help=f"{text} {_both(field)}".replace("%", "%%"))
+
+    option("--variants", str, f"comma-separated <norm>-<placement>; norms {', '.join(NORMS)}; "
+                              f"placements {', '.join(PLACEMENTS)}")
+    option("--steps", positive_int, "training steps per variant of the grid")
+    option("--seeds", positive_int, "seeds of every training comparison (seed, seed+1, …)")
     p.add_argument("--preset", choices=["gpt2", "llama"], default=None,
                    help="model preset; --variants still sets norm and placement")
-    p.add_argument("--n-layer", type=positive_int, default=d.n_layer)
-    p.add_argument("--n-head", type=positive_int, default=d.n_head)
-    p.add_argument("--d-model", type=positive_int, default=d.d_model)
-    p.add_argument("--block-size", type=positive_int, default=d.block_size,
-                   help="context length (default: %(default)s)")
-    p.add_argument("--batch-size", type=positive_int, default=d.batch_size,
-                   help="global batch size (default: %(default)s)")
-    p.add_argument("--lr", type=positive_float, default=d.lr, help="peak learning rate (default: %(default)s)")
+    option("--n-layer", positive_int, "layers of the grid's model")
+    option("--n-head", positive_int, "attention heads of the grid's model")
+    option("--d-model", positive_int, "width of the grid's model")
+    option("--block-size", positive_int, "context length")
+    option("--batch-size", positive_int, "global batch size")
+    option("--lr", positive_float, "peak learning rate")
     p.add_argument("--warmup", type=int, default=None, help="warmup steps (default: 10%% of --steps)")
-    p.add_argument("--min-lr-ratio", type=number_in(0, 1), default=d.min_lr_ratio,
-                   help="the cosine decay's final learning rate, as a fraction of --lr (default: %(default)s)")
-    p.add_argument("--beta1", type=number_in(0, 1, hi_open=True), default=d.beta1,
-                   help="AdamW's β₁ (default: %(default)s)")
-    p.add_argument("--beta2", type=number_in(0, 1, hi_open=True), default=d.beta2,
-                   help="AdamW's β₂ (default: %(default)s)")
-    p.add_argument("--weight-decay", type=number_in(0, math.inf), default=d.weight_decay,
-                   help="AdamW's weight decay, on weight matrices only (default: %(default)s)")
-    p.add_argument("--grad-clip", type=number_in(0, math.inf), default=d.grad_clip,
-                   help="max gradient norm; 0: no clipping (default: %(default)s)")
-    p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--eval-interval", type=positive_int, default=d.eval_interval)
-    p.add_argument("--eval-iters", type=positive_int, default=d.eval_iters)
+    option("--min-lr-ratio", number_in(0, 1), "the cosine decay's final learning rate, as a fraction of --lr")
+    option("--beta1", number_in(0, 1, hi_open=True), "AdamW's β₁")
+    option("--beta2", number_in(0, 1, hi_open=True), "AdamW's β₂")
+    option("--weight-decay", number_in(0, math.inf), "AdamW's weight decay, on weight matrices only")
+    option("--grad-clip", number_in(0, math.inf), "max gradient norm; 0: no clipping")
+    option("--seed", int, "the first seed")
+    option("--eval-interval", positive_int, "steps between evaluations")
+    option("--eval-iters", positive_int, "validation batches per evaluation")
+    option("--timing-rounds", positive_int, "interleaved rounds of every timing comparison")
     p.add_argument("--data", default=None, help="a UTF-8 text file (default: CPython's help text, pydoc_data.topics)")
-    p.add_argument("--experiments", type=comma_list(int, EXPERIMENTS), default=list(d.experiments),
-                   help="comma-separated, which of 1-7 (default: all)")
-    p.add_argument("--share-widths", type=comma_list(positive_int), default=list(d.share_widths),
-                   help="model widths of experiment 7, multiples of 32 (default: 128,256,512)")
-    p.add_argument("--grad-depths", type=comma_list(positive_int), default=list(d.grad_depths),
-                   help="comma-separated depths of experiment 2 (default: 6,12, the paper's)")
-    p.add_argument("--grad-d-model", type=positive_int, default=d.grad_d_model,
-                   help="width of experiment 2's models (default: %(default)s, the paper's)")
-    p.add_argument("--grad-seeds", type=positive_int, default=d.grad_seeds,
-                   help="seeds of experiment 2 (default: %(default)s)")
-    p.add_argument("--warmup-lr", type=positive_float, default=d.warmup_lr,
-                   help="high learning rate of experiment 3 (default: %(default)s)")
-    p.add_argument("--warmup-steps", type=positive_int, default=d.warmup_steps, help="steps per run of experiment 3")
+    option("--experiments", comma_list(int, EXPERIMENTS),
+           f"comma-separated, which of {EXPERIMENTS[0]}-{EXPERIMENTS[-1]}")
+    option("--grad-depths", comma_list(positive_int), "comma-separated depths of experiment 2 (the paper's: 6,12)")
+    option("--grad-d-model", positive_int, "width of experiment 2's models (the paper's: 512)")
+    option("--grad-seeds", positive_int, "seeds of experiment 2")
+    option("--warmup-lr", positive_float, "high learning rate of experiment 3")
+    option("--warmup-steps", positive_int, "steps per run of experiment 3")
+    option("--share-widths", comma_list(positive_int), "model widths of experiment 7, multiples of 32")
     p.add_argument("--out", default="runs", help="parent directory of the study directory (default: %(default)s)")
     p.add_argument("--name", type=dir_name, default=None,
-                   help="study directory name inside --out "
-                        "(default: 'default' for the default study, else a config hash)")
+                   help="study directory name inside --out (default: the profile's name for an unchanged profile, "
+                        "else a config hash)")
     p.add_argument("--device", type=device, default=None, help="cpu, cuda or cuda:N (default: cuda when available)")
     p.add_argument("--threads", type=positive_int, default=None,
                    help="torch threads per process, ≥ 1 (default: cores / processes, 1 when the machine is busy)")
@@ -70,17 +74,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def config_from_args(args: argparse.Namespace) -> StudyConfig:
-    return StudyConfig(
-        variants=args.variants, steps=args.steps, preset=args.preset, n_layer=args.n_layer, n_head=args.n_head,
-        d_model=args.d_model, block_size=args.block_size, batch_size=args.batch_size, lr=args.lr, warmup=args.warmup,
-        min_lr_ratio=args.min_lr_ratio, beta1=args.beta1, beta2=args.beta2, weight_decay=args.weight_decay,
-        grad_clip=args.grad_clip,
-        seed=args.seed, eval_interval=args.eval_interval, eval_iters=args.eval_iters, data=args.data,
-        experiments=args.experiments, grad_depths=args.grad_depths,
-        grad_d_model=args.grad_d_model, grad_seeds=args.grad_seeds, share_widths=args.share_widths,
-        warmup_lr=args.warmup_lr,
-        warmup_steps=args.warmup_steps,
-    )
+    """The profile's settings, overridden by every option given."""
+    names = {f.name for f in fields(StudyConfig)} - {"profile"}
+    overrides = {k: v for k, v in vars(args).items() if k in names and v is not None}
+    return StudyConfig.from_profile(args.profile, **overrides)
 
 
 def default_threads(world: int) -> int:

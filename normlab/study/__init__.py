@@ -11,7 +11,7 @@ import json
 import os
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -29,7 +29,7 @@ __all__ = ["DEFAULT_VARIANTS", "EXPERIMENTS", "StudyConfig", "StudyConfigError",
 class StudyResult:
     out_dir: Path
     report: Path | None
-    runs: dict[str, RunResult] = field(default_factory=dict)
+    runs: dict[str, list[RunResult]] = field(default_factory=dict)  # the grid: variant → one run per seed
     experiments: list[Experiment] = field(default_factory=list)
 
     def summary(self) -> str:
@@ -39,11 +39,15 @@ class StudyResult:
             columns = ["final_val_loss", "final_train_loss", "tokens_per_s", "norm_ms", "wall_s"]
             parts.append(text_table(
                 ["variant", "final val loss", "final train loss", "tokens/s", "norm ms/step", "wall s"],
-                [[n, *(r.final[c] for c in columns)] for n, r in self.runs.items()]))
+                [[n, *(_mean([r.final[c] for r in runs]) for c in columns)] for n, runs in self.runs.items()]))
         if self.experiments:
             parts.append(text_table(["#", "experiment", "verdict", "measured"],
                                     [[e.number, e.title, e.verdict, e.measured] for e in self.experiments]))
         return "\n\n".join(parts)
+
+
+def _mean(values: list[float]) -> float:
+    return sum(values) / len(values)
 
 
 def _load_average() -> float | None:
@@ -58,6 +62,8 @@ def default_name(cfg: StudyConfig) -> str:
     d = cfg.to_dict()
     if d == StudyConfig().to_dict():
         return "default"
+    if d == StudyConfig.from_profile(cfg.profile).to_dict():
+        return cfg.profile
     return "study-" + hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:8]
 
 
@@ -118,39 +124,42 @@ def _run(cfg: StudyConfig, out: Path, name: str, progress: bool, info: DistInfo,
             f"study takes longer than on an idle machine (running on {torch.get_num_threads()} thread(s))")
     t0 = time.perf_counter()
     result = StudyResult(out_dir, None)
-    if {1, 4, 6} & set(cfg.experiments):
+    want = [n for n in ex.REGISTRY if n in cfg.experiments]
+    ctx = ex.Context(cfg, corpus, out_dir, info, progress, callbacks)
+    if set(want) & ex.USES_GRID:
         for v, rc in run_configs.items():
-            result.runs[v] = train_run(v, out_dir / "grid" / v, rc, corpus, info, progress=progress,
-                                       callbacks=callbacks)
+            ctx.grid[v] = [train_run(v if cfg.seeds == 1 else f"{v} s{seed}", out_dir / "grid" / v / f"seed-{seed}",
+                                     replace(rc, seed=seed), corpus, info, progress=progress, callbacks=callbacks)
+                           for seed in ctx.seeds]
+        result.runs = ctx.grid
     exps = []
-    want = set(cfg.experiments)
-    if 3 in want:  # trains: every rank takes part
-        exp3 = ex.exp3_warmup(cfg, corpus, out_dir, info, progress, callbacks)
+    for n in want:  # training experiments run on every rank; the others on rank 0 only
+        module = ex.REGISTRY[n]
+        if module.TRAINS or info.is_main:
+            e = module.run(ctx)
+            if info.is_main:
+                exps.append(e)
     if info.is_main:
-        if 1 in want:
-            exps.append(ex.exp1_loss_and_speed(result.runs, cfg, out_dir))
-        if 2 in want:
-            exps.append(ex.exp2_grad_at_init(cfg, corpus, out_dir, result.runs))
-        if 3 in want:
-            exps.append(exp3)
-        if 4 in want:
-            exps.append(ex.exp4_geometry(result.runs, cfg, corpus, out_dir))
-        if 5 in want:
-            exps.append(ex.exp5_invariances(cfg, out_dir))
-        if 6 in want:
-            exps.append(ex.exp6_conversion(result.runs, cfg, corpus, out_dir))
-        if 7 in want:
-            exps.append(ex.exp7_norm_share(cfg, corpus, out_dir))
         result.experiments = exps
         env = environment()
+        below = [e.number for e in exps if e.below_paper]
         setup_lines = [
-            (f"Model: GPT, {cfg.n_layer} layers, {cfg.n_head} heads, d={cfg.d_model}, context {cfg.block_size}"
+            (f"Profile: **{cfg.profile}**"
+             + (" (`make study`: every experiment at a reduced scale; `normlab study --profile full` runs each at the "
+                "scale where its claim can show)" if cfg.profile == "default" else "")
+             + (f". Experiments run below their paper's scale (⚠, flagged beside the verdict): "
+                f"{', '.join(map(str, below))}." if below else ".")),
+            "",
+            (f"Grid (experiments {', '.join(map(str, sorted(ex.USES_GRID)))}): GPT, {cfg.n_layer} layers, "
+             f"{cfg.n_head} heads, "
+             f"d={cfg.d_model}, context {cfg.block_size}"
              f"{', preset ' + cfg.preset if cfg.preset else ''}; batch {cfg.batch_size}; "
              f"AdamW (β₁ {cfg.beta1:g}, β₂ {cfg.beta2:g}) lr {cfg.lr:g} "
              f"(cosine to {cfg.lr * cfg.min_lr_ratio:g}, warmup {cfg.warmup_iters} steps), "
              f"weight decay {cfg.weight_decay:g}, "
              f"grad clip {format(cfg.grad_clip, 'g') if cfg.grad_clip else 'none'}; {cfg.steps} steps per variant, "
-             f"seed {cfg.seed}, same data order for every variant."),
+             f"seeds {', '.join(map(str, range(cfg.seed, cfg.seed + cfg.seeds)))}: a seed sets the init and the data "
+             "order, the same for every variant."),
             "",
             (f"Data: {corpus.source} — {len(corpus.text):,} characters, vocabulary {corpus.vocab_size}, "
              f"90/10 train/val split; validation loss over {cfg.eval_iters} fixed batches."),
@@ -165,7 +174,8 @@ def _run(cfg: StudyConfig, out: Path, name: str, progress: bool, info: DistInfo,
         result.report = write_report(out_dir, title, setup_lines, exps)
         experiment_rows = [{"number": e.number, "title": e.title, "verdict": e.verdict, "measured": e.measured}
                            for e in exps]
-        summary = {"runs": {n: r.final for n, r in result.runs.items()}, "experiments": experiment_rows}
+        summary = {"profile": cfg.profile, "runs": {n: [r.final for r in runs] for n, runs in result.runs.items()},
+                   "experiments": experiment_rows}
         (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         log("\n" + result.summary())
         log(f"\nstudy time {time.perf_counter() - t0:.0f} s — report: {result.report}")

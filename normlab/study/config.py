@@ -10,7 +10,7 @@ from pathlib import Path
 NORMS = ("layernorm", "rmsnorm", "batchnorm", "groupnorm", "dyt", "none")
 PLACEMENTS = ("post", "pre", "sandwich", "deepnorm", "olmo2", "mixln", "lnscaling", "none")
 DEFAULT_VARIANTS = ("layernorm-pre", "layernorm-post", "rmsnorm-pre", "rmsnorm-post", "dyt-pre", "none-pre")
-EXPERIMENTS = (1, 2, 3, 4, 5, 6, 7)
+EXPERIMENTS = (1, 2, 3, 4, 5, 6, 7, 8)
 
 
 class StudyConfigError(ValueError):
@@ -41,7 +41,8 @@ def parse_variants(spec: str | list[str] | tuple[str, ...]) -> list[str]:
 
 @dataclass
 class RunConfig:
-    """Everything that determines one training run's result (its ``config.json``)."""
+    """Everything that determines one training run's result (its ``config.json``). Per-layer gradient norms
+    are logged every ``grad_log_interval`` steps (and after the first and the last)."""
 
     model: dict
     steps: int
@@ -58,12 +59,13 @@ class RunConfig:
     data_digest: str
     beta1: float = 0.9
     beta2: float = 0.95
+    grad_log_interval: int = 10
 
     def to_dict(self) -> dict:
         return asdict(self)
 
     def check_valid(self) -> None:
-        for k in ("steps", "batch_size", "eval_interval", "eval_iters"):
+        for k in ("steps", "batch_size", "eval_interval", "eval_iters", "grad_log_interval"):
             if getattr(self, k) < 1:
                 raise StudyConfigError(f"{k} must be ≥ 1, got {getattr(self, k)}")
         if not 0 <= self.warmup <= self.steps:
@@ -85,8 +87,10 @@ def check_optimizer(beta1: float, beta2: float, weight_decay: float, grad_clip: 
 
 @dataclass
 class StudyConfig:
-    """The whole study: the grid of variants (experiment 1) and the settings of experiments 2–6."""
+    """The whole study: the grid of variants (experiment 1) and each experiment's settings. The defaults are
+    the ``default`` profile (``make study``, a few minutes on 2 cores); :meth:`from_profile` gives the others."""
 
+    profile: str = "default"
     variants: list[str] = field(default_factory=lambda: list(DEFAULT_VARIANTS))
     steps: int = 200
     batch_size: int = 12
@@ -103,6 +107,8 @@ class StudyConfig:
     weight_decay: float = 0.1  # AdamW's, on matrices only
     grad_clip: float = 1.0     # max gradient norm; 0: no clipping
     seed: int = 1337
+    seeds: int = 3  # training comparisons: seeds seed, seed+1, …; a seed sets init and data order
+    timing_rounds: int = 5  # interleaved rounds of every timing comparison
     eval_interval: int = 40
     eval_iters: int = 4
     data: str | None = None
@@ -121,8 +127,14 @@ class StudyConfig:
     warmup_lr: float = 1e-2
     warmup_steps: int = 60
     warmup_warmup: int | None = None  # None → a third of warmup_steps
+    # experiment 9: BatchNorm vs LayerNorm
+    # experiment 10: depth and activations per placement
+    # experiment 11: QK-norm and learning-rate sensitivity
+    # experiment 12: DyT's α₀
 
     def __post_init__(self) -> None:
+        if self.profile not in PROFILES:
+            raise StudyConfigError(f"--profile: expected one of {list(PROFILES)}, got {self.profile!r}")
         self.variants = parse_variants(self.variants)
         bad = [e for e in self.experiments if e not in EXPERIMENTS]
         if bad or not self.experiments:
@@ -130,7 +142,8 @@ class StudyConfig:
         if self.d_model % self.n_head:
             raise StudyConfigError(f"d_model={self.d_model} must be divisible by n_head={self.n_head}")
         for k in ("steps", "batch_size", "block_size", "n_layer", "n_head", "d_model", "warmup_steps", "grad_d_model",
-                  "grad_n_head", "grad_batch_size", "grad_batches", "grad_seeds", "share_repeats"):
+                  "grad_n_head", "grad_batch_size", "grad_batches", "grad_seeds", "share_repeats", "seeds",
+                  "timing_rounds"):
             if getattr(self, k) < 1:
                 raise StudyConfigError(f"{k} must be ≥ 1, got {getattr(self, k)}")
         if self.preset not in (None, "gpt2", "llama"):
@@ -157,12 +170,39 @@ class StudyConfig:
             raise StudyConfigError(
                 f"grad_d_model={self.grad_d_model} must be divisible by grad_n_head={self.grad_n_head}")
 
+    @classmethod
+    def from_profile(cls, profile: str = "default", **overrides) -> StudyConfig:
+        """The ``profile``'s settings (``"default"`` or ``"full"``), then ``overrides``."""
+        if profile not in PROFILES:
+            raise StudyConfigError(f"--profile: expected one of {list(PROFILES)}, got {profile!r}")
+        return cls(**{**PROFILES[profile], **overrides, "profile": profile})
+
     @property
     def warmup_iters(self) -> int:
         return self.steps // 10 if self.warmup is None else self.warmup
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+#: Each profile's settings over the dataclass defaults (which are the default profile). ``full`` runs each
+#: experiment at the scale where its claim can show, in about an hour on 2 cores.
+PROFILES: dict[str, dict] = {
+    "default": {},
+    "full": {
+        # experiment 1 (and 4, 6, 8: the grid)
+        "steps": 600, "seeds": 3, "eval_interval": 60, "eval_iters": 8, "timing_rounds": 7,
+        # experiment 2
+        "grad_depths": [6, 12], "grad_batches": 2, "grad_seeds": 5,
+        # experiment 3
+        # experiment 7
+        "share_widths": [128, 256, 512, 1024], "share_repeats": 5,
+        # experiment 9
+        # experiment 10
+        # experiment 11
+        # experiment 12
+    },
+}
 
 
 def check_or_write_config(run_dir: Path, config: dict, what: str = "run") -> None:

@@ -29,6 +29,7 @@ class Experiment:
     notes: list[str] = field(default_factory=list)
     extra_tables: list[tuple[str, list[str], list[list]]] = field(default_factory=list)
     data: dict = field(default_factory=dict)
+    below_paper: str | None = None  # what ran below the paper's scale, if anything: flagged beside the verdict
 
 
 def fmt(v, digits: int = 4) -> str:
@@ -100,12 +101,14 @@ def environment() -> dict:
 def write_report(out_dir: Path, title: str, setup: list[str], experiments: list[Experiment]) -> Path:
     """``out_dir/report.md``: setup, a summary of the verdicts, then one section per experiment."""
     lines = [f"# {title}", "", *setup, "", "## Verdicts", ""]
-    verdicts = [[e.number, f"[{e.title}](#{e.number})", f"**{e.verdict}**", e.measured] for e in experiments]
+    verdicts = [[e.number, f"[{e.title}](#{e.number})", f"**{e.verdict}**" + (" ⚠ below paper scale" if e.below_paper
+                 else ""), e.measured] for e in experiments]
     lines.append(markdown_table(["#", "experiment", "verdict", "measured"], verdicts))
     for e in experiments:
         lines += ["", f'<a id="{e.number}"></a>', "", f"## {e.number}. {e.title}", "",
                   f"**Claim.** {e.claim}", "", f"**Measured.** {e.measured}", "",
-                  f"**Verdict: {e.verdict}.**", "", markdown_table(e.headers, e.rows)]
+                  f"**Verdict: {e.verdict}.**" + (f" ⚠ {e.below_paper}" if e.below_paper else ""), "",
+                  markdown_table(e.headers, e.rows)]
         for caption, headers, rows in e.extra_tables:
             lines += ["", caption, "", markdown_table(headers, rows)]
         if e.plot:

@@ -278,7 +278,7 @@ def _step(step: int, model: nn.Module, train_model: nn.Module, opt: torch.optim.
     opt.zero_grad(set_to_none=True)
     loss.backward()
     done = step + 1
-    log_grads = done == 1 or done % rc.eval_interval == 0 or done == rc.steps
+    log_grads = done == 1 or done % rc.grad_log_interval == 0 or done == rc.steps
     layer_grads = grad_norm_per_layer(model) if log_grads else None
     max_norm = rc.grad_clip if rc.grad_clip > 0 else math.inf  # 0: measured, not clipped
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm).item()

@@ -46,11 +46,34 @@ def _both(a: bool, b: bool, what_a: str, what_b: str) -> Verdict:
     return Verdict(HOLDS if a and b else PARTLY if a or b else NOT_HERE, parts)
 
 
-def loss_and_speed(val_loss_delta: float, isolated_saving_pct: float) -> Verdict:
-    """Experiment 1: RMSNorm's final val loss minus LayerNorm's, and the percent of norm-layer time RMSNorm
-    saves in the isolated (interleaved) measurement."""
-    return _both(abs(val_loss_delta) <= COMPARABLE_NATS, isolated_saving_pct >= FASTER_BY,
-                 f"comparable quality (|Δ val loss| ≤ {COMPARABLE_NATS:g})", f"faster (≥ {FASTER_BY:g}% saved)")
+def loss_and_speed(ln_val: list[float], rms_val: list[float], isolated_savings_pct: list[float]) -> Verdict:
+    """Experiment 1: per-seed final val losses of LayerNorm and RMSNorm, and per-round percent of norm-layer
+    time RMSNorm saves in the isolated (interleaved) measurement. Quality is comparable unless the mean
+    difference exceeds both COMPARABLE_NATS and SPREAD_K × the pooled seed std; faster when the saving's
+    mean − SPREAD_K·std ≥ FASTER_BY."""
+    delta = mean_std(rms_val)[0] - mean_std(ln_val)[0]
+    spread = pooled_std(ln_val, rms_val)
+    comparable = not beyond(delta, COMPARABLE_NATS, spread)
+    saving, saving_std = mean_std(isolated_savings_pct)
+    faster = saving - SPREAD_K * saving_std >= FASTER_BY
+    return _both(comparable, faster,
+                 f"comparable quality (Δ {delta:+.3f} vs margin {COMPARABLE_NATS:g}, {SPREAD_K:g}× pooled std "
+                 f"{SPREAD_K * spread:.3f})",
+                 f"faster ({saving:.1f} − {SPREAD_K:g}·{saving_std:.1f} ≥ {FASTER_BY:g}% saved)")
+
+
+def pooled_std(a: list[float], b: list[float]) -> float:
+    """The pooled sample std of two groups (0 when neither has two values)."""
+    dof = len(a) + len(b) - 2
+    if dof <= 0:
+        return 0.0
+    (_, sa), (_, sb) = mean_std(a), mean_std(b)
+    return math.sqrt(((len(a) - 1) * sa ** 2 + (len(b) - 1) * sb ** 2) / dof)
+
+
+def beyond(delta: float, margin: float, spread: float) -> bool:
+    """A difference counts when it exceeds both a practical ``margin`` and SPREAD_K × the seeds' ``spread``."""
+    return abs(delta) > margin and abs(delta) > SPREAD_K * spread
 
 
 def mean_std(values: list[float]) -> tuple[float, float]:
@@ -137,3 +160,20 @@ def norm_share(shares: dict[int, list[float]], savings: dict[int, list[float]]) 
     reason = (f"share at d={widest} {share_mean:.1f} ± {share_std:.1f}% (< {TINY_SHARE:g}% beyond the spread: "
               f"{_yes(tiny)}); RMSNorm's saving within the share at every width: {_yes(bounded)}")
     return Verdict(HOLDS if tiny and bounded else PARTLY if tiny or bounded else NOT_HERE, reason)
+
+
+#: Experiment 8: RMSNorm's gradient norm counts as higher when the ratio's mean − SPREAD_K·std exceeds this.
+HIGHER_ABOVE = 1.0
+
+
+def grad_trajectories(early: list[float], late: list[float]) -> Verdict:
+    """Experiment 8: per-seed ratios of RMSNorm's to LayerNorm's total gradient norm, averaged over the early
+    and the late part of training. Higher when the early ratio's mean − SPREAD_K·std > HIGHER_ABOVE; especially
+    early when the early ratio's mean exceeds the late one's by more than SPREAD_K × their pooled std. Holds
+    when both; partly when higher only."""
+    (em, es), (lm, _) = mean_std(early), mean_std(late)
+    higher = em - SPREAD_K * es > HIGHER_ABOVE
+    early_more = em - lm > SPREAD_K * pooled_std(early, late)
+    reason = (f"early ratio {em:.2f} ± {es:.2f} higher than 1 beyond {SPREAD_K:g}·std: {_yes(higher)}; "
+              f"early above late ({lm:.2f}) beyond the spread: {_yes(early_more)}")
+    return Verdict(HOLDS if higher and early_more else PARTLY if higher else NOT_HERE, reason)

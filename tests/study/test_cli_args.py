@@ -12,7 +12,7 @@ from normlab.study import StudyConfig, StudyConfigError
 # tiny settings, so that a check that lets a bad value through fails fast instead of running a real study
 TINY = ["--variants", "rmsnorm-pre", "--experiments", "1", "--steps", "2", "--n-layer", "1", "--n-head", "1",
         "--d-model", "8", "--block-size", "8", "--batch-size", "2", "--eval-interval", "2", "--eval-iters", "1",
-        "--threads", "1", "--no-progress"]
+        "--seeds", "1", "--threads", "1", "--no-progress"]
 
 
 def usage_error(capsys, *argv: str) -> str:
@@ -30,7 +30,7 @@ def usage_error(capsys, *argv: str) -> str:
     (["--warmup-lr", "nan"], "--warmup-lr"), (["--warmup-lr", "-1"], "--warmup-lr"),
     (["--experiments", "2", "--grad-depths", "0"], "--grad-depths"),
     (["--experiments", "2", "--grad-depths", "2,-3"], "--grad-depths"),
-    (["--experiments", "8"], "--experiments"), (["--steps", "0"], "--steps"),
+    (["--experiments", "99"], "--experiments"), (["--steps", "0"], "--steps"),
     (["--threads", "-2"], "--threads"), (["--threads", "0"], "--threads"),
     (["--device", "tpu"], "--device"), (["--device", "cpu:0"], "--device"),
     (["--name", "../../escape"], "--name"), (["--name", ".."], "--name"), (["--name", "a/b"], "--name"),
@@ -89,9 +89,9 @@ def test_optimizer_knobs_reach_config_json_and_the_optimizer(tmp_path):
     res = run_study(cfg, out=tmp_path, name="k", progress=False)
     saved = json.loads((tmp_path / "k" / "config.json").read_text())
     assert (saved["beta1"], saved["beta2"], saved["grad_clip"]) == (0.8, 0.98, 0.0)
-    run = json.loads((tmp_path / "k" / "grid" / "rmsnorm-pre" / "config.json").read_text())
+    run = json.loads((tmp_path / "k" / "grid" / "rmsnorm-pre" / "seed-1337" / "config.json").read_text())
     assert (run["beta1"], run["beta2"], run["weight_decay"]) == (0.8, 0.98, 0.0)
-    norms = [r["grad_norm"] for r in res.runs["rmsnorm-pre"].records if r["kind"] == "train"]
+    norms = [r["grad_norm"] for r in res.runs["rmsnorm-pre"][0].records if r["kind"] == "train"]
     assert norms and all(n > 0 and torch.isfinite(torch.tensor(n)) for n in norms)
 
 

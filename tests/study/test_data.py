@@ -61,7 +61,7 @@ def test_variant_names():
     with pytest.raises(StudyConfigError, match="duplicate"):
         parse_variants("dyt-pre,dyt-pre")
     with pytest.raises(StudyConfigError, match="experiments"):
-        StudyConfig(experiments=[8])
+        StudyConfig(experiments=[99])
 
 
 def test_config_mismatch_is_an_error_and_touches_nothing(tmp_path):

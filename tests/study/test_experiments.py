@@ -11,7 +11,7 @@ import pytest
 
 from normlab.study.config import StudyConfig
 from normlab.study.data import load_corpus
-from normlab.study.experiments import DEFAULT_SETTING, PAPER_SETTING, exp2_grad_at_init, grad_model_config
+from normlab.study.experiments.grad_init import DEFAULT_SETTING, PAPER_SETTING, exp2_grad_at_init, grad_model_config
 from normlab.study.train import _diverged, build_model, lr_at
 from normlab.study.verdicts import warmup as warmup_verdict
 
@@ -105,7 +105,7 @@ def test_exp2_is_the_mlp_output_matrix_gradient_at_init(tmp_path):
 def test_exp7_times_the_three_norms_per_width_and_repeat(tmp_path):
     """Experiment 7: per width and repeat one time per variant; the share and saving are the percents of
     LayerNorm's step that identity norms and RMSNorm take off."""
-    from normlab.study.experiments import SHARE_VARIANTS, exp7_norm_share, share_percents
+    from normlab.study.experiments.norm_share import SHARE_VARIANTS, exp7_norm_share, share_percents
 
     cfg = StudyConfig(n_layer=1, block_size=8, batch_size=2, share_widths=[16, 32], share_repeats=2, experiments=[7])
     exp = exp7_norm_share(cfg, load_corpus(), tmp_path)

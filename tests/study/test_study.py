@@ -13,16 +13,18 @@ import torch
 
 from normlab.analysis import cos_uniform
 from normlab.study import StudyConfigError, run_study
-from normlab.study.config import StudyConfig
+from normlab.study.config import EXPERIMENTS, StudyConfig
 from normlab.study.data import load_corpus
 from normlab.study.train import read_records
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY = dict(n_layer=2, n_head=2, d_model=32, block_size=16, batch_size=4, eval_interval=4, eval_iters=2,
-            grad_d_model=32, grad_depths=[2, 3], grad_seeds=2, share_widths=[16, 32], share_repeats=2)
+            grad_d_model=32, grad_depths=[2, 3], grad_seeds=2, share_widths=[16, 32], share_repeats=2, seeds=1,
+            timing_rounds=2)
 TINY_ARGS = ["--n-layer", "2", "--n-head", "2", "--d-model", "32", "--block-size", "16", "--batch-size", "4",
              "--eval-interval", "4", "--eval-iters", "2", "--grad-d-model", "32", "--grad-depths", "2,3",
-             "--grad-seeds", "2", "--share-widths", "16,32", "--threads", "1", "--no-progress"]
+             "--grad-seeds", "2", "--share-widths", "16,32", "--seeds", "1", "--timing-rounds", "2", "--threads", "1",
+             "--no-progress"]
 
 
 # ``normlab study`` whose training runs get a step callback that sends the process a signal right after a
@@ -69,25 +71,24 @@ def test_tiny_study_writes_report_plots_and_is_not_retrained(tmp_path, capsys, o
     res = run_study(out=tmp_path, name="s", progress=False, **kw)
     out_dir = tmp_path / "s"
     report = (out_dir / "report.md").read_text()
-    for n in range(1, 8):
+    for n in EXPERIMENTS:
         assert f"## {n}. " in report
-    assert report.count("**Claim.**") == 7 and report.count("**Verdict: ") == 7
+    assert report.count("**Claim.**") == len(EXPERIMENTS) and report.count("**Verdict: ") == len(EXPERIMENTS)
     assert "- dyt-pre: the input of its last DyT (ln_f) has rms" in report  # the DyT saturation diagnosis
-    for png in ("exp1_loss_speed", "exp2_grad_init", "exp3_warmup", "exp4_geometry", "exp5_invariances",
-                "exp6_conversion", "exp7_norm_share"):
-        data = (out_dir / f"{png}.png").read_bytes()
-        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000, png
-    assert [e.number for e in res.experiments] == [1, 2, 3, 4, 5, 6, 7]
+    assert [e.number for e in res.experiments] == list(EXPERIMENTS)
+    for e in res.experiments:  # every experiment draws its plot
+        data = (out_dir / e.plot).read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000, e.number
     assert all(e.verdict in ("holds", "partly holds", "does not hold here") for e in res.experiments)
-    assert res.experiments[4].verdict == "holds"  # invariances are exact math
-    recs = read_records(out_dir / "grid" / "rmsnorm-pre" / "metrics.jsonl")
+    assert res.experiments[EXPERIMENTS.index(5)].verdict == "holds"  # invariances are exact math
+    recs = read_records(out_dir / "grid" / "rmsnorm-pre" / "seed-1337" / "metrics.jsonl")
     train = [r for r in recs if r["kind"] == "train"]
     assert [r["step"] for r in train] == list(range(1, 9))
     assert all(r["norm_s"] > 0 and r["tokens_per_s"] > 0 for r in train)
     assert set(train[0]["layer_grad_norm"]) == {"0", "1"}
     evals = [r for r in recs if r["kind"] == "eval"]
     assert [r["step"] for r in evals] == [0, 4, 8] and "act" in evals[-1]
-    assert res.runs["rmsnorm-pre"].final["final_val_loss"] == evals[-1]["val_loss"]
+    assert res.runs["rmsnorm-pre"][0].final["final_val_loss"] == evals[-1]["val_loss"]
     # experiment 3's arms: the same high learning rate, reached through 2 warmup steps or at once
     first_lr = {arm: next(r for r in read_records(out_dir / "warmup" / arm / "metrics.jsonl") if r["kind"] == "train")
                 for arm in ("post-LN-warmup", "post-LN-nowarmup", "pre-LN-warmup", "pre-LN-nowarmup")}
@@ -100,12 +101,12 @@ def test_tiny_study_writes_report_plots_and_is_not_retrained(tmp_path, capsys, o
     # embedding sum, computed directly
     from normlab.study.inspect import inspect_path
 
-    run_dir = out_dir / "grid" / "layernorm-pre"
+    run_dir = out_dir / "grid" / "layernorm-pre" / "seed-1337"
     text = "def f(x):\n    return x + 1  # a sample of Python help text\n" * 4
     for path in (run_dir, run_dir / "model"):
         rep = inspect_path(path, text)
         assert rep.kind == "normlab" and rep.placement == "pre-norm"
-        model, corpus = res.runs["layernorm-pre"].load_model(), load_corpus()
+        model, corpus = res.runs["layernorm-pre"][0].load_model(), load_corpus()
         x = corpus.encode(text)[: rep.tokens].view(-1, 16)
         with torch.no_grad():
             emb = model.transformer.wte(x) + model.transformer.wpe(torch.arange(16))
@@ -117,7 +118,7 @@ def test_tiny_study_writes_report_plots_and_is_not_retrained(tmp_path, capsys, o
     before = {p: p.stat().st_mtime_ns for p in (out_dir / "grid").rglob("*")}
     res2 = run_study(out=tmp_path, name="s", progress=False, **kw)
     assert {p: p.stat().st_mtime_ns for p in (out_dir / "grid").rglob("*")} == before
-    assert res2.runs["rmsnorm-pre"].final == res.runs["rmsnorm-pre"].final
+    assert res2.runs["rmsnorm-pre"][0].final == res.runs["rmsnorm-pre"][0].final
     # another configuration in the same directory: a clear error, nothing overwritten
     cfg_before = (out_dir / "config.json").read_text()
     with pytest.raises(StudyConfigError, match=r"another configuration \(steps: 8 there vs 9 now"):
@@ -140,13 +141,13 @@ def test_bad_input_is_rejected_before_any_work(tmp_path):
     res = run_study(out=tmp_path, name="poem", data=str(tmp_path / "poem.txt"), variants=["rmsnorm-pre"], steps=3,
                     experiments=[1], progress=False, **{k: v for k, v in TINY.items() if k != "eval_interval"},
                     eval_interval=3)
-    assert res.runs["rmsnorm-pre"].config.data.endswith("poem.txt") and (tmp_path / "poem" / "report.md").exists()
+    assert res.runs["rmsnorm-pre"][0].config.data.endswith("poem.txt") and (tmp_path / "poem" / "report.md").exists()
     r = cli(tmp_path, "--variants", "layernorm-sideways")
     assert r.returncode == 2 and "unknown variant 'layernorm-sideways'" in r.stderr
 
 
 def _final_state(out: Path, variant: str):
-    run = out / "t" / "grid" / variant
+    run = out / "t" / "grid" / variant / "seed-1337"
     ckpt = torch.load(run / "checkpoint.pt", weights_only=False)
     return read_records(run / "metrics.jsonl"), ckpt["model"], json.loads((run / "result.json").read_text())
 
@@ -164,7 +165,7 @@ def test_interrupted_study_resumes_to_the_same_result(tmp_path, uninterrupted, s
     r = cli(tmp_path, "--variants", "rmsnorm-pre", "--steps", "12", "--experiments", "1",
             stop_after=(stop_after, signal_name))
     assert r.returncode == code, r.stderr
-    run = tmp_path / "t" / "grid" / "rmsnorm-pre"
+    run = tmp_path / "t" / "grid" / "rmsnorm-pre" / "seed-1337"
     ckpt_step = torch.load(run / "checkpoint.pt", weights_only=False)["step"]
     # SIGKILL: last periodic checkpoint; SIGINT: saved on the way out
     assert ckpt_step == (4 if signal_name == "KILL" else 6)
@@ -220,8 +221,8 @@ def test_torchrun_two_processes_match_one(tmp_path, one_thread):
     r1 = cli(tmp_path / "one", *args)
     assert r1.returncode == 0, r1.stderr
     for v in variants.split(","):
-        one = read_records(tmp_path / "one" / "t" / "grid" / v / "metrics.jsonl")
-        two = read_records(tmp_path / "two" / "t" / "grid" / v / "metrics.jsonl")
+        one = read_records(tmp_path / "one" / "t" / "grid" / v / "seed-1337" / "metrics.jsonl")
+        two = read_records(tmp_path / "two" / "t" / "grid" / v / "seed-1337" / "metrics.jsonl")
         l1 = [x["train_loss"] for x in one if x["kind"] == "train"]
         l2 = [x["train_loss"] for x in two if x["kind"] == "train"]
         assert len(l1) == len(l2) == 8
@@ -234,8 +235,9 @@ def test_torchrun_two_processes_match_one(tmp_path, one_thread):
         trained = BATCHNORM_EVAL_REL if v.startswith("batchnorm") else SUM_ORDER_REL
         assert v1[1:] == pytest.approx(v2[1:], rel=trained), (v, v1, v2)
         # the 2-process run's final weights and running statistics, evaluated in one process
-        assert _evaluate_here(tmp_path / "two" / "t" / "grid" / v) == pytest.approx(v2[-1], rel=SUM_ORDER_REL), v
-    first_result = tmp_path / "two" / "t" / "grid" / variants.split(",")[0] / "result.json"
+        two_run = tmp_path / "two" / "t" / "grid" / v / "seed-1337"
+        assert _evaluate_here(two_run) == pytest.approx(v2[-1], rel=SUM_ORDER_REL), v
+    first_result = tmp_path / "two" / "t" / "grid" / variants.split(",")[0] / "seed-1337" / "result.json"
     assert json.loads(first_result.read_text())["world"] == 2
 
 

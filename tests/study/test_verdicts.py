@@ -10,18 +10,37 @@ from normlab.study import verdicts as v
 HOLDS, PARTLY, NOT_HERE = "holds", "partly holds", "does not hold here"
 
 
-@pytest.mark.parametrize("delta, saving, word", [
-    (0.01, 10.0, HOLDS),
-    (-0.05, 3.0, HOLDS),        # both thresholds are inclusive
-    (0.051, 10.0, PARTLY),      # faster, but worse quality
-    (-0.06, 10.0, PARTLY),      # a lower loss counts as different too
-    (0.0, 2.99, PARTLY),        # comparable, not faster
-    (0.2, -5.0, NOT_HERE),
+@pytest.mark.parametrize("ln, rms, savings, word", [
+    ([2.00, 2.01, 1.99], [2.01, 2.02, 2.00], [10.0, 11.0, 9.0], HOLDS),
+    ([2.00, 2.00], [2.05, 2.05], [5.0, 5.0], HOLDS),          # Δ exactly at the margin, saving 5 − 0 ≥ 3
+    ([2.00, 2.00], [2.06, 2.06], [10.0, 10.0], PARTLY),       # no spread: Δ 0.06 beyond the margin, worse quality
+    ([2.00, 2.00], [1.94, 1.94], [10.0, 10.0], PARTLY),       # a lower loss counts as different too
+    ([2.0, 2.2, 1.8], [2.1, 2.3, 1.9], [10.0, 10.0], HOLDS),  # Δ 0.1 beyond the margin, within 2× the pooled std
+    ([2.0, 2.0], [2.0, 2.0], [4.0, 2.0], PARTLY),             # mean 3 ≥ 3, but 3 − 2·1.41 < 3: not faster
+    ([2.0, 2.0], [2.3, 2.3], [-5.0, -4.0], NOT_HERE),
 ])
-def test_loss_and_speed(delta, saving, word):
-    verdict = v.loss_and_speed(delta, saving)
+def test_loss_and_speed(ln, rms, savings, word):
+    verdict = v.loss_and_speed(ln, rms, savings)
     assert verdict.word == word
-    assert ("faster (≥ 3% saved): yes" in verdict.reason) == (saving >= 3.0)
+    assert word != HOLDS or "yes" in verdict.reason
+
+
+def test_pooled_std_and_beyond():
+    assert v.pooled_std([1.0], [2.0]) == 0.0
+    assert v.pooled_std([1.0, 3.0], [5.0, 7.0]) == pytest.approx(2 ** 0.5)
+    assert v.pooled_std([1.0, 3.0], [4.0]) == pytest.approx(2 ** 0.5)  # one value adds no spread, no dof
+    assert v.beyond(0.2, 0.1, 0.09) and not v.beyond(0.2, 0.1, 0.1) and not v.beyond(0.1, 0.1, 0.0)
+    assert v.beyond(-0.2, 0.1, 0.0)
+
+
+@pytest.mark.parametrize("early, late, word", [
+    ([1.5, 1.6, 1.4], [1.0, 1.05, 0.95], HOLDS),
+    ([1.5, 1.5], [1.5, 1.5], PARTLY),          # higher, but not more so early
+    ([1.1, 1.3], [0.9, 0.9], NOT_HERE),        # mean 1.2, std 0.14: 1.2 − 0.28 < 1, within the spread
+    ([0.8, 0.7], [1.0, 1.0], NOT_HERE),
+])
+def test_grad_trajectories(early, late, word):
+    assert v.grad_trajectories(early, late).word == word
 
 
 def _ratios(post, pre):
