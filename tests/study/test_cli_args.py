@@ -135,3 +135,26 @@ def test_inspect_text_file_and_json(tmp_path, capsys):
                  "--max-tokens", "16", "--json", str(tmp_path / "r.json")]) == 0
     assert "16 tokens of text" in capsys.readouterr().out
     assert json.loads((tmp_path / "r.json").read_text())["tokens"] == 16
+
+
+def test_profiles_set_every_default_and_options_override_them(capsys):
+    """``--profile full`` starts from PROFILES["full"]; an option given wins over the profile; the study directory
+    is named after an unchanged profile, else a hash of the configuration; a bad profile is a usage error."""
+    from normlab.cli import build_parser
+    from normlab.cli.study import config_from_args
+    from normlab.study import default_name
+    from normlab.study.config import PROFILES
+
+    parse = lambda *a: config_from_args(build_parser("study").parse_args(["study", *a]))
+    full = parse("--profile", "full")
+    assert full == StudyConfig.from_profile("full") and full.profile == "full"
+    for key, value in PROFILES["full"].items():
+        assert getattr(full, key) == value, key
+    assert parse() == StudyConfig()
+    tuned = parse("--profile", "full", "--steps", "7", "--seeds", "2")
+    assert (tuned.steps, tuned.seeds, tuned.eval_iters) == (7, 2, PROFILES["full"]["eval_iters"])
+    assert default_name(StudyConfig()) == "default" and default_name(full) == "full"
+    assert default_name(tuned).startswith("study-") and default_name(tuned) != default_name(parse("--steps", "7"))
+    with pytest.raises(StudyConfigError, match="--profile"):
+        StudyConfig.from_profile("huge")
+    assert "--profile" in usage_error(capsys, "study", "--profile", "huge")

@@ -152,17 +152,26 @@ def _final_state(out: Path, variant: str):
     return read_records(run / "metrics.jsonl"), ckpt["model"], json.loads((run / "result.json").read_text())
 
 
-@pytest.fixture(scope="module")
-def uninterrupted(tmp_path_factory):
-    out = tmp_path_factory.mktemp("plain")
-    r = cli(out, "--variants", "rmsnorm-pre", "--steps", "12", "--experiments", "1")
-    assert r.returncode == 0, r.stderr
-    return _final_state(out, "rmsnorm-pre")
+_uninterrupted: dict[str, tuple] = {}
 
 
+def uninterrupted(tmp_path_factory, profile: str):
+    """The final state of the run ``profile`` gives without an interruption (computed once per profile)."""
+    if profile not in _uninterrupted:
+        out = tmp_path_factory.mktemp("plain")
+        r = cli(out, "--profile", profile, "--variants", "rmsnorm-pre", "--steps", "12", "--experiments", "1")
+        assert r.returncode == 0, r.stderr
+        _uninterrupted[profile] = _final_state(out, "rmsnorm-pre")
+    return _uninterrupted[profile]
+
+
+@pytest.mark.parametrize("profile", ["default", "full"])
 @pytest.mark.parametrize("signal_name, stop_after, code", [("KILL", 7, -9), ("INT", 6, 130)])
-def test_interrupted_study_resumes_to_the_same_result(tmp_path, uninterrupted, signal_name, stop_after, code):
-    r = cli(tmp_path, "--variants", "rmsnorm-pre", "--steps", "12", "--experiments", "1",
+def test_interrupted_study_resumes_to_the_same_result(tmp_path, tmp_path_factory, profile, signal_name, stop_after,
+                                                      code):
+    """Killed or interrupted, in either profile, the re-run finishes with no lost or repeated step and the bits of
+    an uninterrupted run."""
+    r = cli(tmp_path, "--profile", profile, "--variants", "rmsnorm-pre", "--steps", "12", "--experiments", "1",
             stop_after=(stop_after, signal_name))
     assert r.returncode == code, r.stderr
     run = tmp_path / "t" / "grid" / "rmsnorm-pre" / "seed-1337"
@@ -172,10 +181,10 @@ def test_interrupted_study_resumes_to_the_same_result(tmp_path, uninterrupted, s
     assert not (run / "result.json").exists()
     if signal_name == "INT":
         assert "re-run the same command to resume" in r.stderr
-    r = cli(tmp_path, "--variants", "rmsnorm-pre", "--steps", "12", "--experiments", "1")
+    r = cli(tmp_path, "--profile", profile, "--variants", "rmsnorm-pre", "--steps", "12", "--experiments", "1")
     assert r.returncode == 0, r.stderr
     records, state, final = _final_state(tmp_path, "rmsnorm-pre")
-    ref_records, ref_state, ref_final = uninterrupted
+    ref_records, ref_state, ref_final = uninterrupted(tmp_path_factory, profile)
     steps = [x["step"] for x in records if x["kind"] == "train"]
     assert steps == list(range(1, 13))  # no lost, no repeated step
     keys = ("kind", "step", "lr", "train_loss", "grad_norm", "val_loss")
