@@ -12,7 +12,7 @@ from normlab.analysis import ActivationStats, cos_uniform, find_norm_layers, irr
 from normlab.study import verdicts
 from normlab.study.config import StudyConfig
 from normlab.study.data import Corpus
-from normlab.study.experiments.common import Context
+from normlab.study.experiments.common import Context, below_paper
 from normlab.study.report import Experiment, new_figure, save_figure
 from normlab.study.train import RunResult, build_model
 from normlab.study.verdicts import GEOMETRY_TOLERANCE, Verdict
@@ -120,7 +120,8 @@ def render_geometry(results: dict[str, RunResult], cfg: StudyConfig, out_dir: Pa
                "max rel. change of the trained modules under h + c·1"], irrev_rows)]
     return Experiment(NUMBER, TITLE, claim, measured, word,
                       ["variant", "mean |cos| at init", "mean |cos| trained", "largest layer", "its |cos|", "baseline",
-                       "trained / baseline"], rows, plot, notes, extra, data={"per_layer": per_layer, "baseline": base})
+                       "trained / baseline"], rows, plot, notes, extra, data={"per_layer": per_layer, "baseline": base},
+                      below_paper=below_paper({"d_model": (cfg.d_model, 768)}))
 
 
 def exp4_geometry(results: dict[str, RunResult], cfg: StudyConfig, corpus: Corpus, out_dir: Path) -> Experiment:

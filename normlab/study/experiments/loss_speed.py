@@ -11,7 +11,7 @@ from normlab.analysis import ActivationStats, find_norm_layers
 from normlab.bench.timing import interleaved_medians
 from normlab.study import verdicts
 from normlab.study.config import StudyConfig, parse_variant
-from normlab.study.experiments.common import Context, band, pm
+from normlab.study.experiments.common import Context, band, below_paper, pm
 from normlab.study.report import Experiment, new_figure, save_figure
 from normlab.study.train import RunResult
 from normlab.study.verdicts import COMPARABLE_NATS, FASTER_BY, Verdict
@@ -130,7 +130,8 @@ def render_loss_and_speed(grid: dict[str, list[RunResult]], cfg: StudyConfig, ou
     return Experiment(NUMBER, TITLE, claim, measured, word,
                       ["variant", "val loss @0", "final val loss", "final train loss", "step ms", "tokens/s",
                        "norm ms/step", "norm %"], rows, plot, notes, extra,
-                      data={k: v for k, v in data.items() if k != "shape"})
+                      data={k: v for k, v in data.items() if k != "shape"},
+                      below_paper=below_paper({"d_model": (cfg.d_model, 512), "layers": (cfg.n_layer, 6)}))
 
 
 def exp1_loss_and_speed(grid: dict[str, list[RunResult]], cfg: StudyConfig, out_dir: Path) -> Experiment:
