@@ -63,6 +63,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     option("--warmup-lr", positive_float, "high learning rate of experiment 3")
     option("--warmup-steps", positive_int, "steps per run of experiment 3")
     option("--share-widths", comma_list(positive_int), "model widths of experiment 7, multiples of 32")
+    option("--bn-batch-sizes", comma_list(positive_int), "comma-separated training batch sizes of experiment 9 "
+                                                         "(BatchNorm vs LayerNorm), at least two")
+    option("--bn-steps", positive_int, "steps per run of experiment 9, the same at every batch size")
+    option("--bn-n-layer", positive_int, "layers of experiment 9's models")
+    option("--bn-d-model", positive_int, "width of experiment 9's models")
+    option("--bn-short-block", positive_int, "the shorter context experiment 9 evaluates its models at, below "
+                                             "--block-size; unset: a quarter of it")
     p.add_argument("--out", default="runs", help="parent directory of the study directory (default: %(default)s)")
     p.add_argument("--name", type=dir_name, default=None,
                    help="study directory name inside --out (default: the profile's name for an unchanged profile, "

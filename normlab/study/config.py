@@ -10,7 +10,7 @@ from pathlib import Path
 NORMS = ("layernorm", "rmsnorm", "batchnorm", "groupnorm", "dyt", "none")
 PLACEMENTS = ("post", "pre", "sandwich", "deepnorm", "olmo2", "mixln", "lnscaling", "none")
 DEFAULT_VARIANTS = ("layernorm-pre", "layernorm-post", "rmsnorm-pre", "rmsnorm-post", "dyt-pre", "none-pre")
-EXPERIMENTS = (1, 2, 3, 4, 5, 6, 7, 8)
+EXPERIMENTS = (1, 2, 3, 4, 5, 6, 7, 8, 9)
 
 
 class StudyConfigError(ValueError):
@@ -127,7 +127,13 @@ class StudyConfig:
     warmup_lr: float = 1e-2
     warmup_steps: int = 60
     warmup_warmup: int | None = None  # None → a third of warmup_steps
-    # experiment 9: BatchNorm vs LayerNorm
+    # experiment 9: BatchNorm vs LayerNorm (Pre-LN), trained at these batch sizes for the same number of steps,
+    # then evaluated also at a shorter context (None → a quarter of block_size)
+    bn_batch_sizes: list[int] = field(default_factory=lambda: [2, 8])
+    bn_steps: int = 30
+    bn_n_layer: int = 2
+    bn_d_model: int = 64
+    bn_short_block: int | None = None
     # experiment 10: depth and activations per placement
     # experiment 11: QK-norm and learning-rate sensitivity
     # experiment 12: DyT's α₀
@@ -143,7 +149,7 @@ class StudyConfig:
             raise StudyConfigError(f"d_model={self.d_model} must be divisible by n_head={self.n_head}")
         for k in ("steps", "batch_size", "block_size", "n_layer", "n_head", "d_model", "warmup_steps", "grad_d_model",
                   "grad_n_head", "grad_batch_size", "grad_batches", "grad_seeds", "share_repeats", "seeds",
-                  "timing_rounds"):
+                  "timing_rounds", "bn_steps", "bn_n_layer", "bn_d_model"):
             if getattr(self, k) < 1:
                 raise StudyConfigError(f"{k} must be ≥ 1, got {getattr(self, k)}")
         if self.preset not in (None, "gpt2", "llama"):
@@ -166,6 +172,16 @@ class StudyConfig:
         if not self.share_widths or any(d < 1 or (d > 32 and d % 32) for d in self.share_widths):
             raise StudyConfigError("--share-widths: expected positive widths, multiples of 32 above 32, "
                                    f"got {self.share_widths}")
+        if len(set(self.bn_batch_sizes)) < 2 or any(b < 1 for b in self.bn_batch_sizes):
+            raise StudyConfigError(f"--bn-batch-sizes: expected at least two different positive batch sizes, "
+                                   f"got {self.bn_batch_sizes}")
+        if self.bn_d_model % self.n_head:
+            raise StudyConfigError(f"bn_d_model={self.bn_d_model} must be divisible by n_head={self.n_head}")
+        if self.bn_short_block is None:
+            self.bn_short_block = max(1, self.block_size // 4)
+        if not 1 <= self.bn_short_block < self.block_size:
+            raise StudyConfigError(f"--bn-short-block: expected a context in [1, block_size={self.block_size}), "
+                                   f"shorter than the trained one, got {self.bn_short_block}")
         if self.grad_d_model % self.grad_n_head:
             raise StudyConfigError(
                 f"grad_d_model={self.grad_d_model} must be divisible by grad_n_head={self.grad_n_head}")
@@ -198,6 +214,7 @@ PROFILES: dict[str, dict] = {
         # experiment 7
         "share_widths": [128, 256, 512, 1024], "share_repeats": 5,
         # experiment 9
+        "bn_batch_sizes": [2, 8, 32], "bn_steps": 300,
         # experiment 10
         # experiment 11
         # experiment 12

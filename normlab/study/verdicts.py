@@ -177,3 +177,38 @@ def grad_trajectories(early: list[float], late: list[float]) -> Verdict:
     reason = (f"early ratio {em:.2f} ± {es:.2f} higher than 1 beyond {SPREAD_K:g}·std: {_yes(higher)}; "
               f"early above late ({lm:.2f}) beyond the spread: {_yes(early_more)}")
     return Verdict(HOLDS if higher and early_more else PARTLY if higher else NOT_HERE, reason)
+
+
+#: Experiment 9: BatchNorm's cost must exceed LayerNorm's by more than this many nats of validation loss (the
+#: margin within which experiment 1 calls two losses comparable).
+BATCHNORM_WORSE_NATS = COMPARABLE_NATS
+
+
+def worse(bn: list[float], ln: list[float]) -> tuple[bool, str]:
+    """Whether BatchNorm's per-seed costs ``bn`` exceed LayerNorm's ``ln`` beyond BATCHNORM_WORSE_NATS and
+    SPREAD_K × their pooled std, and a description. A non-finite BatchNorm cost (a diverged run) against finite
+    LayerNorm ones counts as worse; a non-finite LayerNorm cost leaves nothing to compare."""
+    if not all(map(math.isfinite, ln)):
+        return False, "LayerNorm's is not finite"
+    if not all(map(math.isfinite, bn)):
+        return True, "BatchNorm's is not finite"
+    delta, spread = mean_std(bn)[0] - mean_std(ln)[0], pooled_std(bn, ln)
+    return delta > 0 and beyond(delta, BATCHNORM_WORSE_NATS, spread), f"Δ {delta:+.3f} vs {SPREAD_K:g}·{spread:.3f}"
+
+
+def batch_vs_layer(batch_cost: tuple[list[float], list[float]], train_eval_gap: tuple[list[float], list[float]],
+                   length_change: tuple[list[float], list[float]]) -> Verdict:
+    """Experiment 9: per-seed ``(BatchNorm, LayerNorm)`` values of the claim's three parts, in nats:
+    (a) the val loss at the smallest batch size minus at the largest; (b) the loss with batch statistics
+    (train mode) minus with running statistics (eval mode); (c) the loss at the shorter context minus at the
+    same positions of the trained one (batch statistics). A part shows BatchNorm worse when its cost — (a)
+    signed, (b) and (c) as magnitudes — exceeds LayerNorm's as :func:`worse` says. Holds when all three parts
+    do; partly when one or two."""
+    magnitude = lambda values: [abs(v) for v in values]
+    parts = {"(a) batch-size cost": batch_cost,
+             "(b) |train − eval mode|": tuple(map(magnitude, train_eval_gap)),
+             "(c) |shorter context|": tuple(map(magnitude, length_change))}
+    judged = {name: worse(*pair) for name, pair in parts.items()}
+    n = sum(w for w, _ in judged.values())
+    reason = "; ".join(f"{name} worse: {_yes(w)} ({why})" for name, (w, why) in judged.items())
+    return Verdict(HOLDS if n == len(parts) else PARTLY if n else NOT_HERE, reason)

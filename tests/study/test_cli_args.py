@@ -37,6 +37,8 @@ def usage_error(capsys, *argv: str) -> str:
     (["--beta1", "1"], "--beta1"), (["--beta2", "-0.1"], "--beta2"), (["--beta2", "nan"], "--beta2"),
     (["--weight-decay", "-1"], "--weight-decay"), (["--grad-clip", "inf"], "--grad-clip"),
     (["--min-lr-ratio", "1.5"], "--min-lr-ratio"),
+    (["--bn-batch-sizes", "2,0"], "--bn-batch-sizes"), (["--bn-steps", "0"], "--bn-steps"),
+    (["--bn-short-block", "0"], "--bn-short-block"),
 ])
 def test_study_rejects_bad_arguments_before_any_work(tmp_path, capsys, args, flag):
     out = tmp_path / "a" / "b"
@@ -61,6 +63,17 @@ def test_study_config_checks_rates_and_depths():
                 StudyConfig(**{k: bad})
     with pytest.raises(StudyConfigError, match="--grad-depths"):
         StudyConfig(grad_depths=[2, 0])
+
+
+def test_study_config_checks_experiment_9():
+    assert StudyConfig(block_size=128).bn_short_block == 32  # unset: a quarter of the context
+    assert StudyConfig.from_profile("full", block_size=32).bn_short_block == 8
+    with pytest.raises(StudyConfigError, match="--bn-batch-sizes: expected at least two different"):
+        StudyConfig(bn_batch_sizes=[4, 4])
+    with pytest.raises(StudyConfigError, match="--bn-short-block: expected a context in \\[1, block_size=64\\)"):
+        StudyConfig(bn_short_block=64)
+    with pytest.raises(StudyConfigError, match="bn_d_model=30 must be divisible by n_head=4"):
+        StudyConfig(bn_d_model=30)
 
 
 def test_optimizer_knobs_reach_config_json_and_the_optimizer(tmp_path):

@@ -1,6 +1,6 @@
 """The study's measurements and verdicts on known inputs: the learning-rate schedule, divergence,
 experiment 2's per-layer gradient norms against a hand computation, experiment 3's two arms and its
-verdict on synthetic losses."""
+verdict on synthetic losses, experiment 9's per-run measures against a hand computation."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import math
 from types import SimpleNamespace
 
 import pytest
+import torch
 
 from normlab.study.config import StudyConfig
 from normlab.study.data import load_corpus
@@ -115,4 +116,64 @@ def test_exp7_times_the_three_norms_per_width_and_repeat(tmp_path):
     times = {16: {"LayerNorm": [2.0, 4.0], "RMSNorm": [1.5, 4.0], "identity": [1.0, 3.0]}}
     assert share_percents(times) == ({16: [50.0, 25.0]}, {16: [25.0, 0.0]})
     assert [r[0] for r in exp.rows] == [16, 32] and (tmp_path / "exp7_norm_share.png").exists()
+    assert exp.verdict in ("holds", "partly holds", "does not hold here")
+
+
+def test_exp9_measures_each_run_on_its_validation_batches(tmp_path, one_thread):
+    """Experiment 9's numbers per trained run, recomputed here by hand: the final val loss is the eval-mode loss
+    on the run's validation batches; the gap is the train-mode loss (batch statistics) minus that; the context
+    change is the cross-entropy of the cut windows minus that of the same positions' logits in the full windows.
+    With running statistics the change is zero up to rounding for both norms (causal, per token), LayerNorm's
+    gap is exactly zero, and measuring leaves the running statistics as trained."""
+    import copy
+
+    import torch.nn.functional as F
+
+    from normlab.nn import BatchNorm
+    from normlab.study.experiments import Context
+    from normlab.study.experiments.batch_vs_layer import BATCHNORM, LAYERNORM, batch_cost, bn_run_config, run
+
+    cfg = StudyConfig(n_head=2, block_size=16, bn_d_model=32, bn_steps=6, bn_batch_sizes=[4, 2], seeds=2,
+                      eval_iters=2, experiments=[9])
+    assert cfg.bn_short_block == 4  # a quarter of the context
+    corpus = load_corpus()
+    ctx = Context(cfg, corpus, tmp_path, progress=False)
+    exp = run(ctx)
+    assert sorted(exp.data) == [f"{v}|{b}" for v in (BATCHNORM, LAYERNORM) for b in (2, 4)]
+
+    def loss(model, x, y, batch_stats: bool) -> torch.Tensor:
+        with torch.no_grad():
+            logits = copy.deepcopy(model).train(batch_stats)(x)[0]
+        return F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="none").view(y.shape)
+
+    for variant in (BATCHNORM, LAYERNORM):
+        for b in (2, 4):
+            for i, seed in enumerate(ctx.seeds):
+                r = ctx.train("", f"batch_vs_layer/{variant}-b{b}/seed-{seed}",
+                              bn_run_config(cfg, corpus, variant, b, seed))
+                assert r.config.batch_size == b and r.config.steps == 6 and r.config.model["d_model"] == 32
+                model = r.load_model()
+                before = {k: v.clone() for k, v in model.state_dict().items()}
+                got = {m: vals[i] for m, vals in exp.data[f"{variant}|{b}"].items()}
+                batches = [corpus.batch("val", j, b, 16, seed) for j in range(2)]
+                full = {s: [loss(model, x, y, s) for x, y in batches] for s in (False, True)}
+                short = {s: [loss(model, x[:, :4], y[:, :4], s) for x, y in batches] for s in (False, True)}
+                mean = lambda losses, n=16: sum(v[:, :n].mean().item() for v in losses) / len(losses)
+                assert got["val_loss"] == r.final["final_val_loss"]
+                assert mean(full[False]) == pytest.approx(got["val_loss"], rel=1e-6)
+                assert mean(full[True]) - mean(full[False]) == pytest.approx(got["train_eval_gap"], abs=1e-6)
+                for s, m in ((True, "length_change_batch"), (False, "length_change_running")):
+                    assert mean(short[s]) - mean(full[s], 4) == pytest.approx(got[m], abs=1e-6)
+                assert abs(got["length_change_running"]) < 1e-5  # the control: causal, per token
+                if variant == LAYERNORM:
+                    assert got["train_eval_gap"] == 0.0 and abs(got["length_change_batch"]) < 1e-5
+                else:
+                    assert abs(got["train_eval_gap"]) > 1e-4  # batch statistics differ from the running ones
+                    assert any(isinstance(mod, BatchNorm) for mod in model.modules())
+                assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    values = {(v, b): exp.data[f"{v}|{b}"] for v in (BATCHNORM, LAYERNORM) for b in (2, 4)}
+    bn_loss = lambda b: values[(BATCHNORM, b)]["val_loss"]
+    assert batch_cost(values, BATCHNORM) == [s - l for s, l in zip(bn_loss(2), bn_loss(4))]  # smallest − largest
+    assert [r[:2] for r in exp.rows] == [[BATCHNORM, 2], [BATCHNORM, 4], [LAYERNORM, 2], [LAYERNORM, 4]]
+    assert exp.below_paper and (tmp_path / exp.plot).stat().st_size > 5000
     assert exp.verdict in ("holds", "partly holds", "does not hold here")

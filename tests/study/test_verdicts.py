@@ -128,3 +128,40 @@ def test_norm_share_bound_is_checked_at_every_width():
     shares, savings = {128: [3.0, 3.0], 512: [2.0, 2.0]}, {128: [9.0, 9.0], 512: [1.0, 1.0]}
     assert v.norm_share(shares, savings).word == PARTLY
     assert "within the share at every width: no" in v.norm_share(shares, savings).reason
+
+
+@pytest.mark.parametrize("bn, ln, is_worse", [
+    ([0.30, 0.30], [0.20, 0.20], True),        # Δ 0.10, no spread
+    ([0.249, 0.249], [0.20, 0.20], False),     # Δ 0.049 within the margin 0.05
+    ([0.251, 0.251], [0.20, 0.20], True),      # Δ 0.051 beyond it
+    ([0.2, 0.4], [0.1, 0.3], False),           # Δ 0.10 within 2 × the pooled std 0.141
+    ([0.30, 0.32], [0.20, 0.22], True),        # Δ 0.10 beyond 2 × the pooled std 0.0141
+    ([0.20, 0.20], [0.30, 0.30], False),       # BatchNorm better: not worse
+    ([float("nan"), 0.3], [0.2, 0.2], True),   # a diverged BatchNorm run
+    ([0.3, 0.3], [float("inf"), 0.2], False),  # a diverged LayerNorm run: nothing to compare
+])
+def test_batchnorm_worse(bn, ln, is_worse):
+    assert v.worse(bn, ln)[0] is is_worse
+
+
+def test_batchnorm_worse_spread_threshold_from_both_sides():
+    ln = [0.0, 0.1]  # with a BatchNorm of the same spread, the pooled std is 0.0707…, SPREAD_K × it 0.1414…
+    spread = v.SPREAD_K * v.pooled_std([0.0, 0.1], ln)
+    assert v.worse([spread + 0.001, spread + 0.101], ln)[0]      # Δ just beyond SPREAD_K × the pooled std
+    assert not v.worse([spread - 0.001, spread + 0.099], ln)[0]  # Δ just within it
+
+
+WORSE, SAME, BETTER = ([0.3, 0.3], [0.1, 0.1]), ([0.1, 0.1], [0.1, 0.1]), ([-0.3, -0.3], [0.1, 0.1])
+FLIPPED = ([-0.3, -0.3], [0.0, 0.0])  # a large negative gap or change is worse too: (b) and (c) are magnitudes
+
+
+@pytest.mark.parametrize("a, b, c, word, parts", [
+    (WORSE, WORSE, WORSE, HOLDS, 3),
+    (WORSE, FLIPPED, FLIPPED, HOLDS, 3),
+    (WORSE, SAME, WORSE, PARTLY, 2),
+    (SAME, SAME, FLIPPED, PARTLY, 1),
+    (BETTER, SAME, SAME, NOT_HERE, 0),  # (a) is signed: a smaller batch-size cost is not worse
+])
+def test_batch_vs_layer(a, b, c, word, parts):
+    verdict = v.batch_vs_layer(a, b, c)
+    assert verdict.word == word and verdict.reason.count("worse: yes") == parts
