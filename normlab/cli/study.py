@@ -62,6 +62,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     option("--grad-seeds", positive_int, "seeds of experiment 2")
     option("--warmup-lr", positive_float, "high learning rate of experiment 3")
     option("--warmup-steps", positive_int, "steps per run of experiment 3")
+    option("--depth-placements", comma_list(str, PLACEMENTS),
+           "comma-separated placements of experiment 10's LayerNorm models (must include pre, sandwich, lnscaling)")
+    option("--depth-n-layer", positive_int, "layers of experiment 10's models")
+    option("--depth-d-model", positive_int, "width of experiment 10's models")
+    option("--depth-n-head", positive_int, "attention heads of experiment 10's models")
+    option("--depth-steps", positive_int, "training steps per run of experiment 10")
+    option("--depth-batch-size", positive_int, "batch size of experiment 10's runs")
     option("--share-widths", comma_list(positive_int), "model widths of experiment 7, multiples of 32")
     p.add_argument("--out", default="runs", help="parent directory of the study directory (default: %(default)s)")
     p.add_argument("--name", type=dir_name, default=None,

@@ -37,6 +37,8 @@ def usage_error(capsys, *argv: str) -> str:
     (["--beta1", "1"], "--beta1"), (["--beta2", "-0.1"], "--beta2"), (["--beta2", "nan"], "--beta2"),
     (["--weight-decay", "-1"], "--weight-decay"), (["--grad-clip", "inf"], "--grad-clip"),
     (["--min-lr-ratio", "1.5"], "--min-lr-ratio"),
+    (["--depth-placements", "pre,fancy"], "--depth-placements"), (["--depth-n-layer", "0"], "--depth-n-layer"),
+    (["--depth-steps", "-1"], "--depth-steps"),
 ])
 def test_study_rejects_bad_arguments_before_any_work(tmp_path, capsys, args, flag):
     out = tmp_path / "a" / "b"
@@ -61,6 +63,20 @@ def test_study_config_checks_rates_and_depths():
                 StudyConfig(**{k: bad})
     with pytest.raises(StudyConfigError, match="--grad-depths"):
         StudyConfig(grad_depths=[2, 0])
+
+
+@pytest.mark.parametrize("kw, match", [
+    (dict(depth_placements=["pre", "sandwich"]), r"the claims compare .*; missing \['lnscaling'\]"),
+    (dict(depth_placements=["pre", "sandwich", "lnscaling", "pre"]), "distinct placements"),
+    (dict(depth_placements=["pre", "sandwich", "lnscaling", "fancy"]), "distinct placements"),
+    (dict(depth_n_layer=1), "--depth-n-layer: expected at least 2 layers"),
+    (dict(depth_d_model=48, depth_n_head=5), "depth_d_model=48 must be divisible by depth_n_head=5"),
+    (dict(depth_steps=0), "depth_steps must be ≥ 1"),
+])
+def test_study_config_checks_experiment_10(kw, match):
+    with pytest.raises(StudyConfigError, match=match):
+        StudyConfig(**kw)
+    assert StudyConfig(depth_placements="LNScaling, sandwich,pre").depth_placements == ["lnscaling", "sandwich", "pre"]
 
 
 def test_optimizer_knobs_reach_config_json_and_the_optimizer(tmp_path):

@@ -9,7 +9,8 @@ and has ``run(ctx) -> Experiment``, which measures one published claim and rende
 5. invariances of LayerNorm vs RMSNorm (Zhang & Sennrich 2019, Table 1);
 6. exact Pre-LN → Pre-RMSNorm conversion (Jiang et al. 2023);
 7. the norm layers' share of a training step across widths;
-8. gradient-norm trajectories, RMSNorm vs LayerNorm.
+8. gradient-norm trajectories, RMSNorm vs LayerNorm;
+10. the residual stream and each layer's change of it across depth, per placement (Peri-LN, LayerNorm Scaling).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from types import ModuleType
 
 from normlab.study.experiments import (
     conversion,
+    depth,
     geometry,
     grad_init,
     grad_trajectories,
@@ -30,7 +32,7 @@ from normlab.study.experiments.common import Context, model_config, run_config
 
 #: The experiments by number, in report order.
 REGISTRY: dict[int, ModuleType] = {m.NUMBER: m for m in sorted(
-    (loss_speed, grad_init, warmup, geometry, invariances, conversion, norm_share, grad_trajectories),
+    (loss_speed, grad_init, warmup, geometry, invariances, conversion, norm_share, grad_trajectories, depth),
     key=lambda m: m.NUMBER)}
 #: The experiments that read experiment 1's grid of trained variants.
 USES_GRID = {1, 4, 6, 8}
