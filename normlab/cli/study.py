@@ -60,9 +60,22 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     option("--grad-depths", comma_list(positive_int), "comma-separated depths of experiment 2 (the paper's: 6,12)")
     option("--grad-d-model", positive_int, "width of experiment 2's models (the paper's: 512)")
     option("--grad-seeds", positive_int, "seeds of experiment 2")
+    option("--grad-n-head", positive_int, "attention heads of experiment 2's models")
+    option("--grad-batch-size", positive_int, "rows per batch of experiment 2")
+    option("--grad-batches", positive_int, "batches averaged per seed in experiment 2")
     option("--warmup-lr", positive_float, "high learning rate of experiment 3")
     option("--warmup-steps", positive_int, "steps per run of experiment 3")
+    option("--warmup-warmup", positive_int, "warmup steps of experiment 3's runs with warmup (unset: a third of "
+                                            "--warmup-steps)")
+    option("--depth-placements", comma_list(str, PLACEMENTS),
+           "comma-separated placements of experiment 10's LayerNorm models (must include pre, sandwich, lnscaling)")
+    option("--depth-n-layer", positive_int, "layers of experiment 10's models")
+    option("--depth-d-model", positive_int, "width of experiment 10's models")
+    option("--depth-n-head", positive_int, "attention heads of experiment 10's models")
+    option("--depth-steps", positive_int, "training steps per run of experiment 10")
+    option("--depth-batch-size", positive_int, "batch size of experiment 10's runs")
     option("--share-widths", comma_list(positive_int), "model widths of experiment 7, multiples of 32")
+    option("--share-repeats", positive_int, "interleaved timing repeats per width in experiment 7")
     option("--bn-batch-sizes", comma_list(positive_int), "comma-separated training batch sizes of experiment 9 "
                                                          "(BatchNorm vs LayerNorm), at least two")
     option("--bn-steps", positive_int, "steps per run of experiment 9, the same at every batch size")

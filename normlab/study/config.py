@@ -9,8 +9,10 @@ from pathlib import Path
 
 NORMS = ("layernorm", "rmsnorm", "batchnorm", "groupnorm", "dyt", "none")
 PLACEMENTS = ("post", "pre", "sandwich", "deepnorm", "olmo2", "mixln", "lnscaling", "none")
+#: Experiment 10's placements that its claims compare (Pre-LN against Peri-LN and LayerNorm Scaling).
+DEPTH_CLAIMED = ("pre", "sandwich", "lnscaling")
 DEFAULT_VARIANTS = ("layernorm-pre", "layernorm-post", "rmsnorm-pre", "rmsnorm-post", "dyt-pre", "none-pre")
-EXPERIMENTS = (1, 2, 3, 4, 5, 6, 7, 8, 9)
+EXPERIMENTS = (1, 2, 3, 4, 5, 6, 7, 8, 9, 10)
 
 
 class StudyConfigError(ValueError):
@@ -36,6 +38,18 @@ def parse_variants(spec: str | list[str] | tuple[str, ...]) -> list[str]:
         parse_variant(n)
     if len(set(names)) != len(names):
         raise StudyConfigError(f"--variants: duplicate names in {names}")
+    return names
+
+
+def check_depth_placements(placements: list[str] | str) -> list[str]:
+    """Experiment 10's placements: known, distinct, and including the three its claims compare."""
+    names = [p.strip().lower() for p in (placements.split(",") if isinstance(placements, str) else placements)]
+    bad = [p for p in names if p not in PLACEMENTS]
+    if bad or len(set(names)) != len(names):
+        raise StudyConfigError(f"--depth-placements: expected distinct placements of {list(PLACEMENTS)}, got {names}")
+    missing = [p for p in DEPTH_CLAIMED if p not in names]
+    if missing:
+        raise StudyConfigError(f"--depth-placements: the claims compare {', '.join(DEPTH_CLAIMED)}; missing {missing}")
     return names
 
 
@@ -134,7 +148,13 @@ class StudyConfig:
     bn_n_layer: int = 2
     bn_d_model: int = 64
     bn_short_block: int | None = None
-    # experiment 10: depth and activations per placement
+    # experiment 10: depth and activations per placement, a deeper LayerNorm model than the grid's, over seeds
+    depth_placements: list[str] = field(default_factory=lambda: list(DEPTH_CLAIMED))
+    depth_n_layer: int = 6
+    depth_d_model: int = 32
+    depth_n_head: int = 2
+    depth_steps: int = 30
+    depth_batch_size: int = 8
     # experiment 11: QK-norm and learning-rate sensitivity
     # experiment 12: DyT's α₀
 
@@ -149,7 +169,8 @@ class StudyConfig:
             raise StudyConfigError(f"d_model={self.d_model} must be divisible by n_head={self.n_head}")
         for k in ("steps", "batch_size", "block_size", "n_layer", "n_head", "d_model", "warmup_steps", "grad_d_model",
                   "grad_n_head", "grad_batch_size", "grad_batches", "grad_seeds", "share_repeats", "seeds",
-                  "timing_rounds", "bn_steps", "bn_n_layer", "bn_d_model"):
+                  "timing_rounds", "bn_steps", "bn_n_layer", "bn_d_model", "depth_d_model", "depth_n_head",
+                  "depth_steps", "depth_batch_size"):
             if getattr(self, k) < 1:
                 raise StudyConfigError(f"{k} must be ≥ 1, got {getattr(self, k)}")
         if self.preset not in (None, "gpt2", "llama"):
@@ -182,6 +203,12 @@ class StudyConfig:
         if not 1 <= self.bn_short_block < self.block_size:
             raise StudyConfigError(f"--bn-short-block: expected a context in [1, block_size={self.block_size}), "
                                    f"shorter than the trained one, got {self.bn_short_block}")
+        self.depth_placements = check_depth_placements(self.depth_placements)
+        if self.depth_n_layer < 2:
+            raise StudyConfigError(f"--depth-n-layer: expected at least 2 layers, got {self.depth_n_layer}")
+        if self.depth_d_model % self.depth_n_head:
+            raise StudyConfigError(
+                f"depth_d_model={self.depth_d_model} must be divisible by depth_n_head={self.depth_n_head}")
         if self.grad_d_model % self.grad_n_head:
             raise StudyConfigError(
                 f"grad_d_model={self.grad_d_model} must be divisible by grad_n_head={self.grad_n_head}")
@@ -215,7 +242,9 @@ PROFILES: dict[str, dict] = {
         "share_widths": [128, 256, 512, 1024], "share_repeats": 5,
         # experiment 9
         "bn_batch_sizes": [2, 8, 32], "bn_steps": 300,
-        # experiment 10
+        # experiment 10: every placement at 12 layers (d=64 keeps 8 placements × 3 seeds within minutes)
+        "depth_placements": list(PLACEMENTS), "depth_n_layer": 12, "depth_d_model": 64, "depth_n_head": 4,
+        "depth_steps": 80,
         # experiment 11
         # experiment 12
     },

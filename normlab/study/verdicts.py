@@ -212,3 +212,47 @@ def batch_vs_layer(batch_cost: tuple[list[float], list[float]], train_eval_gap: 
     n = sum(w for w, _ in judged.values())
     reason = "; ".join(f"{name} worse: {_yes(w)} ({why})" for name, (w, why) in judged.items())
     return Verdict(HOLDS if n == len(parts) else PARTLY if n else NOT_HERE, reason)
+#: Experiment 10: Pre-LN's deep layers are "cursed" when their mean angular change, over the early layers',
+#: stays below this ratio beyond the spread (mean + SPREAD_K·std): the deep layers turn their input less than
+#: half as much as the early ones.
+DEEP_BELOW = 0.5
+
+
+def _below(a: list[float], b: list[float], margin: float = 0.0) -> tuple[bool, float]:
+    """Whether ``a``'s mean lies below ``b``'s by more than ``margin`` and SPREAD_K × their pooled std;
+    and the difference of the means ``b − a``."""
+    delta = mean_std(b)[0] - mean_std(a)[0]
+    return delta > margin and delta > SPREAD_K * pooled_std(a, b), delta
+
+
+def depth(growth: dict[str, list[float]], deep_early: dict[str, list[float]],
+          val_loss: dict[str, list[float]]) -> Verdict:
+    """Experiment 10, from per-seed numbers of the trained models per placement (``pre``, ``sandwich`` =
+    Peri-LN, ``lnscaling``): the residual stream's last/first-layer RMS growth, the deep/early ratio of the
+    layers' angular change, and the final val loss. Seven checks in three parts:
+
+    1. stream: Pre-LN's growth has mean − SPREAD_K·std > GROWS_ABOVE; Peri-LN's and LayerNorm Scaling's
+       growth each lie below Pre-LN's by more than SPREAD_K × the pooled std;
+    2. curse of depth: Pre-LN's deep/early ratio has mean + SPREAD_K·std < DEEP_BELOW; LayerNorm Scaling's
+       lies above Pre-LN's by more than SPREAD_K × the pooled std;
+    3. loss: Peri-LN's and LayerNorm Scaling's final val loss each lie below Pre-LN's by more than
+       COMPARABLE_NATS and SPREAD_K × the pooled std.
+
+    Holds when all seven checks hold, partly when some do, not here when none does."""
+    pre_mean, pre_std = mean_std(growth["pre"])
+    pre_grows = pre_mean - SPREAD_K * pre_std > GROWS_ABOVE
+    peri_smaller, _ = _below(growth["sandwich"], growth["pre"])
+    lns_smaller, _ = _below(growth["lnscaling"], growth["pre"])
+    cursed_mean, cursed_std = mean_std(deep_early["pre"])
+    cursed = cursed_mean + SPREAD_K * cursed_std < DEEP_BELOW
+    lns_raises, _ = _below(deep_early["pre"], deep_early["lnscaling"])
+    peri_lower, peri_gain = _below(val_loss["sandwich"], val_loss["pre"], COMPARABLE_NATS)
+    lns_lower, lns_gain = _below(val_loss["lnscaling"], val_loss["pre"], COMPARABLE_NATS)
+    checks = (pre_grows, peri_smaller, lns_smaller, cursed, lns_raises, peri_lower, lns_lower)
+    reason = (f"{sum(checks)}/{len(checks)} checks hold. (1) stream: Pre-LN grows {pre_mean:.2f} ± {pre_std:.2f} "
+              f"(> {GROWS_ABOVE:g} beyond the spread: {_yes(pre_grows)}), Peri-LN smaller: {_yes(peri_smaller)}, "
+              f"LN-Scaling smaller: {_yes(lns_smaller)}; (2) curse of depth: Pre-LN deep/early {cursed_mean:.2f} ± "
+              f"{cursed_std:.2f} (< {DEEP_BELOW:g} beyond the spread: {_yes(cursed)}), LN-Scaling raises it: "
+              f"{_yes(lns_raises)}; (3) loss below Pre-LN's beyond the spread and {COMPARABLE_NATS:g} nats: Peri-LN "
+              f"({peri_gain:+.3f}) {_yes(peri_lower)}, LN-Scaling ({lns_gain:+.3f}) {_yes(lns_lower)}")
+    return Verdict(HOLDS if all(checks) else PARTLY if any(checks) else NOT_HERE, reason)

@@ -39,6 +39,8 @@ def usage_error(capsys, *argv: str) -> str:
     (["--min-lr-ratio", "1.5"], "--min-lr-ratio"),
     (["--bn-batch-sizes", "2,0"], "--bn-batch-sizes"), (["--bn-steps", "0"], "--bn-steps"),
     (["--bn-short-block", "0"], "--bn-short-block"),
+    (["--depth-placements", "pre,fancy"], "--depth-placements"), (["--depth-n-layer", "0"], "--depth-n-layer"),
+    (["--depth-steps", "-1"], "--depth-steps"),
 ])
 def test_study_rejects_bad_arguments_before_any_work(tmp_path, capsys, args, flag):
     out = tmp_path / "a" / "b"
@@ -74,6 +76,18 @@ def test_study_config_checks_experiment_9():
         StudyConfig(bn_short_block=64)
     with pytest.raises(StudyConfigError, match="bn_d_model=30 must be divisible by n_head=4"):
         StudyConfig(bn_d_model=30)
+@pytest.mark.parametrize("kw, match", [
+    (dict(depth_placements=["pre", "sandwich"]), r"the claims compare .*; missing \['lnscaling'\]"),
+    (dict(depth_placements=["pre", "sandwich", "lnscaling", "pre"]), "distinct placements"),
+    (dict(depth_placements=["pre", "sandwich", "lnscaling", "fancy"]), "distinct placements"),
+    (dict(depth_n_layer=1), "--depth-n-layer: expected at least 2 layers"),
+    (dict(depth_d_model=48, depth_n_head=5), "depth_d_model=48 must be divisible by depth_n_head=5"),
+    (dict(depth_steps=0), "depth_steps must be ≥ 1"),
+])
+def test_study_config_checks_experiment_10(kw, match):
+    with pytest.raises(StudyConfigError, match=match):
+        StudyConfig(**kw)
+    assert StudyConfig(depth_placements="LNScaling, sandwich,pre").depth_placements == ["lnscaling", "sandwich", "pre"]
 
 
 def test_optimizer_knobs_reach_config_json_and_the_optimizer(tmp_path):
@@ -171,3 +185,14 @@ def test_profiles_set_every_default_and_options_override_them(capsys):
     with pytest.raises(StudyConfigError, match="--profile"):
         StudyConfig.from_profile("huge")
     assert "--profile" in usage_error(capsys, "study", "--profile", "huge")
+
+
+def test_every_study_setting_is_an_option():
+    """Each StudyConfig field but the profile itself can be set from the command line."""
+    from dataclasses import fields
+
+    from normlab.cli import build_parser
+
+    study = build_parser("study")._subparsers._group_actions[0].choices["study"]
+    dests = {a.dest for a in study._actions}
+    assert [f.name for f in fields(StudyConfig) if f.name not in dests] == []

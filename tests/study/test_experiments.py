@@ -1,17 +1,21 @@
 """The study's measurements and verdicts on known inputs: the learning-rate schedule, divergence,
 experiment 2's per-layer gradient norms against a hand computation, experiment 3's two arms and its
-verdict on synthetic losses, experiment 9's per-run measures against a hand computation."""
+verdict on synthetic losses, experiment 9's per-run measures against a hand computation, experiment 10's residual
+stream against a block-by-block forward."""
 
 from __future__ import annotations
 
+import itertools
+import json
 import math
 from types import SimpleNamespace
 
 import pytest
 import torch
 
-from normlab.study.config import StudyConfig
+from normlab.study.config import RunConfig, StudyConfig
 from normlab.study.data import load_corpus
+from normlab.study.experiments.common import pm
 from normlab.study.experiments.grad_init import DEFAULT_SETTING, PAPER_SETTING, exp2_grad_at_init, grad_model_config
 from normlab.study.train import _diverged, build_model, lr_at
 from normlab.study.verdicts import warmup as warmup_verdict
@@ -177,3 +181,62 @@ def test_exp9_measures_each_run_on_its_validation_batches(tmp_path, one_thread):
     assert [r[:2] for r in exp.rows] == [[BATCHNORM, 2], [BATCHNORM, 4], [LAYERNORM, 2], [LAYERNORM, 4]]
     assert exp.below_paper and (tmp_path / exp.plot).stat().st_size > 5000
     assert exp.verdict in ("holds", "partly holds", "does not hold here")
+def _stream_by_hand(model, idx):
+    """The residual stream of a learned-position GPT, block by block, and its RMS and angular change per
+    block, written out here from the formulas."""
+    model.eval()
+    with torch.no_grad():
+        h = model.transformer.wte(idx) + model.transformer.wpe(torch.arange(idx.shape[1]))
+        states = [h]
+        for block in model.transformer.h:
+            states.append(block(states[-1]))
+    rms = [s.double().square().mean().sqrt().item() for s in states]
+    angular = []
+    for a, b in itertools.pairwise(states):
+        a, b = a.double(), b.double()
+        cos = (a * b).sum(-1) / (a.norm(dim=-1) * b.norm(dim=-1))
+        angular.append((torch.arccos(cos.clamp(-1, 1)) / math.pi).mean().item())
+    return rms, angular
+
+
+def test_exp10_measures_the_stream_of_each_seed_at_init_and_trained(tmp_path, one_thread):
+    """Experiment 10's per-layer RMS and angular change are those of the run's initial and trained model on
+    the fixed validation batches, per placement and seed; growth is h_L/h_1 and deep/early the last third's
+    mean angular change over the first third's."""
+    from normlab.study.experiments import depth
+    from normlab.study.experiments.common import Context
+    from normlab.study.train import train_run
+
+    cfg = StudyConfig(n_layer=2, n_head=2, d_model=32, block_size=16, batch_size=4, eval_iters=2, seeds=2,
+                      depth_placements=["pre", "sandwich", "lnscaling", "post"], depth_n_layer=3, depth_d_model=16,
+                      depth_n_head=2, depth_steps=4, depth_batch_size=2, experiments=[10])
+    corpus = load_corpus()
+    ctx = Context(cfg, corpus, tmp_path, progress=False)
+    exp = depth.run(ctx)
+    data, summary = exp.data["runs"], exp.data["summary"]
+    assert list(data) == cfg.depth_placements and all(len(v) == 2 for v in data.values())
+    idx = depth.probe_tokens(cfg, corpus)
+    assert idx.shape == (depth.PROBE_BATCHES * 2, 16)
+    for placement in cfg.depth_placements:
+        for i, seed in enumerate(ctx.seeds):
+            name = f"{placement}-s{seed}"
+            rc = json.loads((tmp_path / "depth" / name / "config.json").read_text())
+            assert (rc["seed"], rc["steps"], rc["batch_size"]) == (seed, 4, 2)
+            assert (rc["model"]["placement"], rc["model"]["n_layer"], rc["model"]["d_model"]) == (placement, 3, 16)
+            run = train_run(name, tmp_path / "depth" / name, RunConfig(**rc), corpus, progress=False)  # loads it
+            got = data[placement][i]
+            for key, model in (("", run.load_model()), ("_init", build_model(rc["model"], seed))):
+                rms, angular = _stream_by_hand(model, idx)
+                assert got["rms" + key] == pytest.approx(rms, rel=1e-9)
+                assert got["angular" + key] == pytest.approx(angular, rel=1e-6, abs=1e-12)
+            assert got["val_loss"] == run.final["final_val_loss"]
+            assert summary[placement]["growth"][i] == pytest.approx(got["rms"][3] / got["rms"][1])
+            assert summary[placement]["deep_early"][i] == pytest.approx(got["angular"][2] / got["angular"][0])
+    # Post-LN's stream is a LayerNorm output after every block: RMS 1 up to its gain and bias, at init exactly
+    assert data["post"][0]["rms_init"][1:] == pytest.approx([1.0] * 3, rel=1e-4)
+    assert [r[0] for r in exp.rows] == [depth.NAMES[p] for p in cfg.depth_placements]
+    assert exp.rows[0][4] == pm(summary["pre"]["growth"])
+    assert exp.verdict in ("holds", "partly holds", "does not hold here") and exp.below_paper
+    assert (tmp_path / "exp10_depth.png").stat().st_size > 5000
+    assert depth.deep_over_early([0.4, 0.3, 0.2, 0.1, 0.1, 0.1, 0.05]) == pytest.approx(0.075 / 0.35)
+    assert depth.rms_growth([0.02, 0.5, 1.0, 2.0]) == 4.0

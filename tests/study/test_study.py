@@ -18,13 +18,24 @@ from normlab.study.data import load_corpus
 from normlab.study.train import read_records
 
 ROOT = Path(__file__).resolve().parents[2]
-TINY = dict(n_layer=2, n_head=2, d_model=32, block_size=16, batch_size=4, eval_interval=4, eval_iters=2,
-            grad_d_model=32, grad_depths=[2, 3], grad_seeds=2, share_widths=[16, 32], share_repeats=2, seeds=1,
-            timing_rounds=2, bn_batch_sizes=[2, 4], bn_steps=8, bn_d_model=32)
-TINY_ARGS = ["--n-layer", "2", "--n-head", "2", "--d-model", "32", "--block-size", "16", "--batch-size", "4",
-             "--eval-interval", "4", "--eval-iters", "2", "--grad-d-model", "32", "--grad-depths", "2,3",
-             "--grad-seeds", "2", "--share-widths", "16,32", "--seeds", "1", "--timing-rounds", "2", "--threads", "1",
-             "--bn-batch-sizes", "2,4", "--bn-steps", "8", "--bn-d-model", "32", "--no-progress"]
+# every experiment at a tiny scale, one line per experiment's settings
+TINY = dict(
+    n_layer=2, n_head=2, d_model=32, block_size=16, batch_size=4, eval_interval=4, eval_iters=2, seeds=1,
+    timing_rounds=2,
+    grad_d_model=32, grad_depths=[2, 3], grad_seeds=2,  # 2
+    share_widths=[16, 32], share_repeats=2,  # 7
+    bn_batch_sizes=[2, 4], bn_steps=8, bn_d_model=32,  # 9
+    depth_n_layer=2, depth_steps=8, depth_batch_size=4,  # 10
+)
+
+
+def as_args(settings: dict) -> list[str]:
+    """The ``normlab study`` options that give ``settings``."""
+    show = lambda v: ",".join(map(str, v)) if isinstance(v, list) else str(v)
+    return [a for k, v in settings.items() for a in (f"--{k.replace('_', '-')}", show(v))]
+
+
+TINY_ARGS = [*as_args(TINY), "--threads", "1", "--no-progress"]
 
 
 # ``normlab study`` whose training runs get a step callback that sends the process a signal right after a

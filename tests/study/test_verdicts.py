@@ -165,3 +165,49 @@ FLIPPED = ([-0.3, -0.3], [0.0, 0.0])  # a large negative gap or change is worse 
 def test_batch_vs_layer(a, b, c, word, parts):
     verdict = v.batch_vs_layer(a, b, c)
     assert verdict.word == word and verdict.reason.count("worse: yes") == parts
+def _depth(pre_growth=(3.0, 3.2, 2.8), peri_growth=(1.5, 1.6, 1.4), lns_growth=(1.5, 1.6, 1.4),
+           pre_de=(0.2, 0.22, 0.18), lns_de=(0.6, 0.62, 0.58),
+           pre_loss=(2.5, 2.51, 2.49), peri_loss=(2.3, 2.31, 2.29), lns_loss=(2.3, 2.31, 2.29)):
+    """Experiment 10's verdict on per-seed numbers; the defaults make every part hold."""
+    return v.depth({"pre": list(pre_growth), "sandwich": list(peri_growth), "lnscaling": list(lns_growth)},
+                   {"pre": list(pre_de), "sandwich": [0.3, 0.3, 0.3], "lnscaling": list(lns_de)},
+                   {"pre": list(pre_loss), "sandwich": list(peri_loss), "lnscaling": list(lns_loss)})
+
+
+#: Experiment 10's numbers where no check holds: no growth, nothing smaller, no curse, no lower loss.
+NONE_HOLDS = {"pre_growth": (1.0,) * 3, "peri_growth": (1.0,) * 3, "lns_growth": (1.0,) * 3, "pre_de": (0.9,) * 3,
+              "lns_de": (0.9,) * 3, "peri_loss": (2.5,) * 3, "lns_loss": (float("nan"),) * 3}
+
+
+@pytest.mark.parametrize("kw, word", [
+    ({}, HOLDS),
+    # (1) Pre-LN's growth beyond 1: mean − 2·std = 1.01 counts, 0.99 not (std 0.1)
+    ({"pre_growth": (1.11, 1.21, 1.31), "peri_growth": (0.5,) * 3, "lns_growth": (0.5,) * 3}, HOLDS),
+    ({"pre_growth": (1.09, 1.19, 1.29), "peri_growth": (0.5,) * 3, "lns_growth": (0.5,) * 3}, PARTLY),
+    # Peri-LN / LN-Scaling below Pre-LN beyond 2× the pooled std (0.2 here): Δ 0.41 counts, 0.39 not
+    ({"peri_growth": (2.39, 2.59, 2.79)}, HOLDS),
+    ({"peri_growth": (2.41, 2.61, 2.81)}, PARTLY),
+    ({"lns_growth": (2.41, 2.61, 2.81)}, PARTLY),
+    # (2) Pre-LN's deep/early below 0.5 beyond the spread: 0.4 + 2·0.04 = 0.48 counts, 0.52 not
+    ({"pre_de": (0.36, 0.40, 0.44), "lns_de": (0.9,) * 3}, HOLDS),
+    ({"pre_de": (0.40, 0.44, 0.48), "lns_de": (0.9,) * 3}, PARTLY),
+    # LN-Scaling raises it beyond 2× the pooled std (0.04): Δ 0.09 counts, 0.07 not; lowering it never
+    ({"pre_de": (0.16, 0.2, 0.24), "lns_de": (0.25, 0.29, 0.33)}, HOLDS),
+    ({"pre_de": (0.16, 0.2, 0.24), "lns_de": (0.23, 0.27, 0.31)}, PARTLY),
+    ({"lns_de": (0.1, 0.1, 0.1)}, PARTLY),
+    # (3) a loss lower by more than 0.05 nats and 2× the pooled std (0.01 here): Δ 0.051 counts, 0.049 not
+    ({"peri_loss": (2.439, 2.449, 2.459)}, HOLDS),
+    ({"peri_loss": (2.441, 2.451, 2.461)}, PARTLY),
+    ({"pre_loss": (2.4, 2.5, 2.6), "peri_loss": (2.3, 2.4, 2.5), "lns_loss": (2.3, 2.4, 2.5)}, PARTLY),  # Δ 0.1 < 0.2
+    ({"lns_loss": (2.7, 2.71, 2.69)}, PARTLY),  # a higher loss never counts
+    # no check holding is not here; any one holding is partly
+    (NONE_HOLDS, NOT_HERE),
+    ({**NONE_HOLDS, "pre_growth": (1.2,) * 3}, PARTLY),
+    ({**NONE_HOLDS, "lns_growth": (0.9,) * 3}, PARTLY),
+    ({**NONE_HOLDS, "pre_de": (0.4,) * 3}, PARTLY),
+    ({**NONE_HOLDS, "lns_loss": (2.4,) * 3}, PARTLY),
+])
+def test_depth(kw, word):
+    verdict = _depth(**kw)
+    assert verdict.word == word, verdict.reason
+    assert verdict.reason.count("yes") + verdict.reason.count("no") == 7

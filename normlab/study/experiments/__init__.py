@@ -12,6 +12,7 @@ and has ``run(ctx) -> Experiment``, which measures one published claim and rende
 8. gradient-norm trajectories, RMSNorm vs LayerNorm;
 9. why Transformers prefer LayerNorm to BatchNorm: batch size, train/eval statistics, context length (Shen et al.
    2020).
+10. the residual stream and each layer's change of it across depth, per placement (Peri-LN, LayerNorm Scaling).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from types import ModuleType
 from normlab.study.experiments import (
     batch_vs_layer,
     conversion,
+    depth,
     geometry,
     grad_init,
     grad_trajectories,
@@ -34,7 +36,7 @@ from normlab.study.experiments.common import Context, model_config, run_config
 #: The experiments by number, in report order.
 REGISTRY: dict[int, ModuleType] = {m.NUMBER: m for m in sorted(
     (loss_speed, grad_init, warmup, geometry, invariances, conversion, norm_share, grad_trajectories,
-     batch_vs_layer),
+     batch_vs_layer, depth),
     key=lambda m: m.NUMBER)}
 #: The experiments that read experiment 1's grid of trained variants.
 USES_GRID = {1, 4, 6, 8}
