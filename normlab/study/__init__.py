@@ -1,4 +1,4 @@
-"""The study: train a grid of norm variants on a character-level corpus and report on seven published claims.
+"""The study: train a grid of norm variants on a character-level corpus and report on twelve published claims.
 
 ``normlab.study.run_study(steps=200, variants=["layernorm-pre", "rmsnorm-pre"])`` or ``normlab study``.
 Re-running the same command resumes where it stopped; finished runs are not retrained.
