@@ -63,6 +63,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     option("--warmup-lr", positive_float, "high learning rate of experiment 3")
     option("--warmup-steps", positive_int, "steps per run of experiment 3")
     option("--share-widths", comma_list(positive_int), "model widths of experiment 7, multiples of 32")
+    option("--qk-lrs", comma_list(positive_float), "comma-separated peak learning rates of experiment 11's sweep")
+    option("--qk-steps", positive_int, "steps per run of experiment 11")
+    option("--qk-n-layer", positive_int, "layers of experiment 11's model (None: the grid's)")
+    option("--qk-d-model", positive_int, "width of experiment 11's model (None: the grid's)")
     p.add_argument("--out", default="runs", help="parent directory of the study directory (default: %(default)s)")
     p.add_argument("--name", type=dir_name, default=None,
                    help="study directory name inside --out (default: the profile's name for an unchanged profile, "

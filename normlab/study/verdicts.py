@@ -177,3 +177,32 @@ def grad_trajectories(early: list[float], late: list[float]) -> Verdict:
     reason = (f"early ratio {em:.2f} ± {es:.2f} higher than 1 beyond {SPREAD_K:g}·std: {_yes(higher)}; "
               f"early above late ({lm:.2f}) beyond the spread: {_yes(early_more)}")
     return Verdict(HOLDS if higher and early_more else PARTLY if higher else NOT_HERE, reason)
+
+
+#: Experiment 11: the largest attention logit without QK-norm counts as larger from this multiple of QK-norm's.
+LOGIT_FACTOR = 2.0
+
+
+def _logit_larger(plain: list[float], qk: list[float]) -> bool:
+    """Per-seed largest logits: ``plain``'s mean above LOGIT_FACTOR × ``qk``'s and beyond SPREAD_K × the pooled
+    std; a non-finite logit counts as infinite (larger than any finite one, nothing to say beside another)."""
+    if not all(math.isfinite(v) for v in qk):
+        return False
+    if not all(math.isfinite(v) for v in plain):
+        return True
+    delta = mean_std(plain)[0] - mean_std(qk)[0]
+    return mean_std(plain)[0] > LOGIT_FACTOR * mean_std(qk)[0] and delta > SPREAD_K * pooled_std(plain, qk)
+
+
+def qk_norm(sens_plain: list[float], sens_qk: list[float], logit_plain: list[float], logit_qk: list[float]
+            ) -> Verdict:
+    """Experiment 11: per-seed LR sensitivity (nats) without and with QK-norm, and per-seed largest attention
+    logit at the highest learning rate. Less sensitive when QK-norm's mean is lower by more than COMPARABLE_NATS
+    and SPREAD_K × the pooled std; larger logits when :func:`_logit_larger`. Holds when both; partly when one."""
+    delta = mean_std(sens_plain)[0] - mean_std(sens_qk)[0]
+    spread = pooled_std(sens_plain, sens_qk)
+    less_sensitive = delta > 0 and beyond(delta, COMPARABLE_NATS, spread)
+    return _both(less_sensitive, _logit_larger(logit_plain, logit_qk),
+                 f"QK-norm less LR-sensitive (Δ {delta:+.3f} vs margin {COMPARABLE_NATS:g}, {SPREAD_K:g}× pooled std "
+                 f"{SPREAD_K * spread:.3f})",
+                 f"larger logits without QK-norm at the highest lr (> {LOGIT_FACTOR:g}× and beyond the spread)")

@@ -37,6 +37,7 @@ def usage_error(capsys, *argv: str) -> str:
     (["--beta1", "1"], "--beta1"), (["--beta2", "-0.1"], "--beta2"), (["--beta2", "nan"], "--beta2"),
     (["--weight-decay", "-1"], "--weight-decay"), (["--grad-clip", "inf"], "--grad-clip"),
     (["--min-lr-ratio", "1.5"], "--min-lr-ratio"),
+    (["--qk-lrs", "1e-3,-1"], "--qk-lrs"), (["--qk-lrs", "nan"], "--qk-lrs"), (["--qk-steps", "0"], "--qk-steps"),
 ])
 def test_study_rejects_bad_arguments_before_any_work(tmp_path, capsys, args, flag):
     out = tmp_path / "a" / "b"
@@ -61,6 +62,18 @@ def test_study_config_checks_rates_and_depths():
                 StudyConfig(**{k: bad})
     with pytest.raises(StudyConfigError, match="--grad-depths"):
         StudyConfig(grad_depths=[2, 0])
+
+
+def test_study_config_checks_the_sweeps():
+    """Experiment 11: a sweep of distinct positive numbers, kept ascending; widths the heads divide."""
+    assert StudyConfig(qk_lrs=[1e-1, 1e-3]).qk_lrs == [1e-3, 1e-1]
+    for kw, flag in ((dict(qk_lrs=[]), "--qk-lrs"), (dict(qk_lrs=[1e-3, 1e-3]), "--qk-lrs"),
+                     (dict(qk_lrs=[0.5, math.inf]), "--qk-lrs"), (dict(qk_d_model=30), "qk_d_model=30"),
+                     (dict(qk_n_layer=0), "qk_n_layer"), (dict(qk_steps=0), "qk_steps")):
+        with pytest.raises(StudyConfigError, match=flag):
+            StudyConfig(**kw)
+    full = StudyConfig.from_profile("full")
+    assert full.qk_d_model is None and full.qk_n_layer is None and full.seeds >= 3  # the grid's model
 
 
 def test_optimizer_knobs_reach_config_json_and_the_optimizer(tmp_path):

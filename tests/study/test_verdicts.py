@@ -3,6 +3,8 @@ Experiment 3's rule (``verdicts.warmup``) is tested in test_experiments.py."""
 
 from __future__ import annotations
 
+import math
+
 import pytest
 
 from normlab.study import verdicts as v
@@ -128,3 +130,19 @@ def test_norm_share_bound_is_checked_at_every_width():
     shares, savings = {128: [3.0, 3.0], 512: [2.0, 2.0]}, {128: [9.0, 9.0], 512: [1.0, 1.0]}
     assert v.norm_share(shares, savings).word == PARTLY
     assert "within the share at every width: no" in v.norm_share(shares, savings).reason
+
+
+@pytest.mark.parametrize("sens_plain, sens_qk, logit_plain, logit_qk, word", [
+    ([0.5, 0.6, 0.55], [0.2, 0.25, 0.22], [100.0, 120.0, 90.0], [5.0, 6.0, 5.5], HOLDS),
+    ([0.36, 0.36], [0.3, 0.3], [10.1, 10.1], [5.0, 5.0], HOLDS),       # no spread: Δ 0.06 > 0.05; 10.1 > 2 × 5
+    ([0.34, 0.34], [0.3, 0.3], [100.0, 100.0], [5.0, 5.0], PARTLY),    # Δ 0.04: within the margin
+    ([0.4, 0.5, 0.6], [0.3, 0.4, 0.5], [100.0, 100.0], [5.0, 5.0], PARTLY),  # Δ 0.1, 2× pooled std 0.2: within
+    ([0.3, 0.3], [0.5, 0.5], [100.0, 100.0], [5.0, 5.0], PARTLY),      # QK-norm the more sensitive one
+    ([0.5, 0.5], [0.2, 0.2], [10.0, 10.0], [5.0, 5.0], PARTLY),        # exactly 2×: not larger
+    ([0.5, 0.5], [0.2, 0.2], [5.0, 30.0], [5.0, 5.0], PARTLY),         # 3.5× in the mean, within 2× pooled std
+    ([0.5, 0.5], [0.2, 0.2], [math.inf, 100.0], [5.0, 5.0], HOLDS),    # an overflowed logit counts as infinite
+    ([0.5, 0.5], [0.2, 0.2], [math.inf, 100.0], [math.nan, 5.0], PARTLY),  # ... but not beside another
+    ([0.3, 0.3], [0.3, 0.3], [5.0, 5.0], [5.0, 5.0], NOT_HERE),
+])
+def test_qk_norm(sens_plain, sens_qk, logit_plain, logit_qk, word):
+    assert v.qk_norm(sens_plain, sens_qk, logit_plain, logit_qk).word == word

@@ -9,7 +9,8 @@ and has ``run(ctx) -> Experiment``, which measures one published claim and rende
 5. invariances of LayerNorm vs RMSNorm (Zhang & Sennrich 2019, Table 1);
 6. exact Pre-LN → Pre-RMSNorm conversion (Jiang et al. 2023);
 7. the norm layers' share of a training step across widths;
-8. gradient-norm trajectories, RMSNorm vs LayerNorm.
+8. gradient-norm trajectories, RMSNorm vs LayerNorm;
+11. QK-norm and learning-rate sensitivity (Wortsman et al. 2023).
 """
 
 from __future__ import annotations
@@ -24,13 +25,14 @@ from normlab.study.experiments import (
     invariances,
     loss_speed,
     norm_share,
+    qk_norm,
     warmup,
 )
 from normlab.study.experiments.common import Context, model_config, run_config
 
 #: The experiments by number, in report order.
 REGISTRY: dict[int, ModuleType] = {m.NUMBER: m for m in sorted(
-    (loss_speed, grad_init, warmup, geometry, invariances, conversion, norm_share, grad_trajectories),
+    (loss_speed, grad_init, warmup, geometry, invariances, conversion, norm_share, grad_trajectories, qk_norm),
     key=lambda m: m.NUMBER)}
 #: The experiments that read experiment 1's grid of trained variants.
 USES_GRID = {1, 4, 6, 8}

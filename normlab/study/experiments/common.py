@@ -3,6 +3,7 @@ experiment runs in, and the mean ± std helpers of its tables."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -103,6 +104,29 @@ def band(ax, xs, per_seed: list[list[float]], label: str, **kwargs):
     ax.fill_between(xs, [m - s for m, s in zip(mean, std)], [m + s for m, s in zip(mean, std)],
                     color=line.get_color(), alpha=0.2, lw=0)
     return line
+
+
+def capped_loss(final: dict) -> float:
+    """A run's final val loss, capped at its untrained model's (a diverged or non-finite run counts at that
+    loss, as in Wortsman et al. 2023's learning-rate sensitivity)."""
+    loss, init = final["final_val_loss"], final["init_val_loss"]
+    return min(loss, init) if math.isfinite(loss) else init
+
+
+def dyt_saturation(model: torch.nn.Module, idx: torch.Tensor, threshold: float) -> tuple[str, float, float] | None:
+    """On token ids ``idx``, the last norm layer that ran (a DyT): its name, its input's rms, and the fraction
+    of its input entries in tanh's saturated region ``|α·x| > threshold``; None when no norm layer ran."""
+    from normlab.analysis import ActivationStats, find_norm_layers
+
+    with torch.no_grad(), ActivationStats(model, keep_inputs=True) as rec:
+        model(idx)
+    if not rec.order:
+        return None
+    last = rec.order[-1]
+    h = rec.inputs[last][0]
+    alpha = dict(find_norm_layers(model))[last].alpha.detach()
+    saturated = (alpha.abs() * h.abs() > threshold).double().mean().item()
+    return last, h.double().pow(2).mean().sqrt().item(), saturated
 
 
 def below_paper(what: dict[str, tuple[float, float]]) -> str | None:
