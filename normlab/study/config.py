@@ -10,7 +10,7 @@ from pathlib import Path
 NORMS = ("layernorm", "rmsnorm", "batchnorm", "groupnorm", "dyt", "none")
 PLACEMENTS = ("post", "pre", "sandwich", "deepnorm", "olmo2", "mixln", "lnscaling", "none")
 DEFAULT_VARIANTS = ("layernorm-pre", "layernorm-post", "rmsnorm-pre", "rmsnorm-post", "dyt-pre", "none-pre")
-EXPERIMENTS = (1, 2, 3, 4, 5, 6, 7, 8, 11)
+EXPERIMENTS = (1, 2, 3, 4, 5, 6, 7, 8, 11, 12)
 
 
 class StudyConfigError(ValueError):
@@ -135,7 +135,11 @@ class StudyConfig:
     qk_steps: int = 40
     qk_n_layer: int | None = 2
     qk_d_model: int | None = 64
-    # experiment 12: DyT's α₀
+    # experiment 12: DyT's α₀: a sweep of α₀ against LayerNorm, at this depth and width (None: the grid's)
+    dyt_alphas: list[float] = field(default_factory=lambda: [0.5, 8.0, 128.0])
+    dyt_steps: int = 50
+    dyt_n_layer: int | None = 2
+    dyt_d_model: int | None = 64
 
     def __post_init__(self) -> None:
         if self.profile not in PROFILES:
@@ -148,7 +152,7 @@ class StudyConfig:
             raise StudyConfigError(f"d_model={self.d_model} must be divisible by n_head={self.n_head}")
         for k in ("steps", "batch_size", "block_size", "n_layer", "n_head", "d_model", "warmup_steps", "grad_d_model",
                   "grad_n_head", "grad_batch_size", "grad_batches", "grad_seeds", "share_repeats", "seeds",
-                  "timing_rounds", "qk_steps"):
+                  "timing_rounds", "qk_steps", "dyt_steps"):
             if getattr(self, k) < 1:
                 raise StudyConfigError(f"{k} must be ≥ 1, got {getattr(self, k)}")
         if self.preset not in (None, "gpt2", "llama"):
@@ -171,15 +175,15 @@ class StudyConfig:
         if not self.share_widths or any(d < 1 or (d > 32 and d % 32) for d in self.share_widths):
             raise StudyConfigError("--share-widths: expected positive widths, multiples of 32 above 32, "
                                    f"got {self.share_widths}")
-        for k in ("qk_lrs",):  # sweeps, kept in ascending order
+        for k in ("qk_lrs", "dyt_alphas"):  # sweeps, kept in ascending order
             values = getattr(self, k)
             if not values or not all(math.isfinite(v) and v > 0 for v in values) or len(set(values)) != len(values):
                 raise StudyConfigError(f"--{k.replace('_', '-')}: expected distinct finite numbers > 0, got {values}")
             setattr(self, k, sorted(values))
-        for k in ("qk_n_layer", "qk_d_model"):
+        for k in ("qk_n_layer", "qk_d_model", "dyt_n_layer", "dyt_d_model"):
             if getattr(self, k) is not None and getattr(self, k) < 1:
                 raise StudyConfigError(f"{k} must be ≥ 1, got {getattr(self, k)}")
-        for k in ("qk_d_model",):
+        for k in ("qk_d_model", "dyt_d_model"):
             if getattr(self, k) is not None and getattr(self, k) % self.n_head:
                 raise StudyConfigError(f"{k}={getattr(self, k)} must be divisible by n_head={self.n_head}")
         if self.grad_d_model % self.grad_n_head:
@@ -218,6 +222,7 @@ PROFILES: dict[str, dict] = {
         # experiment 11
         "qk_lrs": [3e-3, 1e-2, 3e-2, 1e-1, 3e-1], "qk_steps": 150, "qk_n_layer": None, "qk_d_model": None,
         # experiment 12
+        "dyt_alphas": [0.5, 2.0, 8.0, 32.0, 128.0], "dyt_steps": 250, "dyt_n_layer": None, "dyt_d_model": None,
     },
 }
 

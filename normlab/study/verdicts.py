@@ -206,3 +206,21 @@ def qk_norm(sens_plain: list[float], sens_qk: list[float], logit_plain: list[flo
                  f"QK-norm less LR-sensitive (Δ {delta:+.3f} vs margin {COMPARABLE_NATS:g}, {SPREAD_K:g}× pooled std "
                  f"{SPREAD_K * spread:.3f})",
                  f"larger logits without QK-norm at the highest lr (> {LOGIT_FACTOR:g}× and beyond the spread)")
+
+
+def dyt_alpha(layernorm: list[float], per_alpha: dict[float, list[float]]) -> Verdict:
+    """Experiment 12: per-seed final val losses of LayerNorm and of DyT at each α₀. Matches when the best α₀'s
+    (lowest mean) loss is not above LayerNorm's by more than COMPARABLE_NATS and SPREAD_K × their pooled std;
+    sensitive when the worst α₀'s mean exceeds the best's by more than both. Holds when both; partly when one."""
+    by_mean = sorted(per_alpha, key=lambda a: mean_std(per_alpha[a])[0])
+    best, worst = per_alpha[by_mean[0]], per_alpha[by_mean[-1]]
+    gap = mean_std(best)[0] - mean_std(layernorm)[0]
+    gap_spread = pooled_std(best, layernorm)
+    matches = not (gap > 0 and beyond(gap, COMPARABLE_NATS, gap_spread))
+    sway = mean_std(worst)[0] - mean_std(best)[0]
+    sway_spread = pooled_std(worst, best)
+    return _both(matches, beyond(sway, COMPARABLE_NATS, sway_spread),
+                 f"best α₀ {by_mean[0]:g} matches LayerNorm (Δ {gap:+.3f} vs margin {COMPARABLE_NATS:g}, "
+                 f"{SPREAD_K:g}× pooled std {SPREAD_K * gap_spread:.3f})",
+                 f"sensitive to α₀ (worst {by_mean[-1]:g} − best {sway:+.3f} vs margin {COMPARABLE_NATS:g}, "
+                 f"{SPREAD_K:g}× pooled std {SPREAD_K * sway_spread:.3f})")

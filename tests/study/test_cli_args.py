@@ -38,6 +38,7 @@ def usage_error(capsys, *argv: str) -> str:
     (["--weight-decay", "-1"], "--weight-decay"), (["--grad-clip", "inf"], "--grad-clip"),
     (["--min-lr-ratio", "1.5"], "--min-lr-ratio"),
     (["--qk-lrs", "1e-3,-1"], "--qk-lrs"), (["--qk-lrs", "nan"], "--qk-lrs"), (["--qk-steps", "0"], "--qk-steps"),
+    (["--dyt-alphas", "0.5,0"], "--dyt-alphas"), (["--dyt-d-model", "0"], "--dyt-d-model"),
 ])
 def test_study_rejects_bad_arguments_before_any_work(tmp_path, capsys, args, flag):
     out = tmp_path / "a" / "b"
@@ -65,15 +66,16 @@ def test_study_config_checks_rates_and_depths():
 
 
 def test_study_config_checks_the_sweeps():
-    """Experiment 11: a sweep of distinct positive numbers, kept ascending; widths the heads divide."""
-    assert StudyConfig(qk_lrs=[1e-1, 1e-3]).qk_lrs == [1e-3, 1e-1]
+    """Experiments 11 and 12: sweeps of distinct positive numbers, kept ascending; widths the heads divide."""
+    assert StudyConfig(qk_lrs=[1e-1, 1e-3], dyt_alphas=[2.0, 0.5]).qk_lrs == [1e-3, 1e-1]
+    assert StudyConfig(dyt_alphas=[2.0, 0.5]).dyt_alphas == [0.5, 2.0]
     for kw, flag in ((dict(qk_lrs=[]), "--qk-lrs"), (dict(qk_lrs=[1e-3, 1e-3]), "--qk-lrs"),
-                     (dict(qk_lrs=[0.5, math.inf]), "--qk-lrs"), (dict(qk_d_model=30), "qk_d_model=30"),
-                     (dict(qk_n_layer=0), "qk_n_layer"), (dict(qk_steps=0), "qk_steps")):
+                     (dict(dyt_alphas=[0.5, math.inf]), "--dyt-alphas"), (dict(qk_d_model=30), "qk_d_model=30"),
+                     (dict(dyt_n_layer=0), "dyt_n_layer"), (dict(dyt_steps=0), "dyt_steps")):
         with pytest.raises(StudyConfigError, match=flag):
             StudyConfig(**kw)
     full = StudyConfig.from_profile("full")
-    assert full.qk_d_model is None and full.qk_n_layer is None and full.seeds >= 3  # the grid's model
+    assert full.qk_d_model is None and full.dyt_n_layer is None and full.seeds >= 3  # the grid's model
 
 
 def test_optimizer_knobs_reach_config_json_and_the_optimizer(tmp_path):

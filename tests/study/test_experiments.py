@@ -183,3 +183,46 @@ def test_exp11_measures():
     assert capped_loss({"final_val_loss": NAN, "init_val_loss": 4.2}) == 4.2
     assert capped_loss({"final_val_loss": 1e5, "init_val_loss": 4.2}) == 4.2
     assert capped_loss({"final_val_loss": 2.5, "init_val_loss": 4.2}) == 2.5
+
+
+def test_exp12_sweeps_alpha_against_layernorm_and_measures_saturation(tmp_path):
+    """Experiment 12 trains DyT at every α₀ and LayerNorm, per seed; the saturation is the fraction of the final
+    DyT's input (the last block's output) with |α·x| > 2 on the first validation batch, recomputed here."""
+    import torch
+
+    from normlab.analysis import residual_stream
+    from normlab.study.experiments import dyt_alpha
+    from normlab.study.experiments.common import capped_loss
+
+    ctx = _tiny_ctx(tmp_path, dyt_alphas=[2.0, 0.5], dyt_steps=6, dyt_n_layer=1, dyt_d_model=16, experiments=[12])
+    exp = dyt_alpha.run(ctx)
+    assert list(exp.data["dyt"]) == ["0.5", "2.0"]
+    x = ctx.corpus.batch("val", 0, 4, 16, ctx.cfg.seed)[0]
+    for alpha in (None, 0.5, 2.0):
+        for s, seed in enumerate(ctx.seeds):
+            arm = "layernorm" if alpha is None else f"dyt-a{alpha:g}"
+            run = ctx.train("again", f"dyt_alpha/{arm}/seed-{seed}",
+                            dyt_alpha.dyt_run_config(ctx.cfg, ctx.corpus, alpha, seed))
+            got = exp.data["layernorm"][s] if alpha is None else exp.data["dyt"][str(alpha)][s]
+            assert got["loss"] == capped_loss(run.final)
+            assert run.config.model["norm"] == ("layernorm" if alpha is None else "dyt")
+            if alpha is None:
+                assert "saturated" not in got
+                continue
+            assert run.config.model["dyt_alpha"] == alpha
+            model = run.load_model()
+            h = residual_stream(model, x)[-1]
+            trained_alpha = model.transformer.ln_f.alpha.detach()
+            assert got["layer"] == "transformer.ln_f"
+            assert got["saturated"] == pytest.approx((trained_alpha.abs() * h.abs() > 2).double().mean().item())
+            assert got["input_rms"] == pytest.approx(h.double().pow(2).mean().sqrt().item(), rel=1e-6)
+            assert torch.isfinite(h).all()
+    assert [r[1] for r in exp.rows] == ["—", 0.5, 2.0]
+    from collections import Counter
+
+    from normlab.study.experiments.common import unigram_entropy
+
+    counts = Counter(ctx.corpus.train.tolist())
+    n = sum(counts.values())
+    assert unigram_entropy(ctx.corpus) == pytest.approx(-sum(c / n * math.log(c / n) for c in counts.values()))
+    assert exp.below_paper and (tmp_path / exp.plot).stat().st_size > 5000

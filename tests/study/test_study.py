@@ -68,7 +68,7 @@ def cli(out: Path, *args: str, env: dict | None = None, torchrun: bool = False,
 
 def test_tiny_study_writes_report_plots_and_is_not_retrained(tmp_path, capsys, one_thread):
     kw = dict(TINY, variants=["layernorm-pre", "rmsnorm-pre", "layernorm-post", "dyt-pre"], steps=8, warmup_steps=6,
-              qk_steps=8, qk_d_model=32)
+              qk_steps=8, qk_d_model=32, dyt_steps=8, dyt_d_model=32)
     res = run_study(out=tmp_path, name="s", progress=False, **kw)
     out_dir = tmp_path / "s"
     report = (out_dir / "report.md").read_text()

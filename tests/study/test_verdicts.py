@@ -146,3 +146,22 @@ def test_norm_share_bound_is_checked_at_every_width():
 ])
 def test_qk_norm(sens_plain, sens_qk, logit_plain, logit_qk, word):
     assert v.qk_norm(sens_plain, sens_qk, logit_plain, logit_qk).word == word
+
+
+@pytest.mark.parametrize("ln, sweep, word", [
+    ([2.0, 2.01, 1.99], {0.1: [2.3, 2.31, 2.29], 0.5: [2.02, 2.03, 2.01], 2.0: [2.5, 2.4, 2.6]}, HOLDS),
+    ([2.0, 2.0], {0.5: [2.04, 2.04], 1.0: [2.1, 2.1]}, HOLDS),     # no spread: best 0.04 above, worst 0.06 above it
+    ([2.0, 2.0], {0.5: [2.06, 2.06], 1.0: [2.2, 2.2]}, PARTLY),    # best 0.06 above LayerNorm: does not match
+    ([2.0, 2.0], {0.5: [1.8, 1.8], 1.0: [2.2, 2.2]}, HOLDS),       # better than LayerNorm counts as matching
+    ([1.9, 2.1], {0.5: [2.0, 2.2], 1.0: [2.6, 2.6]}, HOLDS),       # 0.1 above, within 2× the pooled std 0.14
+    ([2.0, 2.0], {0.5: [2.0, 2.0], 1.0: [2.04, 2.04]}, PARTLY),    # worst only 0.04 above the best: not sensitive
+    ([2.0, 2.0], {0.5: [1.9, 2.1], 1.0: [2.1, 2.1]}, PARTLY),      # 0.1 apart, within 2× the pooled std 0.1
+    ([2.0, 2.0], {0.5: [2.3, 2.3], 1.0: [2.32, 2.32]}, NOT_HERE),
+])
+def test_dyt_alpha(ln, sweep, word):
+    assert v.dyt_alpha(ln, sweep).word == word
+
+
+def test_dyt_alpha_names_the_best_and_the_worst_alpha_by_their_mean():
+    reason = v.dyt_alpha([2.0, 2.0], {0.1: [2.5, 2.5], 0.5: [2.0, 2.1], 2.0: [1.9, 2.3]}).reason
+    assert "best α₀ 0.5 matches" in reason and "worst 0.1" in reason

@@ -10,7 +10,8 @@ and has ``run(ctx) -> Experiment``, which measures one published claim and rende
 6. exact Pre-LN → Pre-RMSNorm conversion (Jiang et al. 2023);
 7. the norm layers' share of a training step across widths;
 8. gradient-norm trajectories, RMSNorm vs LayerNorm;
-11. QK-norm and learning-rate sensitivity (Wortsman et al. 2023).
+11. QK-norm and learning-rate sensitivity (Wortsman et al. 2023);
+12. DyT's α₀ against LayerNorm (Zhu et al. 2025).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from types import ModuleType
 
 from normlab.study.experiments import (
     conversion,
+    dyt_alpha,
     geometry,
     grad_init,
     grad_trajectories,
@@ -32,7 +34,8 @@ from normlab.study.experiments.common import Context, model_config, run_config
 
 #: The experiments by number, in report order.
 REGISTRY: dict[int, ModuleType] = {m.NUMBER: m for m in sorted(
-    (loss_speed, grad_init, warmup, geometry, invariances, conversion, norm_share, grad_trajectories, qk_norm),
+    (loss_speed, grad_init, warmup, geometry, invariances, conversion, norm_share, grad_trajectories, qk_norm,
+     dyt_alpha),
     key=lambda m: m.NUMBER)}
 #: The experiments that read experiment 1's grid of trained variants.
 USES_GRID = {1, 4, 6, 8}

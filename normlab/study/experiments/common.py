@@ -106,6 +106,13 @@ def band(ax, xs, per_seed: list[list[float]], label: str, **kwargs):
     return line
 
 
+def unigram_entropy(corpus: Corpus) -> float:
+    """The loss (nats/char) of predicting the training text's character frequencies without context."""
+    counts = torch.bincount(corpus.train, minlength=corpus.vocab_size).double()
+    prob = counts[counts > 0] / counts.sum()
+    return -(prob * prob.log()).sum().item()
+
+
 def capped_loss(final: dict) -> float:
     """A run's final val loss, capped at its untrained model's (a diverged or non-finite run counts at that
     loss, as in Wortsman et al. 2023's learning-rate sensitivity)."""

@@ -163,4 +163,4 @@ def _dyt_saturation_note(name: str, r: RunResult, cfg: StudyConfig) -> str:
         text += (f", and from logged step {dead[0]} on every block's gradient is exactly 0 — only the embeddings and "
                  "the head train")
     return text + (". DyT (Zhu et al. 2025) has no statistics to bound the residual stream; "
-                   "its paper tunes α₀ per model (α₀ = 0.5 here).")
+                   "its paper tunes α₀ per model (α₀ = 0.5 here; experiment 12 sweeps it).")
