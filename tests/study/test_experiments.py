@@ -187,7 +187,8 @@ def test_exp11_measures():
 
 def test_exp12_sweeps_alpha_against_layernorm_and_measures_saturation(tmp_path):
     """Experiment 12 trains DyT at every α₀ and LayerNorm, per seed; the saturation is the fraction of the final
-    DyT's input (the last block's output) with |α·x| > 2 on the first validation batch, recomputed here."""
+    DyT's input (the last block's output) with |α·x| > 2 on the first validation batch, and its mean over the
+    three DyT layers of the one-block model, recomputed here."""
     import torch
 
     from normlab.analysis import residual_stream
@@ -216,6 +217,12 @@ def test_exp12_sweeps_alpha_against_layernorm_and_measures_saturation(tmp_path):
             assert got["layer"] == "transformer.ln_f"
             assert got["saturated"] == pytest.approx((trained_alpha.abs() * h.abs() > 2).double().mean().item())
             assert got["input_rms"] == pytest.approx(h.double().pow(2).mean().sqrt().item(), rel=1e-6)
+            block = model.transformer.h[0]  # Pre-LN: ln_1 sees the stream, ln_2 the stream after attention
+            with torch.no_grad():
+                h0 = residual_stream(model, x)[0]
+                inputs = [(block.ln_1, h0), (block.ln_2, h0 + block.attn(block.ln_1(h0))), (model.transformer.ln_f, h)]
+            fractions = [(layer.alpha.detach().abs() * v.abs() > 2).double().mean().item() for layer, v in inputs]
+            assert got["saturated_mean"] == pytest.approx(sum(fractions) / 3)
             assert torch.isfinite(h).all()
     assert [r[1] for r in exp.rows] == ["—", 0.5, 2.0]
     from collections import Counter

@@ -120,20 +120,29 @@ def capped_loss(final: dict) -> float:
     return min(loss, init) if math.isfinite(loss) else init
 
 
-def dyt_saturation(model: torch.nn.Module, idx: torch.Tensor, threshold: float) -> tuple[str, float, float] | None:
-    """On token ids ``idx``, the last norm layer that ran (a DyT): its name, its input's rms, and the fraction
-    of its input entries in tanh's saturated region ``|α·x| > threshold``; None when no norm layer ran."""
+def dyt_saturations(model: torch.nn.Module, idx: torch.Tensor, threshold: float) -> dict[str, tuple[float, float]]:
+    """On token ids ``idx``, every DyT layer in the order they ran: ``name → (its input's rms, the fraction of
+    its input entries in tanh's saturated region |α·x| > threshold)``."""
     from normlab.analysis import ActivationStats, find_norm_layers
 
     with torch.no_grad(), ActivationStats(model, keep_inputs=True) as rec:
         model(idx)
-    if not rec.order:
+    layers = dict(find_norm_layers(model))
+    out = {}
+    for name in rec.order:
+        h, alpha = rec.inputs[name][0], layers[name].alpha.detach()
+        out[name] = (h.double().pow(2).mean().sqrt().item(), (alpha.abs() * h.abs() > threshold).double().mean().item())
+    return out
+
+
+def dyt_saturation(model: torch.nn.Module, idx: torch.Tensor, threshold: float) -> tuple[str, float, float] | None:
+    """The last DyT layer that ran on ``idx``: its name, its input's rms and saturated fraction (see
+    :func:`dyt_saturations`); None when no norm layer ran."""
+    per_layer = dyt_saturations(model, idx, threshold)
+    if not per_layer:
         return None
-    last = rec.order[-1]
-    h = rec.inputs[last][0]
-    alpha = dict(find_norm_layers(model))[last].alpha.detach()
-    saturated = (alpha.abs() * h.abs() > threshold).double().mean().item()
-    return last, h.double().pow(2).mean().sqrt().item(), saturated
+    last = list(per_layer)[-1]
+    return last, *per_layer[last]
 
 
 def below_paper(what: dict[str, tuple[float, float]]) -> str | None:

@@ -15,7 +15,7 @@ from normlab.study.experiments.common import (
     Context,
     below_paper,
     capped_loss,
-    dyt_saturation,
+    dyt_saturations,
     pm,
     run_config,
     unigram_entropy,
@@ -42,14 +42,16 @@ def dyt_run_config(cfg: StudyConfig, corpus: Corpus, alpha: float | None, seed: 
 
 
 def measure_run(run: RunResult, corpus: Corpus, cfg: StudyConfig) -> dict:
-    """A trained run's capped final val loss, whether it diverged, and (DyT) the last DyT's input rms and its
-    fraction beyond SATURATED_AT on the first validation batch."""
+    """A trained run's capped final val loss, whether it diverged, and (DyT) on the first validation batch the
+    last DyT's input rms and fraction beyond SATURATED_AT, and that fraction averaged over every DyT layer."""
     out = {"loss": capped_loss(run.final), "diverged": run.final["diverged"]}
     if run.config.model["norm"] == "dyt":
         x = corpus.batch("val", 0, run.config.batch_size, run.config.model["block_size"], cfg.seed)[0]
-        found = dyt_saturation(run.load_model(), x, SATURATED_AT)
-        if found is not None:
-            out["layer"], out["input_rms"], out["saturated"] = found
+        per_layer = dyt_saturations(run.load_model(), x, SATURATED_AT)
+        if per_layer:
+            out["layer"] = list(per_layer)[-1]
+            out["input_rms"], out["saturated"] = per_layer[out["layer"]]
+            out["saturated_mean"] = sum(f for _, f in per_layer.values()) / len(per_layer)
     return out
 
 
@@ -90,21 +92,24 @@ def render(cfg: StudyConfig, out_dir: Path, reference: list[dict], sweep: dict[f
     ax_loss.set(xscale="log", xlabel="α₀", ylabel="final val loss (capped at the untrained model's)",
                 title=f"final val loss over {cfg.seeds} seeds")
     ax_loss.legend(fontsize=7)
-    sat = [verdicts.mean_std([100 * r.get("saturated", 0.0) for r in sweep[a]]) for a in alphas]
-    ax_sat.errorbar(alphas, [m for m, _ in sat], yerr=[s for _, s in sat], marker="o", capsize=3, color="C1")
+    for key, label in (("saturated", "last DyT (before the head)"), ("saturated_mean", "mean over every DyT")):
+        sat = [verdicts.mean_std([100 * r.get(key, 0.0) for r in sweep[a]]) for a in alphas]
+        ax_sat.errorbar(alphas, [m for m, _ in sat], yerr=[s for _, s in sat], marker="o", capsize=3, label=label)
     ax_sat.set(xscale="log", ylim=(0, 105), xlabel="α₀", ylabel=f"% of entries with |α·x| > {SATURATED_AT:g}",
-               title="last DyT's input in tanh's saturated region, after training")
+               title="DyT inputs in tanh's saturated region, after training")
+    ax_sat.legend(fontsize=7)
     plot = save_figure(fig, out_dir / "exp12_dyt_alpha.png")
 
     rows = [[REFERENCE, "—", pm(losses(reference), 4), f"{sum(r['diverged'] for r in reference)}/{len(reference)}",
-             "—", "—", "—"]]
+             "—", "—", "—", "—"]]
     for a in alphas:
         runs = sweep[a]
         has = [r for r in runs if "saturated" in r]
         rows.append([DYT, a, pm(losses(runs), 4), f"{sum(r['diverged'] for r in runs)}/{len(runs)}",
                      pm([losses(runs)[i] - losses(reference)[i] for i in range(len(runs))]),
                      pm([r["input_rms"] for r in has]) if has else "—",
-                     pm([100 * r["saturated"] for r in has]) if has else "—"])
+                     pm([100 * r["saturated"] for r in has]) if has else "—",
+                     pm([100 * r["saturated_mean"] for r in has]) if has else "—"])
     best = min(alphas, key=lambda a: verdicts.mean_std(losses(sweep[a]))[0])
     sat_best = [100 * r.get("saturated", 0.0) for r in sweep[best]]
     measured = (f"best α₀ {best:g}: val loss {pm(losses(sweep[best]), 4)} vs LayerNorm {pm(losses(reference), 4)}; "
@@ -123,7 +128,7 @@ def render(cfg: StudyConfig, out_dir: Path, reference: list[dict], sweep: dict[f
               "scale. The sweep can therefore reach past the paper's values."),
              (f"Saturation: the fraction of the last DyT's input entries (the final norm before the head) with "
               f"|α·x| > {SATURATED_AT:g} on the first validation batch, α the trained value; there tanh' ≤ 0.07, so "
-              "those entries pass little gradient."),
+              "those entries pass little gradient. \"Every DyT's %\": that fraction averaged over all DyT layers."),
              (f"Holds when the best α₀'s mean loss is not worse than LayerNorm's by more than both "
               f"{COMPARABLE_NATS:g} nats and {SPREAD_K:g}× their pooled seed std (matches), and the worst α₀'s mean "
               f"loss exceeds the best's by more than both (sensitive); partly when one of the two. {verdict.reason}."),
@@ -132,11 +137,12 @@ def render(cfg: StudyConfig, out_dir: Path, reference: list[dict], sweep: dict[f
               "best at that rate, model size and number of steps only.")]
     stuck = [f"{a:g}" for a in alphas if verdicts.mean_std(losses(sweep[a]))[0] > unigram - 0.1]
     if stuck:
-        notes.append(f"Still on the unigram plateau (mean final val loss within 0.1 nats of the entropy {unigram:.2f} "
+        notes.append(f"Still on the unigram plateau (mean final val loss not 0.1 nats below the entropy {unigram:.2f} "
                      f"of predicting character frequencies without context): α₀ = {', '.join(stuck)}.")
     return Experiment(NUMBER, TITLE, CLAIM, measured, verdict.word,
                       ["variant", "α₀", "final val loss (capped)", "diverged", "Δ vs LayerNorm (per seed)",
-                       "last DyT input rms", f"% |α·x| > {SATURATED_AT:g}"], rows, plot, notes,
+                       "last DyT input rms", f"last DyT % |α·x| > {SATURATED_AT:g}", "every DyT's %"], rows, plot,
+                      notes,
                       data={"layernorm": reference, "dyt": {str(a): runs for a, runs in sweep.items()}},
                       below_paper=below_paper({"width": (d_model, 4096)}))
 
