@@ -83,6 +83,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     option("--bn-d-model", positive_int, "width of experiment 9's models")
     option("--bn-short-block", positive_int, "the shorter context experiment 9 evaluates its models at, below "
                                              "--block-size; unset: a quarter of it")
+    option("--qk-lrs", comma_list(positive_float), "comma-separated peak learning rates of experiment 11's sweep")
+    option("--qk-steps", positive_int, "steps per run of experiment 11")
+    option("--qk-n-layer", positive_int, "layers of experiment 11's model (None: the grid's)")
+    option("--qk-d-model", positive_int, "width of experiment 11's model (None: the grid's)")
+    option("--dyt-alphas", comma_list(positive_float), "comma-separated DyT α₀ of experiment 12's sweep")
+    option("--dyt-steps", positive_int, "steps per run of experiment 12")
+    option("--dyt-n-layer", positive_int, "layers of experiment 12's model (None: the grid's)")
+    option("--dyt-d-model", positive_int, "width of experiment 12's model (None: the grid's)")
     p.add_argument("--out", default="runs", help="parent directory of the study directory (default: %(default)s)")
     p.add_argument("--name", type=dir_name, default=None,
                    help="study directory name inside --out (default: the profile's name for an unchanged profile, "

@@ -12,7 +12,7 @@ PLACEMENTS = ("post", "pre", "sandwich", "deepnorm", "olmo2", "mixln", "lnscalin
 #: Experiment 10's placements that its claims compare (Pre-LN against Peri-LN and LayerNorm Scaling).
 DEPTH_CLAIMED = ("pre", "sandwich", "lnscaling")
 DEFAULT_VARIANTS = ("layernorm-pre", "layernorm-post", "rmsnorm-pre", "rmsnorm-post", "dyt-pre", "none-pre")
-EXPERIMENTS = (1, 2, 3, 4, 5, 6, 7, 8, 9, 10)
+EXPERIMENTS = (1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12)
 
 
 class StudyConfigError(ValueError):
@@ -155,8 +155,17 @@ class StudyConfig:
     depth_n_head: int = 2
     depth_steps: int = 30
     depth_batch_size: int = 8
-    # experiment 11: QK-norm and learning-rate sensitivity
-    # experiment 12: DyT's α₀
+    # experiment 11: QK-norm and learning-rate sensitivity: a learning-rate sweep with and without QK-norm, at this
+    # depth and width (None: the grid's)
+    qk_lrs: list[float] = field(default_factory=lambda: [1e-3, 1e-2, 1e-1])
+    qk_steps: int = 40
+    qk_n_layer: int | None = 2
+    qk_d_model: int | None = 64
+    # experiment 12: DyT's α₀: a sweep of α₀ against LayerNorm, at this depth and width (None: the grid's)
+    dyt_alphas: list[float] = field(default_factory=lambda: [0.5, 8.0, 128.0])
+    dyt_steps: int = 50
+    dyt_n_layer: int | None = 2
+    dyt_d_model: int | None = 64
 
     def __post_init__(self) -> None:
         if self.profile not in PROFILES:
@@ -170,7 +179,7 @@ class StudyConfig:
         for k in ("steps", "batch_size", "block_size", "n_layer", "n_head", "d_model", "warmup_steps", "grad_d_model",
                   "grad_n_head", "grad_batch_size", "grad_batches", "grad_seeds", "share_repeats", "seeds",
                   "timing_rounds", "bn_steps", "bn_n_layer", "bn_d_model", "depth_d_model", "depth_n_head",
-                  "depth_steps", "depth_batch_size"):
+                  "depth_steps", "depth_batch_size", "qk_steps", "dyt_steps"):
             if getattr(self, k) < 1:
                 raise StudyConfigError(f"{k} must be ≥ 1, got {getattr(self, k)}")
         if self.preset not in (None, "gpt2", "llama"):
@@ -209,6 +218,17 @@ class StudyConfig:
         if self.depth_d_model % self.depth_n_head:
             raise StudyConfigError(
                 f"depth_d_model={self.depth_d_model} must be divisible by depth_n_head={self.depth_n_head}")
+        for k in ("qk_lrs", "dyt_alphas"):  # sweeps, kept in ascending order
+            values = getattr(self, k)
+            if not values or not all(math.isfinite(v) and v > 0 for v in values) or len(set(values)) != len(values):
+                raise StudyConfigError(f"--{k.replace('_', '-')}: expected distinct finite numbers > 0, got {values}")
+            setattr(self, k, sorted(values))
+        for k in ("qk_n_layer", "qk_d_model", "dyt_n_layer", "dyt_d_model"):
+            if getattr(self, k) is not None and getattr(self, k) < 1:
+                raise StudyConfigError(f"{k} must be ≥ 1, got {getattr(self, k)}")
+        for k in ("qk_d_model", "dyt_d_model"):
+            if getattr(self, k) is not None and getattr(self, k) % self.n_head:
+                raise StudyConfigError(f"{k}={getattr(self, k)} must be divisible by n_head={self.n_head}")
         if self.grad_d_model % self.grad_n_head:
             raise StudyConfigError(
                 f"grad_d_model={self.grad_d_model} must be divisible by grad_n_head={self.grad_n_head}")
@@ -246,7 +266,9 @@ PROFILES: dict[str, dict] = {
         "depth_placements": list(PLACEMENTS), "depth_n_layer": 12, "depth_d_model": 64, "depth_n_head": 4,
         "depth_steps": 80,
         # experiment 11
+        "qk_lrs": [3e-3, 1e-2, 3e-2, 1e-1, 3e-1], "qk_steps": 150, "qk_n_layer": None, "qk_d_model": None,
         # experiment 12
+        "dyt_alphas": [0.5, 2.0, 8.0, 32.0, 128.0], "dyt_steps": 250, "dyt_n_layer": None, "dyt_d_model": None,
     },
 }
 

@@ -256,3 +256,48 @@ def depth(growth: dict[str, list[float]], deep_early: dict[str, list[float]],
               f"{_yes(lns_raises)}; (3) loss below Pre-LN's beyond the spread and {COMPARABLE_NATS:g} nats: Peri-LN "
               f"({peri_gain:+.3f}) {_yes(peri_lower)}, LN-Scaling ({lns_gain:+.3f}) {_yes(lns_lower)}")
     return Verdict(HOLDS if all(checks) else PARTLY if any(checks) else NOT_HERE, reason)
+#: Experiment 11: the largest attention logit without QK-norm counts as larger from this multiple of QK-norm's.
+LOGIT_FACTOR = 2.0
+
+
+def _logit_larger(plain: list[float], qk: list[float]) -> bool:
+    """Per-seed largest logits: ``plain``'s mean above LOGIT_FACTOR × ``qk``'s and beyond SPREAD_K × the pooled
+    std; a non-finite logit counts as infinite (larger than any finite one, nothing to say beside another)."""
+    if not all(math.isfinite(v) for v in qk):
+        return False
+    if not all(math.isfinite(v) for v in plain):
+        return True
+    delta = mean_std(plain)[0] - mean_std(qk)[0]
+    return mean_std(plain)[0] > LOGIT_FACTOR * mean_std(qk)[0] and delta > SPREAD_K * pooled_std(plain, qk)
+
+
+def qk_norm(sens_plain: list[float], sens_qk: list[float], logit_plain: list[float], logit_qk: list[float]
+            ) -> Verdict:
+    """Experiment 11: per-seed LR sensitivity (nats) without and with QK-norm, and per-seed largest attention
+    logit at the highest learning rate. Less sensitive when QK-norm's mean is lower by more than COMPARABLE_NATS
+    and SPREAD_K × the pooled std; larger logits when :func:`_logit_larger`. Holds when both; partly when one."""
+    delta = mean_std(sens_plain)[0] - mean_std(sens_qk)[0]
+    spread = pooled_std(sens_plain, sens_qk)
+    less_sensitive = delta > 0 and beyond(delta, COMPARABLE_NATS, spread)
+    return _both(less_sensitive, _logit_larger(logit_plain, logit_qk),
+                 f"QK-norm less LR-sensitive (Δ {delta:+.3f} vs margin {COMPARABLE_NATS:g}, {SPREAD_K:g}× pooled std "
+                 f"{SPREAD_K * spread:.3f})",
+                 f"larger logits without QK-norm at the highest lr (> {LOGIT_FACTOR:g}× and beyond the spread)")
+
+
+def dyt_alpha(layernorm: list[float], per_alpha: dict[float, list[float]]) -> Verdict:
+    """Experiment 12: per-seed final val losses of LayerNorm and of DyT at each α₀. Matches when the best α₀'s
+    (lowest mean) loss is not above LayerNorm's by more than COMPARABLE_NATS and SPREAD_K × their pooled std;
+    sensitive when the worst α₀'s mean exceeds the best's by more than both. Holds when both; partly when one."""
+    by_mean = sorted(per_alpha, key=lambda a: mean_std(per_alpha[a])[0])
+    best, worst = per_alpha[by_mean[0]], per_alpha[by_mean[-1]]
+    gap = mean_std(best)[0] - mean_std(layernorm)[0]
+    gap_spread = pooled_std(best, layernorm)
+    matches = not (gap > 0 and beyond(gap, COMPARABLE_NATS, gap_spread))
+    sway = mean_std(worst)[0] - mean_std(best)[0]
+    sway_spread = pooled_std(worst, best)
+    return _both(matches, beyond(sway, COMPARABLE_NATS, sway_spread),
+                 f"best α₀ {by_mean[0]:g} matches LayerNorm (Δ {gap:+.3f} vs margin {COMPARABLE_NATS:g}, "
+                 f"{SPREAD_K:g}× pooled std {SPREAD_K * gap_spread:.3f})",
+                 f"sensitive to α₀ (worst {by_mean[-1]:g} − best {sway:+.3f} vs margin {COMPARABLE_NATS:g}, "
+                 f"{SPREAD_K:g}× pooled std {SPREAD_K * sway_spread:.3f})")

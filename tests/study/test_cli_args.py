@@ -41,6 +41,8 @@ def usage_error(capsys, *argv: str) -> str:
     (["--bn-short-block", "0"], "--bn-short-block"),
     (["--depth-placements", "pre,fancy"], "--depth-placements"), (["--depth-n-layer", "0"], "--depth-n-layer"),
     (["--depth-steps", "-1"], "--depth-steps"),
+    (["--qk-lrs", "1e-3,-1"], "--qk-lrs"), (["--qk-lrs", "nan"], "--qk-lrs"), (["--qk-steps", "0"], "--qk-steps"),
+    (["--dyt-alphas", "0.5,0"], "--dyt-alphas"), (["--dyt-d-model", "0"], "--dyt-d-model"),
 ])
 def test_study_rejects_bad_arguments_before_any_work(tmp_path, capsys, args, flag):
     out = tmp_path / "a" / "b"
@@ -88,6 +90,17 @@ def test_study_config_checks_experiment_10(kw, match):
     with pytest.raises(StudyConfigError, match=match):
         StudyConfig(**kw)
     assert StudyConfig(depth_placements="LNScaling, sandwich,pre").depth_placements == ["lnscaling", "sandwich", "pre"]
+def test_study_config_checks_the_sweeps():
+    """Experiments 11 and 12: sweeps of distinct positive numbers, kept ascending; widths the heads divide."""
+    assert StudyConfig(qk_lrs=[1e-1, 1e-3], dyt_alphas=[2.0, 0.5]).qk_lrs == [1e-3, 1e-1]
+    assert StudyConfig(dyt_alphas=[2.0, 0.5]).dyt_alphas == [0.5, 2.0]
+    for kw, flag in ((dict(qk_lrs=[]), "--qk-lrs"), (dict(qk_lrs=[1e-3, 1e-3]), "--qk-lrs"),
+                     (dict(dyt_alphas=[0.5, math.inf]), "--dyt-alphas"), (dict(qk_d_model=30), "qk_d_model=30"),
+                     (dict(dyt_n_layer=0), "dyt_n_layer"), (dict(dyt_steps=0), "dyt_steps")):
+        with pytest.raises(StudyConfigError, match=flag):
+            StudyConfig(**kw)
+    full = StudyConfig.from_profile("full")
+    assert full.qk_d_model is None and full.dyt_n_layer is None and full.seeds >= 3  # the grid's model
 
 
 def test_optimizer_knobs_reach_config_json_and_the_optimizer(tmp_path):

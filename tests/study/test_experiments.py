@@ -240,3 +240,120 @@ def test_exp10_measures_the_stream_of_each_seed_at_init_and_trained(tmp_path, on
     assert (tmp_path / "exp10_depth.png").stat().st_size > 5000
     assert depth.deep_over_early([0.4, 0.3, 0.2, 0.1, 0.1, 0.1, 0.05]) == pytest.approx(0.075 / 0.35)
     assert depth.rms_growth([0.02, 0.5, 1.0, 2.0]) == 4.0
+
+
+def _tiny_ctx(tmp_path, **kw):
+    from normlab.study.experiments import Context
+
+    cfg = StudyConfig(n_layer=2, n_head=2, d_model=32, block_size=16, batch_size=4, eval_iters=2, seeds=2, **kw)
+    return Context(cfg, load_corpus(), tmp_path, progress=False)
+
+
+def _block0_max_logit(model, x) -> float:
+    """max q·k/√d_head of the first block, by hand: learned positions, Pre-LN, QK-norm when the model has it."""
+    import torch
+
+    with torch.no_grad():
+        h = model.transformer.wte(x) + model.transformer.wpe(torch.arange(x.shape[1]))
+        block = model.transformer.h[0]
+        q, k, _ = block.attn.c_attn(block.ln_1(h)).split(h.shape[-1], dim=-1)
+        heads = block.attn.n_head
+        q, k = (t.view(*x.shape, heads, -1).transpose(1, 2) for t in (q, k))
+        if block.attn.q_norm is not None:
+            q, k = block.attn.q_norm(q), block.attn.k_norm(k)
+        s = (q.double() @ k.double().transpose(-2, -1)) / math.sqrt(q.shape[-1])
+        return s.masked_fill(~torch.ones(x.shape[1], x.shape[1], dtype=torch.bool).tril(), -math.inf).max().item()
+
+
+def test_exp11_sweeps_both_arms_and_measures_the_trained_models(tmp_path):
+    """Experiment 11 trains Pre-LN with and without QK-norm at every learning rate and seed; its losses are the
+    capped final val losses, its logits those of the trained (and the freshly initialised) model on the first
+    validation batch — block 1's recomputed here by hand — and its LR sensitivity the paper's formula."""
+    from normlab.study.experiments import qk_norm
+    from normlab.study.experiments.common import capped_loss
+
+    ctx = _tiny_ctx(tmp_path, qk_lrs=[1e-1, 1e-3], qk_steps=6, qk_n_layer=1, qk_d_model=16, experiments=[11])
+    exp = qk_norm.run(ctx)
+    lrs, runs, summary = exp.data["lrs"], exp.data["runs"], exp.data["summary"]
+    assert lrs == [1e-3, 1e-1]  # ascending
+    corpus = ctx.corpus
+    x = corpus.batch("val", 0, 4, 16, ctx.cfg.seed)[0]
+    for arm, qk in qk_norm.ARMS.items():
+        for i, lr in enumerate(lrs):
+            for s, seed in enumerate(ctx.seeds):
+                rc = qk_norm.qk_run_config(ctx.cfg, corpus, qk, lr, seed)
+                run = ctx.train("again", f"qk_norm/{'qk' if qk else 'plain'}-lr{lr:g}/seed-{seed}", rc)  # loads
+                assert (run.config.lr, run.config.model["qk_norm"], run.config.model["d_model"]) == (lr, qk, 16)
+                got = runs[arm][i][s]
+                assert got["loss"] == capped_loss(run.final)
+                assert got["logits"][0] == pytest.approx(_block0_max_logit(run.load_model(), x), rel=1e-9)
+                fresh = build_model(rc.model, seed).eval()
+                assert got["init_logits"][0] == pytest.approx(_block0_max_logit(fresh, x), rel=1e-9)
+        losses = [[runs[arm][i][s]["loss"] for i in range(2)] for s in range(2)]
+        assert summary[arm]["sensitivity"] == pytest.approx([(max(l) - min(l)) / 2 for l in losses])
+        assert summary[arm]["top_logit"] == [max(runs[arm][1][s]["logits"]) for s in range(2)]
+    assert [r[:2] for r in exp.rows] == [[a, lr] for a in qk_norm.ARMS for lr in lrs]
+    assert exp.below_paper and (tmp_path / exp.plot).stat().st_size > 5000
+
+
+def test_exp11_measures():
+    from normlab.study.experiments.common import capped_loss
+    from normlab.study.experiments.qk_norm import largest_stable_lr, lr_sensitivity, max_logit
+
+    assert lr_sensitivity([3.0, 2.0, 2.5, 4.0]) == pytest.approx((1.0 + 0.0 + 0.5 + 2.0) / 4)
+    assert largest_stable_lr([1e-3, 1e-2, 1e-1], [2.05, 2.0, 2.3]) == 1e-2
+    assert largest_stable_lr([1e-3, 1e-2, 1e-1], [2.05, 2.0, 2.1], margin=0.1) == 1e-1
+    assert max_logit([1.0, 3.0]) == 3.0 and max_logit([1.0, math.nan]) == math.inf
+    assert capped_loss({"final_val_loss": NAN, "init_val_loss": 4.2}) == 4.2
+    assert capped_loss({"final_val_loss": 1e5, "init_val_loss": 4.2}) == 4.2
+    assert capped_loss({"final_val_loss": 2.5, "init_val_loss": 4.2}) == 2.5
+
+
+def test_exp12_sweeps_alpha_against_layernorm_and_measures_saturation(tmp_path):
+    """Experiment 12 trains DyT at every α₀ and LayerNorm, per seed; the saturation is the fraction of the final
+    DyT's input (the last block's output) with |α·x| > 2 on the first validation batch, and its mean over the
+    three DyT layers of the one-block model, recomputed here."""
+    import torch
+
+    from normlab.analysis import residual_stream
+    from normlab.study.experiments import dyt_alpha
+    from normlab.study.experiments.common import capped_loss
+
+    ctx = _tiny_ctx(tmp_path, dyt_alphas=[2.0, 0.5], dyt_steps=6, dyt_n_layer=1, dyt_d_model=16, experiments=[12])
+    exp = dyt_alpha.run(ctx)
+    assert list(exp.data["dyt"]) == ["0.5", "2.0"]
+    x = ctx.corpus.batch("val", 0, 4, 16, ctx.cfg.seed)[0]
+    for alpha in (None, 0.5, 2.0):
+        for s, seed in enumerate(ctx.seeds):
+            arm = "layernorm" if alpha is None else f"dyt-a{alpha:g}"
+            run = ctx.train("again", f"dyt_alpha/{arm}/seed-{seed}",
+                            dyt_alpha.dyt_run_config(ctx.cfg, ctx.corpus, alpha, seed))
+            got = exp.data["layernorm"][s] if alpha is None else exp.data["dyt"][str(alpha)][s]
+            assert got["loss"] == capped_loss(run.final)
+            assert run.config.model["norm"] == ("layernorm" if alpha is None else "dyt")
+            if alpha is None:
+                assert "saturated" not in got
+                continue
+            assert run.config.model["dyt_alpha"] == alpha
+            model = run.load_model()
+            h = residual_stream(model, x)[-1]
+            trained_alpha = model.transformer.ln_f.alpha.detach()
+            assert got["layer"] == "transformer.ln_f"
+            assert got["saturated"] == pytest.approx((trained_alpha.abs() * h.abs() > 2).double().mean().item())
+            assert got["input_rms"] == pytest.approx(h.double().pow(2).mean().sqrt().item(), rel=1e-6)
+            block = model.transformer.h[0]  # Pre-LN: ln_1 sees the stream, ln_2 the stream after attention
+            with torch.no_grad():
+                h0 = residual_stream(model, x)[0]
+                inputs = [(block.ln_1, h0), (block.ln_2, h0 + block.attn(block.ln_1(h0))), (model.transformer.ln_f, h)]
+            fractions = [(layer.alpha.detach().abs() * v.abs() > 2).double().mean().item() for layer, v in inputs]
+            assert got["saturated_mean"] == pytest.approx(sum(fractions) / 3)
+            assert torch.isfinite(h).all()
+    assert [r[1] for r in exp.rows] == ["—", 0.5, 2.0]
+    from collections import Counter
+
+    from normlab.study.experiments.common import unigram_entropy
+
+    counts = Counter(ctx.corpus.train.tolist())
+    n = sum(counts.values())
+    assert unigram_entropy(ctx.corpus) == pytest.approx(-sum(c / n * math.log(c / n) for c in counts.values()))
+    assert exp.below_paper and (tmp_path / exp.plot).stat().st_size > 5000

@@ -26,6 +26,8 @@ TINY = dict(
     share_widths=[16, 32], share_repeats=2,  # 7
     bn_batch_sizes=[2, 4], bn_steps=8, bn_d_model=32,  # 9
     depth_n_layer=2, depth_steps=8, depth_batch_size=4,  # 10
+    qk_steps=8, qk_d_model=32,  # 11
+    dyt_steps=8, dyt_d_model=32,  # 12
 )
 
 

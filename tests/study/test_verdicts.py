@@ -3,6 +3,8 @@ Experiment 3's rule (``verdicts.warmup``) is tested in test_experiments.py."""
 
 from __future__ import annotations
 
+import math
+
 import pytest
 
 from normlab.study import verdicts as v
@@ -211,3 +213,36 @@ def test_depth(kw, word):
     verdict = _depth(**kw)
     assert verdict.word == word, verdict.reason
     assert verdict.reason.count("yes") + verdict.reason.count("no") == 7
+@pytest.mark.parametrize("sens_plain, sens_qk, logit_plain, logit_qk, word", [
+    ([0.5, 0.6, 0.55], [0.2, 0.25, 0.22], [100.0, 120.0, 90.0], [5.0, 6.0, 5.5], HOLDS),
+    ([0.36, 0.36], [0.3, 0.3], [10.1, 10.1], [5.0, 5.0], HOLDS),       # no spread: Δ 0.06 > 0.05; 10.1 > 2 × 5
+    ([0.34, 0.34], [0.3, 0.3], [100.0, 100.0], [5.0, 5.0], PARTLY),    # Δ 0.04: within the margin
+    ([0.4, 0.5, 0.6], [0.3, 0.4, 0.5], [100.0, 100.0], [5.0, 5.0], PARTLY),  # Δ 0.1, 2× pooled std 0.2: within
+    ([0.3, 0.3], [0.5, 0.5], [100.0, 100.0], [5.0, 5.0], PARTLY),      # QK-norm the more sensitive one
+    ([0.5, 0.5], [0.2, 0.2], [10.0, 10.0], [5.0, 5.0], PARTLY),        # exactly 2×: not larger
+    ([0.5, 0.5], [0.2, 0.2], [5.0, 30.0], [5.0, 5.0], PARTLY),         # 3.5× in the mean, within 2× pooled std
+    ([0.5, 0.5], [0.2, 0.2], [math.inf, 100.0], [5.0, 5.0], HOLDS),    # an overflowed logit counts as infinite
+    ([0.5, 0.5], [0.2, 0.2], [math.inf, 100.0], [math.nan, 5.0], PARTLY),  # ... but not beside another
+    ([0.3, 0.3], [0.3, 0.3], [5.0, 5.0], [5.0, 5.0], NOT_HERE),
+])
+def test_qk_norm(sens_plain, sens_qk, logit_plain, logit_qk, word):
+    assert v.qk_norm(sens_plain, sens_qk, logit_plain, logit_qk).word == word
+
+
+@pytest.mark.parametrize("ln, sweep, word", [
+    ([2.0, 2.01, 1.99], {0.1: [2.3, 2.31, 2.29], 0.5: [2.02, 2.03, 2.01], 2.0: [2.5, 2.4, 2.6]}, HOLDS),
+    ([2.0, 2.0], {0.5: [2.04, 2.04], 1.0: [2.1, 2.1]}, HOLDS),     # no spread: best 0.04 above, worst 0.06 above it
+    ([2.0, 2.0], {0.5: [2.06, 2.06], 1.0: [2.2, 2.2]}, PARTLY),    # best 0.06 above LayerNorm: does not match
+    ([2.0, 2.0], {0.5: [1.8, 1.8], 1.0: [2.2, 2.2]}, HOLDS),       # better than LayerNorm counts as matching
+    ([1.9, 2.1], {0.5: [2.0, 2.2], 1.0: [2.6, 2.6]}, HOLDS),       # 0.1 above, within 2× the pooled std 0.14
+    ([2.0, 2.0], {0.5: [2.0, 2.0], 1.0: [2.04, 2.04]}, PARTLY),    # worst only 0.04 above the best: not sensitive
+    ([2.0, 2.0], {0.5: [1.9, 2.1], 1.0: [2.1, 2.1]}, PARTLY),      # 0.1 apart, within 2× the pooled std 0.1
+    ([2.0, 2.0], {0.5: [2.3, 2.3], 1.0: [2.32, 2.32]}, NOT_HERE),
+])
+def test_dyt_alpha(ln, sweep, word):
+    assert v.dyt_alpha(ln, sweep).word == word
+
+
+def test_dyt_alpha_names_the_best_and_the_worst_alpha_by_their_mean():
+    reason = v.dyt_alpha([2.0, 2.0], {0.1: [2.5, 2.5], 0.5: [2.0, 2.1], 2.0: [1.9, 2.3]}).reason
+    assert "best α₀ 0.5 matches" in reason and "worst 0.1" in reason

@@ -13,6 +13,8 @@ and has ``run(ctx) -> Experiment``, which measures one published claim and rende
 9. why Transformers prefer LayerNorm to BatchNorm: batch size, train/eval statistics, context length (Shen et al.
    2020).
 10. the residual stream and each layer's change of it across depth, per placement (Peri-LN, LayerNorm Scaling).
+11. QK-norm and learning-rate sensitivity (Wortsman et al. 2023);
+12. DyT's α₀ against LayerNorm (Zhu et al. 2025).
 """
 
 from __future__ import annotations
@@ -23,12 +25,14 @@ from normlab.study.experiments import (
     batch_vs_layer,
     conversion,
     depth,
+    dyt_alpha,
     geometry,
     grad_init,
     grad_trajectories,
     invariances,
     loss_speed,
     norm_share,
+    qk_norm,
     warmup,
 )
 from normlab.study.experiments.common import Context, model_config, run_config
@@ -36,7 +40,7 @@ from normlab.study.experiments.common import Context, model_config, run_config
 #: The experiments by number, in report order.
 REGISTRY: dict[int, ModuleType] = {m.NUMBER: m for m in sorted(
     (loss_speed, grad_init, warmup, geometry, invariances, conversion, norm_share, grad_trajectories,
-     batch_vs_layer, depth),
+     batch_vs_layer, depth, qk_norm, dyt_alpha),
     key=lambda m: m.NUMBER)}
 #: The experiments that read experiment 1's grid of trained variants.
 USES_GRID = {1, 4, 6, 8}

@@ -3,6 +3,7 @@ experiment runs in, and the mean ± std helpers of its tables."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -103,6 +104,45 @@ def band(ax, xs, per_seed: list[list[float]], label: str, **kwargs):
     ax.fill_between(xs, [m - s for m, s in zip(mean, std)], [m + s for m, s in zip(mean, std)],
                     color=line.get_color(), alpha=0.2, lw=0)
     return line
+
+
+def unigram_entropy(corpus: Corpus) -> float:
+    """The loss (nats/char) of predicting the training text's character frequencies without context."""
+    counts = torch.bincount(corpus.train, minlength=corpus.vocab_size).double()
+    prob = counts[counts > 0] / counts.sum()
+    return -(prob * prob.log()).sum().item()
+
+
+def capped_loss(final: dict) -> float:
+    """A run's final val loss, capped at its untrained model's (a diverged or non-finite run counts at that
+    loss, as in Wortsman et al. 2023's learning-rate sensitivity)."""
+    loss, init = final["final_val_loss"], final["init_val_loss"]
+    return min(loss, init) if math.isfinite(loss) else init
+
+
+def dyt_saturations(model: torch.nn.Module, idx: torch.Tensor, threshold: float) -> dict[str, tuple[float, float]]:
+    """On token ids ``idx``, every DyT layer in the order they ran: ``name → (its input's rms, the fraction of
+    its input entries in tanh's saturated region |α·x| > threshold)``."""
+    from normlab.analysis import ActivationStats, find_norm_layers
+
+    with torch.no_grad(), ActivationStats(model, keep_inputs=True) as rec:
+        model(idx)
+    layers = dict(find_norm_layers(model))
+    out = {}
+    for name in rec.order:
+        h, alpha = rec.inputs[name][0], layers[name].alpha.detach()
+        out[name] = (h.double().pow(2).mean().sqrt().item(), (alpha.abs() * h.abs() > threshold).double().mean().item())
+    return out
+
+
+def dyt_saturation(model: torch.nn.Module, idx: torch.Tensor, threshold: float) -> tuple[str, float, float] | None:
+    """The last DyT layer that ran on ``idx``: its name, its input's rms and saturated fraction (see
+    :func:`dyt_saturations`); None when no norm layer ran."""
+    per_layer = dyt_saturations(model, idx, threshold)
+    if not per_layer:
+        return None
+    last = list(per_layer)[-1]
+    return last, *per_layer[last]
 
 
 def below_paper(what: dict[str, tuple[float, float]]) -> str | None:

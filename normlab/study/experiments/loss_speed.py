@@ -7,11 +7,11 @@ from pathlib import Path
 
 import torch
 
-from normlab.analysis import ActivationStats, find_norm_layers
+from normlab.analysis import find_norm_layers
 from normlab.bench.timing import interleaved_medians
 from normlab.study import verdicts
 from normlab.study.config import StudyConfig, parse_variant
-from normlab.study.experiments.common import Context, band, below_paper, pm
+from normlab.study.experiments.common import Context, band, below_paper, dyt_saturation, pm
 from normlab.study.report import Experiment, new_figure, save_figure
 from normlab.study.train import RunResult
 from normlab.study.verdicts import COMPARABLE_NATS, FASTER_BY, Verdict
@@ -149,24 +149,19 @@ def _dyt_saturation_note(name: str, r: RunResult, cfg: StudyConfig) -> str:
     derivative to 0), and from which logged step its blocks got exactly zero gradient."""
     from normlab.study.data import load_corpus
 
-    model = r.load_model()
     corpus = load_corpus(None if r.config.data.startswith("builtin:") else r.config.data)
     x = corpus.batch("val", 0, cfg.batch_size, r.config.model["block_size"], cfg.seed)[0]
-    with torch.no_grad(), ActivationStats(model, keep_inputs=True) as rec:
-        model(x)
-    layers = dict(find_norm_layers(model))
-    if not rec.order:
+    found = dyt_saturation(r.load_model(), x, threshold=9.0)
+    if found is None:
         return f"{name}: no DyT layer ran (placement without norms)."
-    last = rec.order[-1]
-    h = rec.inputs[last][0]
-    sat = (layers[last].alpha.detach().abs() * h.abs() > 9).double().mean().item()
+    last, rms, sat = found
     dead = [g["step"] for g in r.records
             if "layer_grad_norm" in g and g["layer_grad_norm"] and not any(g["layer_grad_norm"].values())]
     text = (f"{name}: the input of its last DyT ({last.replace('transformer.', '')}) has rms "
-            f"{h.double().pow(2).mean().sqrt().item():.3g}; {100 * sat:.0f}% of its entries saturate tanh (|αx| > 9, "
+            f"{rms:.3g}; {100 * sat:.0f}% of its entries saturate tanh (|αx| > 9, "
             "where tanh' rounds to 0 in fp32)")
     if dead:
         text += (f", and from logged step {dead[0]} on every block's gradient is exactly 0 — only the embeddings and "
                  "the head train")
     return text + (". DyT (Zhu et al. 2025) has no statistics to bound the residual stream; "
-                   "its paper tunes α₀ per model (α₀ = 0.5 here).")
+                   "its paper tunes α₀ per model (α₀ = 0.5 here; experiment 12 sweeps it).")

@@ -5,13 +5,11 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-import torch
-
 from normlab.study import verdicts
 from normlab.study.config import StudyConfig
 from normlab.study.data import Corpus
 from normlab.study.distributed import DistInfo
-from normlab.study.experiments.common import Context, run_config
+from normlab.study.experiments.common import Context, run_config, unigram_entropy
 from normlab.study.report import Experiment, new_figure, save_figure
 from normlab.study.train import RunResult, train_run
 
@@ -58,9 +56,7 @@ def render_warmup(cfg: StudyConfig, corpus: Corpus, out_dir: Path, runs: dict[tu
                      f["final_train_loss"], f["diverged"]])
         s, l = r.train_curve()
         ax.plot(s, l, ls="-" if warm else "--", lw=1.2, label=f"{placement}-LN, {'warmup' if warm else 'no warmup'}")
-    counts = torch.bincount(corpus.train, minlength=corpus.vocab_size).double()
-    prob = counts[counts > 0] / counts.sum()
-    unigram = -(prob * prob.log()).sum().item()  # the loss of predicting character frequencies only
+    unigram = unigram_entropy(corpus)
     ax.axhline(unigram, color="k", ls=":", lw=1, label=f"unigram entropy {unigram:.2f}")
     ax.set(xlabel="step", ylabel="train loss", title=f"lr {cfg.warmup_lr:g}: with and without warmup")
     ax.set_ylim(top=min(ax.get_ylim()[1], 6))
