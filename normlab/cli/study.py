@@ -60,8 +60,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     option("--grad-depths", comma_list(positive_int), "comma-separated depths of experiment 2 (the paper's: 6,12)")
     option("--grad-d-model", positive_int, "width of experiment 2's models (the paper's: 512)")
     option("--grad-seeds", positive_int, "seeds of experiment 2")
-    option("--warmup-lr", positive_float, "high learning rate of experiment 3")
+    option("--warmup-lrs", comma_list(positive_float), "comma-separated learning-rate sweep of experiment 3")
+    option("--warmup-layers", positive_int, "layers of experiment 3's models")
+    option("--warmup-d-model", positive_int, "width of experiment 3's models")
     option("--warmup-steps", positive_int, "steps per run of experiment 3")
+    option("--warmup-warmup", positive_int, "linear warmup of experiment 3's runs with warmup, unless given a "
+                                            "third of --warmup-steps")
+    option("--warmup-beta2", number_in(0, 1, hi_open=True), "Adam's β₂ in experiment 3 (the paper's: 0.98)")
+    option("--warmup-grad-clip", number_in(0, math.inf), "max gradient norm in experiment 3; 0: no clipping")
+    option("--warmup-sweep-seeds", positive_int, "seeds of every learning rate of experiment 3's sweep; the edge "
+                                                 "lr gets all --seeds")
     option("--share-widths", comma_list(positive_int), "model widths of experiment 7, multiples of 32")
     p.add_argument("--out", default="runs", help="parent directory of the study directory (default: %(default)s)")
     p.add_argument("--name", type=dir_name, default=None,
