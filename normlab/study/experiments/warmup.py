@@ -132,31 +132,29 @@ def render_warmup(cfg: StudyConfig, corpus: Corpus, out_dir: Path, runs: dict[Ar
 
     fig, (ax_lr, ax_curve) = new_figure(2, 6, 4)
     k = max(1, cfg.warmup_steps // 30)  # the training curves' moving average
-    for p in PLACEMENTS:
-        for warm in (True, False):
-            style = dict(ls="-" if warm else "--", marker="o" if p == "post" else "s", ms=4)
-            label = f"{p}-LN, {'warmup' if warm else 'no warmup'}"
-            means, stds, crashed = [], [], []
-            for lr in lrs:
-                finite = _finite_losses(runs[(p, warm, lr)])
-                mean, std = verdicts.mean_std(finite) if finite else (math.nan, 0.0)
-                means.append(mean)
-                stds.append(std)
-                if len(finite) < len(runs[(p, warm, lr)]):
-                    crashed.append(lr)
-            line = ax_lr.plot(lrs, means, label=label, **style)[0]
-            ax_lr.fill_between(lrs, [m - s for m, s in zip(means, stds)], [m + s for m, s in zip(means, stds)],
-                               color=line.get_color(), alpha=0.2, lw=0)
-            if crashed:  # a diverged run has no finite loss to draw: an × on the unigram line marks it
-                ax_lr.plot(crashed, [unigram] * len(crashed), "x", ms=9, color=line.get_color())
-            per_seed = [smooth(r.train_curve()[1], k) for r in runs[(p, warm, edge)]]
-            band(ax_curve, range(1, len(per_seed[0]) + 1), per_seed, label, ls=style["ls"], lw=1.2)
+    for i, (p, warm) in enumerate((p, w) for p in PLACEMENTS for w in (True, False)):
+        dodge = 1.04 ** (i - 1.5)  # the four curves' error bars side by side on the log axis
+        style = dict(ls="-" if warm else "--", marker="o" if p == "post" else "s", ms=4)
+        label = f"{p}-LN, {'warmup' if warm else 'no warmup'}"
+        means, stds, crashed = [], [], []
+        for lr in lrs:
+            finite = _finite_losses(runs[(p, warm, lr)])
+            mean, std = verdicts.mean_std(finite) if finite else (math.nan, 0.0)
+            means.append(mean)
+            stds.append(std)
+            if len(finite) < len(runs[(p, warm, lr)]):
+                crashed.append(lr)
+        line = ax_lr.errorbar([lr * dodge for lr in lrs], means, yerr=stds, capsize=3, label=label, **style)[0]
+        if crashed:  # a diverged run has no finite loss to draw: an × on the unigram line marks it
+            ax_lr.plot([lr * dodge for lr in crashed], [unigram] * len(crashed), "x", ms=9, color=line.get_color())
+        per_seed = [smooth(r.train_curve()[1], k) for r in runs[(p, warm, edge)]]
+        band(ax_curve, range(1, len(per_seed[0]) + 1), per_seed, label, ls=style["ls"], lw=1.2)
     seeds_at_edge = len(runs[("post", True, edge)])
     for ax in (ax_lr, ax_curve):
         ax.axhline(unigram, color="k", ls=":", lw=1, label=f"unigram entropy {unigram:.2f}")
         ax.legend(fontsize=7)
     ax_lr.set(xscale="log", xlabel="peak learning rate", ylabel="final val loss",
-              title="final val loss (band: ± 1 std over seeds; ×: diverged)")
+              title="final val loss (bars: ± 1 std over seeds; ×: diverged)")
     ax_curve.set(xlabel="step", ylabel="train loss",
                  title=f"lr {edge:g}: mean ± 1 std over {seeds_at_edge} seeds (smoothed over {k})")
     ax_curve.set_ylim(top=min(ax_curve.get_ylim()[1], unigram + 1.5))
