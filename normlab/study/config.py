@@ -125,7 +125,7 @@ class StudyConfig:
     share_repeats: int = 3
     # experiment 3: warmup sensitivity, Post-LN vs Pre-LN, over a learning-rate sweep (Xiong et al. 2020): Adam
     # with warmup_beta2, the paper's init; every lr at warmup_sweep_seeds seeds, the edge lr at all seeds
-    warmup_lrs: list[float] = field(default_factory=lambda: [3e-3])
+    warmup_lrs: list[float] = field(default_factory=lambda: [1e-3])  # the paper's
     warmup_layers: int = 6
     warmup_d_model: int = 64
     warmup_steps: int = 30

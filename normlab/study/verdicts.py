@@ -135,10 +135,17 @@ def costs_more(cost: float, spread: float) -> bool:
     return cost > WARMUP_COST and cost > SPREAD_K * spread
 
 
+def needs_warmup(costs: dict[str, tuple[float, float]]) -> tuple[bool, bool]:
+    """``(Post-LN needs warmup, Pre-LN does not)`` at one lr from :func:`warmup_costs`: Post-LN's cost is more
+    (:func:`costs_more`); Pre-LN's is known (its run with warmup did not diverge) and not more."""
+    (post, post_sd), (pre, pre_sd) = costs["post"], costs["pre"]
+    return costs_more(post, post_sd), not math.isnan(pre) and not costs_more(pre, pre_sd)
+
+
 def warmup(runs: dict[tuple[str, bool, float], list[tuple[float, bool]]]) -> Verdict:
     """Experiment 3: ``(placement, warmup, lr) → per seed (final val loss, diverged)`` over the sweep. At a
-    learning rate, Post-LN needs warmup when dropping it costs more (:func:`costs_more`); Pre-LN does not when its
-    cost is known (its run with warmup did not diverge) and not more. Holds when both at some lr whose every arm
+    learning rate, Post-LN needs warmup and Pre-LN does not as :func:`needs_warmup` says. Holds when both at some lr
+    whose every arm
     has WARMUP_MIN_SEEDS seeds; partly when Post-LN needs warmup at some lr (Pre-LN too, or too few seeds);
     does not hold otherwise."""
     lrs = sorted({lr for _, _, lr in runs})
@@ -146,11 +153,11 @@ def warmup(runs: dict[tuple[str, bool, float], list[tuple[float, bool]]]) -> Ver
     for lr in lrs:
         at = {(p, w): v for (p, w, x), v in runs.items() if x == lr}
         costs = warmup_costs(at)
-        (post, post_sd), (pre, pre_sd) = costs["post"], costs["pre"]
-        if not costs_more(post, post_sd):
+        post_needs, pre_fine = needs_warmup(costs)
+        if not post_needs:
             continue
+        (post, post_sd), (pre, pre_sd) = costs["post"], costs["pre"]
         seeds = min(len(v) for v in at.values())
-        pre_fine = not math.isnan(pre) and not costs_more(pre, pre_sd)
         word = HOLDS if pre_fine and seeds >= WARMUP_MIN_SEEDS else PARTLY
         found[word].append(f"lr {lr:g} ({seeds} seed{'s' * (seeds > 1)}: Post-LN {_nats(post, post_sd)}, "
                            f"Pre-LN {_nats(pre, pre_sd)})")

@@ -96,9 +96,9 @@ def test_exp7_times_the_three_norms_per_width_and_repeat(tmp_path):
 
 
 def test_exp3_sweeps_lrs_then_trains_every_seed_at_the_edge(tmp_path):
-    """Experiment 3: every (placement, warmup, lr) at the sweep's seed, then the other seeds at the edge lr — the lr
-    where dropping warmup costs Post-LN the most beyond Pre-LN, computed here from the runs' result files; the
-    runs are the paper's model and optimizer; the table's costs are mean(no warmup) − mean(warmup)."""
+    """Experiment 3: every (placement, warmup, lr) at the sweep's seed, then the other seeds at the edge lr
+    (computed here from the runs' result files); the runs are the paper's model and optimizer; the table's costs
+    are mean(no warmup) − mean(warmup)."""
     import json
 
     from normlab.study.experiments import Context, warmup
@@ -120,7 +120,9 @@ def test_exp3_sweeps_lrs_then_trains_every_seed_at_the_edge(tmp_path):
 
     cost = {lr: {p: final(p, False, lr, 1337) - final(p, True, lr, 1337) for p in ("post", "pre")}
             for lr in cfg.warmup_lrs}
-    edge = max(cfg.warmup_lrs, key=lambda lr: cost[lr]["post"] - cost[lr]["pre"])
+    # one seed, no spread: only Post-LN needs warmup where its cost is > 0.05 and Pre-LN's is not
+    edge = max(cfg.warmup_lrs, key=lambda lr: (cost[lr]["post"] > 0.05 >= cost[lr]["pre"],
+                                               cost[lr]["post"] - cost[lr]["pre"]))
     assert exp.data["edge_lr"] == edge
     other = next(lr for lr in cfg.warmup_lrs if lr != edge)
     assert not (tmp_path / "warmup" / f"lr-{other:g}" / "post-LN-warmup" / "seed-1338").exists()
@@ -132,3 +134,20 @@ def test_exp3_sweeps_lrs_then_trains_every_seed_at_the_edge(tmp_path):
         assert row[2] == 2 and row[-1].startswith(f"{without - with_:+.3f}")
     assert len(exp.rows) == 4 and (tmp_path / "exp3_warmup.png").stat().st_size > 5000
     assert exp.below_paper and "layers 2 (paper: 6)" in exp.below_paper
+
+
+@pytest.mark.parametrize("sweep, edge", [
+    ({1: (2.5, 2.0, 2.0, 2.0), 2: (3.0, 2.0, 2.2, 2.0)}, 1),   # only Post-LN needs warmup at 1: before 2's bigger gap
+    ({1: (2.5, 2.0, 2.1, 2.0), 2: (3.0, 2.0, 2.2, 2.0)}, 2),   # Pre-LN needs it at both: the bigger gap
+    ({1: (2.5, 2.0, 2.0, 2.0), 2: (2.5, 2.0, 2.0, 2.0)}, 1),   # a tie: the lower lr
+    ({1: (2.5, 2.0, 2.0, 2.0), 2: (NAN, 2.0, 2.0, 2.0)}, 2),   # a divergence without warmup: +inf
+    ({1: (2.5, 2.0, 2.0, 2.0), 2: (2.0, NAN, 2.0, 2.0)}, 1),   # diverged with warmup: never the edge
+    ({1: (NAN, 2.0, NAN, 2.0), 2: (2.1, 2.0, 2.08, 2.0)}, 2),  # both diverged without warmup: a gap of 0
+])
+def test_exp3_edge_lr(sweep, edge):
+    from normlab.study.experiments.warmup import edge_lr
+
+    arms = (("post", False), ("post", True), ("pre", False), ("pre", True))
+    results = {(p, w, lr): [(x, not math.isfinite(x))]
+               for lr, losses in sweep.items() for (p, w), x in zip(arms, losses)}
+    assert edge_lr(results) == edge

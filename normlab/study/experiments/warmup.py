@@ -72,15 +72,14 @@ def edge_score(post: float, pre: float) -> float:
 
 
 def edge_lr(results: dict[Arm, list[tuple[float, bool]]]) -> float:
-    """The lr of the sweep where dropping warmup costs Post-LN the most beyond what it costs Pre-LN (the lowest
-    such lr on a tie)."""
-    best, best_score = None, -math.inf
-    for lr in sorted({lr for _, _, lr in results}):
+    """The lr of the sweep where its seeds show the claim best: first the lrs where only Post-LN needs warmup
+    (:func:`verdicts.needs_warmup`), then by how much more dropping warmup costs Post-LN than Pre-LN; the lowest
+    lr on a tie."""
+    def key(lr: float) -> tuple[bool, float]:
         costs = verdicts.warmup_costs({(p, w): v for (p, w, x), v in results.items() if x == lr})
-        score = edge_score(costs["post"][0], costs["pre"][0])
-        if best is None or score > best_score:
-            best, best_score = lr, score
-    return best
+        return all(verdicts.needs_warmup(costs)), edge_score(costs["post"][0], costs["pre"][0])
+
+    return max(sorted({lr for _, _, lr in results}), key=key)
 
 
 def measure_warmup(ctx: Context) -> tuple[dict[Arm, list[RunResult]], float]:
@@ -174,9 +173,10 @@ def render_warmup(cfg: StudyConfig, corpus: Corpus, out_dir: Path, runs: dict[Ar
          f"{cfg.warmup_grad_clip:g}" + (" (none)" if cfg.warmup_grad_clip == 0 else "") +
          f"; {cfg.warmup_steps} steps, a linear warmup of {cfg.warmup_warmup} steps or none, then cosine decay "
          f"to {cfg.min_lr_ratio:g}× the peak (the paper decays by the inverse square root)."),
-        (f"Every lr of the sweep at {sweep_seeds} seed(s); the edge lr — where dropping warmup costs Post-LN the most "
-         "beyond what it costs Pre-LN at those seeds, the lowest on a tie — at all "
-         f"{cfg.seeds} seeds (the seeds after the first {sweep_seeds} are an independent check of that choice)."),
+        (f"Every lr of the sweep at {sweep_seeds} seed(s); the edge lr at all {cfg.seeds} seeds: among the lrs where "
+         "those seeds show only Post-LN needing warmup (the verdict's test below), else among all, the one where "
+         "dropping warmup costs Post-LN the most beyond what it costs Pre-LN, the lowest on a tie. The seeds after "
+         f"the first {sweep_seeds} are an independent check of that choice."),
         (f"Holds when at some lr whose every arm has ≥ {verdicts.WARMUP_MIN_SEEDS} seeds dropping warmup raises "
          f"Post-LN's mean final val loss by more than {verdicts.WARMUP_COST:g} nats and more than "
          f"{verdicts.SPREAD_K:g}× the two arms' pooled seed std, while it does not raise Pre-LN's by that much (and "
