@@ -187,16 +187,18 @@ def render_warmup(cfg: StudyConfig, corpus: Corpus, out_dir: Path, runs: dict[Ar
         (f"Scale: the paper trains 6-layer d=512 translation models for many thousands of steps (its Post-LN baseline "
          f"warms up for 4000); here {cfg.warmup_layers} layers, d={cfg.warmup_d_model}, character-level help text, "
          f"{cfg.warmup_steps} steps. The paper's mechanism — Post-LN's gradients near the output are large at "
-         "initialization, so Adam's first full-size steps disturb them — grows with the width, so the lr at which "
-         "warmup matters is likely higher in a narrower model (hence a sweep from the paper's lr up); a short run "
-         "measures how fast a model leaves the plateau as much as where it ends."),
+         "initialization, so Adam's first full-size steps disturb them — grows with the width, so a narrower model may "
+         "need a higher lr to show it (hence a sweep from the paper's lr up). A short run measures how fast a model "
+         "leaves the plateau as much as where it ends: a run still on it might leave it later."),
     ]
     stuck = [f"{p}-LN {'with' if w else 'without'} warmup at lr {lr:g}" for (p, w, lr), rs in runs.items()
              if (f := _finite_losses(rs)) and verdicts.mean_std(f)[0] > unigram - PLATEAU_NATS]
     if stuck:
         notes.append(f"Still on the unigram plateau (mean final val loss > {unigram - PLATEAU_NATS:.2f}, i.e. within "
                      f"{PLATEAU_NATS:g} nats of the entropy {unigram:.2f} of predicting character frequencies without "
-                     f"context): {', '.join(stuck)}.")
+                     f"context): {', '.join(stuck)}."
+                     + (" Every run is: this verdict measures the budget, not the claim (the full profile tests it)."
+                        if len(stuck) == len(runs) else ""))
     return Experiment(NUMBER, TITLE, CLAIM, measured, verdict.word,
                       ["lr", "placement", "seeds", "final val loss, warmup", "final val loss, no warmup",
                        "cost of dropping warmup"], rows, plot, notes,
