@@ -63,10 +63,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     option("--grad-n-head", positive_int, "attention heads of experiment 2's models")
     option("--grad-batch-size", positive_int, "rows per batch of experiment 2")
     option("--grad-batches", positive_int, "batches averaged per seed in experiment 2")
-    option("--warmup-lr", positive_float, "high learning rate of experiment 3")
-    option("--warmup-steps", positive_int, "steps per run of experiment 3")
-    option("--warmup-warmup", positive_int, "warmup steps of experiment 3's runs with warmup (unset: a third of "
-                                            "--warmup-steps)")
     option("--depth-placements", comma_list(str, PLACEMENTS),
            "comma-separated placements of experiment 10's LayerNorm models (must include pre, sandwich, lnscaling)")
     option("--depth-n-layer", positive_int, "layers of experiment 10's models")
@@ -74,6 +70,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     option("--depth-n-head", positive_int, "attention heads of experiment 10's models")
     option("--depth-steps", positive_int, "training steps per run of experiment 10")
     option("--depth-batch-size", positive_int, "batch size of experiment 10's runs")
+    option("--warmup-lrs", comma_list(positive_float), "comma-separated learning-rate sweep of experiment 3")
+    option("--warmup-layers", positive_int, "layers of experiment 3's models")
+    option("--warmup-d-model", positive_int, "width of experiment 3's models")
+    option("--warmup-steps", positive_int, "steps per run of experiment 3")
+    option("--warmup-warmup", positive_int, "linear warmup of experiment 3's runs with warmup, unless given a "
+                                            "third of --warmup-steps")
+    option("--warmup-beta2", number_in(0, 1, hi_open=True), "Adam's β₂ in experiment 3 (the paper's: 0.98)")
+    option("--warmup-grad-clip", number_in(0, math.inf), "max gradient norm in experiment 3; 0: no clipping")
+    option("--warmup-sweep-seeds", positive_int, "seeds of every learning rate of experiment 3's sweep; the edge "
+                                                 "lr gets all --seeds")
     option("--share-widths", comma_list(positive_int), "model widths of experiment 7, multiples of 32")
     option("--share-repeats", positive_int, "interleaved timing repeats per width in experiment 7")
     option("--bn-batch-sizes", comma_list(positive_int), "comma-separated training batch sizes of experiment 9 "

@@ -137,10 +137,16 @@ class StudyConfig:
     # experiment 7: the norm layers' share of a training step at these widths, over repeated interleaved timings
     share_widths: list[int] = field(default_factory=lambda: [128, 256, 512])
     share_repeats: int = 3
-    # experiment 3: warmup sensitivity at a high learning rate
-    warmup_lr: float = 1e-2
-    warmup_steps: int = 60
+    # experiment 3: warmup sensitivity, Post-LN vs Pre-LN, over a learning-rate sweep (Xiong et al. 2020): Adam
+    # with warmup_beta2, the paper's init; every lr at warmup_sweep_seeds seeds, the edge lr at all seeds
+    warmup_lrs: list[float] = field(default_factory=lambda: [1e-3])  # the paper's
+    warmup_layers: int = 6
+    warmup_d_model: int = 64
+    warmup_steps: int = 30
     warmup_warmup: int | None = None  # None → a third of warmup_steps
+    warmup_beta2: float = 0.98
+    warmup_grad_clip: float = 0.0  # 0: no clipping
+    warmup_sweep_seeds: int = 1
     # experiment 9: BatchNorm vs LayerNorm (Pre-LN), trained at these batch sizes for the same number of steps,
     # then evaluated also at a shorter context (None → a quarter of block_size)
     bn_batch_sizes: list[int] = field(default_factory=lambda: [2, 8])
@@ -179,7 +185,8 @@ class StudyConfig:
         for k in ("steps", "batch_size", "block_size", "n_layer", "n_head", "d_model", "warmup_steps", "grad_d_model",
                   "grad_n_head", "grad_batch_size", "grad_batches", "grad_seeds", "share_repeats", "seeds",
                   "timing_rounds", "bn_steps", "bn_n_layer", "bn_d_model", "depth_d_model", "depth_n_head",
-                  "depth_steps", "depth_batch_size", "qk_steps", "dyt_steps"):
+                  "depth_steps", "depth_batch_size", "qk_steps", "dyt_steps", "warmup_layers", "warmup_d_model",
+                  "warmup_sweep_seeds"):
             if getattr(self, k) < 1:
                 raise StudyConfigError(f"{k} must be ≥ 1, got {getattr(self, k)}")
         if self.preset not in (None, "gpt2", "llama"):
@@ -194,9 +201,18 @@ class StudyConfig:
         check_optimizer(self.beta1, self.beta2, self.weight_decay, self.grad_clip)
         if not 0.0 <= self.min_lr_ratio <= 1.0:
             raise StudyConfigError(f"--min-lr-ratio: expected a number in [0, 1], got {self.min_lr_ratio}")
-        for k in ("lr", "warmup_lr"):
-            if not (math.isfinite(getattr(self, k)) and getattr(self, k) > 0):
-                raise StudyConfigError(f"--{k.replace('_', '-')}: expected a finite number > 0, got {getattr(self, k)}")
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise StudyConfigError(f"--lr: expected a finite number > 0, got {self.lr}")
+        if not self.warmup_lrs or not all(math.isfinite(x) and x > 0 for x in self.warmup_lrs):
+            raise StudyConfigError(f"--warmup-lrs: expected finite learning rates > 0, got {self.warmup_lrs}")
+        if len(set(self.warmup_lrs)) != len(self.warmup_lrs):
+            raise StudyConfigError(f"--warmup-lrs: duplicate learning rates in {self.warmup_lrs}")
+        if self.warmup_d_model % self.n_head:
+            raise StudyConfigError(f"warmup_d_model={self.warmup_d_model} must be divisible by n_head={self.n_head}")
+        if not 0.0 <= self.warmup_beta2 < 1.0:
+            raise StudyConfigError(f"--warmup-beta2: expected a number in [0, 1), got {self.warmup_beta2}")
+        if not (math.isfinite(self.warmup_grad_clip) and self.warmup_grad_clip >= 0):
+            raise StudyConfigError(f"--warmup-grad-clip: expected a finite number ≥ 0, got {self.warmup_grad_clip}")
         if not self.grad_depths or any(d < 1 for d in self.grad_depths):
             raise StudyConfigError(f"--grad-depths: expected positive depths, got {self.grad_depths}")
         if not self.share_widths or any(d < 1 or (d > 32 and d % 32) for d in self.share_widths):
@@ -257,7 +273,8 @@ PROFILES: dict[str, dict] = {
         "steps": 600, "seeds": 3, "eval_interval": 60, "eval_iters": 8, "timing_rounds": 7,
         # experiment 2
         "grad_depths": [6, 12], "grad_batches": 2, "grad_seeds": 5,
-        # experiment 3
+        # experiment 3: the sweep at one seed, the edge lr at all 3
+        "warmup_lrs": [1e-3, 2e-3, 4e-3], "warmup_d_model": 128, "warmup_steps": 240,
         # experiment 7
         "share_widths": [128, 256, 512, 1024], "share_repeats": 5,
         # experiment 9

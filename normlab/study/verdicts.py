@@ -21,7 +21,8 @@ GROWS_ABOVE = 1.0
 GEOMETRY_TOLERANCE = 3.0
 #: Irreversibility (experiment 4): the fp64 formula's largest change, and the trained modules' relative one.
 IRREVERSIBLE_FORMULA, IRREVERSIBLE_MODULE = 1e-12, 1e-9
-#: Experiment 3: dropping warmup must cost Post-LN more than this many nats of validation loss.
+#: Experiment 3: dropping warmup must cost Post-LN more than this many nats of validation loss (and SPREAD_K × the
+#: seeds' std).
 WARMUP_COST = 0.05
 #: Experiment 6: exact conversion below this fp64 logit difference, and this fraction of the logit scale in fp32.
 EXACT_FP64, EXACT_FP32_REL = 1e-9, 1e-3
@@ -104,22 +105,74 @@ def grad_at_init(ratios: dict[tuple[int, str], list[float]]) -> Verdict:
     return Verdict(HOLDS if post_grows and pre_flat else PARTLY if post_grows or pre_flat else NOT_HERE, reason)
 
 
-def warmup(runs: dict[tuple[str, bool], tuple[float, bool]]) -> tuple[str, float, float]:
-    """Experiment 3: ``(verdict, Post-LN's cost, Pre-LN's cost)`` of dropping warmup, from ``(placement,
-    warmup) → (final val loss, diverged)``: a diverged run's loss counts as infinite, so a cost is +inf when
-    only the run without warmup diverged and NaN when the run with warmup did (then nothing can be said)."""
-    v = {k: math.inf if diverged or not math.isfinite(loss) else loss for k, (loss, diverged) in runs.items()}
+#: Experiment 3: the spread of an arm needs this many seeds; with fewer, a cost can only make the claim partly hold.
+WARMUP_MIN_SEEDS = 2
 
-    def cost(placement: str) -> float:
-        without, with_ = v[(placement, False)], v[(placement, True)]
-        return math.nan if math.isinf(with_) else without - with_
 
-    post, pre = cost("post"), cost("pre")
-    if post > WARMUP_COST and (post > pre + WARMUP_COST or math.isinf(post) and not math.isinf(pre)):
-        return HOLDS, post, pre
-    if post > WARMUP_COST or (post > 0 and post > pre):
-        return PARTLY, post, pre
-    return NOT_HERE, post, pre
+def warmup_costs(runs: dict[tuple[str, bool], list[tuple[float, bool]]]
+                 ) -> dict[str, tuple[float, float]]:
+    """Experiment 3 at one learning rate: ``placement → (cost, spread)`` of dropping warmup, from ``(placement,
+    warmup) → per seed (final val loss, diverged)``. The cost is the mean loss without warmup minus the mean with
+    it, a diverged run counting as an infinite loss: +inf when a run without warmup diverged, NaN when one with
+    warmup did (then nothing can be said). The spread is the two arms' pooled seed std over their finite losses."""
+    out = {}
+    for placement in sorted({p for p, _ in runs}):
+        arms = [[math.inf if d or not math.isfinite(v) else v for v, d in runs[(placement, w)]] for w in (False, True)]
+        without, with_ = (mean_std(a)[0] for a in arms)
+        cost = math.nan if math.isinf(with_) else without - with_
+        out[placement] = (cost, _pooled([[v for v in a if math.isfinite(v)] for a in arms]))
+    return out
+
+
+def _pooled(groups: list[list[float]]) -> float:
+    """Pooled sample std of ``groups`` (those with fewer than two values add nothing; 0 when none has two)."""
+    dof = sum(len(g) - 1 for g in groups if len(g) > 1)
+    return math.sqrt(sum((len(g) - 1) * mean_std(g)[1] ** 2 for g in groups if len(g) > 1) / dof) if dof else 0.0
+
+
+def costs_more(cost: float, spread: float) -> bool:
+    """Dropping warmup costs more than WARMUP_COST and more than SPREAD_K × the seeds' spread (+inf: always)."""
+    return cost > WARMUP_COST and cost > SPREAD_K * spread
+
+
+def needs_warmup(costs: dict[str, tuple[float, float]]) -> tuple[bool, bool]:
+    """``(Post-LN needs warmup, Pre-LN does not)`` at one lr from :func:`warmup_costs`: Post-LN's cost is more
+    (:func:`costs_more`); Pre-LN's is known (its run with warmup did not diverge) and not more."""
+    (post, post_sd), (pre, pre_sd) = costs["post"], costs["pre"]
+    return costs_more(post, post_sd), not math.isnan(pre) and not costs_more(pre, pre_sd)
+
+
+def warmup(runs: dict[tuple[str, bool, float], list[tuple[float, bool]]]) -> Verdict:
+    """Experiment 3: ``(placement, warmup, lr) → per seed (final val loss, diverged)`` over the sweep. At a
+    learning rate, Post-LN needs warmup and Pre-LN does not as :func:`needs_warmup` says. Holds when both at some lr
+    whose every arm
+    has WARMUP_MIN_SEEDS seeds; partly when Post-LN needs warmup at some lr (Pre-LN too, or too few seeds);
+    does not hold otherwise."""
+    lrs = sorted({lr for _, _, lr in runs})
+    found: dict[str, list[str]] = {HOLDS: [], PARTLY: []}
+    for lr in lrs:
+        at = {(p, w): v for (p, w, x), v in runs.items() if x == lr}
+        costs = warmup_costs(at)
+        post_needs, pre_fine = needs_warmup(costs)
+        if not post_needs:
+            continue
+        (post, post_sd), (pre, pre_sd) = costs["post"], costs["pre"]
+        seeds = min(len(v) for v in at.values())
+        word = HOLDS if pre_fine and seeds >= WARMUP_MIN_SEEDS else PARTLY
+        found[word].append(f"lr {lr:g} ({seeds} seed{'s' * (seeds > 1)}: Post-LN {_nats(post, post_sd)}, "
+                           f"Pre-LN {_nats(pre, pre_sd)})")
+    if found[HOLDS]:
+        return Verdict(HOLDS, "only Post-LN needs warmup at " + "; ".join(found[HOLDS]))
+    if found[PARTLY]:
+        return Verdict(PARTLY, "Post-LN needs warmup, but Pre-LN too or too few seeds, at " + "; ".join(found[PARTLY]))
+    return Verdict(NOT_HERE, f"dropping warmup costs Post-LN no more than {WARMUP_COST:g} nats and "
+                             f"{SPREAD_K:g}× the seeds' std at any lr of {', '.join(f'{x:g}' for x in lrs)}")
+
+
+def _nats(cost: float, spread: float) -> str:
+    if math.isnan(cost):
+        return "unknown (diverged with warmup too)"
+    return "diverged without warmup" if math.isinf(cost) else f"{cost:+.3f} ± {spread:.3f}"
 
 
 def geometry(ln_ratios: list[float], irreversibility: list[tuple[float, float]]) -> Verdict:

@@ -27,7 +27,9 @@ def usage_error(capsys, *argv: str) -> str:
 
 @pytest.mark.parametrize("args, flag", [
     (["--lr", "inf"], "--lr"), (["--lr", "nan"], "--lr"), (["--lr", "0"], "--lr"),
-    (["--warmup-lr", "nan"], "--warmup-lr"), (["--warmup-lr", "-1"], "--warmup-lr"),
+    (["--warmup-lrs", "1e-3,nan"], "--warmup-lrs"), (["--warmup-lrs", "-1"], "--warmup-lrs"),
+    (["--warmup-beta2", "1"], "--warmup-beta2"), (["--warmup-grad-clip", "-1"], "--warmup-grad-clip"),
+    (["--warmup-layers", "0"], "--warmup-layers"), (["--warmup-sweep-seeds", "0"], "--warmup-sweep-seeds"),
     (["--experiments", "2", "--grad-depths", "0"], "--grad-depths"),
     (["--experiments", "2", "--grad-depths", "2,-3"], "--grad-depths"),
     (["--experiments", "99"], "--experiments"), (["--steps", "0"], "--steps"),
@@ -61,10 +63,19 @@ def test_study_cuda_without_cuda(tmp_path, capsys, monkeypatch):
 
 
 def test_study_config_checks_rates_and_depths():
-    for k in ("lr", "warmup_lr"):
-        for bad in (math.nan, math.inf, 0.0):
-            with pytest.raises(StudyConfigError, match=f"--{k.replace('_', '-')}: expected a finite number > 0"):
-                StudyConfig(**{k: bad})
+    for bad in (math.nan, math.inf, 0.0):
+        with pytest.raises(StudyConfigError, match="--lr: expected a finite number > 0"):
+            StudyConfig(lr=bad)
+        with pytest.raises(StudyConfigError, match="--warmup-lrs: expected finite learning rates > 0"):
+            StudyConfig(warmup_lrs=[1e-3, bad])
+    with pytest.raises(StudyConfigError, match="--warmup-lrs: duplicate"):
+        StudyConfig(warmup_lrs=[1e-3, 1e-3])
+    with pytest.raises(StudyConfigError, match="warmup_d_model=30 must be divisible by n_head=4"):
+        StudyConfig(warmup_d_model=30)
+    for kw, flag in ((dict(warmup_beta2=1.0), "--warmup-beta2"),
+                     (dict(warmup_grad_clip=math.inf), "--warmup-grad-clip")):
+        with pytest.raises(StudyConfigError, match=flag):
+            StudyConfig(**kw)
     with pytest.raises(StudyConfigError, match="--grad-depths"):
         StudyConfig(grad_depths=[2, 0])
 

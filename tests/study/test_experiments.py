@@ -1,7 +1,7 @@
-"""The study's measurements and verdicts on known inputs: the learning-rate schedule, divergence,
-experiment 2's per-layer gradient norms against a hand computation, experiment 3's two arms and its
-verdict on synthetic losses, experiment 9's per-run measures against a hand computation, experiment 10's residual
-stream against a block-by-block forward."""
+"""The study's measurements on known inputs: the learning-rate schedule, divergence, experiment 2's per-layer
+gradient norms against a hand computation, experiment 3's runs, costs and edge learning rate against the runs'
+own result files, experiment 9's per-run measures against a hand computation, experiment 10's residual stream
+against a block-by-block forward, experiments 11 and 12 against hand computations."""
 
 from __future__ import annotations
 
@@ -18,7 +18,6 @@ from normlab.study.data import load_corpus
 from normlab.study.experiments.common import pm
 from normlab.study.experiments.grad_init import DEFAULT_SETTING, PAPER_SETTING, exp2_grad_at_init, grad_model_config
 from normlab.study.train import _diverged, build_model, lr_at
-from normlab.study.verdicts import warmup as warmup_verdict
 
 NAN, INF = math.nan, math.inf
 
@@ -48,28 +47,6 @@ def _records(train_losses, val_losses):
 ])
 def test_divergence(train, val, diverged):
     assert _diverged(*_records(train, val)) is diverged
-
-
-def _arms(post_off, post_on, pre_off, pre_on):
-    """Experiment 3's runs: (placement, warmup) → (final val loss, diverged)."""
-    def run(v):
-        return (v, not math.isfinite(v) or v > 100)
-    return {("post", False): run(post_off), ("post", True): run(post_on),
-            ("pre", False): run(pre_off), ("pre", True): run(pre_on)}
-
-
-@pytest.mark.parametrize("losses, verdict", [
-    ((2.5, 2.0, 2.02, 2.0), "holds"),                 # Post-LN needs warmup, Pre-LN does not
-    ((NAN, 2.0, 2.0, 2.0), "holds"),                  # Post-LN without warmup diverged: the strongest support
-    ((1e5, 2.0, 2.0, 2.0), "holds"),                  # ... also when its loss stayed finite
-    ((2.5, 2.0, 2.5, 2.0), "partly holds"),           # both need it
-    ((NAN, 2.0, NAN, 2.0), "partly holds"),           # both diverge without it
-    ((1.99, 2.0, 1.9, 2.0), "does not hold here"),    # dropping warmup helped both
-    ((2.0, 2.0, 2.3, 2.0), "does not hold here"),     # only Pre-LN needs it
-    ((NAN, NAN, 2.0, 2.0), "does not hold here"),     # Post-LN diverged with warmup too: nothing to compare
-])
-def test_warmup_verdict(losses, verdict):
-    assert warmup_verdict(_arms(*losses))[0] == verdict
 
 
 def test_exp2_is_the_mlp_output_matrix_gradient_at_init(tmp_path):
@@ -357,3 +334,59 @@ def test_exp12_sweeps_alpha_against_layernorm_and_measures_saturation(tmp_path):
     n = sum(counts.values())
     assert unigram_entropy(ctx.corpus) == pytest.approx(-sum(c / n * math.log(c / n) for c in counts.values()))
     assert exp.below_paper and (tmp_path / exp.plot).stat().st_size > 5000
+def test_exp3_sweeps_lrs_then_trains_every_seed_at_the_edge(tmp_path):
+    """Experiment 3: every (placement, warmup, lr) at the sweep's seed, then the other seeds at the edge lr
+    (computed here from the runs' result files); the runs are the paper's model and optimizer; the table's costs
+    are mean(no warmup) − mean(warmup)."""
+    import json
+
+    from normlab.study.experiments import Context, warmup
+    from normlab.study.experiments.warmup import arm_name
+
+    cfg = StudyConfig(n_head=2, block_size=16, batch_size=4, eval_iters=1, seeds=2, warmup_lrs=[1e-3, 3e-2],
+                      warmup_layers=2, warmup_d_model=16, warmup_steps=6, warmup_sweep_seeds=1, experiments=[3])
+    exp = warmup.run(Context(cfg, load_corpus(), tmp_path, progress=False))
+
+    def final(placement, warm, lr, seed):
+        run_dir = tmp_path / "warmup" / f"lr-{lr:g}" / arm_name(placement, warm) / f"seed-{seed}"
+        rc = json.loads((run_dir / "config.json").read_text())
+        assert (rc["model"]["n_layer"], rc["model"]["d_model"], rc["model"]["init"], rc["model"]["mlp"]) == (
+            2, 16, "xavier", "relu")
+        assert rc["model"]["final_norm"] == (placement == "pre") and rc["model"]["placement"] == placement
+        assert (rc["lr"], rc["warmup"], rc["beta2"], rc["weight_decay"], rc["grad_clip"], rc["seed"]) == (
+            lr, 2 if warm else 0, 0.98, 0.0, 0.0, seed)
+        return json.loads((run_dir / "result.json").read_text())["final_val_loss"]
+
+    cost = {lr: {p: final(p, False, lr, 1337) - final(p, True, lr, 1337) for p in ("post", "pre")}
+            for lr in cfg.warmup_lrs}
+    # one seed, no spread: only Post-LN needs warmup where its cost is > 0.05 and Pre-LN's is not
+    edge = max(cfg.warmup_lrs, key=lambda lr: (cost[lr]["post"] > 0.05 >= cost[lr]["pre"],
+                                               cost[lr]["post"] - cost[lr]["pre"]))
+    assert exp.data["edge_lr"] == edge
+    other = next(lr for lr in cfg.warmup_lrs if lr != edge)
+    assert not (tmp_path / "warmup" / f"lr-{other:g}" / "post-LN-warmup" / "seed-1338").exists()
+    for p in ("post", "pre"):
+        for w in (True, False):
+            assert exp.data["runs"][f"{p}|{w}|{edge:g}"] == [(final(p, w, edge, s), False) for s in (1337, 1338)]
+        without, with_ = (sum(final(p, w, edge, s) for s in (1337, 1338)) / 2 for w in (False, True))
+        row = next(r for r in exp.rows if r[0].startswith(f"{edge:g}") and r[1] == f"{p}-LN")
+        assert row[2] == 2 and row[-1].startswith(f"{without - with_:+.3f}")
+    assert len(exp.rows) == 4 and (tmp_path / "exp3_warmup.png").stat().st_size > 5000
+    assert exp.below_paper and "layers 2 (paper: 6)" in exp.below_paper
+
+
+@pytest.mark.parametrize("sweep, edge", [
+    ({1: (2.5, 2.0, 2.0, 2.0), 2: (3.0, 2.0, 2.2, 2.0)}, 1),   # only Post-LN needs warmup at 1: before 2's bigger gap
+    ({1: (2.5, 2.0, 2.1, 2.0), 2: (3.0, 2.0, 2.2, 2.0)}, 2),   # Pre-LN needs it at both: the bigger gap
+    ({1: (2.5, 2.0, 2.0, 2.0), 2: (2.5, 2.0, 2.0, 2.0)}, 1),   # a tie: the lower lr
+    ({1: (2.5, 2.0, 2.0, 2.0), 2: (NAN, 2.0, 2.0, 2.0)}, 2),   # a divergence without warmup: +inf
+    ({1: (2.5, 2.0, 2.0, 2.0), 2: (2.0, NAN, 2.0, 2.0)}, 1),   # diverged with warmup: never the edge
+    ({1: (NAN, 2.0, NAN, 2.0), 2: (2.1, 2.0, 2.08, 2.0)}, 2),  # both diverged without warmup: a gap of 0
+])
+def test_exp3_edge_lr(sweep, edge):
+    from normlab.study.experiments.warmup import edge_lr
+
+    arms = (("post", False), ("post", True), ("pre", False), ("pre", True))
+    results = {(p, w, lr): [(x, not math.isfinite(x))]
+               for lr, losses in sweep.items() for (p, w), x in zip(arms, losses)}
+    assert edge_lr(results) == edge

@@ -15,7 +15,7 @@ from normlab.analysis import cos_uniform
 from normlab.study import StudyConfigError, run_study
 from normlab.study.config import EXPERIMENTS, StudyConfig
 from normlab.study.data import load_corpus
-from normlab.study.train import read_records
+from normlab.study.train import METRICS, read_records
 
 ROOT = Path(__file__).resolve().parents[2]
 # every experiment at a tiny scale, one line per experiment's settings
@@ -80,7 +80,8 @@ def cli(out: Path, *args: str, env: dict | None = None, torchrun: bool = False,
 
 
 def test_tiny_study_writes_report_plots_and_is_not_retrained(tmp_path, capsys, one_thread):
-    kw = dict(TINY, variants=["layernorm-pre", "rmsnorm-pre", "layernorm-post", "dyt-pre"], steps=8, warmup_steps=6)
+    kw = dict(TINY, variants=["layernorm-pre", "rmsnorm-pre", "layernorm-post", "dyt-pre"], steps=8, warmup_steps=6,
+              warmup_layers=2, warmup_d_model=16)
     res = run_study(out=tmp_path, name="s", progress=False, **kw)
     out_dir = tmp_path / "s"
     report = (out_dir / "report.md").read_text()
@@ -103,9 +104,10 @@ def test_tiny_study_writes_report_plots_and_is_not_retrained(tmp_path, capsys, o
     assert [r["step"] for r in evals] == [0, 4, 8] and "act" in evals[-1]
     assert res.runs["rmsnorm-pre"][0].final["final_val_loss"] == evals[-1]["val_loss"]
     # experiment 3's arms: the same high learning rate, reached through 2 warmup steps or at once
-    first_lr = {arm: next(r for r in read_records(out_dir / "warmup" / arm / "metrics.jsonl") if r["kind"] == "train")
+    peak = StudyConfig().warmup_lrs[0]
+    arm_dir = out_dir / "warmup" / f"lr-{peak:g}"  # then arm / seed
+    first_lr = {arm: next(r for r in read_records(arm_dir / arm / "seed-1337" / METRICS) if r["kind"] == "train")
                 for arm in ("post-LN-warmup", "post-LN-nowarmup", "pre-LN-warmup", "pre-LN-nowarmup")}
-    peak = StudyConfig().warmup_lr
     for placement in ("post", "pre"):
         warm, cold = first_lr[f"{placement}-LN-warmup"], first_lr[f"{placement}-LN-nowarmup"]
         assert warm["step"] == cold["step"] == 1

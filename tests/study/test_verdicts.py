@@ -1,5 +1,4 @@
-"""The verdict rules (normlab.study.verdicts) on made-up measurements, each threshold from both sides.
-Experiment 3's rule (``verdicts.warmup``) is tested in test_experiments.py."""
+"""The verdict rules (normlab.study.verdicts) on made-up measurements, each threshold from both sides."""
 
 from __future__ import annotations
 
@@ -246,3 +245,58 @@ def test_dyt_alpha(ln, sweep, word):
 def test_dyt_alpha_names_the_best_and_the_worst_alpha_by_their_mean():
     reason = v.dyt_alpha([2.0, 2.0], {0.1: [2.5, 2.5], 0.5: [2.0, 2.1], 2.0: [1.9, 2.3]}).reason
     assert "best α₀ 0.5 matches" in reason and "worst 0.1" in reason
+NAN, INF = float("nan"), float("inf")
+
+
+def _sweep(*per_lr):
+    """Experiment 3's outcomes: per lr (1e-3, 2e-3, …) the per-seed final val losses of Post-LN without and with
+    warmup, then Pre-LN's; a non-finite loss is a diverged run."""
+    out = {}
+    for i, arms in enumerate(per_lr):
+        for (p, w), losses in zip((("post", False), ("post", True), ("pre", False), ("pre", True)), arms):
+            out[(p, w, (i + 1) * 1e-3)] = [(x, not math.isfinite(x)) for x in losses]
+    return out
+
+
+FLAT = ([2.0, 2.0], [2.0, 2.0])  # an arm pair whose cost is 0
+
+
+@pytest.mark.parametrize("sweep, word", [
+    (((2.5, 2.5, 2.5), (2.0, 2.0, 2.0), (2.0, 2.0, 2.0), (2.0, 2.0, 2.0)), HOLDS),
+    (([2.06, 2.06], [2.0, 2.0], *FLAT), HOLDS),                       # cost 0.06 > 0.05, no spread
+    (([2.04, 2.04], [2.0, 2.0], *FLAT), NOT_HERE),                    # cost 0.04 < 0.05
+    (([2.3, 2.5, 2.7], [1.8, 2.0, 2.2], *FLAT), HOLDS),               # cost 0.5 > 2 × pooled std 0.2
+    (([2.2, 2.5, 2.8], [1.7, 2.0, 2.3], *FLAT), NOT_HERE),            # cost 0.5 < 2 × pooled std 0.3
+    (([2.5, 2.5], [2.0, 2.0], [2.5, 2.5], [2.0, 2.0]), PARTLY),       # Pre-LN needs warmup too
+    (([2.5, 2.5], [2.0, 2.0], [2.06, 2.06], [2.0, 2.0]), PARTLY),     # Pre-LN's 0.06 > 0.05 (no spread)
+    (([2.5, 2.5], [2.0, 2.0], [2.04, 2.04], [2.0, 2.0]), HOLDS),      # Pre-LN's 0.04 < 0.05
+    (([2.5, 2.5], [2.0, 2.0], [2.2, 2.0, 2.4], [2.0, 1.8, 2.2]), HOLDS),  # Pre-LN's 0.2 < 2 × its std 0.2
+    (([2.5, 2.5], [2.0, 2.0], [1.5, 1.5], [2.0, 2.0]), HOLDS),       # dropping warmup helps Pre-LN
+    (([2.5], [2.0], [2.0], [2.0]), PARTLY),                           # one seed: the spread is unknown
+    (([NAN, 2.5], [2.0, 2.0], *FLAT), HOLDS),                         # a divergence without warmup: +inf
+    (([1e5, 1e5], [2.0, 2.0], *FLAT), HOLDS),
+    (([NAN, NAN], [NAN, 2.0], *FLAT), NOT_HERE),                      # diverged with warmup: nothing to say
+    (([2.5, 2.5], [2.0, 2.0], [2.0, 2.0], [NAN, 2.0]), PARTLY),       # Pre-LN's cost unknown
+    (([NAN, NAN], [2.0, 2.0], [NAN, NAN], [2.0, 2.0]), PARTLY),       # both diverge without warmup
+    (([2.0, 2.0], [2.0, 2.0], [2.3, 2.3], [2.0, 2.0]), NOT_HERE),     # only Pre-LN needs it
+    (([1.9, 1.9], [2.0, 2.0], *FLAT), NOT_HERE),                      # dropping warmup helps Post-LN
+])
+def test_warmup_at_one_lr(sweep, word):
+    verdict = v.warmup(_sweep(sweep))
+    assert verdict.word == word, verdict.reason
+
+
+def test_warmup_over_the_sweep():
+    one_seed_needs = ([2.5], [2.0], [2.0], [2.0])
+    seeded_holds = ([2.5, 2.5], [2.0, 2.0], *FLAT)
+    assert v.warmup(_sweep((*FLAT, *FLAT), seeded_holds)).word == HOLDS          # at some lr of the sweep
+    assert v.warmup(_sweep(one_seed_needs, (*FLAT, *FLAT))).word == PARTLY       # only where one seed ran
+    assert v.warmup(_sweep((*FLAT, *FLAT), (*FLAT, *FLAT))).word == NOT_HERE
+    assert "lr 0.002 (2 seeds: Post-LN +0.500" in v.warmup(_sweep(one_seed_needs, seeded_holds)).reason
+
+
+def test_warmup_costs_and_spread():
+    costs = v.warmup_costs({("post", False): [(2.5, False), (2.7, False)], ("post", True): [(2.0, False), (2.0, False)],
+                            ("pre", False): [(9.0, True), (2.0, False)], ("pre", True): [(2.0, False)]})
+    assert costs["post"] == pytest.approx((0.6, (0.02 / 2) ** 0.5))   # pooled: (0.02 + 0) / (1 + 1)
+    assert costs["pre"] == (INF, 0.0)                                 # a diverged run counts as +inf, not in the std
