@@ -126,19 +126,25 @@ def _run(cfg: StudyConfig, out: Path, name: str, progress: bool, info: DistInfo,
     result = StudyResult(out_dir, None)
     want = [n for n in ex.REGISTRY if n in cfg.experiments]
     ctx = ex.Context(cfg, corpus, out_dir, info, progress, callbacks)
+    seconds: dict[str, float] = {}  # wall time of this invocation per part (the grid, then each experiment)
     if set(want) & ex.USES_GRID:
         for v, rc in run_configs.items():
             ctx.grid[v] = [train_run(v if cfg.seeds == 1 else f"{v} s{seed}", out_dir / "grid" / v / f"seed-{seed}",
                                      replace(rc, seed=seed), corpus, info, progress=progress, callbacks=callbacks)
                            for seed in ctx.seeds]
         result.runs = ctx.grid
+        seconds["grid"] = time.perf_counter() - t0
+        log(f"grid done in {seconds['grid']:.0f} s")
     exps = []
     for n in want:  # training experiments run on every rank; the others on rank 0 only
         module = ex.REGISTRY[n]
         if module.TRAINS or info.is_main:
+            start = time.perf_counter()
             e = module.run(ctx)
+            seconds[str(n)] = time.perf_counter() - start
             if info.is_main:
                 exps.append(e)
+                log(f"experiment {n} ({module.TITLE}): {e.verdict}, {seconds[str(n)]:.0f} s")
     if info.is_main:
         result.experiments = exps
         env = environment()
@@ -175,7 +181,7 @@ def _run(cfg: StudyConfig, out: Path, name: str, progress: bool, info: DistInfo,
         experiment_rows = [{"number": e.number, "title": e.title, "verdict": e.verdict, "measured": e.measured}
                            for e in exps]
         summary = {"profile": cfg.profile, "runs": {n: [r.final for r in runs] for n, runs in result.runs.items()},
-                   "experiments": experiment_rows}
+                   "experiments": experiment_rows, "seconds": seconds}
         (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         log("\n" + result.summary())
         log(f"\nstudy time {time.perf_counter() - t0:.0f} s — report: {result.report}")

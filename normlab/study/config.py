@@ -106,7 +106,7 @@ class StudyConfig:
 
     profile: str = "default"
     variants: list[str] = field(default_factory=lambda: list(DEFAULT_VARIANTS))
-    steps: int = 200
+    steps: int = 100
     batch_size: int = 12
     block_size: int = 64
     n_layer: int = 4
@@ -123,19 +123,19 @@ class StudyConfig:
     seed: int = 1337
     seeds: int = 3  # training comparisons: seeds seed, seed+1, …; a seed sets init and data order
     timing_rounds: int = 5  # interleaved rounds of every timing comparison
-    eval_interval: int = 40
+    eval_interval: int = 25
     eval_iters: int = 4
     data: str | None = None
     experiments: list[int] = field(default_factory=lambda: list(EXPERIMENTS))
     # experiment 2: gradient norm at init, at these depths, width and heads (the paper's d=512), over seeds
     grad_depths: list[int] = field(default_factory=lambda: [6, 12])
-    grad_d_model: int = 512
+    grad_d_model: int = 256
     grad_n_head: int = 8
     grad_batch_size: int = 8
     grad_batches: int = 1
     grad_seeds: int = 3
     # experiment 7: the norm layers' share of a training step at these widths, over repeated interleaved timings
-    share_widths: list[int] = field(default_factory=lambda: [128, 256, 512])
+    share_widths: list[int] = field(default_factory=lambda: [128, 256])
     share_repeats: int = 3
     # experiment 3: warmup sensitivity, Post-LN vs Pre-LN, over a learning-rate sweep (Xiong et al. 2020): Adam
     # with warmup_beta2, the paper's init; every lr at warmup_sweep_seeds seeds, the edge lr at all seeds
@@ -272,7 +272,7 @@ PROFILES: dict[str, dict] = {
         # experiment 1 (and 4, 6, 8: the grid)
         "steps": 600, "seeds": 3, "eval_interval": 60, "eval_iters": 8, "timing_rounds": 7,
         # experiment 2
-        "grad_depths": [6, 12], "grad_batches": 2, "grad_seeds": 5,
+        "grad_depths": [6, 12], "grad_d_model": 512, "grad_batches": 2, "grad_seeds": 5,
         # experiment 3: the sweep at one seed, the edge lr at all 3
         "warmup_lrs": [1e-3, 2e-3, 4e-3], "warmup_d_model": 128, "warmup_steps": 240,
         # experiment 7
