@@ -80,6 +80,27 @@ inline void stream_fence() {
 #endif
 }
 
+// Two fp32 vectors as one vector of T, rounded to nearest even: ATen's conversion, or (AVX512-BF16 build) the
+// CPU's own for bf16 with the same bits.
+template <typename T>
+inline at::vec::Vectorized<T> to16(const Vec& a, const Vec& b) {
+  return at::vec::convert_from_float<T>(a, b);
+}
+
+#if defined(__AVX512BF16__)
+// vcvtne2ps2bf16 rounds to nearest even as ATen does, but reads fp32 denormals as zero and keeps a NaN's
+// payload, where ATen rounds denormals and writes NaN as 0xffff: a step holding either goes ATen's way.
+inline bool bf16_special(const Vec& a) { return _mm512_fpclass_ps_mask(a, 0xA1) != 0; }  // NaN or denormal
+inline bool bf16_special(const Vec& a, const Vec& b) {
+  return (_mm512_fpclass_ps_mask(a, 0xA1) | _mm512_fpclass_ps_mask(b, 0xA1)) != 0;
+}
+template <>
+inline at::vec::Vectorized<c10::BFloat16> to16<c10::BFloat16>(const Vec& a, const Vec& b) {
+  if (bf16_special(a, b)) [[unlikely]] return at::vec::convert_from_float<c10::BFloat16>(a, b);
+  return at::vec::Vectorized<c10::BFloat16>((__m512i)_mm512_cvtne2ps_pbh(b, a));  // a: elements 0..15
+}
+#endif
+
 template <typename T>
 struct IO16 {
   using V = at::vec::Vectorized<T>;
@@ -89,15 +110,63 @@ struct IO16 {
     std::tie(a, b) = at::vec::convert_to_float<T>(v);
   }
   static void store(T* p, int64_t count, const Vec& a, const Vec& b) {
-    const V v = at::vec::convert_from_float<T>(a, b);
+    const V v = to16<T>(a, b);
     if (count == STEP) v.store(p);
     else v.store(p, count);
   }
   // Round to T's precision (round to nearest even), back in fp32.
-  static void round(Vec& a, Vec& b) { std::tie(a, b) = at::vec::convert_to_float<T>(at::vec::convert_from_float<T>(a, b)); }
+  static void round(Vec& a, Vec& b) { std::tie(a, b) = at::vec::convert_to_float<T>(to16<T>(a, b)); }
+  // As store, with a non-temporal store where the step is whole and aligned: the same values either way.
+  static void stream(T* p, int64_t count, const Vec& a, const Vec& b) {
+    if (count != STEP || reinterpret_cast<uintptr_t>(p) % sizeof(V) != 0) return store(p, count, a, b);
+    const V v = to16<T>(a, b);
+#if defined(CPU_CAPABILITY_AVX512)
+    _mm512_stream_si512(reinterpret_cast<__m512i*>(p), v);
+#elif defined(CPU_CAPABILITY_AVX2)
+    _mm256_stream_si256(reinterpret_cast<__m256i*>(p), v);
+#else
+    v.store(p);
+#endif
+  }
 };
+
+// fp32 → bf16 → fp32 in fp32 registers: ATen's round to nearest even (add 0x7fff + the kept lowest bit, cut
+// the low 16 bits; NaN becomes 0xffff), the same bits as convert_from_float then convert_to_float without
+// packing to 16 bits and widening back.
+inline Vec round_bf16(const Vec& x) {
+#if defined(__AVX512BF16__)
+  if (!bf16_special(x)) [[likely]]
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(x)), 16));
+#endif
+#if defined(CPU_CAPABILITY_AVX512)
+  const __m512i v = _mm512_castps_si512(x);
+  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(v, 16), _mm512_set1_epi32(1));
+  __m512i t = _mm512_add_epi32(_mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff)), v);
+  t = _mm512_and_si512(t, _mm512_set1_epi32(static_cast<int>(0xffff0000u)));
+  t = _mm512_mask_blend_epi32(_mm512_cmp_ps_mask(x, x, _CMP_ORD_Q), _mm512_set1_epi32(static_cast<int>(0xffff0000u)), t);
+  return _mm512_castsi512_ps(t);
+#elif defined(CPU_CAPABILITY_AVX2)
+  const __m256i v = _mm256_castps_si256(x);
+  const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(v, 16), _mm256_set1_epi32(1));
+  __m256i t = _mm256_add_epi32(_mm256_add_epi32(lsb, _mm256_set1_epi32(0x7fff)), v);
+  t = _mm256_and_si256(t, _mm256_set1_epi32(static_cast<int>(0xffff0000u)));
+  const __m256i ordered = _mm256_castps_si256(_mm256_cmp_ps(x, x, _CMP_ORD_Q));
+  t = _mm256_blendv_epi8(_mm256_set1_epi32(static_cast<int>(0xffff0000u)), t, ordered);
+  return _mm256_castsi256_ps(t);
+#else
+  Vec a = x, b = x;
+  IO16<c10::BFloat16>::round(a, b);
+  return a;
+#endif
+}
+
 template <>
-struct IO<c10::BFloat16> : IO16<c10::BFloat16> {};
+struct IO<c10::BFloat16> : IO16<c10::BFloat16> {
+  static void round(Vec& a, Vec& b) {
+    a = round_bf16(a);
+    b = round_bf16(b);
+  }
+};
 template <>
 struct IO<c10::Half> : IO16<c10::Half> {};
 
@@ -141,6 +210,14 @@ struct Lanes {
     return t[0];
   }
 };
+
+// Asks for the cache lines of elements [at, at + count) of base (the next row's, while this one is written): no
+// effect on any value.
+template <typename T>
+inline void prefetch(const void* base, int64_t at, int64_t count) {
+  const char* p = reinterpret_cast<const char*>(static_cast<const T*>(base) + at);
+  for (int64_t off = 0; off < count * static_cast<int64_t>(sizeof(T)); off += 64) __builtin_prefetch(p + off, 0, 3);
+}
 
 // out[q] = Σ over elements [0, len) of quantity q; step(e, count, vals) writes the quantities of elements
 // e .. e + count into vals[q][0..1], zero in lanes past count. step sees the elements in order, once.
@@ -221,8 +298,13 @@ void norm_fwd_rows(const NormFwdArgs& a, int64_t begin, int64_t end) {
     const Vec vm(m), vcorr(corr), vrs(rs);
     Vec vq = vrs, unused = vrs;
     if constexpr (M == Mode::rms_none) IO<S>::round(vq, unused);  // casting none: rstd rounded too
+    const bool ahead = i + 1 < end;  // the next row's inputs are fetched while this row is written
     for (int64_t j = 0; j < n; j += STEP) {
       const int64_t c = std::min(STEP, n - j);
+      if (ahead) {
+        prefetch<X>(a.x, row + n + j, c);
+        if constexpr (FUSED) prefetch<R>(a.r, row + n + j, c);
+      }
       Vec v0, v1, w0, w1;
       load<S>(src, row + j, c, v0, v1);
       IO<float>::load(a.w + j, c, w0, w1);
@@ -246,18 +328,11 @@ void norm_fwd_rows(const NormFwdArgs& a, int64_t begin, int64_t end) {
         v1 = v1 * w1;
       }
       if constexpr (!std::is_same_v<S, X>) IO<S>::round(v0, v1);  // the norm's dtype, then the output's
-      if constexpr (std::is_same_v<X, float>) {
-        if (a.stream) {
-          IO<float>::stream(static_cast<float*>(a.y) + row + j, c, v0, v1);
-          continue;
-        }
-      }
-      store<X>(a.y, row + j, c, v0, v1);
+      if (a.stream) IO<X>::stream(static_cast<X*>(a.y) + row + j, c, v0, v1);
+      else store<X>(a.y, row + j, c, v0, v1);
     }
   }
-  if constexpr (std::is_same_v<X, float>) {
-    if (a.stream) stream_fence();
-  }
+  if (a.stream) stream_fence();
 }
 
 // ---- backward -----------------------------------------------------------------------------------------
@@ -301,9 +376,14 @@ void norm_bwd_rows(const NormBwdArgs& a, int64_t begin, int64_t end) {
     }
     const Vec vcorr(corr), vmg(mg), vmgx(mgx), vproj(proj);
     // columns [lo, hi); `projected`: RMSNorm columns inside the statistic (j < k)
+    const bool ahead = i + 1 < end;  // the next row's inputs are fetched while this row is written
     auto columns = [&](int64_t lo, int64_t hi, bool projected) {
       for (int64_t j = lo; j < hi; j += STEP) {
         const int64_t c = std::min(STEP, hi - j);
+        if (ahead) {
+          prefetch<T>(a.dy, row + n + j, c);
+          prefetch<T>(a.x, row + n + j, c);
+        }
         Vec d0, d1, x0, x1, w0, w1, v0, v1, h0, h1;
         load<T>(a.dy, row + j, c, d0, d1);
         load<T>(a.x, row + j, c, x0, x1);
@@ -329,12 +409,8 @@ void norm_bwd_rows(const NormBwdArgs& a, int64_t begin, int64_t end) {
           v0 = v0 + s0;
           v1 = v1 + s1;
         }
-        if constexpr (std::is_same_v<T, float>) {
-          if (a.stream) IO<float>::stream(static_cast<float*>(a.dx) + row + j, c, v0, v1);
-          else store<T>(a.dx, row + j, c, v0, v1);
-        } else {
-          store<T>(a.dx, row + j, c, v0, v1);
-        }
+        if (a.stream) IO<T>::stream(static_cast<T*>(a.dx) + row + j, c, v0, v1);
+        else store<T>(a.dx, row + j, c, v0, v1);
         Vec p0, p1;
         IO<float>::load(a.pw + j, c, p0, p1);
         IO<float>::store(a.pw + j, c, p0 + unless_zero(d0, d0 * h0), p1 + unless_zero(d1, d1 * h1));
@@ -353,9 +429,7 @@ void norm_bwd_rows(const NormBwdArgs& a, int64_t begin, int64_t end) {
       columns(a.k, n, false);
     }
   }
-  if constexpr (std::is_same_v<T, float>) {
-    if (a.stream) stream_fence();
-  }
+  if (a.stream) stream_fence();
 }
 
 // ---- DyT: y = w·tanh(αx) + b ----------------------------------------------------------------------------
