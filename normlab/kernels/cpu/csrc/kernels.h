@@ -30,6 +30,7 @@ constexpr int64_t LANES = 16;     // lanes of every row sum, whatever the vector
 constexpr int64_t PARTS = LANES / VF;
 constexpr int64_t BLOCK = 1024;
 constexpr int64_t BLOCKS_PER_GROUP = 16;
+constexpr int64_t PIVOT = 64;  // LayerNorm: leading elements whose mean is the first shift of the statistics
 static_assert(PARTS >= 1 && LANES % VF == 0 && BLOCK % STEP == 0);
 
 // ---- loads and stores of up to STEP elements as two float vectors (missing lanes read as 0) ----------
@@ -202,12 +203,26 @@ struct Lanes {
   void add(const Lanes& o) {
     for (int64_t p = 0; p < PARTS; ++p) v[p] = v[p] + o.v[p];
   }
+  // Lane i plus lane i + half for half = 8, 4, 2, 1: the same additions in vector registers where the build has them.
   float total() const {
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+#if defined(CPU_CAPABILITY_AVX512)
+    const __m512 all = v[0];
+    const __m256 h8 = _mm256_add_ps(_mm512_castps512_ps256(all), _mm512_extractf32x8_ps(all, 1));
+#else
+    const __m256 h8 = _mm256_add_ps(v[0], v[1 % PARTS]);
+#endif
+    __m128 h = _mm_add_ps(_mm256_castps256_ps128(h8), _mm256_extractf128_ps(h8, 1));
+    h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+    h = _mm_add_ss(h, _mm_movehdup_ps(h));
+    return _mm_cvtss_f32(h);
+#else
     float t[LANES];
     for (int64_t p = 0; p < PARTS; ++p) v[p].store(t + p * VF);
     for (int64_t half = LANES / 2; half > 0; half /= 2)
       for (int64_t i = 0; i < half; ++i) t[i] = t[i] + t[i + half];
     return t[0];
+#endif
   }
 };
 
@@ -268,23 +283,44 @@ void norm_fwd_rows(const NormFwdArgs& a, int64_t begin, int64_t end) {
     }
     float m = 0.f, corr = 0.f, rs;
     if constexpr (M == Mode::layer) {
-      float sum[1];
-      row_sums<1>(n, [&](int64_t e, int64_t c, Vec (&q)[1][2]) { load<S>(src, row + e, c, q[0][0], q[0][1]); }, sum);
-      m = sum[0] / static_cast<float>(n);
-      const Vec vm(m);
-      float dev[2];  // Σ (x − m), Σ (x − m)²
-      row_sums<2>(n, [&](int64_t e, int64_t c, Vec (&q)[2][2]) {
-        Vec d0, d1;
-        load<S>(src, row + e, c, d0, d1);
-        d0 = d0 - vm;
-        d1 = d1 - vm;
-        keep_first(c, d0, d1);
-        q[0][0] = d0, q[0][1] = d1, q[1][0] = d0 * d0, q[1][1] = d1 * d1;
-      }, dev);
+      // Σ (x − m) and Σ (x − m)² about a shift m, then var = mean((x − m)²) − mean(x − m)², the corrected two-pass
+      // form. m is first the mean of the leading PIVOT elements (one pass less than the row's mean); where it lies
+      // more than a quarter of a standard deviation from the row's mean (the squares would then carry over 6 % of
+      // that offset), m is the row's mean instead, from one more pass. Rows far from zero (1e4 ± 1e-3) stay exact.
+      auto sum_x = [&](int64_t e, int64_t c, Vec (&q)[1][2]) { load<S>(src, row + e, c, q[0][0], q[0][1]); };
+      auto deviations = [&](float shift, float (&dev)[2]) {  // Σ (x − shift), Σ (x − shift)²
+        const Vec vm(shift);
+        row_sums<2>(n, [&](int64_t e, int64_t c, Vec (&q)[2][2]) {
+          Vec d0, d1;
+          load<S>(src, row + e, c, d0, d1);
+          d0 = d0 - vm;
+          d1 = d1 - vm;
+          keep_first(c, d0, d1);
+          q[0][0] = d0, q[0][1] = d1, q[1][0] = d0 * d0, q[1][1] = d1 * d1;
+        }, dev);
+      };
       const float nf = static_cast<float>(n);
+      const int64_t lead = std::min(n, PIVOT);
+      float sum[1], dev[2];
+      row_sums<1>(lead, sum_x, sum);
+      m = sum[0] / static_cast<float>(lead);
+      deviations(m, dev);
       corr = dev[0] / nf;
-      rs = 1.f / std::sqrt(std::max(dev[1] / nf - corr * corr, 0.f) + a.eps);
-      a.mean[i] = m + corr;
+      float var = dev[1] / nf - corr * corr;
+      if (lead < n && !(corr * corr <= 0.0625f * var)) {
+        row_sums<1>(n, sum_x, sum);
+        m = sum[0] / nf;
+        deviations(m, dev);
+        corr = dev[0] / nf;
+        var = dev[1] / nf - corr * corr;
+      }
+      rs = 1.f / std::sqrt(std::max(var, 0.f) + a.eps);
+      // x − mean as (x − m_hi) − c_lo with m_hi = m + corr rounded and c_lo its rounding error (Fast2Sum): x minus
+      // the row's mean to within fp32's rounding of it, whatever shift the sums took.
+      const float m_hi = m + corr;
+      corr = corr - (m_hi - m);
+      m = m_hi;
+      a.mean[i] = m_hi;
     } else {
       float ss[1];
       row_sums<1>(a.k, [&](int64_t e, int64_t c, Vec (&q)[1][2]) {
