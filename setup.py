@@ -22,10 +22,12 @@ except ImportError as exc:  # an isolated build environment has no torch
 CSRC = "normlab/kernels/cpu/csrc"
 # -ffp-contract=off: no FMA is fused in, so every ISA build computes the same IEEE operations.
 COMMON = ["-O3", "-std=c++17", "-ffp-contract=off", "-fopenmp"]
+AVX2 = ["-mavx2", "-mfma", "-mf16c"]
+AVX512 = AVX2 + ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq"]
 ISA_BUILDS = [
-    (f"{CSRC}/kernels_avx2.cpp", ["-mavx2", "-mfma", "-mf16c"]),
-    (f"{CSRC}/kernels_avx512.cpp",
-     ["-mavx2", "-mfma", "-mf16c", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq"]),
+    (f"{CSRC}/kernels_avx2.cpp", AVX2),
+    (f"{CSRC}/kernels_avx512.cpp", AVX512),
+    (f"{CSRC}/kernels_avx512bf16.cpp", AVX512 + ["-mavx512bf16"]),  # bf16 conversions in one instruction
 ]
 SANITIZE = ["-fsanitize=address,undefined", "-fno-omit-frame-pointer", "-fno-sanitize-recover=undefined"]
 sanitize = os.environ.get("NORMLAB_SANITIZE") == "1"

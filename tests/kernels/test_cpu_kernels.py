@@ -547,6 +547,11 @@ def _isa_outputs() -> list[torch.Tensor]:
             x[3, 0], x[4, -1], x[5] = float("nan"), float("inf"), 0.0
             w, b = rand(n, dtype=dtype, seed=2), rand(n, dtype=dtype, seed=3)
             out += _all_forward(x, r, w, b) + _all_backward(x, r, w, b, dy)
+            # fp32 denormals on their way to 16 bits (the AVX512-BF16 build's conversion reads them as zero
+            # and must fall back): sums of tiny inputs, and a weight that scales x̂ below fp32's smallest normal
+            tiny = x * 1e-39 if dtype == torch.float32 else (x.float() * 1e-39).to(dtype)
+            out += list(K.add_rms_norm_fwd(tiny, tiny, w * 1e-38, 1e-5, "gemma", 0.0, n, dtype)[:2])
+            out += [K.rms_norm_fwd(x, w * 1e-38, 1e-5, "llama", 0.0, n)[0]]
             for casting in ("llama", "gemma", "none"):
                 out += list(K.rms_norm_fwd(x, w, 1e-5, casting, 0.5, max(1, n // 3)))
             out += list(K.add_rms_norm_fwd(x, r, w, 1e-5, "llama", 0.0, n, torch.float32))
@@ -624,20 +629,33 @@ def test_compiled_step_calls_the_native_ops():
         torch.testing.assert_close(c, e)
 
 
-def test_streamed_outputs_write_the_same_values():
-    """fp32 outputs larger than the last-level cache go out with non-temporal stores (32 MB here, or the
-    machine's own): the rows hold the same bits as the same rows of a small call, forward and dx."""
-    rows = (64 << 20) // (4096 * 4) + 64  # 64 MB of output: above any last-level cache these machines have
-    x, dy = rand(rows, 4096), rand(rows, 4096, seed=1)
-    w, b = rand(4096, seed=2), rand(4096, seed=3)
-    head = slice(0, 64)
-    y, rstd = K.rms_norm_fwd(x, w, 1e-5, "llama", 0.0, 4096)
-    y_small, rstd_small = K.rms_norm_fwd(x[head], w, 1e-5, "llama", 0.0, 4096)
-    assert torch.equal(y[head], y_small)
-    dx_head = K.rms_norm_bwd(dy, x, w, rstd, 0.0, 4096)[0][head]
-    assert torch.equal(dx_head, K.rms_norm_bwd(dy[head], x[head], w, rstd_small, 0.0, 4096)[0])
-    yl, mean, lrstd = K.layer_norm_fwd(x, w, b, 1e-5)
-    yl_small, mean_small, lrstd_small = K.layer_norm_fwd(x[head], w, b, 1e-5)
-    assert torch.equal(yl[head], yl_small)
-    dx = K.layer_norm_bwd(dy, x, w, b, mean, lrstd)[0]
-    assert torch.equal(dx[head], K.layer_norm_bwd(dy[head], x[head], w, b, mean_small, lrstd_small)[0])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_streamed_outputs_write_the_same_values(dtype):
+    """Outputs larger than the last-level cache go out with non-temporal stores (32 MB here, or the machine's
+    own): the rows hold the same bits as the same rows of a small call, forward (fused too) and dx, on every
+    ISA build; rows of 4097 elements put most steps off the vector alignment, which take ordinary stores."""
+    for n in (4096, 4097):
+        rows = (64 << 20) // (n * dtype.itemsize) + 64  # 64 MB of output: above any last-level cache here
+        x, dy, r = rand(rows, n, dtype=dtype), rand(rows, n, dtype=dtype, seed=1), rand(rows, n, dtype=dtype, seed=4)
+        w, b = rand(n, dtype=dtype, seed=2), rand(n, dtype=dtype, seed=3)
+        head, tail = slice(0, 64), slice(rows - 64, rows)
+        for isa in K.isas():
+            before = K.set_isa(isa)
+            try:
+                y, rstd = K.rms_norm_fwd(x, w, 1e-5, "llama", 0.0, n)
+                yl, mean, lrstd = K.layer_norm_fwd(x, w, b, 1e-5)
+                ys = K.add_rms_norm_fwd(x, r, w, 1e-5, "llama", 0.0, n, dtype)[0]
+                dx = K.rms_norm_bwd(dy, x, w, rstd, 0.0, n)[0]
+                dxl = K.layer_norm_bwd(dy, x, w, b, mean, lrstd)[0]
+                for rows_ in (head, tail):
+                    y_small, rstd_small = K.rms_norm_fwd(x[rows_], w, 1e-5, "llama", 0.0, n)
+                    assert torch.equal(y[rows_], y_small)
+                    assert torch.equal(ys[rows_], K.add_rms_norm_fwd(x[rows_], r[rows_], w, 1e-5, "llama", 0.0, n,
+                                                                     dtype)[0])
+                    assert torch.equal(dx[rows_], K.rms_norm_bwd(dy[rows_], x[rows_], w, rstd_small, 0.0, n)[0])
+                    yl_small, mean_small, lrstd_small = K.layer_norm_fwd(x[rows_], w, b, 1e-5)
+                    assert torch.equal(yl[rows_], yl_small)
+                    assert torch.equal(dxl[rows_], K.layer_norm_bwd(dy[rows_], x[rows_], w, b, mean_small,
+                                                                    lrstd_small)[0])
+            finally:
+                K.set_isa(before)

@@ -47,7 +47,7 @@ if not _ops.cpu_isa():
 
 
 def isa() -> str:
-    """The ISA build in use (``"avx512"`` or ``"avx2"``)."""
+    """The ISA build in use (``"avx512bf16"``, ``"avx512"`` or ``"avx2"``)."""
     return _ops.cpu_isa()
 
 

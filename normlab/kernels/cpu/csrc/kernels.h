@@ -30,6 +30,7 @@ constexpr int64_t LANES = 16;     // lanes of every row sum, whatever the vector
 constexpr int64_t PARTS = LANES / VF;
 constexpr int64_t BLOCK = 1024;
 constexpr int64_t BLOCKS_PER_GROUP = 16;
+constexpr int64_t PIVOT = 64;  // LayerNorm: leading elements whose mean is the first shift of the statistics
 static_assert(PARTS >= 1 && LANES % VF == 0 && BLOCK % STEP == 0);
 
 // ---- loads and stores of up to STEP elements as two float vectors (missing lanes read as 0) ----------
@@ -80,6 +81,27 @@ inline void stream_fence() {
 #endif
 }
 
+// Two fp32 vectors as one vector of T, rounded to nearest even: ATen's conversion, or (AVX512-BF16 build) the
+// CPU's own for bf16 with the same bits.
+template <typename T>
+inline at::vec::Vectorized<T> to16(const Vec& a, const Vec& b) {
+  return at::vec::convert_from_float<T>(a, b);
+}
+
+#if defined(__AVX512BF16__)
+// vcvtne2ps2bf16 rounds to nearest even as ATen does, but reads fp32 denormals as zero and keeps a NaN's
+// payload, where ATen rounds denormals and writes NaN as 0xffff: a step holding either goes ATen's way.
+inline bool bf16_special(const Vec& a) { return _mm512_fpclass_ps_mask(a, 0xA1) != 0; }  // NaN or denormal
+inline bool bf16_special(const Vec& a, const Vec& b) {
+  return (_mm512_fpclass_ps_mask(a, 0xA1) | _mm512_fpclass_ps_mask(b, 0xA1)) != 0;
+}
+template <>
+inline at::vec::Vectorized<c10::BFloat16> to16<c10::BFloat16>(const Vec& a, const Vec& b) {
+  if (bf16_special(a, b)) [[unlikely]] return at::vec::convert_from_float<c10::BFloat16>(a, b);
+  return at::vec::Vectorized<c10::BFloat16>((__m512i)_mm512_cvtne2ps_pbh(b, a));  // a: elements 0..15
+}
+#endif
+
 template <typename T>
 struct IO16 {
   using V = at::vec::Vectorized<T>;
@@ -89,15 +111,63 @@ struct IO16 {
     std::tie(a, b) = at::vec::convert_to_float<T>(v);
   }
   static void store(T* p, int64_t count, const Vec& a, const Vec& b) {
-    const V v = at::vec::convert_from_float<T>(a, b);
+    const V v = to16<T>(a, b);
     if (count == STEP) v.store(p);
     else v.store(p, count);
   }
   // Round to T's precision (round to nearest even), back in fp32.
-  static void round(Vec& a, Vec& b) { std::tie(a, b) = at::vec::convert_to_float<T>(at::vec::convert_from_float<T>(a, b)); }
+  static void round(Vec& a, Vec& b) { std::tie(a, b) = at::vec::convert_to_float<T>(to16<T>(a, b)); }
+  // As store, with a non-temporal store where the step is whole and aligned: the same values either way.
+  static void stream(T* p, int64_t count, const Vec& a, const Vec& b) {
+    if (count != STEP || reinterpret_cast<uintptr_t>(p) % sizeof(V) != 0) return store(p, count, a, b);
+    const V v = to16<T>(a, b);
+#if defined(CPU_CAPABILITY_AVX512)
+    _mm512_stream_si512(reinterpret_cast<__m512i*>(p), v);
+#elif defined(CPU_CAPABILITY_AVX2)
+    _mm256_stream_si256(reinterpret_cast<__m256i*>(p), v);
+#else
+    v.store(p);
+#endif
+  }
 };
+
+// fp32 → bf16 → fp32 in fp32 registers: ATen's round to nearest even (add 0x7fff + the kept lowest bit, cut
+// the low 16 bits; NaN becomes 0xffff), the same bits as convert_from_float then convert_to_float without
+// packing to 16 bits and widening back.
+inline Vec round_bf16(const Vec& x) {
+#if defined(__AVX512BF16__)
+  if (!bf16_special(x)) [[likely]]
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(x)), 16));
+#endif
+#if defined(CPU_CAPABILITY_AVX512)
+  const __m512i v = _mm512_castps_si512(x);
+  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(v, 16), _mm512_set1_epi32(1));
+  __m512i t = _mm512_add_epi32(_mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff)), v);
+  t = _mm512_and_si512(t, _mm512_set1_epi32(static_cast<int>(0xffff0000u)));
+  t = _mm512_mask_blend_epi32(_mm512_cmp_ps_mask(x, x, _CMP_ORD_Q), _mm512_set1_epi32(static_cast<int>(0xffff0000u)), t);
+  return _mm512_castsi512_ps(t);
+#elif defined(CPU_CAPABILITY_AVX2)
+  const __m256i v = _mm256_castps_si256(x);
+  const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(v, 16), _mm256_set1_epi32(1));
+  __m256i t = _mm256_add_epi32(_mm256_add_epi32(lsb, _mm256_set1_epi32(0x7fff)), v);
+  t = _mm256_and_si256(t, _mm256_set1_epi32(static_cast<int>(0xffff0000u)));
+  const __m256i ordered = _mm256_castps_si256(_mm256_cmp_ps(x, x, _CMP_ORD_Q));
+  t = _mm256_blendv_epi8(_mm256_set1_epi32(static_cast<int>(0xffff0000u)), t, ordered);
+  return _mm256_castsi256_ps(t);
+#else
+  Vec a = x, b = x;
+  IO16<c10::BFloat16>::round(a, b);
+  return a;
+#endif
+}
+
 template <>
-struct IO<c10::BFloat16> : IO16<c10::BFloat16> {};
+struct IO<c10::BFloat16> : IO16<c10::BFloat16> {
+  static void round(Vec& a, Vec& b) {
+    a = round_bf16(a);
+    b = round_bf16(b);
+  }
+};
 template <>
 struct IO<c10::Half> : IO16<c10::Half> {};
 
@@ -133,14 +203,36 @@ struct Lanes {
   void add(const Lanes& o) {
     for (int64_t p = 0; p < PARTS; ++p) v[p] = v[p] + o.v[p];
   }
+  // Lane i plus lane i + half for half = 8, 4, 2, 1: the same additions in vector registers where the build has them.
   float total() const {
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+#if defined(CPU_CAPABILITY_AVX512)
+    const __m512 all = v[0];
+    const __m256 h8 = _mm256_add_ps(_mm512_castps512_ps256(all), _mm512_extractf32x8_ps(all, 1));
+#else
+    const __m256 h8 = _mm256_add_ps(v[0], v[1 % PARTS]);
+#endif
+    __m128 h = _mm_add_ps(_mm256_castps256_ps128(h8), _mm256_extractf128_ps(h8, 1));
+    h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+    h = _mm_add_ss(h, _mm_movehdup_ps(h));
+    return _mm_cvtss_f32(h);
+#else
     float t[LANES];
     for (int64_t p = 0; p < PARTS; ++p) v[p].store(t + p * VF);
     for (int64_t half = LANES / 2; half > 0; half /= 2)
       for (int64_t i = 0; i < half; ++i) t[i] = t[i] + t[i + half];
     return t[0];
+#endif
   }
 };
+
+// Asks for the cache lines of elements [at, at + count) of base (the next row's, while this one is written): no
+// effect on any value.
+template <typename T>
+inline void prefetch(const void* base, int64_t at, int64_t count) {
+  const char* p = reinterpret_cast<const char*>(static_cast<const T*>(base) + at);
+  for (int64_t off = 0; off < count * static_cast<int64_t>(sizeof(T)); off += 64) __builtin_prefetch(p + off, 0, 3);
+}
 
 // out[q] = Σ over elements [0, len) of quantity q; step(e, count, vals) writes the quantities of elements
 // e .. e + count into vals[q][0..1], zero in lanes past count. step sees the elements in order, once.
@@ -191,23 +283,44 @@ void norm_fwd_rows(const NormFwdArgs& a, int64_t begin, int64_t end) {
     }
     float m = 0.f, corr = 0.f, rs;
     if constexpr (M == Mode::layer) {
-      float sum[1];
-      row_sums<1>(n, [&](int64_t e, int64_t c, Vec (&q)[1][2]) { load<S>(src, row + e, c, q[0][0], q[0][1]); }, sum);
-      m = sum[0] / static_cast<float>(n);
-      const Vec vm(m);
-      float dev[2];  // Σ (x − m), Σ (x − m)²
-      row_sums<2>(n, [&](int64_t e, int64_t c, Vec (&q)[2][2]) {
-        Vec d0, d1;
-        load<S>(src, row + e, c, d0, d1);
-        d0 = d0 - vm;
-        d1 = d1 - vm;
-        keep_first(c, d0, d1);
-        q[0][0] = d0, q[0][1] = d1, q[1][0] = d0 * d0, q[1][1] = d1 * d1;
-      }, dev);
+      // Σ (x − m) and Σ (x − m)² about a shift m, then var = mean((x − m)²) − mean(x − m)², the corrected two-pass
+      // form. m is first the mean of the leading PIVOT elements (one pass less than the row's mean); where it lies
+      // more than a quarter of a standard deviation from the row's mean (the squares would then carry over 6 % of
+      // that offset), m is the row's mean instead, from one more pass. Rows far from zero (1e4 ± 1e-3) stay exact.
+      auto sum_x = [&](int64_t e, int64_t c, Vec (&q)[1][2]) { load<S>(src, row + e, c, q[0][0], q[0][1]); };
+      auto deviations = [&](float shift, float (&dev)[2]) {  // Σ (x − shift), Σ (x − shift)²
+        const Vec vm(shift);
+        row_sums<2>(n, [&](int64_t e, int64_t c, Vec (&q)[2][2]) {
+          Vec d0, d1;
+          load<S>(src, row + e, c, d0, d1);
+          d0 = d0 - vm;
+          d1 = d1 - vm;
+          keep_first(c, d0, d1);
+          q[0][0] = d0, q[0][1] = d1, q[1][0] = d0 * d0, q[1][1] = d1 * d1;
+        }, dev);
+      };
       const float nf = static_cast<float>(n);
+      const int64_t lead = std::min(n, PIVOT);
+      float sum[1], dev[2];
+      row_sums<1>(lead, sum_x, sum);
+      m = sum[0] / static_cast<float>(lead);
+      deviations(m, dev);
       corr = dev[0] / nf;
-      rs = 1.f / std::sqrt(std::max(dev[1] / nf - corr * corr, 0.f) + a.eps);
-      a.mean[i] = m + corr;
+      float var = dev[1] / nf - corr * corr;
+      if (lead < n && !(corr * corr <= 0.0625f * var)) {
+        row_sums<1>(n, sum_x, sum);
+        m = sum[0] / nf;
+        deviations(m, dev);
+        corr = dev[0] / nf;
+        var = dev[1] / nf - corr * corr;
+      }
+      rs = 1.f / std::sqrt(std::max(var, 0.f) + a.eps);
+      // x − mean as (x − m_hi) − c_lo with m_hi = m + corr rounded and c_lo its rounding error (Fast2Sum): x minus
+      // the row's mean to within fp32's rounding of it, whatever shift the sums took.
+      const float m_hi = m + corr;
+      corr = corr - (m_hi - m);
+      m = m_hi;
+      a.mean[i] = m_hi;
     } else {
       float ss[1];
       row_sums<1>(a.k, [&](int64_t e, int64_t c, Vec (&q)[1][2]) {
@@ -221,8 +334,15 @@ void norm_fwd_rows(const NormFwdArgs& a, int64_t begin, int64_t end) {
     const Vec vm(m), vcorr(corr), vrs(rs);
     Vec vq = vrs, unused = vrs;
     if constexpr (M == Mode::rms_none) IO<S>::round(vq, unused);  // casting none: rstd rounded too
+    // 16-bit inputs: the next row's inputs are fetched while this row is written (its statistics pass stalled on
+    // them; fp32 rows, which the hardware prefetcher keeps up with, lost 5–20 % to the extra prefetches)
+    const bool ahead = sizeof(X) == 2 && i + 1 < end;
     for (int64_t j = 0; j < n; j += STEP) {
       const int64_t c = std::min(STEP, n - j);
+      if (ahead) {
+        prefetch<X>(a.x, row + n + j, c);
+        if constexpr (FUSED) prefetch<R>(a.r, row + n + j, c);
+      }
       Vec v0, v1, w0, w1;
       load<S>(src, row + j, c, v0, v1);
       IO<float>::load(a.w + j, c, w0, w1);
@@ -246,18 +366,11 @@ void norm_fwd_rows(const NormFwdArgs& a, int64_t begin, int64_t end) {
         v1 = v1 * w1;
       }
       if constexpr (!std::is_same_v<S, X>) IO<S>::round(v0, v1);  // the norm's dtype, then the output's
-      if constexpr (std::is_same_v<X, float>) {
-        if (a.stream) {
-          IO<float>::stream(static_cast<float*>(a.y) + row + j, c, v0, v1);
-          continue;
-        }
-      }
-      store<X>(a.y, row + j, c, v0, v1);
+      if (a.stream) IO<X>::stream(static_cast<X*>(a.y) + row + j, c, v0, v1);
+      else store<X>(a.y, row + j, c, v0, v1);
     }
   }
-  if constexpr (std::is_same_v<X, float>) {
-    if (a.stream) stream_fence();
-  }
+  if (a.stream) stream_fence();
 }
 
 // ---- backward -----------------------------------------------------------------------------------------
@@ -301,9 +414,14 @@ void norm_bwd_rows(const NormBwdArgs& a, int64_t begin, int64_t end) {
     }
     const Vec vcorr(corr), vmg(mg), vmgx(mgx), vproj(proj);
     // columns [lo, hi); `projected`: RMSNorm columns inside the statistic (j < k)
+    const bool ahead = sizeof(T) == 2 && i + 1 < end;  // as in the forward: 16-bit inputs only
     auto columns = [&](int64_t lo, int64_t hi, bool projected) {
       for (int64_t j = lo; j < hi; j += STEP) {
         const int64_t c = std::min(STEP, hi - j);
+        if (ahead) {
+          prefetch<T>(a.dy, row + n + j, c);
+          prefetch<T>(a.x, row + n + j, c);
+        }
         Vec d0, d1, x0, x1, w0, w1, v0, v1, h0, h1;
         load<T>(a.dy, row + j, c, d0, d1);
         load<T>(a.x, row + j, c, x0, x1);
@@ -329,12 +447,8 @@ void norm_bwd_rows(const NormBwdArgs& a, int64_t begin, int64_t end) {
           v0 = v0 + s0;
           v1 = v1 + s1;
         }
-        if constexpr (std::is_same_v<T, float>) {
-          if (a.stream) IO<float>::stream(static_cast<float*>(a.dx) + row + j, c, v0, v1);
-          else store<T>(a.dx, row + j, c, v0, v1);
-        } else {
-          store<T>(a.dx, row + j, c, v0, v1);
-        }
+        if (a.stream) IO<T>::stream(static_cast<T*>(a.dx) + row + j, c, v0, v1);
+        else store<T>(a.dx, row + j, c, v0, v1);
         Vec p0, p1;
         IO<float>::load(a.pw + j, c, p0, p1);
         IO<float>::store(a.pw + j, c, p0 + unless_zero(d0, d0 * h0), p1 + unless_zero(d1, d1 * h1));
@@ -353,9 +467,7 @@ void norm_bwd_rows(const NormBwdArgs& a, int64_t begin, int64_t end) {
       columns(a.k, n, false);
     }
   }
-  if constexpr (std::is_same_v<T, float>) {
-    if (a.stream) stream_fence();
-  }
+  if (a.stream) stream_fence();
 }
 
 // ---- DyT: y = w·tanh(αx) + b ----------------------------------------------------------------------------

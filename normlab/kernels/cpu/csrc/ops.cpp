@@ -36,6 +36,7 @@ std::vector<const KernelTable*> supported_tables() {
   const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
   const bool avx512 = avx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
                       __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
+  if (avx512 && __builtin_cpu_supports("avx512bf16")) out.push_back(&kernels_avx512bf16());
   if (avx512) out.push_back(&kernels_avx512());
   if (avx2) out.push_back(&kernels_avx2());
 #endif
@@ -117,7 +118,7 @@ Tensor stats_like(const Tensor& x) {
 }
 
 // The last-level cache of CPU 0, from sysfs (cpuid, behind sysconf, overstates it on some VMs); 32 MB
-// where it does not say. An output larger than it cannot stay cached: it is written with non-temporal stores.
+// where it does not say.
 int64_t last_level_cache_bytes() {
   static const int64_t bytes = [] {
     int64_t largest = 0;
@@ -132,6 +133,12 @@ int64_t last_level_cache_bytes() {
     return largest > 0 ? largest : int64_t{32} << 20;
   }();
   return bytes;
+}
+
+// Outputs go out with non-temporal stores when the call's input and output together exceed the last-level cache:
+// the call itself would evict the output before anything read it, and ordinary stores read every line first.
+bool stream_outputs(size_t out_bytes, size_t in_bytes) {
+  return static_cast<int64_t>(out_bytes + in_bytes) > last_level_cache_bytes();
 }
 
 // n ones, kept per thread (the weight of a norm without one).
@@ -241,7 +248,7 @@ FwdOut norm_forward(const Tensor& input, const OptTensor& residual, const Tensor
   a.eps = static_cast<float>(eps);
   a.x_t = dtype_of(x);
   a.mode = mode;
-  a.stream = a.x_t == Dtype::f32 && out.y.nbytes() > last_level_cache_bytes();
+  a.stream = stream_outputs(out.y.nbytes(), x.nbytes());
   const KernelTable& table = kernels();
   for_rows(rows, n, [&](int64_t begin, int64_t end) { table.norm_fwd(a, begin, end); });
   return out;
@@ -363,7 +370,7 @@ std::tuple<Tensor, Tensor, Tensor> norm_backward(const Tensor& grad, const Tenso
   a.k = k;
   a.t = dtype_of(x);
   a.layer = layer;
-  a.stream = a.t == Dtype::f32 && !ds.defined() && dx.nbytes() > last_level_cache_bytes();
+  a.stream = !ds.defined() && stream_outputs(dx.nbytes(), x.nbytes() + dy.nbytes());
   const KernelTable& table = kernels();
   float *pw0 = pw.data_ptr<float>(), *pb0 = pb.defined() ? pb.data_ptr<float>() : nullptr;
   run_chunks_in_order(rows, slots, [&](int64_t begin, int64_t end, int64_t slot) {

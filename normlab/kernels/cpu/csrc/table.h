@@ -25,7 +25,7 @@ struct NormFwdArgs {
   float eps;
   Dtype x_t, r_t, s_t; // not fused: s_t == x_t (the norm's own dtype)
   Mode mode;
-  bool stream;         // fp32 y with non-temporal stores (calls larger than the last-level cache)
+  bool stream;         // y with non-temporal stores (calls larger than the last-level cache)
 };
 
 struct NormBwdArgs {
@@ -41,7 +41,7 @@ struct NormBwdArgs {
   int64_t n, k;
   Dtype t;
   bool layer;
-  bool stream;         // fp32 dx with non-temporal stores (calls larger than the last-level cache)
+  bool stream;         // dx with non-temporal stores (calls larger than the last-level cache)
 };
 
 struct DytFwdArgs {
@@ -115,5 +115,6 @@ struct KernelTable {
 // One per ISA build (kernels_<isa>.cpp).
 const KernelTable& kernels_avx2();
 const KernelTable& kernels_avx512();
+const KernelTable& kernels_avx512bf16();
 
 }  // namespace normlab::cpu
