@@ -129,7 +129,7 @@ class StudyConfig:
     experiments: list[int] = field(default_factory=lambda: list(EXPERIMENTS))
     # experiment 2: gradient norm at init, at these depths, width and heads (the paper's d=512), over seeds
     grad_depths: list[int] = field(default_factory=lambda: [6, 12])
-    grad_d_model: int = 256
+    grad_d_model: int = 512
     grad_n_head: int = 8
     grad_batch_size: int = 8
     grad_batches: int = 1
@@ -272,7 +272,7 @@ PROFILES: dict[str, dict] = {
         # experiment 1 (and 4, 6, 8: the grid)
         "steps": 600, "seeds": 3, "eval_interval": 60, "eval_iters": 8, "timing_rounds": 7,
         # experiment 2
-        "grad_depths": [6, 12], "grad_d_model": 512, "grad_batches": 2, "grad_seeds": 5,
+        "grad_depths": [6, 12], "grad_batches": 2, "grad_seeds": 5,
         # experiment 3: the sweep at one seed, the edge lr at all 3
         "warmup_lrs": [1e-3, 2e-3, 4e-3], "warmup_d_model": 128, "warmup_steps": 240,
         # experiment 7
