@@ -82,6 +82,8 @@ def test_exp2_is_the_mlp_output_matrix_gradient_at_init(tmp_path):
                 mean = sum(ratios) / 2
                 std = abs(ratios[0] - ratios[1]) / 2 ** 0.5
                 assert row[-1] == f"{mean:.3g} ± {std:.2g}"  # last / first over the seeds
+                if setting == PAPER_SETTING and placement == "post":  # the per-seed range, in the notes
+                    assert f"{min(ratios):.2f}–{max(ratios):.2f} at {depth} layers" in " ".join(exp.notes)
 
 
 def test_exp7_times_the_three_norms_per_width_and_repeat(tmp_path):

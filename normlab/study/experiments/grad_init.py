@@ -115,6 +115,12 @@ def render_grad_at_init(cfg: StudyConfig, out_dir: Path, curves: dict[tuple[str,
               "N(0, 1/d), ReLU FFN, no extra scaling of the residual branches, a final LayerNorm for Pre-LN only. "
               "The library default (second table) is nanoGPT's: N(0, 0.02), residual output projections scaled by "
               "1/√(2·layers), GELU — that scaling shrinks every branch and hides the effect."),
+             ("Per seed (one init, its batches), Post-LN's last/first ratio ranges "
+              + "; ".join(f"{min(ratio[(d, 'post')]):.2f}–{max(ratio[(d, 'post')]):.2f} at {d} layers"
+                          for d in cfg.grad_depths)
+              + ": the ratio is a property of one random init, so a single-seed figure (such as an independent "
+                "1.51 at 12 layers) is one draw from this range; the verdict asks the growth of every init, not "
+                "only of their mean, to clear 1."),
              (f"Holds when Post-LN's last/first ratio at the deepest depth has mean − {verdicts.SPREAD_K:g}·std > "
               f"{GROWS_ABOVE:g} (the last layer's gradient larger than the first's beyond the seeds' spread) and "
               "Pre-LN's does not at any depth; partly when only one of the two.")]
