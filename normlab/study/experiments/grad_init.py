@@ -118,9 +118,8 @@ def render_grad_at_init(cfg: StudyConfig, out_dir: Path, curves: dict[tuple[str,
              ("Per seed (one init, its batches), Post-LN's last/first ratio ranges "
               + "; ".join(f"{min(ratio[(d, 'post')]):.2f}–{max(ratio[(d, 'post')]):.2f} at {d} layers"
                           for d in cfg.grad_depths)
-              + ": the ratio is a property of one random init, so a single-seed figure (such as an independent "
-                "1.51 at 12 layers) is one draw from this range; the verdict asks the growth of every init, not "
-                "only of their mean, to clear 1."),
+              + ": one init's ratio varies this much, so a figure from a single init is one draw; the verdict asks "
+                "the growth of every init, not only of their mean, to clear 1."),
              (f"Holds when Post-LN's last/first ratio at the deepest depth has mean − {verdicts.SPREAD_K:g}·std > "
               f"{GROWS_ABOVE:g} (the last layer's gradient larger than the first's beyond the seeds' spread) and "
               "Pre-LN's does not at any depth; partly when only one of the two.")]
