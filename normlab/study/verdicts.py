@@ -309,19 +309,24 @@ def depth(growth: dict[str, list[float]], deep_early: dict[str, list[float]],
               f"{_yes(lns_raises)}; (3) loss below Pre-LN's beyond the spread and {COMPARABLE_NATS:g} nats: Peri-LN "
               f"({peri_gain:+.3f}) {_yes(peri_lower)}, LN-Scaling ({lns_gain:+.3f}) {_yes(lns_lower)}")
     return Verdict(HOLDS if all(checks) else PARTLY if any(checks) else NOT_HERE, reason)
+
+
 #: Experiment 11: the largest attention logit without QK-norm counts as larger from this multiple of QK-norm's.
 LOGIT_FACTOR = 2.0
 
 
 def _logit_larger(plain: list[float], qk: list[float]) -> bool:
-    """Per-seed largest logits: ``plain``'s mean above LOGIT_FACTOR × ``qk``'s and beyond SPREAD_K × the pooled
-    std; a non-finite logit counts as infinite (larger than any finite one, nothing to say beside another)."""
+    """Per-seed largest logits, compared on a log scale (they grow by orders of magnitude, and their spread with
+    them): ``plain``'s mean log above ``qk``'s by more than log(LOGIT_FACTOR) and SPREAD_K × the pooled std of the
+    logs. A non-finite logit counts as infinite (larger than any finite one, nothing to say beside another); a
+    logit ≤ 0 counts as tiny."""
     if not all(math.isfinite(v) for v in qk):
         return False
     if not all(math.isfinite(v) for v in plain):
         return True
-    delta = mean_std(plain)[0] - mean_std(qk)[0]
-    return mean_std(plain)[0] > LOGIT_FACTOR * mean_std(qk)[0] and delta > SPREAD_K * pooled_std(plain, qk)
+    log_plain, log_qk = ([math.log(max(v, 1e-12)) for v in vs] for vs in (plain, qk))
+    delta = mean_std(log_plain)[0] - mean_std(log_qk)[0]
+    return delta > math.log(LOGIT_FACTOR) and delta > SPREAD_K * pooled_std(log_plain, log_qk)
 
 
 def qk_norm(sens_plain: list[float], sens_qk: list[float], logit_plain: list[float], logit_qk: list[float]
@@ -335,7 +340,8 @@ def qk_norm(sens_plain: list[float], sens_qk: list[float], logit_plain: list[flo
     return _both(less_sensitive, _logit_larger(logit_plain, logit_qk),
                  f"QK-norm less LR-sensitive (Δ {delta:+.3f} vs margin {COMPARABLE_NATS:g}, {SPREAD_K:g}× pooled std "
                  f"{SPREAD_K * spread:.3f})",
-                 f"larger logits without QK-norm at the highest lr (> {LOGIT_FACTOR:g}× and beyond the spread)")
+                 f"larger logits without QK-norm at the highest lr (> {LOGIT_FACTOR:g}× and beyond the spread of the "
+                 "logs)")
 
 
 def dyt_alpha(layernorm: list[float], per_alpha: dict[float, list[float]]) -> Verdict:

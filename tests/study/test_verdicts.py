@@ -212,14 +212,18 @@ def test_depth(kw, word):
     verdict = _depth(**kw)
     assert verdict.word == word, verdict.reason
     assert verdict.reason.count("yes") + verdict.reason.count("no") == 7
+
+
 @pytest.mark.parametrize("sens_plain, sens_qk, logit_plain, logit_qk, word", [
     ([0.5, 0.6, 0.55], [0.2, 0.25, 0.22], [100.0, 120.0, 90.0], [5.0, 6.0, 5.5], HOLDS),
     ([0.36, 0.36], [0.3, 0.3], [10.1, 10.1], [5.0, 5.0], HOLDS),       # no spread: Δ 0.06 > 0.05; 10.1 > 2 × 5
     ([0.34, 0.34], [0.3, 0.3], [100.0, 100.0], [5.0, 5.0], PARTLY),    # Δ 0.04: within the margin
     ([0.4, 0.5, 0.6], [0.3, 0.4, 0.5], [100.0, 100.0], [5.0, 5.0], PARTLY),  # Δ 0.1, 2× pooled std 0.2: within
     ([0.3, 0.3], [0.5, 0.5], [100.0, 100.0], [5.0, 5.0], PARTLY),      # QK-norm the more sensitive one
-    ([0.5, 0.5], [0.2, 0.2], [10.0, 10.0], [5.0, 5.0], PARTLY),        # exactly 2×: not larger
-    ([0.5, 0.5], [0.2, 0.2], [5.0, 30.0], [5.0, 5.0], PARTLY),         # 3.5× in the mean, within 2× pooled std
+    ([0.5, 0.5], [0.2, 0.2], [9.99, 9.99], [5.0, 5.0], PARTLY),        # just under 2×: not larger
+    ([0.5, 0.5], [0.2, 0.2], [5.0, 30.0], [5.0, 5.0], PARTLY),         # log Δ 0.90 > log 2, within 2× pooled 0.90
+    ([0.5, 0.5], [0.2, 0.2], [2e4, 1e5, 5.6e4], [28.0, 31.0, 34.0], HOLDS),  # heavy-tailed: std ≈ mean, logs apart
+    ([0.5, 0.5], [0.2, 0.2], [-1.0, -2.0], [5.0, 5.0], PARTLY),        # logits ≤ 0 count as tiny
     ([0.5, 0.5], [0.2, 0.2], [math.inf, 100.0], [5.0, 5.0], HOLDS),    # an overflowed logit counts as infinite
     ([0.5, 0.5], [0.2, 0.2], [math.inf, 100.0], [math.nan, 5.0], PARTLY),  # ... but not beside another
     ([0.3, 0.3], [0.3, 0.3], [5.0, 5.0], [5.0, 5.0], NOT_HERE),

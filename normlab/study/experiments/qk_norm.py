@@ -146,8 +146,9 @@ def render(cfg: StudyConfig, out_dir: Path, data: dict[str, list[list[dict]]], s
               "best. Max logit: max q·k/√d_head over heads, blocks and causal positions on the first val batch."),
              (f"Holds when QK-norm's LR sensitivity is lower than without it by more than {COMPARABLE_NATS:g} nats and "
               f"{SPREAD_K:g}× the pooled seed std, and at the highest learning rate the largest logit without QK-norm "
-              f"exceeds QK-norm's more than {LOGIT_FACTOR:g}-fold and by more than {SPREAD_K:g}× the pooled std (a "
-              f"non-finite logit counts as infinite); partly when one of the two. {verdict.reason}."),
+              f"exceeds QK-norm's more than {LOGIT_FACTOR:g}-fold, compared as logarithms (the logits span orders of "
+              f"magnitude), by more than {SPREAD_K:g}× the pooled std of their logs (a non-finite logit counts as "
+              f"infinite); partly when one of the two. {verdict.reason}."),
              ("The paper's small-scale proxies are still far larger models, trained for 1e5 steps (5e3 warmup) on C4 "
               "with independent weight decay and a z-loss; a few hundred steps of a tiny model on a character corpus "
               "test only the early part of the claim: whether the logits grow and the high rates lose quality already "
