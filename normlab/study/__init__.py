@@ -164,7 +164,7 @@ def _run(cfg: StudyConfig, out: Path, name: str, progress: bool, info: DistInfo,
              f"(cosine to {cfg.lr * cfg.min_lr_ratio:g}, warmup {cfg.warmup_iters} steps), "
              f"weight decay {cfg.weight_decay:g}, "
              f"grad clip {format(cfg.grad_clip, 'g') if cfg.grad_clip else 'none'}; {cfg.steps} steps per variant, "
-             f"seeds {', '.join(map(str, range(cfg.seed, cfg.seed + cfg.seeds)))}: a seed sets the init and the data "
+             f"seeds {', '.join(map(str, cfg.seed_list))}: a seed sets the init and the data "
              "order, the same for every variant."),
             "",
             (f"Data: {corpus.source} — {len(corpus.text):,} characters, vocabulary {corpus.vocab_size}, "

@@ -257,6 +257,11 @@ class StudyConfig:
         return cls(**{**PROFILES[profile], **overrides, "profile": profile})
 
     @property
+    def seed_list(self) -> list[int]:
+        """The seeds of every training comparison: ``seed``, ``seed + 1``, … (``seeds`` of them)."""
+        return list(range(self.seed, self.seed + self.seeds))
+
+    @property
     def warmup_iters(self) -> int:
         return self.steps // 10 if self.warmup is None else self.warmup
 

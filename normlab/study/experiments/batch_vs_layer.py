@@ -153,7 +153,7 @@ def render(cfg: StudyConfig, out_dir: Path, values: dict[tuple[str, int], dict[s
          f"{cfg.n_head} heads, context {cfg.block_size}; lr {cfg.lr:g}, warmup {cfg.bn_steps // 10} steps, cosine "
          f"decay. Every batch size trains the same {cfg.bn_steps} steps (not the same tokens: a smaller batch sees "
          "fewer), which costs both norms; part (a) compares BatchNorm's cost to LayerNorm's. Seeds "
-         f"{', '.join(map(str, range(cfg.seed, cfg.seed + cfg.seeds)))} set init and data order, the same for both "
+         f"{', '.join(map(str, cfg.seed_list))} set init and data order, the same for both "
          "norms. BatchNorm normalizes each channel over all B·T tokens of the batch (layout NLC)."),
         (f"Measured on each run's {cfg.eval_iters} fixed validation batches of its own batch size (those of its "
          "final val loss): (b) the loss with every norm in train mode (each batch's own statistics; the running "

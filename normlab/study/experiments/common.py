@@ -39,7 +39,7 @@ class Context:
 
     @property
     def seeds(self) -> list[int]:
-        return [self.cfg.seed + s for s in range(self.cfg.seeds)]
+        return self.cfg.seed_list
 
 
 def model_config(cfg: StudyConfig, vocab_size: int, variant: str, **overrides) -> dict:

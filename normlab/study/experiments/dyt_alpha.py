@@ -120,7 +120,7 @@ def render(cfg: StudyConfig, out_dir: Path, reference: list[dict], sweep: dict[f
     notes = [(f"{DYT} with α₀ in {', '.join(f'{a:g}' for a in alphas)} against {REFERENCE}; {n_layer} layers, "
               f"d={d_model}, {cfg.n_head} heads, context {cfg.block_size}, batch {cfg.batch_size}, {cfg.dyt_steps} "
               f"steps (10 % warmup, cosine decay), lr {cfg.lr:g} as the grid's; seeds "
-              f"{', '.join(map(str, range(cfg.seed, cfg.seed + cfg.seeds)))}, the same for every arm. α is learnable: "
+              f"{', '.join(map(str, cfg.seed_list))}, the same for every arm. α is learnable: "
               "α₀ is only its init. A diverged run's loss counts at its untrained model's."),
              ("Scale at init: the study's models draw every weight, the token and position embeddings included, "
               "from N(0, 0.02), so the first block's input has rms ≈ 0.028; LayerNorm lifts it to rms 1, DyT "

@@ -138,7 +138,7 @@ def render(cfg: StudyConfig, out_dir: Path, data: dict[str, list[list[dict]]], s
     notes = [(f"{VARIANT}, {n_layer} layers, d={d_model}, {cfg.n_head} heads, context {cfg.block_size}, batch "
               f"{cfg.batch_size}; {cfg.qk_steps} steps per run (10 % linear warmup, cosine decay to "
               f"{cfg.min_lr_ratio:g}× the peak), AdamW as the grid's, gradient clipping {cfg.grad_clip:g}; seeds "
-              f"{', '.join(map(str, range(cfg.seed, cfg.seed + cfg.seeds)))}, the same for both arms. QK-norm: RMSNorm "
+              f"{', '.join(map(str, cfg.seed_list))}, the same for both arms. QK-norm: RMSNorm "
               "over the head dimension on queries and keys."),
              ("A run's loss is its final val loss capped at its untrained model's (a diverged run counts there), as in "
               "the paper. LR sensitivity (the paper's measure) per seed: the mean over the sweep of (loss − the "
