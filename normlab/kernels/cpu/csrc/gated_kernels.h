@@ -26,7 +26,7 @@ void gated_fwd_rows(const GatedFwdArgs& a, int64_t begin, int64_t end) {
       const int64_t base = i * n + grp * g;
       const float* w = a.w + grp * g;
       float ss[1];
-      row_sums<1>(g, [&](int64_t e, int64_t c, Vec (&q)[1][2]) {
+      row_sums<1>(g, [&](int64_t e, auto c, Vec (&q)[1][2]) {
         Vec h0, h1;
         load<T>(a.x, base + e, c, h0, h1);
         if constexpr (GATE && !BEFORE) {
@@ -40,8 +40,7 @@ void gated_fwd_rows(const GatedFwdArgs& a, int64_t begin, int64_t end) {
       const float rs = 1.f / std::sqrt(ss[0] / gf + a.eps);
       a.rstd[i * groups + grp] = rs;
       const Vec vrs(rs);
-      for (int64_t j = 0; j < g; j += STEP) {
-        const int64_t c = std::min(STEP, g - j);
+      for_steps(0, g, [&](int64_t j, auto c) {
         Vec v0, v1, w0, w1, s0, s1;
         load<T>(a.x, base + j, c, v0, v1);
         if constexpr (GATE) {
@@ -66,7 +65,7 @@ void gated_fwd_rows(const GatedFwdArgs& a, int64_t begin, int64_t end) {
           v1 = v1 * s1;
         }
         store<T>(a.y, base + j, c, v0, v1);
-      }
+      });
     }
   }
 }
@@ -91,7 +90,7 @@ void gated_bwd_rows(const GatedBwdArgs& a, int64_t begin, int64_t end) {
       struct Terms {
         Vec d[2], x[2], z[2], s[2], sig[2], h[2], g[2], w[2];
       };
-      auto load_terms = [&](int64_t e, int64_t c, Terms& t) {
+      auto load_terms = [&](int64_t e, auto c, Terms& t) {
         load<T>(a.dy, base + e, c, t.d[0], t.d[1]);
         load<T>(a.x, base + e, c, t.x[0], t.x[1]);
         IO<float>::load(w + e, c, t.w[0], t.w[1]);
@@ -110,14 +109,13 @@ void gated_bwd_rows(const GatedBwdArgs& a, int64_t begin, int64_t end) {
         }
       };
       float dot[1];
-      row_sums<1>(g, [&](int64_t e, int64_t c, Vec (&q)[1][2]) {
+      row_sums<1>(g, [&](int64_t e, auto c, Vec (&q)[1][2]) {
         Terms t;
         load_terms(e, c, t);
         q[0][0] = t.g[0] * t.h[0], q[0][1] = t.g[1] * t.h[1];
       }, dot);
       const Vec vproj(rs * dot[0] / gf);
-      for (int64_t j = 0; j < g; j += STEP) {
-        const int64_t c = std::min(STEP, g - j);
+      for_steps(0, g, [&](int64_t j, auto c) {
         Terms t;
         load_terms(j, c, t);
         Vec dx[2], dz[2], term[2];
@@ -143,7 +141,7 @@ void gated_bwd_rows(const GatedBwdArgs& a, int64_t begin, int64_t end) {
         Vec p0, p1;
         IO<float>::load(pw + j, c, p0, p1);
         IO<float>::store(pw + j, c, p0 + term[0], p1 + term[1]);
-      }
+      });
     }
   }
 }

@@ -234,20 +234,39 @@ inline void prefetch(const void* base, int64_t at, int64_t count) {
   for (int64_t off = 0; off < count * static_cast<int64_t>(sizeof(T)); off += 64) __builtin_prefetch(p + off, 0, 3);
 }
 
+// body(j, count) for the steps of [lo, hi): whole steps first, with a compile-time count (loads and stores take
+// their unmasked form and no lane is cleared), then the remainder. The same elements in the same order either way.
+template <typename Body>
+__attribute__((always_inline)) inline void for_steps(int64_t lo, int64_t hi, Body&& body) {
+  int64_t j = lo;
+  for (; j + STEP <= hi; j += STEP) body(j, std::integral_constant<int64_t, STEP>{});
+  if (j < hi) body(j, hi - j);
+}
+
 // out[q] = Σ over elements [0, len) of quantity q; step(e, count, vals) writes the quantities of elements
 // e .. e + count into vals[q][0..1], zero in lanes past count. step sees the elements in order, once.
 template <int NQ, typename Step>
-inline void row_sums(int64_t len, Step&& step, float (&out)[NQ]) {
+__attribute__((always_inline)) inline void row_sums(int64_t len, Step&& step, float (&out)[NQ]) {
+  if (len <= BLOCK) {  // one block: its lanes are the row's (the general path adds them to zeros)
+    Lanes block[NQ];
+    for_steps(0, len, [&](int64_t e, auto c) {
+      Vec vals[NQ][2];
+      step(e, c, vals);
+      for (int q = 0; q < NQ; ++q) block[q].add_step(vals[q][0], vals[q][1]);
+    });
+    for (int q = 0; q < NQ; ++q) out[q] = block[q].total();
+    return;
+  }
   Lanes total[NQ], group[NQ];
   int64_t blocks = 0;
   for (int64_t start = 0; start < len; start += BLOCK) {
     Lanes block[NQ];
     const int64_t stop = std::min(len, start + BLOCK);
-    for (int64_t e = start; e < stop; e += STEP) {
+    for_steps(start, stop, [&](int64_t e, auto c) {
       Vec vals[NQ][2];
-      step(e, std::min(STEP, stop - e), vals);
+      step(e, c, vals);
       for (int q = 0; q < NQ; ++q) block[q].add_step(vals[q][0], vals[q][1]);
-    }
+    });
     for (int q = 0; q < NQ; ++q) group[q].add(block[q]);
     if (++blocks == BLOCKS_PER_GROUP) {
       for (int q = 0; q < NQ; ++q) {
@@ -272,13 +291,12 @@ void norm_fwd_rows(const NormFwdArgs& a, int64_t begin, int64_t end) {
     const int64_t row = i * n;
     const void* src = a.x;
     if constexpr (FUSED) {
-      for (int64_t j = 0; j < n; j += STEP) {
-        const int64_t c = std::min(STEP, n - j);
+      for_steps(0, n, [&](int64_t j, auto c) {
         Vec x0, x1, r0, r1;
         load<X>(a.x, row + j, c, x0, x1);
         load<R>(a.r, row + j, c, r0, r1);
         store<S>(a.s, row + j, c, x0 + r0, x1 + r1);
-      }
+      });
       src = a.s;
     }
     float m = 0.f, corr = 0.f, rs;
@@ -287,10 +305,10 @@ void norm_fwd_rows(const NormFwdArgs& a, int64_t begin, int64_t end) {
       // form. m is first the mean of the leading PIVOT elements (one pass less than the row's mean); where it lies
       // more than a quarter of a standard deviation from the row's mean (the squares would then carry over 6 % of
       // that offset), m is the row's mean instead, from one more pass. Rows far from zero (1e4 ± 1e-3) stay exact.
-      auto sum_x = [&](int64_t e, int64_t c, Vec (&q)[1][2]) { load<S>(src, row + e, c, q[0][0], q[0][1]); };
+      auto sum_x = [&](int64_t e, auto c, Vec (&q)[1][2]) { load<S>(src, row + e, c, q[0][0], q[0][1]); };
       auto deviations = [&](float shift, float (&dev)[2]) {  // Σ (x − shift), Σ (x − shift)²
         const Vec vm(shift);
-        row_sums<2>(n, [&](int64_t e, int64_t c, Vec (&q)[2][2]) {
+        row_sums<2>(n, [&](int64_t e, auto c, Vec (&q)[2][2]) {
           Vec d0, d1;
           load<S>(src, row + e, c, d0, d1);
           d0 = d0 - vm;
@@ -323,7 +341,7 @@ void norm_fwd_rows(const NormFwdArgs& a, int64_t begin, int64_t end) {
       a.mean[i] = m_hi;
     } else {
       float ss[1];
-      row_sums<1>(a.k, [&](int64_t e, int64_t c, Vec (&q)[1][2]) {
+      row_sums<1>(a.k, [&](int64_t e, auto c, Vec (&q)[1][2]) {
         Vec v0, v1;
         load<S>(src, row + e, c, v0, v1);
         q[0][0] = v0 * v0, q[0][1] = v1 * v1;
@@ -337,8 +355,7 @@ void norm_fwd_rows(const NormFwdArgs& a, int64_t begin, int64_t end) {
     // 16-bit inputs: the next row's inputs are fetched while this row is written (its statistics pass stalled on
     // them; fp32 rows, which the hardware prefetcher keeps up with, lost 5–20 % to the extra prefetches)
     const bool ahead = sizeof(X) == 2 && i + 1 < end;
-    for (int64_t j = 0; j < n; j += STEP) {
-      const int64_t c = std::min(STEP, n - j);
+    for_steps(0, n, [&](int64_t j, auto c) {
       if (ahead) {
         prefetch<X>(a.x, row + n + j, c);
         if constexpr (FUSED) prefetch<R>(a.r, row + n + j, c);
@@ -368,7 +385,7 @@ void norm_fwd_rows(const NormFwdArgs& a, int64_t begin, int64_t end) {
       if constexpr (!std::is_same_v<S, X>) IO<S>::round(v0, v1);  // the norm's dtype, then the output's
       if (a.stream) IO<X>::stream(static_cast<X*>(a.y) + row + j, c, v0, v1);
       else store<X>(a.y, row + j, c, v0, v1);
-    }
+    });
   }
   if (a.stream) stream_fence();
 }
@@ -388,7 +405,7 @@ void norm_bwd_rows(const NormBwdArgs& a, int64_t begin, int64_t end) {
     float corr = 0.f, mg = 0.f, mgx = 0.f, proj = 0.f;
     if constexpr (LAYER) {
       float sums[3];  // Σ g, Σ g·(x − m), Σ (x − m)
-      row_sums<3>(n, [&](int64_t e, int64_t c, Vec (&q)[3][2]) {
+      row_sums<3>(n, [&](int64_t e, auto c, Vec (&q)[3][2]) {
         Vec d0, d1, x0, x1, w0, w1;
         load<T>(a.dy, row + e, c, d0, d1);
         load<T>(a.x, row + e, c, x0, x1);
@@ -403,7 +420,7 @@ void norm_bwd_rows(const NormBwdArgs& a, int64_t begin, int64_t end) {
       mgx = rs * (sums[1] - corr * sums[0]) / nf;
     } else {
       float dot[1];  // Σ g·x
-      row_sums<1>(n, [&](int64_t e, int64_t c, Vec (&q)[1][2]) {
+      row_sums<1>(n, [&](int64_t e, auto c, Vec (&q)[1][2]) {
         Vec d0, d1, x0, x1, w0, w1;
         load<T>(a.dy, row + e, c, d0, d1);
         load<T>(a.x, row + e, c, x0, x1);
@@ -416,8 +433,7 @@ void norm_bwd_rows(const NormBwdArgs& a, int64_t begin, int64_t end) {
     // columns [lo, hi); `projected`: RMSNorm columns inside the statistic (j < k)
     const bool ahead = sizeof(T) == 2 && i + 1 < end;  // as in the forward: 16-bit inputs only
     auto columns = [&](int64_t lo, int64_t hi, bool projected) {
-      for (int64_t j = lo; j < hi; j += STEP) {
-        const int64_t c = std::min(STEP, hi - j);
+      for_steps(lo, hi, [&](int64_t j, auto c) {
         if (ahead) {
           prefetch<T>(a.dy, row + n + j, c);
           prefetch<T>(a.x, row + n + j, c);
@@ -458,7 +474,7 @@ void norm_bwd_rows(const NormBwdArgs& a, int64_t begin, int64_t end) {
             IO<float>::store(a.pb + j, c, p0 + d0, p1 + d1);
           }
         }
-      }
+      });
     };
     if constexpr (LAYER) {
       columns(0, n, false);
@@ -476,8 +492,7 @@ void dyt_fwd_rows(const DytFwdArgs& a, int64_t begin, int64_t end) {
   const int64_t n = a.n;
   const Vec va(a.alpha);
   for (int64_t i = begin; i < end; ++i) {
-    for (int64_t j = 0; j < n; j += STEP) {
-      const int64_t c = std::min(STEP, n - j);
+    for_steps(0, n, [&](int64_t j, auto c) {
       Vec v0, v1;
       load<T>(a.x, i * n + j, c, v0, v1);
       v0 = (va * v0).tanh();
@@ -495,7 +510,7 @@ void dyt_fwd_rows(const DytFwdArgs& a, int64_t begin, int64_t end) {
         v1 = v1 + b1;
       }
       store<T>(a.y, i * n + j, c, v0, v1);
-    }
+    });
   }
 }
 
@@ -508,7 +523,7 @@ void dyt_bwd_rows(const DytBwdArgs& a, int64_t begin, int64_t end) {
   for (int64_t i = begin; i < end; ++i) {
     const int64_t row = i * n;
     float dalpha[1];
-    row_sums<1>(n, [&](int64_t e, int64_t c, Vec (&q)[1][2]) {
+    row_sums<1>(n, [&](int64_t e, auto c, Vec (&q)[1][2]) {
       Vec d[2], x[2];
       load<T>(a.dy, row + e, c, d[0], d[1]);
       load<T>(a.x, row + e, c, x[0], x[1]);
