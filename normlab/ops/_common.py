@@ -27,16 +27,18 @@ _is_compiling = torch.compiler.is_compiling
 _transforms_active = torch._C._are_functorch_transforms_active
 _Tensor = torch.Tensor
 _Parameter = torch.nn.Parameter
+#: :func:`plain_rows` of a call without a fused add.
+NO_RESIDUAL = object()
 
 
-def plain_rows(x, normalized_shape, weight=None, bias=None, options=None) -> tuple | None:
+def plain_rows(x, normalized_shape, weight=None, bias=None, options=None, residual=NO_RESIDUAL) -> tuple | None:
     """The dispatch key of a plainly valid call, so that the full checks can be skipped; None for any other
     call, which takes the full checks (they raise the errors). Plainly valid: ``x`` a non-empty tensor of a
     floating dtype, ``normalized_shape`` an int (or a 1-tuple of one) equal to its last dim, ``weight`` and
     ``bias`` each None or a vector of that size in the input's dtype (or fp32 for a half input) on its device,
-    and no torch.func transform active. The key is what of the call decides its backend: the size, the input's
-    dtype and device, the parameters' dtypes and the op's own ``options`` (hashable; the op checks them before
-    it first uses a key)."""
+    a fused add's ``residual`` a tensor of the input's shape, dtype and device, and no torch.func transform
+    active. The key is what of the call decides its backend: the size, the input's dtype and device, the
+    parameters' dtypes and the op's own ``options`` (hashable; the op checks them before it first uses a key)."""
     if type(normalized_shape) is int:
         n, shape = normalized_shape, (normalized_shape,)
     elif type(normalized_shape) in _SEQUENCES and len(normalized_shape) == 1:  # (n,) as torch.nn modules hold it
@@ -66,6 +68,11 @@ def plain_rows(x, normalized_shape, weight=None, bias=None, options=None) -> tup
         b_dtype = bias.dtype
         if (b_dtype is not dtype and (b_dtype is not _F32 or dtype not in _HALVES)) or bias.device != device:
             return None
+    if residual is not NO_RESIDUAL and (
+        not isinstance(residual, _Tensor) or residual.dtype is not dtype or residual.shape != x_shape
+        or residual.device != device
+    ):
+        return None
     if _transforms_active() and not _is_compiling():
         return None
     return n, dtype, device, w_dtype, b_dtype, options

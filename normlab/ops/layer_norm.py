@@ -268,6 +268,21 @@ def add_layer_norm(
 ) -> tuple[Tensor, Tensor]:
     """Fused residual add + LayerNorm: ``s = input + residual`` (stored in ``residual_dtype``, default the
     input dtype), returns ``(layer_norm(s), s)`` — one read of each input, one write of each output."""
+    # the common call, plainly valid: the residual like the input, the sum in the input's dtype
+    key = (
+        plain_rows(input, normalized_shape, weight, bias, None, residual)
+        if type(eps) is float and residual_dtype is None else None
+    )
+    if key is not None and 0.0 < eps < _INF:
+        op = dispatch.cached_native("add_layer_norm", key, backend)
+        if op is dispatch.UNDECIDED:
+            op = dispatch.native_for(
+                "add_layer_norm", key, input, backend, residual=residual, weight=weight, bias=bias,
+                residual_dtype=input.dtype,
+            )
+        if op is not None:
+            y, s, _, _ = op(input, residual, weight, bias, eps, input.dtype)
+            return y, s
     n, eps = _check(input, normalized_shape, weight, bias, eps)
     check_same(input, residual, "input", "residual")
     residual_dtype = check_residual_dtype(residual_dtype, input)

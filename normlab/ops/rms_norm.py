@@ -336,6 +336,22 @@ def add_rms_norm(
 ) -> tuple[Tensor, Tensor]:
     """Fused residual add + RMSNorm: ``s = input + residual`` (stored in ``residual_dtype``, default the
     input dtype), returns ``(rms_norm(s), s)`` — one read of each input, one write of each output."""
+    # the common call, plainly valid: the residual like the input, the sum in the input's dtype
+    key = (
+        plain_rows(input, normalized_shape, weight, None, (casting, offset), residual)
+        if residual_dtype is None and partial is None and _plain_options(eps, casting, offset) else None
+    )
+    if key is not None:
+        op = dispatch.cached_native("add_rms_norm", key, backend)
+        if op is dispatch.UNDECIDED:
+            op = _native_for("add_rms_norm", key, input, backend, residual=residual, weight=weight,
+                             residual_dtype=input.dtype)
+        if op is not None:
+            n, dtype = key[0], key[1]
+            eps = _DEFAULT_EPS[dtype] if eps is None else eps
+            y, s, _ = op(input, residual, weight, eps, casting, offset if type(offset) is float else float(offset), n,
+                         dtype)
+            return y, s
     weight = _upcast_half_weight(weight, input)
     n, eps, k = _check(input, normalized_shape, weight, eps, casting, partial, offset)
     check_same(input, residual, "input", "residual")
