@@ -172,19 +172,51 @@ def select(op: str, x: torch.Tensor, requested: str | None = None, **options) ->
     return decision
 
 
+#: :func:`cached_native`'s answer for a call not decided yet (or while torch.compile traces).
+UNDECIDED = object()
+_is_compiling = torch.compiler.is_compiling
+_is_dynamo_compiling = torch.compiler.is_dynamo_compiling
+
+
+def cached_native(op: str, key: tuple, requested: str | None = None):
+    """What :func:`native_for` answered for ``(op, key)`` under the backend this call asks for, or
+    :data:`UNDECIDED`: a dictionary look-up, for an op front's common call. The backend's name is read as the
+    call, the ``with normlab.backend()`` block or ``NORMLAB_BACKEND`` gives it, and checked when first decided."""
+    if _is_dynamo_compiling():  # traced: no look-up in a global dictionary
+        return UNDECIDED
+    if requested is None:
+        stack = _local.stack
+        requested = stack[-1] if stack else _environ_data.get(_ENV_KEY)
+    return _decisions.get((op, requested, key), UNDECIDED)
+
+
 def native_for(op: str, key: tuple, x: torch.Tensor, requested: str | None = None, **options) -> Callable | None:
     """:func:`native` of the backend :func:`select` picks, cached under ``key``: what of the call determines the
     choice, as the caller builds it (dtypes and devices of ``x`` and of the tensor options, the other options).
-    The whole choice of an op front's common call in one look-up."""
-    name = requested_backend() if requested is None else _check_name(requested)
-    if torch.compiler.is_compiling():
+    The whole choice of an op front's common call; :func:`cached_native` looks the answer up again.
+    What it caches is the operator's overload itself (:func:`_direct`), which eager calls reach in one step."""
+    if _is_compiling():
+        name = requested_backend() if requested is None else _check_name(requested)
         return native(_select(op, x, name, options), op)
-    full = (op, name, key)
+    if requested is None:
+        stack = _local.stack
+        raw = stack[-1] if stack else _environ_data.get(_ENV_KEY)
+    else:
+        raw = requested
+    full = (op, raw, key)
     try:
         return _decisions[full]
     except KeyError:
-        found = _decisions[full] = native(select(op, x, requested, **options), op)
+        found = _decisions[full] = _direct(native(select(op, x, requested, **options), op))
         return found
+
+
+def _direct(fn: Callable | None) -> Callable | None:
+    """A ``torch.ops`` operator with one overload as that overload's own function (what ``OpOverload.__call__``
+    calls: the same dispatcher call without the Python frames of the packet and the overload); else ``fn``."""
+    if isinstance(fn, torch._ops.OpOverloadPacket) and fn.overloads() == ["default"]:
+        return getattr(fn.default, "_op", fn)
+    return fn
 
 
 def _select(op: str, x: torch.Tensor, name: str | None, options: dict) -> str:

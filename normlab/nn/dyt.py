@@ -12,6 +12,7 @@ from typing import ClassVar
 import torch
 from torch import Tensor, nn
 
+from normlab.nn._params import param
 from normlab.ops.dyt import dyt
 
 
@@ -45,13 +46,13 @@ class DyT(nn.Module):
             nn.init.zeros_(self.bias)
 
     def forward(self, input: Tensor) -> Tensor:
-        k = len(self.normalized_shape)
-        if input.dim() < k or tuple(input.shape[input.dim() - k:]) != self.normalized_shape:
+        shape = input.shape  # a shorter shape's trailing slice is shorter than normalized_shape: unequal
+        if shape[len(shape) - len(self.normalized_shape):] != self.normalized_shape:
             raise ValueError(
                 f"expected input with trailing shape {list(self.normalized_shape)} (normalized_shape), "
                 f"got shape {list(input.shape)}"
             )
-        return dyt(input, self.alpha, self.weight, self.bias)
+        return dyt(input, param(self, "alpha"), param(self, "weight"), param(self, "bias"))
 
     def extra_repr(self) -> str:
         return (

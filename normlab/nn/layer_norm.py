@@ -14,6 +14,7 @@ from typing import ClassVar
 import torch
 from torch import Tensor, nn
 
+from normlab.nn._params import param
 from normlab.ops.layer_norm import add_layer_norm, layer_norm
 
 
@@ -56,7 +57,7 @@ class LayerNorm(nn.Module):
                 nn.init.zeros_(self.bias)
 
     def forward(self, input: Tensor) -> Tensor:
-        return layer_norm(input, self.normalized_shape, self.weight, self.bias, self.eps)
+        return layer_norm(input, self.normalized_shape, param(self, "weight"), param(self, "bias"), self.eps)
 
     def extra_repr(self) -> str:
         return (
@@ -80,7 +81,8 @@ class AddLayerNorm(LayerNorm):
 
     def forward(self, input: Tensor, residual: Tensor) -> tuple[Tensor, Tensor]:  # type: ignore[override]
         return add_layer_norm(
-            input, residual, self.normalized_shape, self.weight, self.bias, self.eps, residual_dtype=self.residual_dtype
+            input, residual, self.normalized_shape, param(self, "weight"), param(self, "bias"), self.eps,
+            residual_dtype=self.residual_dtype,
         )
 
     def extra_repr(self) -> str:

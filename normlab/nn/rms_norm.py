@@ -13,6 +13,7 @@ from typing import ClassVar
 import torch
 from torch import Tensor, nn
 
+from normlab.nn._params import param
 from normlab.ops._common import check_choice
 from normlab.ops.rms_norm import CASTING_MODES, add_rms_norm, partial_size, rms_norm
 
@@ -58,7 +59,8 @@ class RMSNorm(nn.Module):
     def forward(self, input: Tensor) -> Tensor:
         shape = input.shape[-1:] if self.normalized_shape is None else self.normalized_shape
         return rms_norm(
-            input, shape, self.weight, self.eps, casting=self.casting, offset=self.offset, partial=self.partial
+            input, shape, param(self, "weight"), self.eps, casting=self.casting, offset=self.offset,
+            partial=self.partial,
         )
 
     def extra_repr(self) -> str:
@@ -90,8 +92,8 @@ class AddRMSNorm(RMSNorm):
 
     def forward(self, input: Tensor, residual: Tensor) -> tuple[Tensor, Tensor]:  # type: ignore[override]
         return add_rms_norm(
-            input, residual, self.normalized_shape, self.weight, self.eps, casting=self.casting, offset=self.offset,
-            partial=self.partial, residual_dtype=self.residual_dtype,
+            input, residual, self.normalized_shape, param(self, "weight"), self.eps, casting=self.casting,
+            offset=self.offset, partial=self.partial, residual_dtype=self.residual_dtype,
         )
 
     def extra_repr(self) -> str:

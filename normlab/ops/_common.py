@@ -20,41 +20,67 @@ HALF_DTYPES = (torch.bfloat16, torch.float16)
 
 _FLOATS = frozenset(FLOAT_DTYPES)
 _HALVES = frozenset(HALF_DTYPES)
+_SEQUENCES = (tuple, torch.Size)
+_F32 = torch.float32
+_INF = math.inf
+_is_compiling = torch.compiler.is_compiling
+_transforms_active = torch._C._are_functorch_transforms_active
+_Tensor = torch.Tensor
+_Parameter = torch.nn.Parameter
+#: :func:`plain_rows` of a call without a fused add.
+NO_RESIDUAL = object()
 
 
-def plain_rows(x, normalized_shape, *params) -> bool:
-    """Whether a call is plainly valid, so the full checks can be skipped: ``x`` a tensor of a floating dtype,
-    ``normalized_shape`` an int (or a 1-tuple of one) equal to its last dim, each parameter None or a vector of
-    that size in the input's dtype (or fp32 for a half input) on its device, and no torch.func transform active.
-    A call that is not takes the full checks, which raise the errors."""
-    if type(normalized_shape) is not int:  # (n,) as torch.nn modules hold it
-        is_sequence = type(normalized_shape) in (tuple, torch.Size)
-        if not is_sequence or len(normalized_shape) != 1 or type(normalized_shape[0]) is not int:
-            return False
-        normalized_shape = normalized_shape[0]
-    if not isinstance(x, torch.Tensor) or not x.dim():
-        return False
-    dtype = x.dtype
-    if dtype not in _FLOATS or x.size(-1) != normalized_shape:
-        return False
-    for p in params:
-        if p is None:
-            continue
-        if not isinstance(p, torch.Tensor) or p.dim() != 1 or p.size(0) != normalized_shape or p.device != x.device:
-            return False
-        if p.dtype is not dtype and not (p.dtype is torch.float32 and dtype in _HALVES):
-            return False
-    return torch.compiler.is_compiling() or not torch._C._are_functorch_transforms_active()
+def plain_rows(x, normalized_shape, weight=None, bias=None, options=None, residual=NO_RESIDUAL) -> tuple | None:
+    """The dispatch key of a plainly valid call, so that the full checks can be skipped; None for any other
+    call, which takes the full checks (they raise the errors). Plainly valid: ``x`` a non-empty tensor of a
+    floating dtype, ``normalized_shape`` an int (or a 1-tuple of one) equal to its last dim, ``weight`` and
+    ``bias`` each None or a vector of that size in the input's dtype (or fp32 for a half input) on its device,
+    a fused add's ``residual`` a tensor of the input's shape, dtype and device, and no torch.func transform
+    active. The key is what of the call decides its backend: the size, the input's dtype and device, the
+    parameters' dtypes and the op's own ``options`` (hashable; the op checks them before it first uses a key)."""
+    if type(normalized_shape) is int:
+        n, shape = normalized_shape, (normalized_shape,)
+    elif type(normalized_shape) in _SEQUENCES and len(normalized_shape) == 1:  # (n,) as torch.nn modules hold it
+        n, shape = normalized_shape[0], normalized_shape
+        if type(n) is not int:
+            return None
+    else:
+        return None
+    if not isinstance(x, _Tensor):
+        return None
+    x_shape = x.shape
+    if not x_shape or x_shape[-1] != n or 0 in x_shape:
+        return None
+    dtype, device = x.dtype, x.device
+    if dtype not in _FLOATS:
+        return None
+    w_dtype = b_dtype = None
+    if weight is not None:
+        if not (type(weight) is _Parameter or isinstance(weight, _Tensor)) or weight.shape != shape:
+            return None
+        w_dtype = weight.dtype
+        if (w_dtype is not dtype and (w_dtype is not _F32 or dtype not in _HALVES)) or weight.device != device:
+            return None
+    if bias is not None:
+        if not (type(bias) is _Parameter or isinstance(bias, _Tensor)) or bias.shape != shape:
+            return None
+        b_dtype = bias.dtype
+        if (b_dtype is not dtype and (b_dtype is not _F32 or dtype not in _HALVES)) or bias.device != device:
+            return None
+    if residual is not NO_RESIDUAL and (
+        not isinstance(residual, _Tensor) or residual.dtype is not dtype or residual.shape != x_shape
+        or residual.device != device
+    ):
+        return None
+    if _transforms_active() and not _is_compiling():
+        return None
+    return n, dtype, device, w_dtype, b_dtype, options
 
 
-def finite(value) -> bool:
-    """A finite float or int (not bool): an option that needs no conversion or check."""
-    return (type(value) is float or type(value) is int) and -math.inf < value < math.inf
-
-
-def positive(value) -> bool:
-    """A finite float > 0 (eps as usually given)."""
-    return type(value) is float and 0.0 < value < math.inf
+def param_dtype_ok(p_dtype: torch.dtype, x_dtype: torch.dtype) -> bool:
+    """A parameter's dtype as :func:`check_param` allows it: the input's, or fp32 for a bf16/fp16 input."""
+    return p_dtype is x_dtype or (p_dtype is _F32 and x_dtype in _HALVES)
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:

@@ -23,6 +23,7 @@ from normlab.ops._common import (
     check_param,
     compute_dtype,
     custom_op_with_eager_twin,
+    param_dtype_ok,
     plain_rows,
     row_sum,
     row_view,
@@ -126,13 +127,20 @@ def dyt(
     backend: str | None = None,
 ) -> Tensor:
     """DyT: ``y = weight · tanh(alpha · input) + bias``, weight/bias over the trailing dims of their shape."""
-    if (  # the common call, plainly valid: the module's scalar alpha and vectors of the last dim
-        weight is not None and weight.dim() == 1 and isinstance(alpha, Tensor) and alpha.numel() == 1
-        and alpha.dtype is weight.dtype
-        and alpha.device == input.device and plain_rows(input, weight.shape[0], weight, bias) and input.numel()
-    ):
-        key = (input.dtype, input.device, input.dim(), alpha.dtype, weight.dtype, None if bias is None else bias.dtype)
-        op = dispatch.native_for("dyt", key, input, backend, alpha=alpha, weight=weight, bias=bias)
+    # the common call, plainly valid: the module's scalar alpha and vectors of the last dim
+    key = (
+        plain_rows(input, weight.shape, weight, bias, (alpha.dtype, alpha.device))
+        if isinstance(weight, Tensor) and isinstance(alpha, Tensor) and alpha.numel() == 1 else None
+    )
+    if key is not None:
+        op = dispatch.cached_native("dyt", key, backend)
+        if op is dispatch.UNDECIDED:
+            alpha_dtype, alpha_device = key[-1]  # checked once per key: the full checks' rule for a parameter
+            plain_alpha = param_dtype_ok(alpha_dtype, input.dtype) and alpha_device == input.device
+            op = (
+                dispatch.native_for("dyt", key, input, backend, alpha=alpha, weight=weight, bias=bias)
+                if plain_alpha else None
+            )
         if op is not None:
             return op(input, alpha, weight, bias)
     _check(input, alpha, weight, bias)

@@ -15,6 +15,7 @@ autograd formulas, and the functional API; fast kernels plug in through :mod:`no
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -35,13 +36,14 @@ from normlab.ops._common import (
     fused_add,
     normalized_size,
     plain_rows,
-    positive,
     row_mean,
     row_view,
     rows,
     write_out,
     zero_where_no_grad,
 )
+
+_INF = math.inf
 
 
 # ----------------------------------------------------------------------------------------------
@@ -234,12 +236,12 @@ def layer_norm(
     Mirrors ``torch.nn.functional.layer_norm`` (biased variance). ``out=`` writes into a preallocated
     tensor (inference only, like torch).
     """
-    if out is None and positive(eps) and plain_rows(input, normalized_shape, weight, bias) and input.numel():
-        # the common call, plainly valid: no other check, rows along the last dim as they are
-        weight_dtype = None if weight is None else weight.dtype
-        bias_dtype = None if bias is None else bias.dtype
-        key = (input.dtype, input.device, input.dim(), weight_dtype, bias_dtype)
-        op = dispatch.native_for("layer_norm", key, input, backend, weight=weight, bias=bias)
+    # the common call, plainly valid: no other check, rows along the last dim as they are
+    key = plain_rows(input, normalized_shape, weight, bias) if out is None and type(eps) is float else None
+    if key is not None and 0.0 < eps < _INF:
+        op = dispatch.cached_native("layer_norm", key, backend)
+        if op is dispatch.UNDECIDED:
+            op = dispatch.native_for("layer_norm", key, input, backend, weight=weight, bias=bias)
         if op is not None:
             return op(input, weight, bias, eps)[0]
     n, eps = _check(input, normalized_shape, weight, bias, eps)
@@ -266,6 +268,21 @@ def add_layer_norm(
 ) -> tuple[Tensor, Tensor]:
     """Fused residual add + LayerNorm: ``s = input + residual`` (stored in ``residual_dtype``, default the
     input dtype), returns ``(layer_norm(s), s)`` — one read of each input, one write of each output."""
+    # the common call, plainly valid: the residual like the input, the sum in the input's dtype
+    key = (
+        plain_rows(input, normalized_shape, weight, bias, None, residual)
+        if type(eps) is float and residual_dtype is None else None
+    )
+    if key is not None and 0.0 < eps < _INF:
+        op = dispatch.cached_native("add_layer_norm", key, backend)
+        if op is dispatch.UNDECIDED:
+            op = dispatch.native_for(
+                "add_layer_norm", key, input, backend, residual=residual, weight=weight, bias=bias,
+                residual_dtype=input.dtype,
+            )
+        if op is not None:
+            y, s, _, _ = op(input, residual, weight, bias, eps, input.dtype)
+            return y, s
     n, eps = _check(input, normalized_shape, weight, bias, eps)
     check_same(input, residual, "input", "residual")
     residual_dtype = check_residual_dtype(residual_dtype, input)

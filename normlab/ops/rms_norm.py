@@ -50,15 +50,10 @@ from normlab.ops._common import (
     write_out,
     zero_where_no_grad,
 )
-from normlab.ops._common import (
-    finite as _finite,
-)
-from normlab.ops._common import (
-    positive as _positive,
-)
 
 CASTING_MODES = ("llama", "gemma", "none")
 _CASTINGS = frozenset(CASTING_MODES)
+_INF = math.inf
 #: eps=None: the machine epsilon of the compute dtype (torch's rule).
 _DEFAULT_EPS = {t: torch.finfo(torch.float64 if t == torch.float64 else torch.float32).eps for t in FLOAT_DTYPES}
 
@@ -264,6 +259,23 @@ def _upcast_half_weight(weight, x):
     return weight
 
 
+def _plain_options(eps, casting, offset) -> bool:
+    """The options of a plainly valid call, as far as a look-up can tell (eps None or a finite float > 0, a string
+    casting, a float or int offset); :func:`_native_for` checks the casting and offset that a key holds."""
+    return (eps is None or (type(eps) is float and 0.0 < eps < _INF)) and type(casting) is str and (
+        type(offset) is float or type(offset) is int
+    )
+
+
+def _native_for(op: str, key: tuple, input: Tensor, backend: str | None, **tensors):
+    """The native operator for a plainly valid call's key (:func:`normlab.dispatch.native_for`), decided once per
+    key; None when its casting or offset is not valid (the full checks then raise)."""
+    casting, offset = key[-1]
+    if casting not in _CASTINGS or not (-_INF < offset < _INF):
+        return None
+    return dispatch.native_for(op, key, input, backend, **tensors, casting=casting, offset=offset, k=key[0])
+
+
 def _check(x, normalized_shape, weight, eps, casting, partial, offset):
     check_input(x)
     shape, n = normalized_size(x, normalized_shape)
@@ -283,16 +295,19 @@ def rms_norm(
     Mirrors ``torch.nn.functional.rms_norm``; ``casting``, ``offset`` and ``partial`` are described in
     the module docstring. ``out=`` writes into a preallocated tensor (inference only, like torch).
     """
-    if (  # the common call, plainly valid: no other check, rows along the last dim as they are
-        out is None and partial is None and casting in _CASTINGS and _finite(offset) and (eps is None or _positive(eps))
-        and plain_rows(input, normalized_shape, weight) and input.numel()
-    ):
-        n = input.shape[-1]
-        key = (input.dtype, input.device, input.dim(), None if weight is None else weight.dtype, casting, offset, n)
-        op = dispatch.native_for("rms_norm", key, input, backend, weight=weight, casting=casting, offset=offset, k=n)
+    # the common call, plainly valid: no other check, rows along the last dim as they are
+    key = (
+        plain_rows(input, normalized_shape, weight, None, (casting, offset))
+        if out is None and partial is None and _plain_options(eps, casting, offset) else None
+    )
+    if key is not None:
+        op = dispatch.cached_native("rms_norm", key, backend)
+        if op is dispatch.UNDECIDED:
+            op = _native_for("rms_norm", key, input, backend, weight=weight)
         if op is not None:
+            n = key[0]
             eps = _DEFAULT_EPS[input.dtype] if eps is None else eps
-            return op(input, weight, eps, casting, float(offset), n)[0]
+            return op(input, weight, eps, casting, offset if type(offset) is float else float(offset), n)[0]
     weight = _upcast_half_weight(weight, input)
     n, eps, k = _check(input, normalized_shape, weight, eps, casting, partial, offset)
     x, w = row_view(input, n), flat_param(weight, n)
@@ -321,6 +336,22 @@ def add_rms_norm(
 ) -> tuple[Tensor, Tensor]:
     """Fused residual add + RMSNorm: ``s = input + residual`` (stored in ``residual_dtype``, default the
     input dtype), returns ``(rms_norm(s), s)`` — one read of each input, one write of each output."""
+    # the common call, plainly valid: the residual like the input, the sum in the input's dtype
+    key = (
+        plain_rows(input, normalized_shape, weight, None, (casting, offset), residual)
+        if residual_dtype is None and partial is None and _plain_options(eps, casting, offset) else None
+    )
+    if key is not None:
+        op = dispatch.cached_native("add_rms_norm", key, backend)
+        if op is dispatch.UNDECIDED:
+            op = _native_for("add_rms_norm", key, input, backend, residual=residual, weight=weight,
+                             residual_dtype=input.dtype)
+        if op is not None:
+            n, dtype = key[0], key[1]
+            eps = _DEFAULT_EPS[dtype] if eps is None else eps
+            y, s, _ = op(input, residual, weight, eps, casting, offset if type(offset) is float else float(offset), n,
+                         dtype)
+            return y, s
     weight = _upcast_half_weight(weight, input)
     n, eps, k = _check(input, normalized_shape, weight, eps, casting, partial, offset)
     check_same(input, residual, "input", "residual")
