@@ -148,10 +148,40 @@ const float* ones(int64_t n) {
   return buffer.data();
 }
 
-// A parameter as n contiguous fp32 values (no copy, and no op, for a contiguous fp32 vector).
-Tensor as_fp32(const Tensor& p) {
-  if (p.scalar_type() == at::kFloat && p.dim() == 1 && p.is_contiguous()) return p;
-  return p.to(at::kFloat).contiguous().view(-1);
+// p (a contiguous vector) widened to fp32 after rounding to `via` (bf16 or fp16; Undefined: no rounding), element by
+// element with c10's round to nearest even: no dispatcher call, which costs a tiny call as much as its rows.
+template <typename Src>
+Tensor widen(const Tensor& p, at::ScalarType via) {
+  Tensor out = at::detail::empty_cpu({p.numel()}, at::kFloat, false, at::MemoryFormat::Contiguous);
+  const Src* src = p.const_data_ptr<Src>();
+  float* dst = out.data_ptr<float>();
+  const int64_t n = p.numel();
+  if (via == at::kBFloat16) {
+    for (int64_t j = 0; j < n; ++j) dst[j] = static_cast<float>(c10::BFloat16(static_cast<float>(src[j])));
+  } else if (via == at::kHalf) {
+    for (int64_t j = 0; j < n; ++j) dst[j] = static_cast<float>(c10::Half(static_cast<float>(src[j])));
+  } else {
+    for (int64_t j = 0; j < n; ++j) dst[j] = static_cast<float>(src[j]);
+  }
+  return out;
+}
+
+// A parameter as n contiguous fp32 values, rounded first to `via` where given (no copy, and no op, for a contiguous
+// fp32 vector that needs no rounding).
+Tensor as_fp32(const Tensor& p, at::ScalarType via = at::ScalarType::Undefined) {
+  if (via == p.scalar_type()) via = at::ScalarType::Undefined;  // already in that precision
+  const bool vector = p.dim() == 1 && p.is_contiguous();
+  if (vector && p.scalar_type() == at::kFloat && via == at::ScalarType::Undefined) return p;
+  if (vector) {
+    switch (p.scalar_type()) {
+      case at::kFloat: return widen<float>(p, via);
+      case at::kBFloat16: return widen<c10::BFloat16>(p, via);
+      case at::kHalf: return widen<c10::Half>(p, via);
+      default: break;
+    }
+  }
+  const Tensor rounded = via == at::ScalarType::Undefined ? p : p.to(via);
+  return rounded.to(at::kFloat).contiguous().view(-1);
 }
 
 template <typename F>
@@ -206,8 +236,8 @@ Tensor rms_weight(const OptTensor& weight, double offset, Mode mode, at::ScalarT
   if (!weight) return Tensor();
   const Tensor& w = *weight;
   switch (mode) {
-    case Mode::rms_llama: return as_fp32(offset != 0 ? w.to(norm_dtype) + offset : w.to(norm_dtype));
-    case Mode::rms_none: return as_fp32(offset != 0 ? (w + offset).to(norm_dtype) : w.to(norm_dtype));
+    case Mode::rms_llama: return offset != 0 ? as_fp32(w.to(norm_dtype) + offset) : as_fp32(w, norm_dtype);
+    case Mode::rms_none: return offset != 0 ? as_fp32((w + offset).to(norm_dtype)) : as_fp32(w, norm_dtype);
     default: return offset != 0 ? as_fp32(w.to(at::kFloat) + offset) : as_fp32(w);
   }
 }
