@@ -20,6 +20,14 @@
 
 #include "table.h"
 
+// The row helpers are inlined by force, so that their lambdas keep the sums in registers; the sanitizer build (-O1)
+// leaves inlining to the compiler (forced, it took minutes longer to build).
+#if defined(NORMLAB_SANITIZE)
+#define NORMLAB_INLINE inline
+#else
+#define NORMLAB_INLINE __attribute__((always_inline)) inline
+#endif
+
 namespace normlab::cpu {
 inline namespace CPU_CAPABILITY {
 
@@ -237,16 +245,18 @@ inline void prefetch(const void* base, int64_t at, int64_t count) {
 // body(j, count) for the steps of [lo, hi): whole steps first, with a compile-time count (loads and stores take
 // their unmasked form and no lane is cleared), then the remainder. The same elements in the same order either way.
 template <typename Body>
-__attribute__((always_inline)) inline void for_steps(int64_t lo, int64_t hi, Body&& body) {
+NORMLAB_INLINE void for_steps(int64_t lo, int64_t hi, Body&& body) {
   int64_t j = lo;
+#if !defined(NORMLAB_SANITIZE)  // the sanitizer build keeps one instance of each body: the same accesses, half the build
   for (; j + STEP <= hi; j += STEP) body(j, std::integral_constant<int64_t, STEP>{});
-  if (j < hi) body(j, hi - j);
+#endif
+  for (; j < hi; j += STEP) body(j, std::min(STEP, hi - j));
 }
 
 // out[q] = Σ over elements [0, len) of quantity q; step(e, count, vals) writes the quantities of elements
 // e .. e + count into vals[q][0..1], zero in lanes past count. step sees the elements in order, once.
 template <int NQ, typename Step>
-__attribute__((always_inline)) inline void row_sums(int64_t len, Step&& step, float (&out)[NQ]) {
+NORMLAB_INLINE void row_sums(int64_t len, Step&& step, float (&out)[NQ]) {
   if (len <= BLOCK) {  // one block: its lanes are the row's (the general path adds them to zeros)
     Lanes block[NQ];
     for_steps(0, len, [&](int64_t e, auto c) {
