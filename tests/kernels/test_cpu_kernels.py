@@ -659,3 +659,85 @@ def test_streamed_outputs_write_the_same_values(dtype):
                                                                     lrstd_small)[0])
             finally:
                 K.set_isa(before)
+
+
+# ---- the autograd nodes ---------------------------------------------------------------------------------------
+def _differentiable_calls(n=24):
+    """Each native forward op with every input requiring grad: name → (inputs, call returning the differentiable
+    outputs)."""
+    ops = torch.ops.normlab
+    x, r, z = rand(5, n).requires_grad_(), rand(5, n, seed=1).requires_grad_(), rand(5, n, seed=4).requires_grad_()
+    w, b = rand(n, seed=2).requires_grad_(), rand(n, seed=3).requires_grad_()
+    a = torch.tensor(0.7, requires_grad=True)
+    return {
+        "RmsNorm": ((x, w), lambda: ops.rms_norm(x, w, 1e-6, "llama", 0.0, n)[:1]),
+        "AddRmsNorm": ((x, r, w), lambda: ops.add_rms_norm(x, r, w, 1e-6, "gemma", 1.0, n, torch.float32)[:2]),
+        "LayerNorm": ((x, w, b), lambda: ops.layer_norm(x, w, b, 1e-5)[:1]),
+        "AddLayerNorm": ((x, r, w, b), lambda: ops.add_layer_norm(x, r, w, b, 1e-5, torch.float32)[:2]),
+        "Dyt": ((x, a, w, b), lambda: (ops.dyt(x, a, w, b),)),
+        "GatedRmsNorm": ((x, z, w), lambda: ops.gated_rms_norm(x, z, w, 1e-6, 8, False, "llama", 0.0)[:1]),
+    }
+
+
+def _grads(inputs, outputs, **kwargs):
+    ups = [rand(*o.shape, seed=9 + i) for i, o in enumerate(outputs)]
+    return torch.autograd.grad(outputs, inputs, ups, **kwargs)
+
+
+@pytest.mark.parametrize("name", list(_differentiable_calls()))
+def test_node_saves_through_hooks_frees_its_graph_and_guards_versions(name):
+    """Every op records one named node whose saved tensors go through torch's saved-tensor hooks (offloading,
+    checkpointing), are freed after a backward that keeps no graph, and are checked against in-place changes."""
+    inputs, call = _differentiable_calls()[name]
+    outputs = call()
+    assert outputs[0].grad_fn.name() == f"normlab::{name}Backward"
+    assert [f is not None for f, _ in outputs[0].grad_fn.next_functions] == [True] * len(inputs)
+    expected = _grads(inputs, outputs)
+
+    packed, unpacked = [], []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: packed.append(t) or t, lambda t: unpacked.append(t) or t):
+        outputs = call()
+    assert packed and len(unpacked) <= len(packed)
+    for got, want in zip(_grads(inputs, outputs), expected):
+        assert torch.equal(got, want)
+    assert len(unpacked) >= 2
+    with pytest.raises(RuntimeError, match="backward through the graph a second time"):
+        _grads(inputs, outputs)
+
+    outputs = call()
+    weight = next(t for t in inputs if t.dim() == 1)  # saved by every node
+    with torch.no_grad():
+        weight.add_(0.0)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        _grads(inputs, outputs)
+
+
+@pytest.mark.parametrize("name", list(_differentiable_calls()))
+def test_node_computes_what_is_asked(name):
+    """A gradient asked for one input alone equals that input's part of the full gradient."""
+    inputs, call = _differentiable_calls()[name]
+    full = _grads(inputs, call())
+    for i, x in enumerate(inputs):
+        (alone,) = _grads((x,), call())
+        assert torch.equal(alone, full[i])
+
+
+@pytest.mark.parametrize("name", ["AddRmsNorm", "AddLayerNorm"])
+def test_fused_add_node_holds_no_reference_cycle(name):
+    """The stored sum is an output of the node that saves it: saved as an output, so dropping the outputs
+    frees the sum and the node (a cycle through C++ reference counts would keep them forever)."""
+    import weakref
+
+    _, call = _differentiable_calls()[name]
+    y, s = call()
+    node, ref = weakref.ref(s), weakref.ref(y)
+    del y, s
+    assert node() is None and ref() is None
+
+
+def test_forward_mode_ad_is_refused_with_a_clear_error():
+    import torch.autograd.forward_ad as fwAD
+
+    x, t = rand(4, 8), rand(4, 8, seed=1)
+    with fwAD.dual_level(), pytest.raises(RuntimeError, match="no forward-mode AD formula"):
+        normlab.layer_norm(fwAD.make_dual(x, t), 8)

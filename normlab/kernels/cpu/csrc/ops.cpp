@@ -1,13 +1,14 @@
 // normlab's native CPU operators: schemas, the CPU implementations (checks, outputs, weights, threads),
-// the C++ autograd formulas and the choice of ISA build. The kernels themselves are in kernels.h.
+// the autograd nodes and the choice of ISA build. The kernels themselves are in kernels.h.
 //
 // Layout as in torchvision's csrc/ops: forward and backward are both dispatcher ops; the Autograd kernel
-// of a forward op calls the backward op, so an eager call never enters Python. Fake implementations for
+// of a forward op records a node whose apply() calls the backward op, so an eager call never enters Python. Fake implementations for
 // torch.compile are registered in Python (normlab/kernels/cpu/__init__.py).
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/autograd.h>
+#include <torch/csrc/autograd/functions/utils.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -24,7 +25,6 @@ namespace normlab::cpu {
 namespace {
 
 using at::Tensor;
-using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 using OptTensor = std::optional<Tensor>;
 
@@ -425,8 +425,6 @@ Tensor in_dtype(const Tensor& g, const OptTensor& like) {
   return g.defined() && like ? g.to(like->scalar_type()) : at::empty({0}, at::kFloat);
 }
 
-Tensor in_dtype_of(const Tensor& g, const c10::IValue& dtype) { return g.defined() ? g.to(dtype.toScalarType()) : g; }
-
 // The autograd side: an empty gradient is no gradient.
 Tensor grad_or_none(const Tensor& g) { return g.defined() && g.numel() ? g : Tensor(); }
 
@@ -566,257 +564,298 @@ using DytFwdSig = Tensor(const Tensor&, const Tensor&, const OptTensor&, const O
 using DytBwdSig = std::tuple<Tensor, Tensor, Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&,
                                                              const OptTensor&, bool, bool);
 
-OptTensor saved_opt(const Tensor& t) { return t.defined() ? OptTensor(t) : std::nullopt; }
-bool wants(const OptTensor& t) { return t && t->requires_grad(); }
-
-class RmsNormFunction : public torch::autograd::Function<RmsNormFunction> {
+// One autograd node per differentiable call, recorded as torch's own ops record theirs: the saved tensors and
+// options as typed fields (no context map), the next edges collected once, the backward op called from apply().
+// A call that needs no gradient records nothing.
+template <class Saved>
+class OpNode final : public torch::autograd::Node {
  public:
-  static variable_list forward(AutogradContext* ctx, const Tensor& input, const OptTensor& weight, double eps,
-                               c10::string_view casting, double offset, int64_t k) {
-    at::AutoDispatchBelowADInplaceOrView guard;
-    auto [y, rstd] = NORMLAB_OP("rms_norm", RmsFwdSig).call(input, weight, eps, casting, offset, k);
-    ctx->save_for_backward({input, weight.value_or(Tensor()), rstd});
-    ctx->saved_data["offset"] = offset;
-    ctx->saved_data["k"] = k;
-    ctx->saved_data["eps"] = eps;
-    ctx->saved_data["dw"] = wants(weight);
-    ctx->mark_non_differentiable({rstd});
-    ctx->set_materialize_grads(false);
-    return {y, rstd};
+  using Node::Node;
+  Saved saved;
+  variable_list apply(variable_list&& grads) override {
+    std::lock_guard<std::mutex> lock(mutex_);
+    return saved.backward(*this, grads);
   }
-  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+  void release_variables() override {
+    std::lock_guard<std::mutex> lock(mutex_);
+    saved.release();
+  }
+  std::string name() const override { return Saved::name; }
+};
+
+template <class Saved>
+using NodePtr = c10::intrusive_ptr<OpNode<Saved>>;
+
+// The node of a call whose inputs are `inputs` (its next edges, in the order of its gradients), or none when grad
+// mode is off or no input requires grad. Forward-mode AD has no formula here: a dual input is refused.
+template <class Saved, class... Inputs>
+NodePtr<Saved> node_for(const char* op, const Inputs&... inputs) {
+  TORCH_CHECK(!(torch::autograd::isFwGradDefined(inputs) || ...), "normlab::", op,
+              " has no forward-mode AD formula; use the reference backend for torch.func.jvp or forward_ad");
+  if (!torch::autograd::compute_requires_grad(inputs...)) return {};
+  return c10::make_intrusive<OpNode<Saved>>(torch::autograd::collect_next_edges(inputs...));
+}
+
+using torch::autograd::SavedVariable;
+OptTensor saved_opt(const Tensor& t) { return t.defined() ? OptTensor(t) : std::nullopt; }
+SavedVariable save(const OptTensor& t) { return t ? SavedVariable(*t, false) : SavedVariable(); }
+Tensor as_dtype(const Tensor& g, at::ScalarType dtype) { return g.defined() ? g.to(dtype) : g; }
+
+struct RmsNormSaved {
+  static constexpr const char* name = "normlab::RmsNormBackward";
+  SavedVariable input, weight, rstd;
+  double eps = 0, offset = 0;
+  int64_t k = 0;
+  void release() {
+    input.reset_data();
+    weight.reset_data();
+    rstd.reset_data();
+  }
+  variable_list backward(const torch::autograd::Node& node, const variable_list& grads) const {
     const Tensor& dy = grads[0];
-    if (!dy.defined()) return {Tensor(), Tensor(), Tensor(), Tensor(), Tensor(), Tensor()};
-    auto saved = ctx->get_saved_variables();
-    const OptTensor weight = saved_opt(saved[1]);
-    const double offset = ctx->saved_data["offset"].toDouble(), eps = ctx->saved_data["eps"].toDouble();
-    const int64_t k = ctx->saved_data["k"].toInt();
+    if (!dy.defined()) return {Tensor(), Tensor()};
+    const Tensor x = input.unpack();
+    const OptTensor w = saved_opt(weight.unpack());
     Tensor dx, dw;
-    if (at::GradMode::is_enabled()) {
-      std::tie(dx, dw) = rms_norm_backward_composite(dy, saved[0], weight, offset, k, eps);
+    if (at::GradMode::is_enabled()) {  // double backward: the differentiable formula
+      std::tie(dx, dw) = rms_norm_backward_composite(dy, x, w, offset, k, eps);
     } else {
       std::tie(dx, dw) = NORMLAB_OP("rms_norm_backward", RmsBwdSig)
-                             .call(dy, saved[0], weight, saved[2], offset, k, std::nullopt, ctx->saved_data["dw"].toBool());
+                             .call(dy, x, w, rstd.unpack(), offset, k, std::nullopt, node.task_should_compute_output(1));
     }
-    return {dx, grad_or_none(dw), Tensor(), Tensor(), Tensor(), Tensor()};
+    return {dx, grad_or_none(dw)};
   }
 };
 
-class AddRmsNormFunction : public torch::autograd::Function<AddRmsNormFunction> {
- public:
-  static variable_list forward(AutogradContext* ctx, const Tensor& input, const Tensor& residual,
-                               const OptTensor& weight, double eps, c10::string_view casting, double offset, int64_t k,
-                               at::ScalarType residual_dtype) {
-    at::AutoDispatchBelowADInplaceOrView guard;
-    auto [y, s, rstd] = NORMLAB_OP("add_rms_norm", AddRmsSig).call(input, residual, weight, eps, casting, offset, k, residual_dtype);
-    ctx->save_for_backward({s, weight.value_or(Tensor()), rstd});
-    ctx->saved_data["offset"] = offset;
-    ctx->saved_data["k"] = k;
-    ctx->saved_data["eps"] = eps;
-    ctx->saved_data["dw"] = wants(weight);
-    ctx->saved_data["x_dtype"] = input.scalar_type();
-    ctx->saved_data["r_dtype"] = residual.scalar_type();
-    ctx->mark_non_differentiable({rstd});
-    ctx->set_materialize_grads(false);
-    return {y, s, rstd};
+struct AddRmsNormSaved {
+  static constexpr const char* name = "normlab::AddRmsNormBackward";
+  SavedVariable sum, weight, rstd;  // sum: an output of the node
+  double eps = 0, offset = 0;
+  int64_t k = 0;
+  at::ScalarType x_dtype = at::kFloat, r_dtype = at::kFloat;
+  void release() {
+    sum.reset_data();
+    weight.reset_data();
+    rstd.reset_data();
   }
-  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+  variable_list backward(torch::autograd::Node& node, const variable_list& grads) const {
     const Tensor &dy = grads[0], &dsum = grads[1];
-    const auto x_dtype = ctx->saved_data["x_dtype"].toScalarType(), r_dtype = ctx->saved_data["r_dtype"].toScalarType();
-    const Tensor none;
     if (!dy.defined()) {  // only s was used: its gradient passes through the add
-      if (!dsum.defined()) return {none, none, none, none, none, none, none, none};
-      return {dsum.to(x_dtype), dsum.to(r_dtype), none, none, none, none, none, none};
+      if (!dsum.defined()) return {Tensor(), Tensor(), Tensor()};
+      return {dsum.to(x_dtype), dsum.to(r_dtype), Tensor()};
     }
-    auto saved = ctx->get_saved_variables();
-    const Tensor& s = saved[0];
-    const OptTensor weight = saved_opt(saved[1]);
-    const double offset = ctx->saved_data["offset"].toDouble(), eps = ctx->saved_data["eps"].toDouble();
-    const int64_t k = ctx->saved_data["k"].toInt();
+    const Tensor s = sum.unpack(node.getptr());
+    const OptTensor w = saved_opt(weight.unpack());
     Tensor ds, dw;
     if (at::GradMode::is_enabled()) {
-      std::tie(ds, dw) = rms_norm_backward_composite(dy.to(s.scalar_type()), s, weight, offset, k, eps);
+      std::tie(ds, dw) = rms_norm_backward_composite(dy.to(s.scalar_type()), s, w, offset, k, eps);
       if (dsum.defined()) ds = ds + dsum.to(s.scalar_type());
     } else {
       std::tie(ds, dw) = NORMLAB_OP("rms_norm_backward", RmsBwdSig)
-                             .call(dy.to(s.scalar_type()), s, weight, saved[2], offset, k, saved_opt(dsum),
-                                   ctx->saved_data["dw"].toBool());
+                             .call(dy.to(s.scalar_type()), s, w, rstd.unpack(), offset, k, saved_opt(dsum),
+                                   node.task_should_compute_output(2));
     }
-    return {ds.to(x_dtype), ds.to(r_dtype), grad_or_none(dw), none, none, none, none, none};
+    return {ds.to(x_dtype), ds.to(r_dtype), grad_or_none(dw)};
   }
 };
 
-class LayerNormFunction : public torch::autograd::Function<LayerNormFunction> {
- public:
-  static variable_list forward(AutogradContext* ctx, const Tensor& input, const OptTensor& weight,
-                               const OptTensor& bias, double eps) {
-    at::AutoDispatchBelowADInplaceOrView guard;
-    auto [y, mean, rstd] = NORMLAB_OP("layer_norm", LnFwdSig).call(input, weight, bias, eps);
-    ctx->save_for_backward({input, weight.value_or(Tensor()), mean, rstd});
-    ctx->saved_data["eps"] = eps;
-    ctx->saved_data["dw"] = wants(weight);
-    ctx->saved_data["db"] = wants(bias);
-    ctx->saved_data["bias"] = bias.has_value();
-    ctx->saved_data["bias_dtype"] = bias ? bias->scalar_type() : at::kFloat;
-    ctx->mark_non_differentiable({mean, rstd});
-    ctx->set_materialize_grads(false);
-    return {y, mean, rstd};
+struct LayerNormSaved {
+  static constexpr const char* name = "normlab::LayerNormBackward";
+  SavedVariable input, weight, mean, rstd;
+  double eps = 0;
+  bool has_bias = false;
+  at::ScalarType bias_dtype = at::kFloat;
+  void release() {
+    input.reset_data();
+    weight.reset_data();
+    mean.reset_data();
+    rstd.reset_data();
   }
-  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+  variable_list backward(const torch::autograd::Node& node, const variable_list& grads) const {
     const Tensor& dy = grads[0];
-    const Tensor none;
-    if (!dy.defined()) return {none, none, none, none};
-    auto saved = ctx->get_saved_variables();
-    const OptTensor weight = saved_opt(saved[1]);
+    if (!dy.defined()) return {Tensor(), Tensor(), Tensor()};
+    const Tensor x = input.unpack();
+    const OptTensor w = saved_opt(weight.unpack());
     Tensor dx, dw, db;
     if (at::GradMode::is_enabled()) {
-      std::tie(dx, dw, db) = layer_norm_backward_composite(dy, saved[0], weight, ctx->saved_data["bias"].toBool(),
-                                                           ctx->saved_data["eps"].toDouble());
+      std::tie(dx, dw, db) = layer_norm_backward_composite(dy, x, w, has_bias, eps);
     } else {
       std::tie(dx, dw, db) = NORMLAB_OP("layer_norm_backward", LnBwdSig)
-                                 .call(dy, saved[0], weight, saved[2], saved[3], std::nullopt,
-                                       ctx->saved_data["dw"].toBool(), ctx->saved_data["db"].toBool());
+                                 .call(dy, x, w, mean.unpack(), rstd.unpack(), std::nullopt,
+                                       node.task_should_compute_output(1), node.task_should_compute_output(2));
     }
-    return {dx, grad_or_none(dw), in_dtype_of(grad_or_none(db), ctx->saved_data["bias_dtype"]), none};
+    return {dx, grad_or_none(dw), as_dtype(grad_or_none(db), bias_dtype)};
   }
 };
 
-class AddLayerNormFunction : public torch::autograd::Function<AddLayerNormFunction> {
- public:
-  static variable_list forward(AutogradContext* ctx, const Tensor& input, const Tensor& residual,
-                               const OptTensor& weight, const OptTensor& bias, double eps,
-                               at::ScalarType residual_dtype) {
-    at::AutoDispatchBelowADInplaceOrView guard;
-    auto [y, s, mean, rstd] = NORMLAB_OP("add_layer_norm", AddLnSig).call(input, residual, weight, bias, eps, residual_dtype);
-    ctx->save_for_backward({s, weight.value_or(Tensor()), mean, rstd});
-    ctx->saved_data["eps"] = eps;
-    ctx->saved_data["dw"] = wants(weight);
-    ctx->saved_data["db"] = wants(bias);
-    ctx->saved_data["bias"] = bias.has_value();
-    ctx->saved_data["bias_dtype"] = bias ? bias->scalar_type() : at::kFloat;
-    ctx->saved_data["x_dtype"] = input.scalar_type();
-    ctx->saved_data["r_dtype"] = residual.scalar_type();
-    ctx->mark_non_differentiable({mean, rstd});
-    ctx->set_materialize_grads(false);
-    return {y, s, mean, rstd};
+struct AddLayerNormSaved {
+  static constexpr const char* name = "normlab::AddLayerNormBackward";
+  SavedVariable sum, weight, mean, rstd;  // sum: an output of the node
+  double eps = 0;
+  bool has_bias = false;
+  at::ScalarType bias_dtype = at::kFloat, x_dtype = at::kFloat, r_dtype = at::kFloat;
+  void release() {
+    sum.reset_data();
+    weight.reset_data();
+    mean.reset_data();
+    rstd.reset_data();
   }
-  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+  variable_list backward(torch::autograd::Node& node, const variable_list& grads) const {
     const Tensor &dy = grads[0], &dsum = grads[1];
-    const auto x_dtype = ctx->saved_data["x_dtype"].toScalarType(), r_dtype = ctx->saved_data["r_dtype"].toScalarType();
-    const Tensor none;
     if (!dy.defined()) {
-      if (!dsum.defined()) return {none, none, none, none, none, none};
-      return {dsum.to(x_dtype), dsum.to(r_dtype), none, none, none, none};
+      if (!dsum.defined()) return {Tensor(), Tensor(), Tensor(), Tensor()};
+      return {dsum.to(x_dtype), dsum.to(r_dtype), Tensor(), Tensor()};
     }
-    auto saved = ctx->get_saved_variables();
-    const Tensor& s = saved[0];
-    const OptTensor weight = saved_opt(saved[1]);
+    const Tensor s = sum.unpack(node.getptr());
+    const OptTensor w = saved_opt(weight.unpack());
     Tensor ds, dw, db;
     if (at::GradMode::is_enabled()) {
-      std::tie(ds, dw, db) = layer_norm_backward_composite(dy.to(s.scalar_type()), s, weight,
-                                                           ctx->saved_data["bias"].toBool(), ctx->saved_data["eps"].toDouble());
+      std::tie(ds, dw, db) = layer_norm_backward_composite(dy.to(s.scalar_type()), s, w, has_bias, eps);
       if (dsum.defined()) ds = ds + dsum.to(s.scalar_type());
     } else {
       std::tie(ds, dw, db) = NORMLAB_OP("layer_norm_backward", LnBwdSig)
-                                 .call(dy.to(s.scalar_type()), s, weight, saved[2], saved[3], saved_opt(dsum),
-                                       ctx->saved_data["dw"].toBool(), ctx->saved_data["db"].toBool());
+                                 .call(dy.to(s.scalar_type()), s, w, mean.unpack(), rstd.unpack(), saved_opt(dsum),
+                                       node.task_should_compute_output(2), node.task_should_compute_output(3));
     }
-    return {ds.to(x_dtype), ds.to(r_dtype), grad_or_none(dw), in_dtype_of(grad_or_none(db), ctx->saved_data["bias_dtype"]), none, none};
+    return {ds.to(x_dtype), ds.to(r_dtype), grad_or_none(dw), as_dtype(grad_or_none(db), bias_dtype)};
   }
 };
 
-class DytFunction : public torch::autograd::Function<DytFunction> {
- public:
-  static variable_list forward(AutogradContext* ctx, const Tensor& input, const Tensor& alpha, const OptTensor& weight,
-                               const OptTensor& bias) {
-    at::AutoDispatchBelowADInplaceOrView guard;
-    Tensor y = NORMLAB_OP("dyt", DytFwdSig).call(input, alpha, weight, bias);
-    ctx->save_for_backward({input, alpha, weight.value_or(Tensor())});
-    ctx->saved_data["dw"] = weight.has_value();
-    ctx->saved_data["db"] = bias.has_value();
-    ctx->saved_data["bias_dtype"] = bias ? bias->scalar_type() : at::kFloat;
-    return {y};
+struct DytSaved {
+  static constexpr const char* name = "normlab::DytBackward";
+  SavedVariable input, alpha, weight;
+  bool has_bias = false;
+  at::ScalarType bias_dtype = at::kFloat;
+  void release() {
+    input.reset_data();
+    alpha.reset_data();
+    weight.reset_data();
   }
-  static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    auto saved = ctx->get_saved_variables();
-    const Tensor &x = saved[0], &alpha = saved[1];
-    const OptTensor weight = saved_opt(saved[2]);
+  variable_list backward(const torch::autograd::Node& node, const variable_list& grads) const {
+    const Tensor& dy = grads[0];
+    if (!dy.defined()) return {Tensor(), Tensor(), Tensor(), Tensor()};
+    const Tensor x = input.unpack(), a = alpha.unpack();
+    const OptTensor w = saved_opt(weight.unpack());
     if (at::GradMode::is_enabled()) {  // double backward: the differentiable formula
-      const Tensor xf = x.to(at::kFloat), dyf = grads[0].to(at::kFloat), a = alpha.to(at::kFloat).reshape({});
-      const Tensor t = at::tanh(a * xf);
-      const Tensor g = weight ? dyf * weight->to(at::kFloat) : dyf;
+      const Tensor xf = x.to(at::kFloat), dyf = dy.to(at::kFloat), af = a.to(at::kFloat).reshape({});
+      const Tensor t = at::tanh(af * xf);
+      const Tensor g = w ? dyf * w->to(at::kFloat) : dyf;
       const Tensor dt = g * (1 - t * t);
       const Tensor zero = at::zeros({}, dyf.options());
       const int64_t n = x.size(-1);
-      Tensor dw = weight ? at::where(dyf == 0, zero, dyf * t).reshape({-1, n}).sum(0).to(weight->scalar_type()) : Tensor();
-      Tensor db = ctx->saved_data["db"].toBool() ? dyf.reshape({-1, n}).sum(0).to(ctx->saved_data["bias_dtype"].toScalarType()) : Tensor();
-      return {(dt * a).to(x.scalar_type()), at::where(dyf == 0, zero, dt * xf).sum().reshape(alpha.sizes()).to(alpha.scalar_type()), dw, db};
+      Tensor dw = w ? at::where(dyf == 0, zero, dyf * t).reshape({-1, n}).sum(0).to(w->scalar_type()) : Tensor();
+      Tensor db = has_bias ? dyf.reshape({-1, n}).sum(0).to(bias_dtype) : Tensor();
+      return {(dt * af).to(x.scalar_type()), at::where(dyf == 0, zero, dt * xf).sum().reshape(a.sizes()).to(a.scalar_type()),
+              dw, db};
     }
-    auto [dx, dalpha, dw, db] = NORMLAB_OP("dyt_backward", DytBwdSig)
-                                    .call(grads[0], x, alpha, weight, ctx->saved_data["dw"].toBool(), ctx->saved_data["db"].toBool());
-    return {dx, dalpha, grad_or_none(dw), in_dtype_of(grad_or_none(db), ctx->saved_data["bias_dtype"])};
+    auto [dx, dalpha, dw, db] =
+        NORMLAB_OP("dyt_backward", DytBwdSig)
+            .call(dy, x, a, w, w.has_value() && node.task_should_compute_output(2),
+                  has_bias && node.task_should_compute_output(3));
+    return {dx, dalpha, grad_or_none(dw), as_dtype(grad_or_none(db), bias_dtype)};
   }
 };
 
-// Whether an autograd node is needed: grad mode on and some input requiring grad. Without one the forward
-// runs below autograd directly (the autograd Function's context costs more than a small call).
-bool needs_grad(std::initializer_list<const Tensor*> tensors, std::initializer_list<const OptTensor*> optional) {
-  if (!at::GradMode::is_enabled()) return false;
-  for (const Tensor* t : tensors)
-    if (t->requires_grad()) return true;
-  for (const OptTensor* t : optional)
-    if (*t && (*t)->requires_grad()) return true;
-  return false;
-}
-
 std::tuple<Tensor, Tensor> rms_norm_autograd(const Tensor& input, const OptTensor& weight, double eps,
                                              c10::string_view casting, double offset, int64_t k) {
-  if (!needs_grad({&input}, {&weight})) {
+  auto node = node_for<RmsNormSaved>("rms_norm", input, weight);
+  auto [y, rstd] = [&] {
     at::AutoDispatchBelowADInplaceOrView guard;
     return NORMLAB_OP("rms_norm", RmsFwdSig).call(input, weight, eps, casting, offset, k);
+  }();
+  if (node) {
+    torch::autograd::set_history(y, node);
+    auto& s = node->saved;
+    s.input = SavedVariable(input, false);
+    s.weight = save(weight);
+    s.rstd = SavedVariable(rstd, false);
+    s.eps = eps, s.offset = offset, s.k = k;
   }
-  auto out = RmsNormFunction::apply(input, weight, eps, casting, offset, k);
-  return {out[0], out[1]};
+  return {y, rstd};
 }
 
 std::tuple<Tensor, Tensor, Tensor> add_rms_norm_autograd(const Tensor& input, const Tensor& residual,
                                                          const OptTensor& weight, double eps, c10::string_view casting,
                                                          double offset, int64_t k, at::ScalarType residual_dtype) {
-  if (!needs_grad({&input, &residual}, {&weight})) {
+  auto node = node_for<AddRmsNormSaved>("add_rms_norm", input, residual, weight);
+  auto [y, sum, rstd] = [&] {
     at::AutoDispatchBelowADInplaceOrView guard;
     return NORMLAB_OP("add_rms_norm", AddRmsSig).call(input, residual, weight, eps, casting, offset, k, residual_dtype);
+  }();
+  if (node) {
+    torch::autograd::set_history(y, node);
+    torch::autograd::set_history(sum, node);
+    auto& s = node->saved;
+    s.sum = SavedVariable(sum, true);
+    s.weight = save(weight);
+    s.rstd = SavedVariable(rstd, false);
+    s.eps = eps, s.offset = offset, s.k = k;
+    s.x_dtype = input.scalar_type(), s.r_dtype = residual.scalar_type();
   }
-  auto out = AddRmsNormFunction::apply(input, residual, weight, eps, casting, offset, k, residual_dtype);
-  return {out[0], out[1], out[2]};
+  return {y, sum, rstd};
 }
 
 std::tuple<Tensor, Tensor, Tensor> layer_norm_autograd(const Tensor& input, const OptTensor& weight,
                                                        const OptTensor& bias, double eps) {
-  if (!needs_grad({&input}, {&weight, &bias})) {
+  auto node = node_for<LayerNormSaved>("layer_norm", input, weight, bias);
+  auto [y, mean, rstd] = [&] {
     at::AutoDispatchBelowADInplaceOrView guard;
     return NORMLAB_OP("layer_norm", LnFwdSig).call(input, weight, bias, eps);
+  }();
+  if (node) {
+    torch::autograd::set_history(y, node);
+    auto& s = node->saved;
+    s.input = SavedVariable(input, false);
+    s.weight = save(weight);
+    s.mean = SavedVariable(mean, false);
+    s.rstd = SavedVariable(rstd, false);
+    s.eps = eps;
+    s.has_bias = bias.has_value();
+    if (bias) s.bias_dtype = bias->scalar_type();
   }
-  auto out = LayerNormFunction::apply(input, weight, bias, eps);
-  return {out[0], out[1], out[2]};
+  return {y, mean, rstd};
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor> add_layer_norm_autograd(const Tensor& input, const Tensor& residual,
                                                                    const OptTensor& weight, const OptTensor& bias,
                                                                    double eps, at::ScalarType residual_dtype) {
-  if (!needs_grad({&input, &residual}, {&weight, &bias})) {
+  auto node = node_for<AddLayerNormSaved>("add_layer_norm", input, residual, weight, bias);
+  auto [y, sum, mean, rstd] = [&] {
     at::AutoDispatchBelowADInplaceOrView guard;
     return NORMLAB_OP("add_layer_norm", AddLnSig).call(input, residual, weight, bias, eps, residual_dtype);
+  }();
+  if (node) {
+    torch::autograd::set_history(y, node);
+    torch::autograd::set_history(sum, node);
+    auto& s = node->saved;
+    s.sum = SavedVariable(sum, true);
+    s.weight = save(weight);
+    s.mean = SavedVariable(mean, false);
+    s.rstd = SavedVariable(rstd, false);
+    s.eps = eps;
+    s.has_bias = bias.has_value();
+    if (bias) s.bias_dtype = bias->scalar_type();
+    s.x_dtype = input.scalar_type(), s.r_dtype = residual.scalar_type();
   }
-  auto out = AddLayerNormFunction::apply(input, residual, weight, bias, eps, residual_dtype);
-  return {out[0], out[1], out[2], out[3]};
+  return {y, sum, mean, rstd};
 }
 
 Tensor dyt_autograd(const Tensor& input, const Tensor& alpha, const OptTensor& weight, const OptTensor& bias) {
-  if (!needs_grad({&input, &alpha}, {&weight, &bias})) {
+  auto node = node_for<DytSaved>("dyt", input, alpha, weight, bias);
+  Tensor y = [&] {
     at::AutoDispatchBelowADInplaceOrView guard;
     return NORMLAB_OP("dyt", DytFwdSig).call(input, alpha, weight, bias);
+  }();
+  if (node) {
+    torch::autograd::set_history(y, node);
+    auto& s = node->saved;
+    s.input = SavedVariable(input, false);
+    s.alpha = SavedVariable(alpha, false);
+    s.weight = save(weight);
+    s.has_bias = bias.has_value();
+    if (bias) s.bias_dtype = bias->scalar_type();
   }
-  return DytFunction::apply(input, alpha, weight, bias)[0];
+  return y;
 }
 
 // ---- Gated RMSNorm ---------------------------------------------------------------------------------------------
@@ -955,57 +994,56 @@ using GatedFwdSig = std::tuple<Tensor, Tensor>(const Tensor&, const OptTensor&, 
 using GatedBwdSig = std::tuple<Tensor, Tensor, Tensor>(const Tensor&, const Tensor&, const OptTensor&, const OptTensor&,
                                                        const Tensor&, int64_t, bool, double, bool);
 
-class GatedRmsNormFunction : public torch::autograd::Function<GatedRmsNormFunction> {
- public:
-  static variable_list forward(AutogradContext* ctx, const Tensor& input, const OptTensor& gate,
-                               const OptTensor& weight, double eps, int64_t group_size, bool norm_before_gate,
-                               c10::string_view casting, double offset) {
-    at::AutoDispatchBelowADInplaceOrView guard;
-    auto [y, rstd] = NORMLAB_OP("gated_rms_norm", GatedFwdSig)
-                         .call(input, gate, weight, eps, group_size, norm_before_gate, casting, offset);
-    ctx->save_for_backward({input, gate.value_or(Tensor()), weight.value_or(Tensor()), rstd});
-    ctx->saved_data["eps"] = eps;
-    ctx->saved_data["group_size"] = group_size;
-    ctx->saved_data["before"] = norm_before_gate;
-    ctx->saved_data["offset"] = offset;
-    ctx->saved_data["dw"] = wants(weight);
-    ctx->mark_non_differentiable({rstd});
-    ctx->set_materialize_grads(false);
-    return {y, rstd};
+struct GatedRmsNormSaved {
+  static constexpr const char* name = "normlab::GatedRmsNormBackward";
+  SavedVariable input, gate, weight, rstd;
+  double eps = 0, offset = 0;
+  int64_t group_size = 0;
+  bool before = false;
+  void release() {
+    input.reset_data();
+    gate.reset_data();
+    weight.reset_data();
+    rstd.reset_data();
   }
-  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+  variable_list backward(const torch::autograd::Node& node, const variable_list& grads) const {
     const Tensor& dy = grads[0];
     const Tensor none;
-    if (!dy.defined()) return {none, none, none, none, none, none, none, none};
-    auto saved = ctx->get_saved_variables();
-    const OptTensor gate = saved_opt(saved[1]), weight = saved_opt(saved[2]);
-    const double eps = ctx->saved_data["eps"].toDouble(), offset = ctx->saved_data["offset"].toDouble();
-    const int64_t group_size = ctx->saved_data["group_size"].toInt();
-    const bool before = ctx->saved_data["before"].toBool();
+    if (!dy.defined()) return {none, none, none};
+    const Tensor x = input.unpack();
+    const OptTensor z = saved_opt(gate.unpack()), w = saved_opt(weight.unpack());
+    const bool dw_wanted = w.has_value() && node.task_should_compute_output(2);
     Tensor dx, dz, dw;
     if (at::GradMode::is_enabled()) {
-      std::tie(dx, dz, dw) =
-          gated_rms_norm_backward_composite(dy, saved[0], gate, weight, eps, group_size, before, offset);
+      std::tie(dx, dz, dw) = gated_rms_norm_backward_composite(dy, x, z, w, eps, group_size, before, offset);
     } else {
       std::tie(dx, dz, dw) = NORMLAB_OP("gated_rms_norm_backward", GatedBwdSig)
-                                 .call(dy, saved[0], gate, weight, saved[3], group_size, before, offset,
-                                       ctx->saved_data["dw"].toBool());
+                                 .call(dy, x, z, w, rstd.unpack(), group_size, before, offset, dw_wanted);
     }
     // which gradients exist follows from the saved inputs, not from sizes (symbolic under torch.compile)
-    return {dx, gate ? dz : none, ctx->saved_data["dw"].toBool() ? dw : none, none, none, none, none, none};
+    return {dx, z ? dz : none, dw_wanted ? dw : none};
   }
 };
 
 std::tuple<Tensor, Tensor> gated_rms_norm_autograd(const Tensor& input, const OptTensor& gate, const OptTensor& weight,
                                                    double eps, int64_t group_size, bool norm_before_gate,
                                                    c10::string_view casting, double offset) {
-  if (!needs_grad({&input}, {&gate, &weight})) {
+  auto node = node_for<GatedRmsNormSaved>("gated_rms_norm", input, gate, weight);
+  auto [y, rstd] = [&] {
     at::AutoDispatchBelowADInplaceOrView guard;
     return NORMLAB_OP("gated_rms_norm", GatedFwdSig)
         .call(input, gate, weight, eps, group_size, norm_before_gate, casting, offset);
+  }();
+  if (node) {
+    torch::autograd::set_history(y, node);
+    auto& s = node->saved;
+    s.input = SavedVariable(input, false);
+    s.gate = save(gate);
+    s.weight = save(weight);
+    s.rstd = SavedVariable(rstd, false);
+    s.eps = eps, s.offset = offset, s.group_size = group_size, s.before = norm_before_gate;
   }
-  auto out = GatedRmsNormFunction::apply(input, gate, weight, eps, group_size, norm_before_gate, casting, offset);
-  return {out[0], out[1]};
+  return {y, rstd};
 }
 
 }  // namespace
