@@ -440,6 +440,24 @@ def test_weight_grads_fold_chunk_partials_in_chunk_order(layer, monkeypatch):
                 assert torch.equal(got, want)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("n", [1, 40, 129, 256])
+def test_short_rows_in_blocks_give_the_row_by_row_bits(dtype, n):
+    """Short rows with weight gradients run in blocks of rows (the partials held across the block); without weight
+    gradients row by row: dx has the same bits either way (LayerNorm, RMSNorm, partial RMSNorm, the fused add's)."""
+    x, dy, ds = rand(150, n, dtype=dtype), rand(150, n, dtype=dtype, seed=1), rand(150, n, dtype=dtype, seed=4)
+    w = rand(n, dtype=dtype, seed=2)
+    ops = torch.ops.normlab
+    _, mean, rstd = K.layer_norm_fwd(x, w, None, 1e-5)
+    for dsum in (None, ds):
+        blocks = ops.layer_norm_backward(dy, x, w, mean, rstd, dsum, True, True)[0]
+        assert torch.equal(blocks, ops.layer_norm_backward(dy, x, w, mean, rstd, dsum, False, False)[0])
+    for k in {n, max(1, n // 3)}:
+        _, rstd = K.rms_norm_fwd(x, w, 1e-5, "llama", 0.0, k)
+        blocks = ops.rms_norm_backward(dy, x, w, rstd, 0.0, k, None, True)[0]
+        assert torch.equal(blocks, ops.rms_norm_backward(dy, x, w, rstd, 0.0, k, None, False)[0])
+
+
 @pytest.mark.parametrize("op", ["layer_norm", "rms_norm"])
 def test_fwd_bwd_peak_memory_not_above_torch(op, monkeypatch):
     """Peak of the bytes allocated through torch during forward + backward (the bench's measure):
@@ -679,7 +697,7 @@ def _differentiable_calls(n=24):
     }
 
 
-def _grads(inputs, outputs, **kwargs):
+def _grads_of(inputs, outputs, **kwargs):
     ups = [rand(*o.shape, seed=9 + i) for i, o in enumerate(outputs)]
     return torch.autograd.grad(outputs, inputs, ups, **kwargs)
 
@@ -692,33 +710,33 @@ def test_node_saves_through_hooks_frees_its_graph_and_guards_versions(name):
     outputs = call()
     assert outputs[0].grad_fn.name() == f"normlab::{name}Backward"
     assert [f is not None for f, _ in outputs[0].grad_fn.next_functions] == [True] * len(inputs)
-    expected = _grads(inputs, outputs)
+    expected = _grads_of(inputs, outputs)
 
     packed, unpacked = [], []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: packed.append(t) or t, lambda t: unpacked.append(t) or t):
         outputs = call()
     assert packed and len(unpacked) <= len(packed)
-    for got, want in zip(_grads(inputs, outputs), expected):
+    for got, want in zip(_grads_of(inputs, outputs), expected):
         assert torch.equal(got, want)
     assert len(unpacked) >= 2
     with pytest.raises(RuntimeError, match="backward through the graph a second time"):
-        _grads(inputs, outputs)
+        _grads_of(inputs, outputs)
 
     outputs = call()
     weight = next(t for t in inputs if t.dim() == 1)  # saved by every node
     with torch.no_grad():
         weight.add_(0.0)
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
-        _grads(inputs, outputs)
+        _grads_of(inputs, outputs)
 
 
 @pytest.mark.parametrize("name", list(_differentiable_calls()))
 def test_node_computes_what_is_asked(name):
     """A gradient asked for one input alone equals that input's part of the full gradient."""
     inputs, call = _differentiable_calls()[name]
-    full = _grads(inputs, call())
+    full = _grads_of(inputs, call())
     for i, x in enumerate(inputs):
-        (alone,) = _grads((x,), call())
+        (alone,) = _grads_of((x,), call())
         assert torch.equal(alone, full[i])
 
 

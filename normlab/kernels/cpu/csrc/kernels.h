@@ -403,44 +403,105 @@ void norm_fwd_rows(const NormFwdArgs& a, int64_t begin, int64_t end) {
 // ---- backward -----------------------------------------------------------------------------------------
 // x̂ = (x − mean − c)·rstd (RMSNorm: x·rstd), g = dy·w.
 // LayerNorm: dx = rstd·(g − mean(g) − x̂·mean(g·x̂)); RMSNorm: dx_j = rstd·g_j − [j < k]·rstd·x̂_j·Σ g·x̂ / k.
+// Per row: LayerNorm dx = rs·((g − gx) + x̂·hx) with gx = mean(g), hx = −mean(g·x̂) (g − mean(g) first: exact where
+// g is close to its mean); RMSNorm dx = rs·g + x̂·hx with hx = −rs·Σ g·x̂ / k in the projected columns.
+struct BwdRow {
+  float m, rs, corr, hx, gx;
+};
+// Rows up to this length take their weight-gradient partials in blocks of rows (norm_bwd_row_blocks).
+constexpr int64_t SHORT_ROW = 256;
+
+template <typename T, bool LAYER>
+NORMLAB_INLINE BwdRow bwd_row(const NormBwdArgs& a, int64_t i) {
+  const int64_t n = a.n, row = i * n;
+  const float nf = static_cast<float>(n), rs = a.rstd[i];
+  if constexpr (LAYER) {
+    const float m = a.mean[i];
+    const Vec vm(m);
+    float sums[3];  // Σ g, Σ g·(x − m), Σ (x − m)
+    row_sums<3>(n, [&](int64_t e, auto c, Vec (&q)[3][2]) {
+      Vec d0, d1, x0, x1, w0, w1;
+      load<T>(a.dy, row + e, c, d0, d1);
+      load<T>(a.x, row + e, c, x0, x1);
+      IO<float>::load(a.w + e, c, w0, w1);
+      const Vec g0 = d0 * w0, g1 = d1 * w1;
+      Vec e0 = x0 - vm, e1 = x1 - vm;
+      keep_first(c, e0, e1);
+      q[0][0] = g0, q[0][1] = g1, q[1][0] = g0 * e0, q[1][1] = g1 * e1, q[2][0] = e0, q[2][1] = e1;
+    }, sums);
+    const float corr = sums[2] / nf, mg = sums[0] / nf, mgx = rs * (sums[1] - corr * sums[0]) / nf;
+    return {m, rs, corr, -mgx, mg};
+  } else {
+    float dot[1];  // Σ g·x
+    row_sums<1>(n, [&](int64_t e, auto c, Vec (&q)[1][2]) {
+      Vec d0, d1, x0, x1, w0, w1;
+      load<T>(a.dy, row + e, c, d0, d1);
+      load<T>(a.x, row + e, c, x0, x1);
+      IO<float>::load(a.w + e, c, w0, w1);
+      q[0][0] = (d0 * w0) * x0, q[0][1] = (d1 * w1) * x1;
+    }, dot);
+    return {0.f, rs, 0.f, -rs * (rs * dot[0] / static_cast<float>(a.k)), 0.f};
+  }
+}
+
+// One step of a row's columns: dx written, and dy, x̂ returned for the weight-gradient partials.
+struct BwdConsts {
+  Vec vm, vrs, vcorr, vhx, vgx;
+  explicit BwdConsts(const BwdRow& r) : vm(r.m), vrs(r.rs), vcorr(r.corr), vhx(r.hx), vgx(r.gx) {}
+};
+
+template <typename T, bool LAYER, bool DSUM, typename C>
+NORMLAB_INLINE void bwd_step(const NormBwdArgs& a, const BwdConsts& k, int64_t row, int64_t j, C c, const Vec& w0,
+                             const Vec& w1, bool projected, Vec& d0, Vec& d1, Vec& h0, Vec& h1) {
+  Vec x0, x1, v0, v1;
+  load<T>(a.dy, row + j, c, d0, d1);
+  load<T>(a.x, row + j, c, x0, x1);
+  if constexpr (LAYER) {
+    h0 = ((x0 - k.vm) - k.vcorr) * k.vrs;
+    h1 = ((x1 - k.vm) - k.vcorr) * k.vrs;
+    v0 = k.vrs * at::vec::fmadd(h0, k.vhx, d0 * w0 - k.vgx);
+    v1 = k.vrs * at::vec::fmadd(h1, k.vhx, d1 * w1 - k.vgx);
+  } else {
+    h0 = x0 * k.vrs;
+    h1 = x1 * k.vrs;
+    v0 = k.vrs * (d0 * w0);
+    v1 = k.vrs * (d1 * w1);
+    if (projected) {
+      v0 = at::vec::fmadd(h0, k.vhx, v0);
+      v1 = at::vec::fmadd(h1, k.vhx, v1);
+    }
+  }
+  if constexpr (DSUM) {
+    Vec s0, s1;
+    load<T>(a.dsum, row + j, c, s0, s1);
+    v0 = v0 + s0;
+    v1 = v1 + s1;
+  }
+  if (a.stream) IO<T>::stream(static_cast<T*>(a.dx) + row + j, c, v0, v1);
+  else store<T>(a.dx, row + j, c, v0, v1);
+}
+
+// The partials take dy·x̂ (nothing where dy == 0) and dy.
+NORMLAB_INLINE void add_partials(bool layer_bias, const Vec& d0, const Vec& d1, const Vec& h0, const Vec& h1,
+                                 bool dw, Vec& p0, Vec& p1, Vec& b0, Vec& b1) {
+  const Vec zero(0.f);
+  if (dw) {
+    p0 = Vec::blendv(at::vec::fmadd(d0, h0, p0), p0, d0 == zero);
+    p1 = Vec::blendv(at::vec::fmadd(d1, h1, p1), p1, d1 == zero);
+  }
+  if (layer_bias) {
+    b0 = b0 + d0;
+    b1 = b1 + d1;
+  }
+}
+
+// Row by row: the partials loaded and stored at every step.
 template <typename T, bool LAYER, bool DSUM>
-void norm_bwd_rows(const NormBwdArgs& a, int64_t begin, int64_t end) {
+void norm_bwd_each_row(const NormBwdArgs& a, int64_t begin, int64_t end) {
   const int64_t n = a.n;
-  const float nf = static_cast<float>(n);
   for (int64_t i = begin; i < end; ++i) {
     const int64_t row = i * n;
-    const float rs = a.rstd[i];
-    const float m = LAYER ? a.mean[i] : 0.f;
-    const Vec vm(m), vrs(rs);
-    float corr = 0.f, mg = 0.f, mgx = 0.f, proj = 0.f;
-    if constexpr (LAYER) {
-      float sums[3];  // Σ g, Σ g·(x − m), Σ (x − m)
-      row_sums<3>(n, [&](int64_t e, auto c, Vec (&q)[3][2]) {
-        Vec d0, d1, x0, x1, w0, w1;
-        load<T>(a.dy, row + e, c, d0, d1);
-        load<T>(a.x, row + e, c, x0, x1);
-        IO<float>::load(a.w + e, c, w0, w1);
-        const Vec g0 = d0 * w0, g1 = d1 * w1;
-        Vec e0 = x0 - vm, e1 = x1 - vm;
-        keep_first(c, e0, e1);
-        q[0][0] = g0, q[0][1] = g1, q[1][0] = g0 * e0, q[1][1] = g1 * e1, q[2][0] = e0, q[2][1] = e1;
-      }, sums);
-      corr = sums[2] / nf;
-      mg = sums[0] / nf;
-      mgx = rs * (sums[1] - corr * sums[0]) / nf;
-    } else {
-      float dot[1];  // Σ g·x
-      row_sums<1>(n, [&](int64_t e, auto c, Vec (&q)[1][2]) {
-        Vec d0, d1, x0, x1, w0, w1;
-        load<T>(a.dy, row + e, c, d0, d1);
-        load<T>(a.x, row + e, c, x0, x1);
-        IO<float>::load(a.w + e, c, w0, w1);
-        q[0][0] = (d0 * w0) * x0, q[0][1] = (d1 * w1) * x1;
-      }, dot);
-      proj = rs * dot[0] / static_cast<float>(a.k);
-    }
-    const Vec vcorr(corr), vmg(mg), vmgx(mgx), vproj(proj);
-    // columns [lo, hi); `projected`: RMSNorm columns inside the statistic (j < k)
+    const BwdConsts k(bwd_row<T, LAYER>(a, i));
     const bool ahead = sizeof(T) == 2 && i + 1 < end;  // as in the forward: 16-bit inputs only
     auto columns = [&](int64_t lo, int64_t hi, bool projected) {
       for_steps(lo, hi, [&](int64_t j, auto c) {
@@ -448,42 +509,14 @@ void norm_bwd_rows(const NormBwdArgs& a, int64_t begin, int64_t end) {
           prefetch<T>(a.dy, row + n + j, c);
           prefetch<T>(a.x, row + n + j, c);
         }
-        Vec d0, d1, x0, x1, w0, w1, v0, v1, h0, h1;
-        load<T>(a.dy, row + j, c, d0, d1);
-        load<T>(a.x, row + j, c, x0, x1);
+        Vec w0, w1, d0, d1, h0, h1, p0, p1, b0, b1;
         IO<float>::load(a.w + j, c, w0, w1);
-        if constexpr (LAYER) {
-          h0 = ((x0 - vm) - vcorr) * vrs;
-          h1 = ((x1 - vm) - vcorr) * vrs;
-          v0 = vrs * ((d0 * w0 - vmg) - h0 * vmgx);
-          v1 = vrs * ((d1 * w1 - vmg) - h1 * vmgx);
-        } else {
-          h0 = x0 * vrs;
-          h1 = x1 * vrs;
-          v0 = vrs * (d0 * w0);
-          v1 = vrs * (d1 * w1);
-          if (projected) {
-            v0 = v0 - vrs * h0 * vproj;
-            v1 = v1 - vrs * h1 * vproj;
-          }
-        }
-        if constexpr (DSUM) {
-          Vec s0, s1;
-          load<T>(a.dsum, row + j, c, s0, s1);
-          v0 = v0 + s0;
-          v1 = v1 + s1;
-        }
-        if (a.stream) IO<T>::stream(static_cast<T*>(a.dx) + row + j, c, v0, v1);
-        else store<T>(a.dx, row + j, c, v0, v1);
-        Vec p0, p1;
-        IO<float>::load(a.pw + j, c, p0, p1);
-        IO<float>::store(a.pw + j, c, p0 + unless_zero(d0, d0 * h0), p1 + unless_zero(d1, d1 * h1));
-        if constexpr (LAYER) {
-          if (a.pb) {
-            IO<float>::load(a.pb + j, c, p0, p1);
-            IO<float>::store(a.pb + j, c, p0 + d0, p1 + d1);
-          }
-        }
+        bwd_step<T, LAYER, DSUM>(a, k, row, j, c, w0, w1, projected, d0, d1, h0, h1);
+        if (a.pw) IO<float>::load(a.pw + j, c, p0, p1);
+        if (LAYER && a.pb) IO<float>::load(a.pb + j, c, b0, b1);
+        add_partials(LAYER && a.pb, d0, d1, h0, h1, a.pw != nullptr, p0, p1, b0, b1);
+        if (a.pw) IO<float>::store(a.pw + j, c, p0, p1);
+        if (LAYER && a.pb) IO<float>::store(a.pb + j, c, b0, b1);
       });
     };
     if constexpr (LAYER) {
@@ -493,6 +526,48 @@ void norm_bwd_rows(const NormBwdArgs& a, int64_t begin, int64_t end) {
       columns(a.k, n, false);
     }
   }
+}
+
+// Short rows in blocks: the rows' constants first, then the columns outside and the block's rows inside, so that a
+// column step's partials stay in registers across the block (stored and reloaded row after row, a short row's
+// partials stall on the store just made). Each partial still takes the rows' terms in row order: the same bits as
+// row by row.
+template <typename T, bool LAYER, bool DSUM>
+void norm_bwd_row_blocks(const NormBwdArgs& a, int64_t begin, int64_t end) {
+  constexpr int64_t MAX_BLOCK = 64;
+  const int64_t n = a.n, block = std::clamp<int64_t>(8192 / n, 1, MAX_BLOCK);
+  BwdRow rows[MAX_BLOCK];
+  for (int64_t i0 = begin; i0 < end; i0 += block) {
+    const int64_t i1 = std::min(end, i0 + block);
+    for (int64_t i = i0; i < i1; ++i) rows[i - i0] = bwd_row<T, LAYER>(a, i);
+    auto columns = [&](int64_t lo, int64_t hi, bool projected) {
+      for_steps(lo, hi, [&](int64_t j, auto c) {
+        Vec w0, w1, p0, p1, b0, b1;
+        IO<float>::load(a.w + j, c, w0, w1);
+        if (a.pw) IO<float>::load(a.pw + j, c, p0, p1);
+        if (LAYER && a.pb) IO<float>::load(a.pb + j, c, b0, b1);
+        for (int64_t i = i0; i < i1; ++i) {
+          Vec d0, d1, h0, h1;
+          bwd_step<T, LAYER, DSUM>(a, BwdConsts(rows[i - i0]), i * n, j, c, w0, w1, projected, d0, d1, h0, h1);
+          add_partials(LAYER && a.pb, d0, d1, h0, h1, a.pw != nullptr, p0, p1, b0, b1);
+        }
+        if (a.pw) IO<float>::store(a.pw + j, c, p0, p1);
+        if (LAYER && a.pb) IO<float>::store(a.pb + j, c, b0, b1);
+      });
+    };
+    if constexpr (LAYER) {
+      columns(0, n, false);
+    } else {
+      columns(0, a.k, true);
+      columns(a.k, n, false);
+    }
+  }
+}
+
+template <typename T, bool LAYER, bool DSUM>
+void norm_bwd_rows(const NormBwdArgs& a, int64_t begin, int64_t end) {
+  if ((a.pw || a.pb) && a.n <= SHORT_ROW) norm_bwd_row_blocks<T, LAYER, DSUM>(a, begin, end);
+  else norm_bwd_each_row<T, LAYER, DSUM>(a, begin, end);
   if (a.stream) stream_fence();
 }
 

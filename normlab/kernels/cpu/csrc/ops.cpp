@@ -386,8 +386,8 @@ std::tuple<Tensor, Tensor, Tensor> norm_backward(const Tensor& grad, const Tenso
   Tensor dx = at::empty_like(x, at::MemoryFormat::Contiguous);
   const int64_t slots = worker_slots(rows, n);
   const auto f32 = x.options().dtype(at::kFloat);
-  Tensor pw = at::empty({slots, n}, f32), pb = layer && want_db ? at::empty({slots, n}, f32) : Tensor();
-  Tensor dw = at::zeros({n}, f32), db = pb.defined() ? at::zeros({n}, f32) : Tensor();
+  Tensor pw = want_dw ? at::empty({slots, n}, f32) : Tensor(), pb = layer && want_db ? at::empty({slots, n}, f32) : Tensor();
+  Tensor dw = pw.defined() ? at::zeros({n}, f32) : Tensor(), db = pb.defined() ? at::zeros({n}, f32) : Tensor();
   NormBwdArgs a{};
   a.dy = dy.const_data_ptr();
   a.x = x.const_data_ptr();
@@ -402,19 +402,19 @@ std::tuple<Tensor, Tensor, Tensor> norm_backward(const Tensor& grad, const Tenso
   a.layer = layer;
   a.stream = !ds.defined() && stream_outputs(dx.nbytes(), x.nbytes() + dy.nbytes());
   const KernelTable& table = kernels();
-  float *pw0 = pw.data_ptr<float>(), *pb0 = pb.defined() ? pb.data_ptr<float>() : nullptr;
+  float *pw0 = pw.defined() ? pw.data_ptr<float>() : nullptr, *pb0 = pb.defined() ? pb.data_ptr<float>() : nullptr;
   run_chunks_in_order(rows, slots, [&](int64_t begin, int64_t end, int64_t slot) {
     NormBwdArgs part = a;
-    part.pw = pw0 + slot * n;
+    part.pw = pw0 ? pw0 + slot * n : nullptr;
     part.pb = pb0 ? pb0 + slot * n : nullptr;
-    std::fill(part.pw, part.pw + n, 0.f);
+    if (part.pw) std::fill(part.pw, part.pw + n, 0.f);
     if (part.pb) std::fill(part.pb, part.pb + n, 0.f);
     table.norm_bwd(part, begin, end);
   }, [&](int64_t slot) {
-    if (want_dw) add_into(dw.data_ptr<float>(), pw0 + slot * n, n);
+    if (pw0) add_into(dw.data_ptr<float>(), pw0 + slot * n, n);
     if (pb0) add_into(db.data_ptr<float>(), pb0 + slot * n, n);
   });
-  return {dx, want_dw ? dw : Tensor(), db};
+  return {dx, dw, db};
 }
 
 // The backward's fp32 `offset + w` is the one-rounding forward's.
