@@ -166,6 +166,27 @@ Tensor widen(const Tensor& p, at::ScalarType via) {
   return out;
 }
 
+// g in `dtype`: g itself when it has it; an fp32 vector narrowed to bf16/fp16 element by element with c10's round to
+// nearest even (the bits of a cast, without its dispatcher call); anything else, or a gradient that is itself
+// differentiated (double backward), cast.
+Tensor cast(const Tensor& g, at::ScalarType dtype) {
+  if (!g.defined() || g.scalar_type() == dtype) return g;
+  if (g.scalar_type() != at::kFloat || g.dim() != 1 || !g.is_contiguous() || g.requires_grad() ||
+      (dtype != at::kBFloat16 && dtype != at::kHalf))
+    return g.to(dtype);
+  Tensor out = at::detail::empty_cpu({g.numel()}, dtype, false, at::MemoryFormat::Contiguous);
+  const float* src = g.const_data_ptr<float>();
+  const int64_t n = g.numel();
+  if (dtype == at::kBFloat16) {
+    auto* dst = out.data_ptr<c10::BFloat16>();
+    for (int64_t j = 0; j < n; ++j) dst[j] = c10::BFloat16(src[j]);
+  } else {
+    auto* dst = out.data_ptr<c10::Half>();
+    for (int64_t j = 0; j < n; ++j) dst[j] = c10::Half(src[j]);
+  }
+  return out;
+}
+
 // A parameter as n contiguous fp32 values, rounded first to `via` where given (no copy, and no op, for a contiguous
 // fp32 vector that needs no rounding).
 Tensor as_fp32(const Tensor& p, at::ScalarType via = at::ScalarType::Undefined) {
@@ -422,7 +443,7 @@ Tensor bwd_weight(const OptTensor& weight, double offset) { return rms_weight(we
 
 // A wanted gradient in the parameter's dtype; an empty tensor when not wanted (the schemas return tensors).
 Tensor in_dtype(const Tensor& g, const OptTensor& like) {
-  return g.defined() && like ? g.to(like->scalar_type()) : at::empty({0}, at::kFloat);
+  return g.defined() && like ? cast(g, like->scalar_type()) : at::empty({0}, at::kFloat);
 }
 
 // The autograd side: an empty gradient is no gradient.
@@ -599,7 +620,6 @@ NodePtr<Saved> node_for(const char* op, const Inputs&... inputs) {
 using torch::autograd::SavedVariable;
 OptTensor saved_opt(const Tensor& t) { return t.defined() ? OptTensor(t) : std::nullopt; }
 SavedVariable save(const OptTensor& t) { return t ? SavedVariable(*t, false) : SavedVariable(); }
-Tensor as_dtype(const Tensor& g, at::ScalarType dtype) { return g.defined() ? g.to(dtype) : g; }
 
 struct RmsNormSaved {
   static constexpr const char* name = "normlab::RmsNormBackward";
@@ -642,20 +662,20 @@ struct AddRmsNormSaved {
     const Tensor &dy = grads[0], &dsum = grads[1];
     if (!dy.defined()) {  // only s was used: its gradient passes through the add
       if (!dsum.defined()) return {Tensor(), Tensor(), Tensor()};
-      return {dsum.to(x_dtype), dsum.to(r_dtype), Tensor()};
+      return {cast(dsum, x_dtype), cast(dsum, r_dtype), Tensor()};
     }
     const Tensor s = sum.unpack(node.getptr());
     const OptTensor w = saved_opt(weight.unpack());
     Tensor ds, dw;
     if (at::GradMode::is_enabled()) {
-      std::tie(ds, dw) = rms_norm_backward_composite(dy.to(s.scalar_type()), s, w, offset, k, eps);
-      if (dsum.defined()) ds = ds + dsum.to(s.scalar_type());
+      std::tie(ds, dw) = rms_norm_backward_composite(cast(dy, s.scalar_type()), s, w, offset, k, eps);
+      if (dsum.defined()) ds = ds + cast(dsum, s.scalar_type());
     } else {
       std::tie(ds, dw) = NORMLAB_OP("rms_norm_backward", RmsBwdSig)
-                             .call(dy.to(s.scalar_type()), s, w, rstd.unpack(), offset, k, saved_opt(dsum),
+                             .call(cast(dy, s.scalar_type()), s, w, rstd.unpack(), offset, k, saved_opt(dsum),
                                    node.task_should_compute_output(2));
     }
-    return {ds.to(x_dtype), ds.to(r_dtype), grad_or_none(dw)};
+    return {cast(ds, x_dtype), cast(ds, r_dtype), grad_or_none(dw)};
   }
 };
 
@@ -684,7 +704,7 @@ struct LayerNormSaved {
                                  .call(dy, x, w, mean.unpack(), rstd.unpack(), std::nullopt,
                                        node.task_should_compute_output(1), node.task_should_compute_output(2));
     }
-    return {dx, grad_or_none(dw), as_dtype(grad_or_none(db), bias_dtype)};
+    return {dx, grad_or_none(dw), cast(grad_or_none(db), bias_dtype)};
   }
 };
 
@@ -704,20 +724,20 @@ struct AddLayerNormSaved {
     const Tensor &dy = grads[0], &dsum = grads[1];
     if (!dy.defined()) {
       if (!dsum.defined()) return {Tensor(), Tensor(), Tensor(), Tensor()};
-      return {dsum.to(x_dtype), dsum.to(r_dtype), Tensor(), Tensor()};
+      return {cast(dsum, x_dtype), cast(dsum, r_dtype), Tensor(), Tensor()};
     }
     const Tensor s = sum.unpack(node.getptr());
     const OptTensor w = saved_opt(weight.unpack());
     Tensor ds, dw, db;
     if (at::GradMode::is_enabled()) {
-      std::tie(ds, dw, db) = layer_norm_backward_composite(dy.to(s.scalar_type()), s, w, has_bias, eps);
-      if (dsum.defined()) ds = ds + dsum.to(s.scalar_type());
+      std::tie(ds, dw, db) = layer_norm_backward_composite(cast(dy, s.scalar_type()), s, w, has_bias, eps);
+      if (dsum.defined()) ds = ds + cast(dsum, s.scalar_type());
     } else {
       std::tie(ds, dw, db) = NORMLAB_OP("layer_norm_backward", LnBwdSig)
-                                 .call(dy.to(s.scalar_type()), s, w, mean.unpack(), rstd.unpack(), saved_opt(dsum),
+                                 .call(cast(dy, s.scalar_type()), s, w, mean.unpack(), rstd.unpack(), saved_opt(dsum),
                                        node.task_should_compute_output(2), node.task_should_compute_output(3));
     }
-    return {ds.to(x_dtype), ds.to(r_dtype), grad_or_none(dw), as_dtype(grad_or_none(db), bias_dtype)};
+    return {cast(ds, x_dtype), cast(ds, r_dtype), grad_or_none(dw), cast(grad_or_none(db), bias_dtype)};
   }
 };
 
@@ -752,7 +772,7 @@ struct DytSaved {
         NORMLAB_OP("dyt_backward", DytBwdSig)
             .call(dy, x, a, w, w.has_value() && node.task_should_compute_output(2),
                   has_bias && node.task_should_compute_output(3));
-    return {dx, dalpha, grad_or_none(dw), as_dtype(grad_or_none(db), bias_dtype)};
+    return {dx, dalpha, grad_or_none(dw), cast(grad_or_none(db), bias_dtype)};
   }
 };
 
