@@ -1,9 +1,9 @@
 // normlab's native CPU operators: schemas, the CPU implementations (checks, outputs, weights, threads),
 // the autograd nodes and the choice of ISA build. The kernels themselves are in kernels.h.
 //
-// Layout as in torchvision's csrc/ops: forward and backward are both dispatcher ops; the Autograd kernel
-// of a forward op records a node whose apply() calls the backward op, so an eager call never enters Python. Fake implementations for
-// torch.compile are registered in Python (normlab/kernels/cpu/__init__.py).
+// Layout as in torchvision's csrc/ops: forward and backward are both dispatcher ops; the Autograd kernel of a
+// forward op records a node whose apply() calls the backward op, so an eager call never enters Python. Fake
+// implementations for torch.compile are registered in Python (normlab/kernels/cpu/__init__.py).
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
