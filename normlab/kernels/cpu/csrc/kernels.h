@@ -495,6 +495,17 @@ NORMLAB_INLINE void add_partials(bool layer_bias, const Vec& d0, const Vec& d1, 
   }
 }
 
+// A row's column ranges: LayerNorm's one, RMSNorm's projected columns (j < k) and the rest.
+template <bool LAYER, typename F>
+NORMLAB_INLINE void column_ranges(const NormBwdArgs& a, F&& columns) {
+  if constexpr (LAYER) {
+    columns(0, a.n, false);
+  } else {
+    columns(0, a.k, true);
+    columns(a.k, a.n, false);
+  }
+}
+
 // Row by row: the partials loaded and stored at every step.
 template <typename T, bool LAYER, bool DSUM>
 void norm_bwd_each_row(const NormBwdArgs& a, int64_t begin, int64_t end) {
@@ -519,12 +530,7 @@ void norm_bwd_each_row(const NormBwdArgs& a, int64_t begin, int64_t end) {
         if (LAYER && a.pb) IO<float>::store(a.pb + j, c, b0, b1);
       });
     };
-    if constexpr (LAYER) {
-      columns(0, n, false);
-    } else {
-      columns(0, a.k, true);
-      columns(a.k, n, false);
-    }
+    column_ranges<LAYER>(a, columns);
   }
 }
 
@@ -555,12 +561,7 @@ void norm_bwd_row_blocks(const NormBwdArgs& a, int64_t begin, int64_t end) {
         if (LAYER && a.pb) IO<float>::store(a.pb + j, c, b0, b1);
       });
     };
-    if constexpr (LAYER) {
-      columns(0, n, false);
-    } else {
-      columns(0, a.k, true);
-      columns(a.k, n, false);
-    }
+    column_ranges<LAYER>(a, columns);
   }
 }
 

@@ -617,6 +617,13 @@ NodePtr<Saved> node_for(const char* op, const Inputs&... inputs) {
   return c10::make_intrusive<OpNode<Saved>>(torch::autograd::collect_next_edges(inputs...));
 }
 
+// The forward op itself, below the Autograd kernel.
+template <typename F>
+auto below_autograd(F&& forward) {
+  at::AutoDispatchBelowADInplaceOrView guard;
+  return forward();
+}
+
 using torch::autograd::SavedVariable;
 OptTensor saved_opt(const Tensor& t) { return t.defined() ? OptTensor(t) : std::nullopt; }
 SavedVariable save(const OptTensor& t) { return t ? SavedVariable(*t, false) : SavedVariable(); }
@@ -779,10 +786,9 @@ struct DytSaved {
 std::tuple<Tensor, Tensor> rms_norm_autograd(const Tensor& input, const OptTensor& weight, double eps,
                                              c10::string_view casting, double offset, int64_t k) {
   auto node = node_for<RmsNormSaved>("rms_norm", input, weight);
-  auto [y, rstd] = [&] {
-    at::AutoDispatchBelowADInplaceOrView guard;
+  auto [y, rstd] = below_autograd([&] {
     return NORMLAB_OP("rms_norm", RmsFwdSig).call(input, weight, eps, casting, offset, k);
-  }();
+  });
   if (node) {
     torch::autograd::set_history(y, node);
     auto& s = node->saved;
@@ -798,10 +804,9 @@ std::tuple<Tensor, Tensor, Tensor> add_rms_norm_autograd(const Tensor& input, co
                                                          const OptTensor& weight, double eps, c10::string_view casting,
                                                          double offset, int64_t k, at::ScalarType residual_dtype) {
   auto node = node_for<AddRmsNormSaved>("add_rms_norm", input, residual, weight);
-  auto [y, sum, rstd] = [&] {
-    at::AutoDispatchBelowADInplaceOrView guard;
+  auto [y, sum, rstd] = below_autograd([&] {
     return NORMLAB_OP("add_rms_norm", AddRmsSig).call(input, residual, weight, eps, casting, offset, k, residual_dtype);
-  }();
+  });
   if (node) {
     torch::autograd::set_history(y, node);
     torch::autograd::set_history(sum, node);
@@ -818,10 +823,9 @@ std::tuple<Tensor, Tensor, Tensor> add_rms_norm_autograd(const Tensor& input, co
 std::tuple<Tensor, Tensor, Tensor> layer_norm_autograd(const Tensor& input, const OptTensor& weight,
                                                        const OptTensor& bias, double eps) {
   auto node = node_for<LayerNormSaved>("layer_norm", input, weight, bias);
-  auto [y, mean, rstd] = [&] {
-    at::AutoDispatchBelowADInplaceOrView guard;
+  auto [y, mean, rstd] = below_autograd([&] {
     return NORMLAB_OP("layer_norm", LnFwdSig).call(input, weight, bias, eps);
-  }();
+  });
   if (node) {
     torch::autograd::set_history(y, node);
     auto& s = node->saved;
@@ -840,10 +844,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> add_layer_norm_autograd(const Tensor&
                                                                    const OptTensor& weight, const OptTensor& bias,
                                                                    double eps, at::ScalarType residual_dtype) {
   auto node = node_for<AddLayerNormSaved>("add_layer_norm", input, residual, weight, bias);
-  auto [y, sum, mean, rstd] = [&] {
-    at::AutoDispatchBelowADInplaceOrView guard;
+  auto [y, sum, mean, rstd] = below_autograd([&] {
     return NORMLAB_OP("add_layer_norm", AddLnSig).call(input, residual, weight, bias, eps, residual_dtype);
-  }();
+  });
   if (node) {
     torch::autograd::set_history(y, node);
     torch::autograd::set_history(sum, node);
@@ -862,10 +865,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> add_layer_norm_autograd(const Tensor&
 
 Tensor dyt_autograd(const Tensor& input, const Tensor& alpha, const OptTensor& weight, const OptTensor& bias) {
   auto node = node_for<DytSaved>("dyt", input, alpha, weight, bias);
-  Tensor y = [&] {
-    at::AutoDispatchBelowADInplaceOrView guard;
+  Tensor y = below_autograd([&] {
     return NORMLAB_OP("dyt", DytFwdSig).call(input, alpha, weight, bias);
-  }();
+  });
   if (node) {
     torch::autograd::set_history(y, node);
     auto& s = node->saved;
@@ -1049,11 +1051,10 @@ std::tuple<Tensor, Tensor> gated_rms_norm_autograd(const Tensor& input, const Op
                                                    double eps, int64_t group_size, bool norm_before_gate,
                                                    c10::string_view casting, double offset) {
   auto node = node_for<GatedRmsNormSaved>("gated_rms_norm", input, gate, weight);
-  auto [y, rstd] = [&] {
-    at::AutoDispatchBelowADInplaceOrView guard;
+  auto [y, rstd] = below_autograd([&] {
     return NORMLAB_OP("gated_rms_norm", GatedFwdSig)
         .call(input, gate, weight, eps, group_size, norm_before_gate, casting, offset);
-  }();
+  });
   if (node) {
     torch::autograd::set_history(y, node);
     auto& s = node->saved;
