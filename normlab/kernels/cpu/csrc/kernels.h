@@ -444,12 +444,13 @@ NORMLAB_INLINE BwdRow bwd_row(const NormBwdArgs& a, int64_t i) {
   }
 }
 
-// One step of a row's columns: dx written, and dy, x̂ returned for the weight-gradient partials.
+// A row's constants, broadcast.
 struct BwdConsts {
   Vec vm, vrs, vcorr, vhx, vgx;
   explicit BwdConsts(const BwdRow& r) : vm(r.m), vrs(r.rs), vcorr(r.corr), vhx(r.hx), vgx(r.gx) {}
 };
 
+// One step of a row's columns: dx written, and dy, x̂ returned for the weight-gradient partials.
 template <typename T, bool LAYER, bool DSUM, typename C>
 NORMLAB_INLINE void bwd_step(const NormBwdArgs& a, const BwdConsts& k, int64_t row, int64_t j, C c, const Vec& w0,
                              const Vec& w1, bool projected, Vec& d0, Vec& d1, Vec& h0, Vec& h1) {
