@@ -8,6 +8,7 @@ library, the lowest level first; ops.cpp picks one at load time from the CPU. In
 
 import os
 import platform
+from concurrent.futures import ThreadPoolExecutor
 
 from setuptools import setup
 
@@ -34,16 +35,21 @@ sanitize = os.environ.get("NORMLAB_SANITIZE") == "1"
 
 
 class BuildWithIsaLevels(BuildExtension):
-    """Compiles each ISA build of the kernels with its own flags, then links them after ops.cpp."""
+    """Compiles each ISA build of the kernels with its own flags, side by side (each in its own folder, where
+    torch's ninja writes its build file), then links them after ops.cpp."""
 
     def build_extension(self, ext):
         base = ext.extra_compile_args["cxx"]
-        objects = []
-        for source, flags in ISA_BUILDS:
-            objects += self.compiler.compile(
-                [source], output_dir=self.build_temp, macros=ext.define_macros, include_dirs=ext.include_dirs,
-                extra_postargs={"cxx": base + flags},
+
+        def compile_isa(build):
+            source, flags = build
+            return self.compiler.compile(
+                [source], output_dir=os.path.join(self.build_temp, os.path.basename(source)[:-4]),
+                macros=ext.define_macros, include_dirs=ext.include_dirs, extra_postargs={"cxx": base + flags},
             )
+
+        with ThreadPoolExecutor(len(ISA_BUILDS)) as pool:
+            objects = [obj for objs in pool.map(compile_isa, ISA_BUILDS) for obj in objs]
         ext.extra_objects = objects + list(ext.extra_objects or [])
         super().build_extension(ext)
 
