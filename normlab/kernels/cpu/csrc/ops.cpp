@@ -1008,7 +1008,7 @@ std::tuple<Tensor, Tensor, Tensor> gated_rms_norm_backward_composite(const Tenso
   if (weight) {
     dw = at::where(dyf == 0, at::zeros({}, dyf.options()), u * xhat).reshape({-1, n}).sum(0).to(weight->scalar_type());
   }
-  return {dx.to(x.scalar_type()), dz.defined() ? dz.to(gate->scalar_type()) : dz, dw};
+  return {dx.to(x.scalar_type()), cast(dz, gate->scalar_type()), dw};
 }
 
 using GatedFwdSig = std::tuple<Tensor, Tensor>(const Tensor&, const OptTensor&, const OptTensor&, double, int64_t, bool,
