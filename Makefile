@@ -32,7 +32,8 @@ test-sanitize: $(STAMP)
 	LD_PRELOAD="$$($(CXX) -print-file-name=libasan.so) $$($(CXX) -print-file-name=libubsan.so)" \
 	ASAN_OPTIONS=detect_leaks=0 UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 \
 	$(PY) -m pytest -q -p no:randomly tests/kernels/test_cpu_kernels.py tests/kernels/test_cpu_gated_rms_norm.py \
-		tests/ops/test_rms_norm.py tests/ops/test_layer_norm.py tests/ops/test_dyt.py tests/ops/test_gated_rms_norm.py
+		tests/kernels/test_cpu_fronts.py tests/ops/test_fronts.py tests/ops/test_rms_norm.py tests/ops/test_layer_norm.py \
+		tests/ops/test_dyt.py tests/ops/test_gated_rms_norm.py
 
 study: $(STAMP)
 	$(VENV)/bin/normlab study

@@ -58,7 +58,7 @@ ext_modules = []
 if platform.machine().lower() in ("x86_64", "amd64"):
     ext_modules.append(CppExtension(
         "normlab.kernels.cpu._C",
-        [f"{CSRC}/ops.cpp"],
+        [f"{CSRC}/ops.cpp", f"{CSRC}/front.cpp"],
         extra_compile_args={"cxx": COMMON + (SANITIZE + ["-O1", "-DNORMLAB_SANITIZE"] if sanitize else [])},
         extra_link_args=["-fopenmp"] + (SANITIZE if sanitize else []),
     ))

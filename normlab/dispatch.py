@@ -46,6 +46,7 @@ class _Backend:
     name: str
     kernels: dict[str, Callable] = field(default_factory=dict)
     supports: Supports | None = None
+    fronts: dict[str, Callable] = field(default_factory=dict)
 
     def serves(self, op: str) -> bool:
         """Whether it has the op itself (a native operator) or its ``op_fwd`` kernel."""
@@ -209,6 +210,31 @@ def native_for(op: str, key: tuple, x: torch.Tensor, requested: str | None = Non
     except KeyError:
         found = _decisions[full] = _direct(native(select(op, x, requested, **options), op))
         return found
+
+
+def register_front(backend: str, op: str, fn: Callable) -> None:
+    """Register ``fn`` as ``backend``'s front for ``op``'s common call: it takes the op's arguments as the op front
+    passes them and returns the output, or None for a call it does not plainly serve (the op front's checks then
+    take it). It takes only calls that the backend's ``supports`` serves on the backend's devices of
+    :data:`DEFAULT_DEVICES`, which are the calls :func:`select` gives it when none is asked for."""
+    _registry.setdefault(_check_name(backend), _Backend(backend)).fronts[op] = fn
+
+
+def front(op: str, requested: str | None = None) -> Callable | None:
+    """The front (:func:`register_front`) for ``op`` of the backend this call asks for, or without a request, of
+    the cpu backend; None if it has none (or while torch.compile traces, which calls the operators themselves)."""
+    if _is_dynamo_compiling():
+        return None
+    if requested is None:
+        stack = _local.stack
+        requested = stack[-1] if stack else _environ_data.get(_ENV_KEY)
+    entry = _registry.get(_FRONT_OWNERS.get(requested))
+    return None if entry is None else entry.fronts.get(op)
+
+
+#: Whose front serves a call, by what it asks for: the call's, a block's or the environment's (bytes) backend name;
+#: nothing, the cpu backend (the fronts take only their backend's default devices, and cpu's is the CPU).
+_FRONT_OWNERS = {None: "cpu", **{key: name for name in KNOWN_BACKENDS for key in (name, os.fsencode(name))}}
 
 
 def _direct(fn: Callable | None) -> Callable | None:

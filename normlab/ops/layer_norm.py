@@ -236,7 +236,11 @@ def layer_norm(
     Mirrors ``torch.nn.functional.layer_norm`` (biased variance). ``out=`` writes into a preallocated
     tensor (inference only, like torch).
     """
-    # the common call, plainly valid: no other check, rows along the last dim as they are
+    # the common call: a backend's own front checks and computes it (None: not plainly one it serves)
+    front = dispatch.front("layer_norm", backend) if out is None else None
+    if front is not None and (y := front(input, normalized_shape, weight, bias, eps)) is not None:
+        return y
+    # the common call of a backend without a front, plainly valid: no other check, rows along the last dim as they are
     key = plain_rows(input, normalized_shape, weight, bias) if out is None and type(eps) is float else None
     if key is not None and 0.0 < eps < _INF:
         op = dispatch.cached_native("layer_norm", key, backend)
@@ -268,7 +272,11 @@ def add_layer_norm(
 ) -> tuple[Tensor, Tensor]:
     """Fused residual add + LayerNorm: ``s = input + residual`` (stored in ``residual_dtype``, default the
     input dtype), returns ``(layer_norm(s), s)`` — one read of each input, one write of each output."""
-    # the common call, plainly valid: the residual like the input, the sum in the input's dtype
+    # the common call: a backend's own front checks and computes it (None: not plainly one it serves)
+    front = dispatch.front("add_layer_norm", backend) if residual_dtype is None else None
+    if front is not None and (pair := front(input, residual, normalized_shape, weight, bias, eps)) is not None:
+        return pair
+    # the common call of a backend without a front, plainly valid: the residual like the input, the sum in its dtype
     key = (
         plain_rows(input, normalized_shape, weight, bias, None, residual)
         if type(eps) is float and residual_dtype is None else None

@@ -295,7 +295,11 @@ def rms_norm(
     Mirrors ``torch.nn.functional.rms_norm``; ``casting``, ``offset`` and ``partial`` are described in
     the module docstring. ``out=`` writes into a preallocated tensor (inference only, like torch).
     """
-    # the common call, plainly valid: no other check, rows along the last dim as they are
+    # the common call: a backend's own front checks and computes it (None: not plainly one it serves)
+    front = dispatch.front("rms_norm", backend) if out is None and partial is None else None
+    if front is not None and (y := front(input, normalized_shape, weight, eps, casting, offset)) is not None:
+        return y
+    # the common call of a backend without a front, plainly valid: no other check, rows along the last dim as they are
     key = (
         plain_rows(input, normalized_shape, weight, None, (casting, offset))
         if out is None and partial is None and _plain_options(eps, casting, offset) else None
@@ -336,7 +340,13 @@ def add_rms_norm(
 ) -> tuple[Tensor, Tensor]:
     """Fused residual add + RMSNorm: ``s = input + residual`` (stored in ``residual_dtype``, default the
     input dtype), returns ``(rms_norm(s), s)`` — one read of each input, one write of each output."""
-    # the common call, plainly valid: the residual like the input, the sum in the input's dtype
+    # the common call: a backend's own front checks and computes it (None: not plainly one it serves)
+    front = dispatch.front("add_rms_norm", backend) if residual_dtype is None and partial is None else None
+    if front is not None and (
+        pair := front(input, residual, normalized_shape, weight, eps, casting, offset)
+    ) is not None:
+        return pair
+    # the common call of a backend without a front, plainly valid: the residual like the input, the sum in its dtype
     key = (
         plain_rows(input, normalized_shape, weight, None, (casting, offset), residual)
         if residual_dtype is None and partial is None and _plain_options(eps, casting, offset) else None

@@ -24,18 +24,20 @@ from normlab import dispatch
 from normlab.kernels import contract
 
 
-def _load_extension() -> None:
-    """Import the built extension, which registers the ``torch.ops.normlab`` operators; ``NORMLAB_CPU_EXTENSION``
-    names another build of it (the sanitizer run's)."""
+def _load_extension():
+    """Import the built extension, which registers the ``torch.ops.normlab`` operators and holds the ops' fronts;
+    ``NORMLAB_CPU_EXTENSION`` names another build of it (the sanitizer run's)."""
     path = os.environ.get("NORMLAB_CPU_EXTENSION")
     if not path:
-        from normlab.kernels.cpu import _C  # noqa: F401
-        return
+        from normlab.kernels.cpu import _C
+        return _C
     spec = importlib.util.spec_from_file_location("normlab.kernels.cpu._C", path)
-    spec.loader.exec_module(importlib.util.module_from_spec(spec))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
-_load_extension()
+_C = _load_extension()
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 #: Rows per weight-gradient partial (ops.cpp): fixed, never the thread count; the partials are added in chunk order.
@@ -157,3 +159,6 @@ def gated_rms_norm_bwd(dy, x, gate, weight, rstd, group_size, norm_before_gate, 
 dispatch.register_kernels("cpu", sys.modules[__name__], supports=supports, names=contract.kernels())
 # the native operators, the whole ops with their autograd among them (normlab.dispatch.native)
 dispatch.register_kernels("cpu", _ops, supports=supports, names=contract.native_ops())
+# the fronts of the common calls (csrc/front.cpp): checks and the operator's call in one step
+for _name in ("layer_norm", "add_layer_norm", "rms_norm", "add_rms_norm"):
+    dispatch.register_front("cpu", _name, getattr(_C, _name))

@@ -19,14 +19,13 @@
 #include <string>
 #include <vector>
 
+#include "ops.h"
 #include "table.h"
 
 namespace normlab::cpu {
 namespace {
 
-using at::Tensor;
 using torch::autograd::variable_list;
-using OptTensor = std::optional<Tensor>;
 
 // ---- the ISA build in use -----------------------------------------------------------------------------
 std::vector<const KernelTable*> supported_tables() {
@@ -567,24 +566,6 @@ std::tuple<Tensor, Tensor, Tensor> layer_norm_backward_composite(const Tensor& d
 }
 
 // ---- autograd -------------------------------------------------------------------------------------------------
-// A typed handle to one of this library's ops, looked up once.
-#define NORMLAB_OP(name, sig) \
-  ([]() -> auto& { static auto op = c10::Dispatcher::singleton().findSchemaOrThrow("normlab::" name, "").typed<sig>(); return op; }())
-
-using RmsFwdSig = std::tuple<Tensor, Tensor>(const Tensor&, const OptTensor&, double, c10::string_view, double, int64_t);
-using RmsBwdSig = std::tuple<Tensor, Tensor>(const Tensor&, const Tensor&, const OptTensor&, const Tensor&, double,
-                                             int64_t, const OptTensor&, bool);
-using AddRmsSig = std::tuple<Tensor, Tensor, Tensor>(const Tensor&, const Tensor&, const OptTensor&, double,
-                                                     c10::string_view, double, int64_t, at::ScalarType);
-using LnFwdSig = std::tuple<Tensor, Tensor, Tensor>(const Tensor&, const OptTensor&, const OptTensor&, double);
-using LnBwdSig = std::tuple<Tensor, Tensor, Tensor>(const Tensor&, const Tensor&, const OptTensor&, const Tensor&,
-                                                    const Tensor&, const OptTensor&, bool, bool);
-using AddLnSig = std::tuple<Tensor, Tensor, Tensor, Tensor>(const Tensor&, const Tensor&, const OptTensor&,
-                                                            const OptTensor&, double, at::ScalarType);
-using DytFwdSig = Tensor(const Tensor&, const Tensor&, const OptTensor&, const OptTensor&);
-using DytBwdSig = std::tuple<Tensor, Tensor, Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&,
-                                                             const OptTensor&, bool, bool);
-
 // One autograd node per differentiable call, recorded as torch's own ops record theirs: the saved tensors and
 // options as typed fields (no context map), the next edges collected once, the backward op called from apply().
 // A call that needs no gradient records nothing.
@@ -1119,10 +1100,3 @@ TORCH_LIBRARY_IMPL(normlab, Autograd, m) {
 }
 
 }  // namespace normlab::cpu
-
-// An importable module (normlab.kernels.cpu._C): importing it runs the registrations above.
-#include <Python.h>
-PyMODINIT_FUNC PyInit__C(void) {
-  static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
-  return PyModule_Create(&module);
-}
