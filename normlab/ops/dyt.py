@@ -127,7 +127,11 @@ def dyt(
     backend: str | None = None,
 ) -> Tensor:
     """DyT: ``y = weight · tanh(alpha · input) + bias``, weight/bias over the trailing dims of their shape."""
-    # the common call, plainly valid: the module's scalar alpha and vectors of the last dim
+    # the common call: a backend's own front checks and computes it (None: not plainly one it serves)
+    front = dispatch.front("dyt", backend)
+    if front is not None and (y := front(input, alpha, weight, bias)) is not None:
+        return y
+    # the common call of a backend without a front, plainly valid: the module's scalar alpha, vectors of the last dim
     key = (
         plain_rows(input, weight.shape, weight, bias, (alpha.dtype, alpha.device))
         if isinstance(weight, Tensor) and isinstance(alpha, Tensor) and alpha.numel() == 1 else None

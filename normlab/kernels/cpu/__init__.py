@@ -160,5 +160,5 @@ dispatch.register_kernels("cpu", sys.modules[__name__], supports=supports, names
 # the native operators, the whole ops with their autograd among them (normlab.dispatch.native)
 dispatch.register_kernels("cpu", _ops, supports=supports, names=contract.native_ops())
 # the fronts of the common calls (csrc/front.cpp): checks and the operator's call in one step
-for _name in ("layer_norm", "add_layer_norm", "rms_norm", "add_rms_norm"):
+for _name in ("layer_norm", "add_layer_norm", "rms_norm", "add_rms_norm", "dyt"):
     dispatch.register_front("cpu", _name, getattr(_C, _name))

@@ -1,11 +1,11 @@
-// The Python entry points of the common call (normlab.kernels.cpu._C.layer_norm and its twins): an op front
-// (normlab/ops/*.py) hands its arguments over as they came, and gets the output, or None when the call is not
-// plainly one this backend serves. Plainly: every tensor an exact torch.Tensor or nn.Parameter, strided, on the
-// CPU; the input non-empty, fp32/bf16/fp16, its last dim the int (or 1-tuple of an int) normalized_shape; a
-// weight or bias None or a vector of that size in the input's dtype (or fp32 for a half input); a residual of
-// the input's shape and dtype; eps a finite float > 0 (or None for RMSNorm); no __torch_function__ mode and no
-// torch.func transform active. Anything else is None, and the front's Python checks take the call: they raise
-// the errors. The op is called as torch's own bindings call theirs: through the dispatcher, without the GIL.
+// The module _C and its fronts of the common call, one per op family: an op front (normlab/ops/*.py) hands its
+// arguments over as they came and gets the output, or None when the call is not plainly one this backend serves.
+// Plainly: every tensor an exact torch.Tensor or nn.Parameter, strided, on the CPU; the input non-empty,
+// fp32/bf16/fp16, its last dim the int (or 1-tuple of an int) normalized_shape; a weight or bias None or a vector
+// of that size in the input's dtype (or fp32 for a half input); a residual of the input's shape and dtype; eps a
+// finite float > 0 (or None for RMSNorm); DyT's alpha one element and its weight there; no __torch_function__
+// mode and no torch.func transform active. For anything else the op file's Python checks take the call, and raise
+// the errors. The operator is called as torch's bindings call theirs: through the dispatcher, without the GIL.
 
 #include <ATen/PythonTorchFunctionTLS.h>
 #include <c10/core/impl/LocalDispatchKeySet.h>
@@ -64,14 +64,17 @@ const Tensor* plain_input(PyObject* obj, PyObject* shape) {
   return n == x.size(-1) ? &x : nullptr;
 }
 
-// A weight or bias: None, or a vector of the row's size in the input's dtype (or fp32 for a half input).
+// A parameter's dtype: the input's, or fp32 for a bf16/fp16 input (master weights).
+bool param_dtype_ok(at::ScalarType param, at::ScalarType input) {
+  return param == input || (param == at::kFloat && (input == at::kBFloat16 || input == at::kHalf));
+}
+
+// A weight or bias: None, or a vector of the row's size in a parameter's dtype.
 bool plain_param(PyObject* obj, const Tensor& x, OptTensor& param) {
   if (obj == Py_None) return true;
   if (!plain_tensor(obj)) return false;
   const Tensor& p = THPVariable_Unpack(obj);
-  const at::ScalarType t = p.scalar_type();
-  if (p.dim() != 1 || p.size(0) != x.size(-1) || (t != x.scalar_type() && !(t == at::kFloat && x.scalar_type() != at::kFloat)))
-    return false;
+  if (p.dim() != 1 || p.size(0) != x.size(-1) || !param_dtype_ok(p.scalar_type(), x.scalar_type())) return false;
   param = p;
   return true;
 }
@@ -219,6 +222,27 @@ PyObject* add_rms_norm_front(PyObject*, PyObject* const* args, Py_ssize_t nargs)
   END_HANDLE_TH_ERRORS
 }
 
+// dyt(input, alpha, weight, bias) -> y | None; the weight a vector of the last dim, alpha a one-element tensor
+PyObject* dyt_front(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
+  HANDLE_TH_ERRORS
+  if (!count_is("dyt", nargs, 4)) return nullptr;
+  if (!plain_tensor(args[0]) || !plain_tensor(args[1]) || !plain_tensor(args[2])) Py_RETURN_NONE;
+  const Tensor& x = THPVariable_Unpack(args[0]);
+  const Tensor& alpha = THPVariable_Unpack(args[1]);
+  OptTensor weight, bias;
+  if (x.dim() == 0 || !served_dtype(x.scalar_type()) || x.numel() == 0 || alpha.numel() != 1 ||
+      !param_dtype_ok(alpha.scalar_type(), x.scalar_type()) || !plain_param(args[2], x, weight) ||
+      !plain_param(args[3], x, bias) || modes_or_transforms_active())
+    Py_RETURN_NONE;
+  Tensor y;
+  {
+    pybind11::gil_scoped_release no_gil;
+    y = NORMLAB_OP("dyt", DytFwdSig).call(x, alpha, weight, bias);
+  }
+  return wrap(std::move(y));
+  END_HANDLE_TH_ERRORS
+}
+
 template <PyObject* (*front)(PyObject*, PyObject* const*, Py_ssize_t)>
 PyCFunction fastcall() {
   return reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(front));
@@ -233,6 +257,7 @@ PyMethodDef methods[] = {
      "rms_norm(input, normalized_shape, weight, eps, casting, offset) -> y, or None"},
     {"add_rms_norm", fastcall<add_rms_norm_front>(), METH_FASTCALL,
      "add_rms_norm(input, residual, normalized_shape, weight, eps, casting, offset) -> (y, s), or None"},
+    {"dyt", fastcall<dyt_front>(), METH_FASTCALL, "dyt(input, alpha, weight, bias) -> y, or None"},
     {nullptr, nullptr, 0, nullptr},
 };
 
