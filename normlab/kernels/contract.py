@@ -307,10 +307,19 @@ def dyt(input: Tensor, alpha: Tensor, weight: Tensor | None, bias: Tensor | None
 
 
 @native("dyt")
+def dyt_forward(input: Tensor, alpha: Tensor, weight: Tensor | None, bias: Tensor | None) -> tuple[Tensor, Tensor]:
+    """The forward of a call that records a node: ``(y, tanh)``, ``y`` as :func:`dyt`'s and ``tanh = tanh(alpha ·
+    input)`` in fp32, which the backward takes instead of computing it again."""
+    return _like(input), _like(input, torch.float32)
+
+
+@native("dyt")
 def dyt_backward(
-    grad: Tensor, input: Tensor, alpha: Tensor, weight: Tensor | None, weight_grad: bool, bias_grad: bool
+    grad: Tensor, input: Tensor, alpha: Tensor, weight: Tensor | None, weight_grad: bool, bias_grad: bool,
+    tanh: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """``(dx, dalpha, dw, db)``: ``dalpha`` of alpha's shape and dtype, ``dw`` in the weight's dtype when
-    ``weight_grad``, ``db`` ``(n,)`` fp32 when ``bias_grad``, each else an empty fp32 placeholder."""
+    ``weight_grad``, ``db`` ``(n,)`` fp32 when ``bias_grad``, each else an empty fp32 placeholder. ``tanh`` is
+    :func:`dyt_forward`'s, or None (computed again: the same bits)."""
     db = input.new_empty(input.shape[-1] if bias_grad else 0, dtype=torch.float32)
     return _like(input), torch.empty_like(alpha), _native_grad(weight, weight_grad), db

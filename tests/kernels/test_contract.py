@@ -69,6 +69,7 @@ def _samples(dtype: torch.dtype, device: str, optional: bool) -> dict:
         "alpha": torch.tensor([0.7], device=device), "weight_grad": optional, "bias_grad": optional,
         "group_size": GROUP, "norm_before_gate": optional, "gate": r(ROWS, N, seed=8) if optional else None,
         "out": torch.empty_like(x), "residual_out": torch.empty_like(x, dtype=torch.float32),
+        "tanh": torch.tanh(0.7 * x.float()) if optional else None,
         **{name: t if optional else None for name, t in given.items()},
     }
 
@@ -154,7 +155,7 @@ def test_every_backend_follows_the_contract(backend):
 def test_the_contract_lists():
     """The lists the backends register from: every entry point once, by family."""
     assert contract.kernels("rms_norm") == ("rms_norm_fwd", "rms_norm_bwd", "add_rms_norm_fwd")
-    assert contract.native_ops("dyt") == ("dyt", "dyt_backward")
+    assert contract.native_ops("dyt") == ("dyt", "dyt_forward", "dyt_backward")
     assert contract.kernels("gated_rms_norm") == ("gated_rms_norm_fwd", "gated_rms_norm_bwd")
     assert contract.native_ops("gated_rms_norm") == ("gated_rms_norm", "gated_rms_norm_backward")
     assert set(contract.kernels()) | set(contract.native_ops()) == set(contract.ENTRY_POINTS)
@@ -193,12 +194,12 @@ def test_the_checker_rejects_a_backend_that_breaks_the_contract():
     entries = {
         "rms_norm_fwd": rms_norm_fwd, "rms_norm_bwd": rms_norm_bwd, "add_rms_norm_fwd": add_rms_norm_fwd,
         "layer_norm_bwd": layer_norm_bwd, "add_layer_norm_fwd": add_layer_norm_fwd,  # no layer_norm_fwd
-        "rms_norm_fast_fwd": rms_norm_fwd, "dyt": torch.ops.normlab_contract_test.dyt,  # no dyt_backward
+        "rms_norm_fast_fwd": rms_norm_fwd, "dyt": torch.ops.normlab_contract_test.dyt,  # no dyt_forward, dyt_backward
     }
     assert contract_problems(entries, supports) == {
         ("rms_norm_fwd", "signature"), ("add_rms_norm_fwd", "outputs"), ("layer_norm_fwd", "missing"),
         ("layer_norm_bwd", "signature"), ("add_layer_norm_fwd", "outputs"), ("rms_norm_fast_fwd", "unknown"),
-        ("dyt", "schema"), ("dyt_backward", "missing"), ("supports", "signature"),
+        ("dyt", "schema"), ("dyt_forward", "missing"), ("dyt_backward", "missing"), ("supports", "signature"),
     }
     # the same entry points as the contract states them pass
     right = {name: contract.stub(name) for name in contract.kernels("rms_norm", "layer_norm")}

@@ -606,6 +606,7 @@ def test_native_ops_pass_opcheck(dtype):
     torch.library.opcheck(ops.layer_norm, (x, w, b, 1e-5))
     torch.library.opcheck(ops.add_layer_norm, (x, r, w, None, 1e-5, dtype))
     torch.library.opcheck(ops.dyt, (x, torch.tensor(0.5), w, b))
+    torch.library.opcheck(ops.dyt_forward, (x, torch.tensor(0.5), w, None))
 
 
 def test_compiled_step_calls_the_native_ops():
@@ -633,7 +634,8 @@ def test_compiled_step_calls_the_native_ops():
     grads = torch.autograd.grad(out, (x, w, b, a))
     forward, backward = graphs
     native_forward = {
-        "normlab.add_rms_norm.default", "normlab.layer_norm.default", "normlab.rms_norm.default", "normlab.dyt.default"
+        "normlab.add_rms_norm.default", "normlab.layer_norm.default", "normlab.rms_norm.default",
+        "normlab.dyt_forward.default",  # a differentiated DyT's forward, which keeps tanh(αx) for the backward
     }
     native_backward = {
         "normlab.rms_norm_backward.default", "normlab.layer_norm_backward.default", "normlab.dyt_backward.default"
@@ -738,6 +740,49 @@ def test_node_computes_what_is_asked(name):
     for i, x in enumerate(inputs):
         (alone,) = _grads_of((x,), call())
         assert torch.equal(alone, full[i])
+
+
+@pytest.mark.parametrize("dtype", LOW)
+@pytest.mark.parametrize("n", ODD_N)
+def test_dyt_backward_from_the_kept_tanh_gives_the_recomputed_bits(dtype, n):
+    """A differentiated DyT keeps its forward's fp32 tanh(αx) (dyt_forward) and the backward takes it: the same
+    outputs and gradients, bit for bit, as the forward without it and the backward that computes tanh again."""
+    ops = torch.ops.normlab
+    x, dy = rand(5, n, dtype=dtype, mean=0.2), rand(5, n, dtype=dtype, seed=1)
+    a = torch.tensor([0.7], dtype=dtype)
+    w, b = rand(n, dtype=dtype, seed=2), rand(n, dtype=dtype, seed=3)
+    y, t = ops.dyt_forward(x, a, w, b)
+    assert torch.equal(y, ops.dyt(x, a, w, b)) and t.dtype == torch.float32 and t.shape == x.shape
+    torch.testing.assert_close(t, torch.tanh(a.float() * x.float()), rtol=1e-6, atol=1e-7)
+    for weight in (w, None):
+        kept = ops.dyt_backward(dy, x, a, weight, weight is not None, True, t)
+        again = ops.dyt_backward(dy, x, a, weight, weight is not None, True)
+        for got, want in zip(kept, again):
+            assert torch.equal(got, want)
+    with pytest.raises(RuntimeError, match="tanh must be the forward's fp32 tanh"):
+        ops.dyt_backward(dy, x, a, w, True, True, t.to(dtype) if dtype != torch.float32 else t[:1])
+
+
+def test_dyt_keeps_tanh_only_for_a_call_it_differentiates():
+    """Without a node to record, DyT computes y alone: no fp32 tanh is kept (no memory spent)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Calls(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.names = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.names.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    x, w, b = rand(4, 16), rand(16, seed=1), rand(16, seed=2)
+    a = torch.tensor([0.5], requires_grad=True)
+    for grad_wanted, expected in ((True, "normlab.dyt_forward.default"), (False, "normlab.dyt.default")):
+        with torch.set_grad_enabled(grad_wanted), Calls() as calls:
+            y = normlab.dyt(x, a, w, b)
+        assert expected in calls.names and (y.grad_fn is not None) == grad_wanted
+    assert "normlab.dyt_forward.default" not in calls.names
 
 
 @pytest.mark.parametrize("name", ["AddRmsNorm", "AddLayerNorm"])

@@ -584,6 +584,7 @@ void dyt_fwd_rows(const DytFwdArgs& a, int64_t begin, int64_t end) {
       load<T>(a.x, i * n + j, c, v0, v1);
       v0 = (va * v0).tanh();
       v1 = (va * v1).tanh();
+      if (a.tanh) IO<float>::store(a.tanh + i * n + j, c, v0, v1);
       if constexpr (W) {
         Vec w0, w1;
         IO<float>::load(a.w + j, c, w0, w1);
@@ -601,7 +602,7 @@ void dyt_fwd_rows(const DytFwdArgs& a, int64_t begin, int64_t end) {
   }
 }
 
-// t = tanh(αx), g = dy·w: dx = g·(1 − t²)·α; partials of Σ g·(1 − t²)·x, Σ_rows dy·t, Σ_rows dy.
+// t = tanh(αx) (the forward's, or computed again), g = dy·w: dx = g·(1 − t²)·α; partials of Σ g·(1 − t²)·x, Σ_rows dy·t, Σ_rows dy.
 template <typename T, bool W>
 void dyt_bwd_rows(const DytBwdArgs& a, int64_t begin, int64_t end) {
   const int64_t n = a.n;
@@ -614,16 +615,17 @@ void dyt_bwd_rows(const DytBwdArgs& a, int64_t begin, int64_t end) {
       Vec d[2], x[2];
       load<T>(a.dy, row + e, c, d[0], d[1]);
       load<T>(a.x, row + e, c, x[0], x[1]);
-      Vec w[2] = {one, one};
+      Vec w[2] = {one, one}, t[2];
       if constexpr (W) IO<float>::load(a.w + e, c, w[0], w[1]);
+      if (a.tanh) IO<float>::load(a.tanh + row + e, c, t[0], t[1]);
+      else t[0] = (va * x[0]).tanh(), t[1] = (va * x[1]).tanh();
       Vec dx[2];
       for (int h = 0; h < 2; ++h) {
-        const Vec t = (va * x[h]).tanh();
         const Vec g = W ? d[h] * w[h] : d[h];
-        const Vec dt = g * (one - t * t);
+        const Vec dt = g * (one - t[h] * t[h]);
         dx[h] = dt * va;
         q[0][h] = unless_zero(d[h], dt * x[h]);
-        x[h] = unless_zero(d[h], d[h] * t);  // reused: this element's dw term
+        x[h] = unless_zero(d[h], d[h] * t[h]);  // reused: this element's dw term
       }
       store<T>(a.dx, row + e, c, dx[0], dx[1]);
       Vec p0, p1;

@@ -475,27 +475,43 @@ float alpha_value(const Tensor& alpha) {
   return alpha.to(at::kFloat).item<float>();
 }
 
-Tensor dyt_cpu(const Tensor& input, const Tensor& alpha, const OptTensor& weight, const OptTensor& bias) {
+// y, and with `keep_tanh` tanh(αx) in fp32 for the backward (else an undefined tensor).
+std::tuple<Tensor, Tensor> dyt_impl(const Tensor& input, const Tensor& alpha, const OptTensor& weight,
+                                    const OptTensor& bias, bool keep_tanh) {
   check_rows(input, "input");
   const int64_t n = input.size(-1);
   check_param(weight, "weight", n);
   check_param(bias, "bias", n);
   const Tensor x = input.contiguous();
   Tensor y = at::empty_like(x, at::MemoryFormat::Contiguous);
+  Tensor t = keep_tanh ? at::empty_like(x, x.options().dtype(at::kFloat), at::MemoryFormat::Contiguous) : Tensor();
   const Tensor w = weight ? as_fp32(*weight) : Tensor(), b = bias ? as_fp32(*bias) : Tensor();
-  DytFwdArgs a{x.const_data_ptr(), y.data_ptr(), w.defined() ? w.const_data_ptr<float>() : nullptr,
-               b.defined() ? b.const_data_ptr<float>() : nullptr, alpha_value(alpha), n, dtype_of(x)};
+  DytFwdArgs a{x.const_data_ptr(), y.data_ptr(), keep_tanh ? t.data_ptr<float>() : nullptr,
+               w.defined() ? w.const_data_ptr<float>() : nullptr, b.defined() ? b.const_data_ptr<float>() : nullptr,
+               alpha_value(alpha), n, dtype_of(x)};
   const KernelTable& table = kernels();
   for_rows(x.numel() / n, n, [&](int64_t begin, int64_t end) { table.dyt_fwd(a, begin, end); });
-  return y;
+  return {y, t};
+}
+
+Tensor dyt_cpu(const Tensor& input, const Tensor& alpha, const OptTensor& weight, const OptTensor& bias) {
+  return std::get<0>(dyt_impl(input, alpha, weight, bias, false));
+}
+
+std::tuple<Tensor, Tensor> dyt_forward_cpu(const Tensor& input, const Tensor& alpha, const OptTensor& weight,
+                                           const OptTensor& bias) {
+  return dyt_impl(input, alpha, weight, bias, true);
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor> dyt_backward_cpu(const Tensor& grad, const Tensor& input,
                                                             const Tensor& alpha, const OptTensor& weight,
-                                                            bool weight_grad, bool bias_grad) {
+                                                            bool weight_grad, bool bias_grad, const OptTensor& tanh) {
   check_rows(input, "input");
   TORCH_CHECK(grad.sizes() == input.sizes() && grad.scalar_type() == input.scalar_type(),
               "grad must have the input's shape and dtype");
+  TORCH_CHECK(!tanh || (tanh->sizes() == input.sizes() && tanh->scalar_type() == at::kFloat && tanh->is_cpu()),
+              "tanh must be the forward's fp32 tanh(alpha * input), of the input's shape");
+  const Tensor t = tanh ? tanh->contiguous() : Tensor();
   const int64_t n = input.size(-1), rows = input.numel() / n;
   check_param(weight, "weight", n);
   const Tensor x = input.contiguous(), dy = grad.contiguous();
@@ -507,7 +523,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> dyt_backward_cpu(const Tensor& grad, 
   std::vector<float> pa(slots);
   Tensor dw = weight_grad ? at::zeros({n}, f32) : at::empty({0}, f32), db = bias_grad ? at::zeros({n}, f32) : at::empty({0}, f32);
   float dalpha_sum = 0.f;
-  DytBwdArgs a{dy.const_data_ptr(), x.const_data_ptr(), dx.data_ptr(), w.defined() ? w.const_data_ptr<float>() : nullptr,
+  DytBwdArgs a{dy.const_data_ptr(), x.const_data_ptr(), t.defined() ? t.const_data_ptr<float>() : nullptr,
+               dx.data_ptr(), w.defined() ? w.const_data_ptr<float>() : nullptr,
                alpha_value(alpha), nullptr, nullptr, nullptr, n, dtype_of(x)};
   const KernelTable& table = kernels();
   float *pw0 = pw.defined() ? pw.data_ptr<float>() : nullptr, *pb0 = pb.defined() ? pb.data_ptr<float>() : nullptr;
@@ -731,13 +748,14 @@ struct AddLayerNormSaved {
 
 struct DytSaved {
   static constexpr const char* name = "normlab::DytBackward";
-  SavedVariable input, alpha, weight;
+  SavedVariable input, alpha, weight, tanh;  // tanh: the forward's fp32 tanh(αx), so the backward has none to compute
   bool has_bias = false;
   at::ScalarType bias_dtype = at::kFloat;
   void release() {
     input.reset_data();
     alpha.reset_data();
     weight.reset_data();
+    tanh.reset_data();
   }
   variable_list backward(const torch::autograd::Node& node, const variable_list& grads) const {
     const Tensor& dy = grads[0];
@@ -759,7 +777,7 @@ struct DytSaved {
     auto [dx, dalpha, dw, db] =
         NORMLAB_OP("dyt_backward", DytBwdSig)
             .call(dy, x, a, w, w.has_value() && node.task_should_compute_output(2),
-                  has_bias && node.task_should_compute_output(3));
+                  has_bias && node.task_should_compute_output(3), saved_opt(tanh.unpack()));
     return {dx, dalpha, grad_or_none(dw), cast(grad_or_none(db), bias_dtype)};
   }
 };
@@ -846,13 +864,13 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> add_layer_norm_autograd(const Tensor&
 
 Tensor dyt_autograd(const Tensor& input, const Tensor& alpha, const OptTensor& weight, const OptTensor& bias) {
   auto node = node_for<DytSaved>("dyt", input, alpha, weight, bias);
-  Tensor y = below_autograd([&] {
-    return NORMLAB_OP("dyt", DytFwdSig).call(input, alpha, weight, bias);
-  });
-  if (node) {
+  if (!node) return below_autograd([&] { return NORMLAB_OP("dyt", DytFwdSig).call(input, alpha, weight, bias); });
+  auto [y, t] = below_autograd([&] { return NORMLAB_OP("dyt_forward", DytTrainSig).call(input, alpha, weight, bias); });
+  {
     torch::autograd::set_history(y, node);
     auto& s = node->saved;
     s.input = SavedVariable(input, false);
+    s.tanh = SavedVariable(t, false);
     s.alpha = SavedVariable(alpha, false);
     s.weight = save(weight);
     s.has_bias = bias.has_value();
@@ -1064,7 +1082,9 @@ TORCH_LIBRARY(normlab, m) {
   m.def("add_layer_norm(Tensor input, Tensor residual, Tensor? weight, Tensor? bias, float eps, "
         "ScalarType residual_dtype) -> (Tensor, Tensor, Tensor, Tensor)");
   m.def("dyt(Tensor input, Tensor alpha, Tensor? weight, Tensor? bias) -> Tensor");
-  m.def("dyt_backward(Tensor grad, Tensor input, Tensor alpha, Tensor? weight, bool weight_grad, bool bias_grad) "
+  m.def("dyt_forward(Tensor input, Tensor alpha, Tensor? weight, Tensor? bias) -> (Tensor, Tensor)");
+  m.def("dyt_backward(Tensor grad, Tensor input, Tensor alpha, Tensor? weight, bool weight_grad, bool bias_grad, "
+        "Tensor? tanh=None) "
         "-> (Tensor, Tensor, Tensor, Tensor)");
   m.def("gated_rms_norm(Tensor input, Tensor? gate, Tensor? weight, float eps, int group_size, bool norm_before_gate, "
         "str casting, float offset) -> (Tensor, Tensor)");
@@ -1085,6 +1105,7 @@ TORCH_LIBRARY_IMPL(normlab, CPU, m) {
   m.impl("layer_norm_into", &layer_norm_into_cpu);
   m.impl("add_layer_norm", &add_layer_norm_cpu);
   m.impl("dyt", &dyt_cpu);
+  m.impl("dyt_forward", &dyt_forward_cpu);
   m.impl("dyt_backward", &dyt_backward_cpu);
   m.impl("gated_rms_norm", &gated_rms_norm_cpu);
   m.impl("gated_rms_norm_backward", &gated_rms_norm_backward_cpu);

@@ -28,7 +28,8 @@ using LnBwdSig = std::tuple<Tensor, Tensor, Tensor>(const Tensor&, const Tensor&
 using AddLnSig = std::tuple<Tensor, Tensor, Tensor, Tensor>(const Tensor&, const Tensor&, const OptTensor&,
                                                             const OptTensor&, double, at::ScalarType);
 using DytFwdSig = Tensor(const Tensor&, const Tensor&, const OptTensor&, const OptTensor&);
+using DytTrainSig = std::tuple<Tensor, Tensor>(const Tensor&, const Tensor&, const OptTensor&, const OptTensor&);
 using DytBwdSig = std::tuple<Tensor, Tensor, Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&,
-                                                             const OptTensor&, bool, bool);
+                                                             const OptTensor&, bool, bool, const OptTensor&);
 
 }  // namespace normlab::cpu

@@ -47,6 +47,7 @@ struct NormBwdArgs {
 struct DytFwdArgs {
   const void* x;       // (rows, n), dtype t; y the same
   void* y;
+  float* tanh;         // (rows, n) fp32: tanh(αx) kept for the backward, or null
   const float* w;      // n fp32 values or null
   const float* b;      // n fp32 values or null
   float alpha;
@@ -57,6 +58,7 @@ struct DytFwdArgs {
 struct DytBwdArgs {
   const void* dy;
   const void* x;
+  const float* tanh;   // the forward's tanh(αx), or null: computed again
   void* dx;
   const float* w;      // or null
   float alpha;
