@@ -14,7 +14,8 @@
 #include <torch/csrc/utils/pybind.h>
 
 #include <cmath>
-#include <cstring>
+#include <tuple>
+#include <type_traits>
 
 #include "ops.h"
 
@@ -140,6 +141,20 @@ PyObject* wrap_pair(Tensor a, Tensor b) {
   return pair;
 }
 
+// `call()` (the operator) without the GIL, as torch's bindings run theirs; its output, or its two, for Python.
+template <class Call>
+PyObject* released(Call&& call) {
+  auto outputs = [&] {
+    pybind11::gil_scoped_release no_gil;
+    return call();
+  }();
+  if constexpr (std::is_same_v<decltype(outputs), Tensor>) {
+    return wrap(std::move(outputs));
+  } else {
+    return wrap_pair(std::move(std::get<0>(outputs)), std::move(std::get<1>(outputs)));
+  }
+}
+
 // layer_norm(input, normalized_shape, weight, bias, eps) -> y | None
 PyObject* layer_norm_front(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   HANDLE_TH_ERRORS
@@ -150,12 +165,7 @@ PyObject* layer_norm_front(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   if (!x || !plain_param(args[2], *x, weight) || !plain_param(args[3], *x, bias) || !plain_eps(args[4], eps) ||
       modes_or_transforms_active())
     Py_RETURN_NONE;
-  Tensor y;
-  {
-    pybind11::gil_scoped_release no_gil;
-    y = std::get<0>(NORMLAB_OP("layer_norm", LnFwdSig).call(*x, weight, bias, eps));
-  }
-  return wrap(std::move(y));
+  return released([&] { return std::get<0>(NORMLAB_OP("layer_norm", LnFwdSig).call(*x, weight, bias, eps)); });
   END_HANDLE_TH_ERRORS
 }
 
@@ -170,13 +180,11 @@ PyObject* add_layer_norm_front(PyObject*, PyObject* const* args, Py_ssize_t narg
   if (!residual || !plain_param(args[3], *x, weight) || !plain_param(args[4], *x, bias) ||
       !plain_eps(args[5], eps) || modes_or_transforms_active())
     Py_RETURN_NONE;
-  Tensor y, sum;
-  {
-    pybind11::gil_scoped_release no_gil;
-    std::tie(y, sum, std::ignore, std::ignore) =
-        NORMLAB_OP("add_layer_norm", AddLnSig).call(*x, *residual, weight, bias, eps, x->scalar_type());
-  }
-  return wrap_pair(std::move(y), std::move(sum));
+  return released([&] {
+    auto [y, sum, mean, rstd] = NORMLAB_OP("add_layer_norm", AddLnSig).call(*x, *residual, weight, bias, eps,
+                                                                              x->scalar_type());
+    return std::tuple{y, sum};
+  });
   END_HANDLE_TH_ERRORS
 }
 
@@ -191,12 +199,8 @@ PyObject* rms_norm_front(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   if (!x || !plain_param(args[2], *x, weight) || !plain_rms_options(args[3], args[4], args[5], eps, casting, offset) ||
       modes_or_transforms_active())
     Py_RETURN_NONE;
-  Tensor y;
-  {
-    pybind11::gil_scoped_release no_gil;
-    y = std::get<0>(NORMLAB_OP("rms_norm", RmsFwdSig).call(*x, weight, eps, casting, offset, x->size(-1)));
-  }
-  return wrap(std::move(y));
+  return released(
+      [&] { return std::get<0>(NORMLAB_OP("rms_norm", RmsFwdSig).call(*x, weight, eps, casting, offset, x->size(-1))); });
   END_HANDLE_TH_ERRORS
 }
 
@@ -212,13 +216,11 @@ PyObject* add_rms_norm_front(PyObject*, PyObject* const* args, Py_ssize_t nargs)
   if (!residual || !plain_param(args[3], *x, weight) ||
       !plain_rms_options(args[4], args[5], args[6], eps, casting, offset) || modes_or_transforms_active())
     Py_RETURN_NONE;
-  Tensor y, sum;
-  {
-    pybind11::gil_scoped_release no_gil;
-    std::tie(y, sum, std::ignore) = NORMLAB_OP("add_rms_norm", AddRmsSig)
-                                        .call(*x, *residual, weight, eps, casting, offset, x->size(-1), x->scalar_type());
-  }
-  return wrap_pair(std::move(y), std::move(sum));
+  return released([&] {
+    auto [y, sum, rstd] = NORMLAB_OP("add_rms_norm", AddRmsSig)
+                              .call(*x, *residual, weight, eps, casting, offset, x->size(-1), x->scalar_type());
+    return std::tuple{y, sum};
+  });
   END_HANDLE_TH_ERRORS
 }
 
@@ -234,12 +236,7 @@ PyObject* dyt_front(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
       !param_dtype_ok(alpha.scalar_type(), x.scalar_type()) || !plain_param(args[2], x, weight) ||
       !plain_param(args[3], x, bias) || modes_or_transforms_active())
     Py_RETURN_NONE;
-  Tensor y;
-  {
-    pybind11::gil_scoped_release no_gil;
-    y = NORMLAB_OP("dyt", DytFwdSig).call(x, alpha, weight, bias);
-  }
-  return wrap(std::move(y));
+  return released([&] { return NORMLAB_OP("dyt", DytFwdSig).call(x, alpha, weight, bias); });
   END_HANDLE_TH_ERRORS
 }
 
