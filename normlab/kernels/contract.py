@@ -150,10 +150,10 @@ def add_rms_norm_fwd(
 
 @native("rms_norm")
 def rms_norm(
-    input: Tensor, weight: Tensor | None, eps: float, casting: str, offset: float, k: int
+    input: Tensor, weight: Tensor | None, eps: float, casting: str, offset: float, k: int, bias: Tensor | None = None
 ) -> tuple[Tensor, Tensor]:
-    """The whole op, autograd included: ``(y, rstd)``, ``y`` of input's shape and dtype, ``rstd``
-    ``input.shape[:-1]`` fp32."""
+    """The whole op, autograd included: ``(y, rstd)``, ``y`` of input's shape and dtype (``+ bias`` when given,
+    rounded to it), ``rstd`` ``input.shape[:-1]`` fp32."""
     return _like(input), _stats(input)
 
 
@@ -168,10 +168,12 @@ def rms_norm_into(
 @native("rms_norm")
 def rms_norm_backward(
     grad: Tensor, input: Tensor, weight: Tensor | None, rstd: Tensor, offset: float, k: int,
-    grad_sum: Tensor | None, weight_grad: bool,
-) -> tuple[Tensor, Tensor]:
-    """``(dx, dw)``; ``dw`` in the weight's dtype when ``weight_grad``, else an empty fp32 placeholder."""
-    return _like(input), _native_grad(weight, weight_grad)
+    grad_sum: Tensor | None, weight_grad: bool, bias_grad: bool = False,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """``(dx, dw, db)``; ``dw`` in the weight's dtype when ``weight_grad``, ``db`` ``(n,)`` fp32 when ``bias_grad``,
+    each else an empty fp32 placeholder."""
+    db = input.new_empty(input.shape[-1] if bias_grad else 0, dtype=torch.float32)
+    return _like(input), _native_grad(weight, weight_grad), db
 
 
 @native("rms_norm")

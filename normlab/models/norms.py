@@ -24,12 +24,14 @@ import torch
 from torch import Tensor, nn
 
 from normlab.nn import BatchNorm, DyT, GroupNorm, LayerNorm, RMSNorm
+from normlab.nn._params import param
+from normlab.ops.rms_norm import rms_norm
 
 NORMS = ("layernorm", "rmsnorm", "batchnorm", "groupnorm", "dyt", "none")
 
 
 class RMSNormWithBias(RMSNorm):
-    """``y = RMSNorm(x) + b``: RMSNorm (same options) followed by a learnable shift ``b`` (init 0).
+    """``y = RMSNorm(x) + b``: RMSNorm (same options) followed by a learnable shift ``b`` (init 0), one fused op.
 
     Keys ``weight`` and ``bias`` match ``LayerNorm``'s, so a converted Pre-LN state_dict keeps its names.
     """
@@ -43,8 +45,10 @@ class RMSNormWithBias(RMSNorm):
         if getattr(self, "bias", None) is not None:
             nn.init.zeros_(self.bias)
 
-    def forward(self, x: Tensor) -> Tensor:
-        return super().forward(x) + self.bias
+    def forward(self, x: Tensor) -> Tensor:  # the shift fused into the norm where the backend has a native op
+        shape = x.shape[-1:] if self.normalized_shape is None else self.normalized_shape
+        return rms_norm(x, shape, param(self, "weight"), self.eps, casting=self.casting, offset=self.offset,
+                        partial=self.partial, bias=param(self, "bias"))
 
 
 class TokenGroupNorm(GroupNorm):

@@ -145,13 +145,22 @@ def rms_norm_bwd_ref(
 
 def rms_norm_reference(
     x: Tensor, normalized_shape: int | Sequence[int], weight: Tensor | None = None, eps: float | None = None,
-    *, casting: str = "llama", offset: float = 0.0, partial: float | None = None,
+    *, casting: str = "llama", offset: float = 0.0, partial: float | None = None, bias: Tensor | None = None,
 ) -> Tensor:
     """The spec, differentiable with plain autograd (no custom op): what every backend must match."""
     _shape, n = normalized_size(x, normalized_shape)
     x_rows, w, row_eps = rows(x, n), flat_param(weight, n), resolve_eps(eps, x.dtype)
     y, _ = rms_norm_fwd_ref(x_rows, w, row_eps, casting, float(offset), partial_size(n, partial))
-    return y.reshape(x.shape)
+    return add_bias(y, flat_param(bias, n)).reshape(x.shape)
+
+
+def add_bias(y: Tensor, bias: Tensor | None) -> Tensor:
+    """RMSNorm's optional shift: ``y + b`` added in the compute dtype and rounded to y's dtype (what ``y + b``
+    gives in torch when both are in y's dtype)."""
+    if bias is None:
+        return y
+    c = compute_dtype(y.dtype)
+    return (y.to(c) + bias.to(c)).to(y.dtype)
 
 
 def add_rms_norm_reference(
@@ -276,10 +285,23 @@ def _native_for(op: str, key: tuple, input: Tensor, backend: str | None, **tenso
     return dispatch.native_for(op, key, input, backend, **tensors, casting=casting, offset=offset, k=key[0])
 
 
-def _check(x, normalized_shape, weight, eps, casting, partial, offset):
+def _then_bias(fill, bias: Tensor | None):
+    """An ``out=`` filler (:func:`write_out`'s ``compute``), then the bias added in place (as :func:`add_bias`)."""
+    if bias is None:
+        return fill
+
+    def fill_and_shift(out_rows: Tensor) -> None:
+        fill(out_rows)
+        out_rows.add_(bias)
+
+    return fill_and_shift
+
+
+def _check(x, normalized_shape, weight, eps, casting, partial, offset, bias=None):
     check_input(x)
     shape, n = normalized_size(x, normalized_shape)
     check_param(weight, "weight", shape, x)
+    check_param(bias, "bias", shape, x)
     check_choice(casting, "casting mode", CASTING_MODES)
     check_offset(offset)
     return n, resolve_eps(eps, x.dtype), partial_size(n, partial)
@@ -287,50 +309,54 @@ def _check(x, normalized_shape, weight, eps, casting, partial, offset):
 
 def rms_norm(
     input: Tensor, normalized_shape: int | Sequence[int], weight: Tensor | None = None, eps: float | None = None,
-    *, casting: str = "llama", offset: float = 0.0, partial: float | None = None, backend: str | None = None,
-    out: Tensor | None = None,
+    *, casting: str = "llama", offset: float = 0.0, partial: float | None = None, bias: Tensor | None = None,
+    backend: str | None = None, out: Tensor | None = None,
 ) -> Tensor:
-    """RMSNorm over the trailing ``normalized_shape``: ``y = x / sqrt(mean(x²) + eps) * (offset + w)``.
+    """RMSNorm over the trailing ``normalized_shape``: ``y = x / sqrt(mean(x²) + eps) * (offset + w)``, plus
+    ``bias`` when given (``y + b``, rounded to the input's dtype; fused where the backend has a native op).
 
     Mirrors ``torch.nn.functional.rms_norm``; ``casting``, ``offset`` and ``partial`` are described in
     the module docstring. ``out=`` writes into a preallocated tensor (inference only, like torch).
     """
     # the common call: a backend's own front checks and computes it (None: not plainly one it serves)
     front = dispatch.front("rms_norm", backend) if out is None and partial is None else None
-    if front is not None and (y := front(input, normalized_shape, weight, eps, casting, offset)) is not None:
+    if front is not None and (y := front(input, normalized_shape, weight, eps, casting, offset, bias)) is not None:
         return y
     # the common call of a backend without a front, plainly valid: no other check, rows along the last dim as they are
     key = (
-        plain_rows(input, normalized_shape, weight, None, (casting, offset))
+        plain_rows(input, normalized_shape, weight, bias, (casting, offset))
         if out is None and partial is None and _plain_options(eps, casting, offset) else None
     )
     if key is not None:
         op = dispatch.cached_native("rms_norm", key, backend)
         if op is dispatch.UNDECIDED:
-            op = _native_for("rms_norm", key, input, backend, weight=weight)
+            op = _native_for("rms_norm", key, input, backend, weight=weight, bias=bias)
         if op is not None:
             n = key[0]
             eps = _DEFAULT_EPS[input.dtype] if eps is None else eps
-            return op(input, weight, eps, casting, offset if type(offset) is float else float(offset), n)[0]
+            return op(input, weight, eps, casting, offset if type(offset) is float else float(offset), n, bias)[0]
     weight = _upcast_half_weight(weight, input)
-    n, eps, k = _check(input, normalized_shape, weight, eps, casting, partial, offset)
-    x, w = row_view(input, n), flat_param(weight, n)
+    bias = _upcast_half_weight(bias, input)
+    n, eps, k = _check(input, normalized_shape, weight, eps, casting, partial, offset, bias)
+    x, w, b = row_view(input, n), flat_param(weight, n), flat_param(bias, n)
     name = (
-        dispatch.select("rms_norm", x, backend, weight=w, casting=casting, offset=offset, k=k)
+        dispatch.select("rms_norm", x, backend, weight=w, casting=casting, offset=offset, k=k,
+                        **({} if b is None else {"bias": b}))
         if x.numel() else dispatch.REFERENCE
     )
     op = dispatch.native(name, "rms_norm")
     if op is not None:  # rows made contiguous, autograd and all, in the backend's own operator
         if out is not None:
             into = dispatch.native(name, "rms_norm_into")
-            return write_out(out, input, n, lambda o: into(x, w, eps, casting, float(offset), k, o), weight)
-        return op(x, w, eps, casting, float(offset), k)[0].view(input.shape)
+            fill = lambda o: into(x, w, eps, casting, float(offset), k, o)
+            return write_out(out, input, n, _then_bias(fill, b), weight, bias)
+        return op(x, w, eps, casting, float(offset), k, b)[0].view(input.shape)
     x = x.contiguous()
     if out is not None:
         fill = forward_into(name, "rms_norm_fwd", rms_norm_fwd_ref, x, w, eps, casting, float(offset), k)
-        return write_out(out, input, n, fill, weight)
+        return write_out(out, input, n, _then_bias(fill, b), weight, bias)
     y, _ = _rms_norm_op(x, w, eps, casting, float(offset), k, name)
-    return y.reshape(input.shape)
+    return add_bias(y, b).reshape(input.shape)
 
 
 def add_rms_norm(

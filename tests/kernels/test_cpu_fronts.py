@@ -21,7 +21,7 @@ FRONT_OPS = ["layer_norm", "add_layer_norm", "rms_norm", "add_rms_norm", "dyt"]
 ORDER = {  # each front's positional arguments, as the op files pass them
     "layer_norm": ("input", "normalized_shape", "weight", "bias", "eps"),
     "add_layer_norm": ("input", "residual", "normalized_shape", "weight", "bias", "eps"),
-    "rms_norm": ("input", "normalized_shape", "weight", "eps", "casting", "offset"),
+    "rms_norm": ("input", "normalized_shape", "weight", "eps", "casting", "offset", "bias"),
     "add_rms_norm": ("input", "residual", "normalized_shape", "weight", "eps", "casting", "offset"),
     "dyt": ("input", "alpha", "weight", "bias"),
 }
@@ -52,7 +52,7 @@ def operator_outputs(op, t):
     if op == "add_layer_norm":
         return OPS.add_layer_norm(x, r, w, b, eps, x.dtype)[:2]
     if op == "rms_norm":
-        return (OPS.rms_norm(x, w, eps, t["casting"], float(t["offset"]), N)[0],)
+        return (OPS.rms_norm(x, w, eps, t["casting"], float(t["offset"]), N, b)[0],)
     if op == "add_rms_norm":
         return OPS.add_rms_norm(x, r, w, eps, t["casting"], float(t["offset"]), N, x.dtype)[:2]
     return (OPS.dyt(x, t["alpha"], w, b),)
@@ -166,7 +166,7 @@ def declined_cases():
             cases.update(RMS_ONLY if op.endswith("rms_norm") else LAYER_NORM_ONLY)
         if op.startswith("add_"):
             cases.update(FUSED_ONLY)
-        if op.endswith("rms_norm"):  # RMSNorm has no bias
+        if op == "add_rms_norm":  # the fused RMSNorm has no bias
             cases = {name: case for name, case in cases.items() if not name.startswith("bias")}
         for name, changes in cases.items():
             yield pytest.param(op, changes, id=f"{op}-{name}")

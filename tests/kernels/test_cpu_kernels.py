@@ -574,6 +574,9 @@ def _isa_outputs() -> list[torch.Tensor]:
                 out += list(K.rms_norm_fwd(x, w, 1e-5, casting, 0.5, max(1, n // 3)))
             out += list(K.add_rms_norm_fwd(x, r, w, 1e-5, "llama", 0.0, n, torch.float32))
             out += [normlab.dyt(x, torch.tensor(0.7), w, b)]
+            out += [torch.ops.normlab.rms_norm(x, w, 1e-5, "llama", 0.0, n, b)[0]]  # RMSNorm + bias
+            rstd = torch.ops.normlab.rms_norm(x, w, 1e-5, "llama", 0.0, n)[1]
+            out += list(torch.ops.normlab.rms_norm_backward(dy, x, w, rstd, 0.0, n, None, True, True))
     return out
 
 

@@ -396,3 +396,82 @@ def test_casting_none_and_offsets_textbook(dtype):
     y_partial = normlab.rms_norm(x, 40, w, eps, partial=0.25, backend="reference")
     assert torch.equal(y_partial, (x.float() * rstd_p).to(dtype) * w)
     assert torch.equal(normlab.rms_norm(x, 40, None, eps, casting="none", backend="reference"), x * rstd.to(dtype))
+
+
+# ---- bias: y = RMSNorm(x) + b, fused where the backend has a native op ----------------------------------------
+def _biased(dtype, n=33, rows=(5, 7), seed=0, b_dtype=None):
+    x = rand(*rows, n, dtype=dtype, seed=seed, mean=0.3)
+    w, b = rand(n, dtype=dtype, seed=seed + 1), rand(n, dtype=b_dtype or dtype, seed=seed + 2)
+    return x, w, b
+
+
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+@pytest.mark.parametrize("dtype,b_dtype", [(torch.float32, None), (torch.bfloat16, None), (torch.float16, None),
+                                           (torch.bfloat16, torch.float32)])
+@pytest.mark.parametrize("casting,offset,partial", [("llama", 0.0, None), ("gemma", 1.0, None), ("none", 0.5, 0.3)])
+def test_bias_is_the_shift_of_the_rounded_output(backend, dtype, b_dtype, casting, offset, partial):
+    """``rms_norm(..., bias=b)`` is ``rms_norm(...)`` in the input's dtype, then ``+ b`` rounded to it once more:
+    the same bits, forward and input/weight gradients; the bias gradient is Σ dy."""
+    x, w, b = (t.requires_grad_() for t in _biased(dtype, b_dtype=b_dtype))
+    dy = rand(*x.shape, dtype=dtype, seed=9)
+    options = dict(casting=casting, offset=offset, partial=partial, backend=backend)
+    fused = normlab.rms_norm(x, 33, w, bias=b, **options)
+    c = torch.float32
+    plain = normlab.rms_norm(x, 33, w, **options)
+    composite = (plain.to(c) + b.to(c)).to(dtype)
+    assert fused.dtype == dtype and torch.equal(fused, composite)
+    got = torch.autograd.grad(fused, (x, w, b), dy)
+    want = torch.autograd.grad(composite, (x, w, b), dy)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    torch.testing.assert_close(got[2], dy.float().sum((0, 1)).to(b.dtype))
+    reference = rms_norm_reference(x, 33, w, casting=casting, offset=offset, partial=partial, bias=b)
+    torch.testing.assert_close(fused, reference)
+
+
+def test_bias_gradcheck_and_module():
+    x, w, b = (t.requires_grad_() for t in _biased(torch.float64, n=9, rows=(3,)))
+    assert torch.autograd.gradcheck(lambda x, w, b: normlab.rms_norm(x, 9, w, bias=b, offset=0.5), (x, w, b))
+    assert torch.autograd.gradgradcheck(lambda x, w, b: normlab.rms_norm(x, 9, w, bias=b), (x, w, b))
+    from normlab.models import RMSNormWithBias
+
+    m = RMSNormWithBias(33, eps=1e-5)
+    with torch.no_grad():
+        m.weight.copy_(rand(33, seed=1))
+        m.bias.copy_(rand(33, seed=2))
+    x = rand(4, 6, 33)
+    assert torch.equal(m(x), normlab.rms_norm(x, 33, m.weight, 1e-5) + m.bias)
+    assert m(x).grad_fn.name() == "normlab::RmsNormBackward"  # one fused op, no separate add
+
+
+def test_bias_gradient_is_deterministic_and_batch_invariant():
+    from tests.helpers import threads
+
+    def run(count):
+        x, w, b = (t.requires_grad_() for t in _biased(torch.float32, n=130, rows=(513,)))
+        with threads(count):
+            y = normlab.rms_norm(x, 130, w, bias=b)
+            grads = torch.autograd.grad(y, (x, w, b), rand(513, 130, seed=9))
+        return (y.detach(), *grads)
+
+    for one, two in zip(run(1), run(2)):
+        assert torch.equal(one, two)
+    x, w, b = _biased(torch.bfloat16, n=257, rows=(300,))
+    alone = normlab.rms_norm(x[7:8], 257, w, bias=b)
+    assert torch.equal(normlab.rms_norm(x, 257, w, bias=b)[7:8], alone)
+
+
+def test_bias_out_compile_opcheck_and_errors():
+    x, w, b = _biased(torch.bfloat16)
+    out = torch.empty_like(x)
+    assert torch.equal(normlab.rms_norm(x, 33, w, bias=b, out=out), normlab.rms_norm(x, 33, w, bias=b))
+    assert out.abs().sum() > 0
+    xg, wg, bg = (t.float().requires_grad_() for t in (x, w, b))
+    assert_compiled_matches_eager(lambda x, w, b: normlab.rms_norm(x, 33, w, bias=b).square().mean(), (xg, wg, bg),
+                                  (xg, wg, bg))
+    ops = torch.ops.normlab
+    torch.library.opcheck(ops.rms_norm, (xg.detach().reshape(-1, 33), wg.detach(), 1e-6, "llama", 0.0, 33,
+                                         bg.detach()))
+    with pytest.raises(ValueError, match=r"expected bias of shape \[33\], got \[32\]"):
+        normlab.rms_norm(x, 33, w, bias=b[:32])
+    with pytest.raises(TypeError, match="expected bias of dtype torch.bfloat16 or torch.float32"):
+        normlab.rms_norm(x, 33, w, bias=b.double())

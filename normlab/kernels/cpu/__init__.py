@@ -112,7 +112,7 @@ def rms_norm_fwd(x, weight, eps, casting, offset, k, out=None):
 
 def rms_norm_bwd(dy, x, weight, rstd, offset, k, dsum=None):
     """``(dx, dw | None)`` from the saved ``rstd``; ``dsum`` (the fused add's gradient) is added to dx."""
-    dx, dw = _ops.rms_norm_backward(dy, x, weight, rstd, offset, k, dsum, weight is not None)
+    dx, dw, _ = _ops.rms_norm_backward(dy, x, weight, rstd, offset, k, dsum, weight is not None)
     return dx, dw if weight is not None else None
 
 

@@ -188,19 +188,20 @@ PyObject* add_layer_norm_front(PyObject*, PyObject* const* args, Py_ssize_t narg
   END_HANDLE_TH_ERRORS
 }
 
-// rms_norm(input, normalized_shape, weight, eps, casting, offset) -> y | None; the statistic over the whole row
+// rms_norm(input, normalized_shape, weight, eps, casting, offset, bias) -> y | None; the statistic over the whole row
 PyObject* rms_norm_front(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   HANDLE_TH_ERRORS
-  if (!count_is("rms_norm", nargs, 6)) return nullptr;
+  if (!count_is("rms_norm", nargs, 7)) return nullptr;
   const Tensor* x = plain_input(args[0], args[1]);
-  OptTensor weight;
+  OptTensor weight, bias;
   double eps = 0, offset = 0;
   c10::string_view casting;
   if (!x || !plain_param(args[2], *x, weight) || !plain_rms_options(args[3], args[4], args[5], eps, casting, offset) ||
-      modes_or_transforms_active())
+      !plain_param(args[6], *x, bias) || modes_or_transforms_active())
     Py_RETURN_NONE;
-  return released(
-      [&] { return std::get<0>(NORMLAB_OP("rms_norm", RmsFwdSig).call(*x, weight, eps, casting, offset, x->size(-1))); });
+  return released([&] {
+    return std::get<0>(NORMLAB_OP("rms_norm", RmsFwdSig).call(*x, weight, eps, casting, offset, x->size(-1), bias));
+  });
   END_HANDLE_TH_ERRORS
 }
 
@@ -251,7 +252,7 @@ PyMethodDef methods[] = {
     {"add_layer_norm", fastcall<add_layer_norm_front>(), METH_FASTCALL,
      "add_layer_norm(input, residual, normalized_shape, weight, bias, eps) -> (y, s), or None"},
     {"rms_norm", fastcall<rms_norm_front>(), METH_FASTCALL,
-     "rms_norm(input, normalized_shape, weight, eps, casting, offset) -> y, or None"},
+     "rms_norm(input, normalized_shape, weight, eps, casting, offset, bias) -> y, or None"},
     {"add_rms_norm", fastcall<add_rms_norm_front>(), METH_FASTCALL,
      "add_rms_norm(input, residual, normalized_shape, weight, eps, casting, offset) -> (y, s), or None"},
     {"dyt", fastcall<dyt_front>(), METH_FASTCALL, "dyt(input, alpha, weight, bias) -> y, or None"},

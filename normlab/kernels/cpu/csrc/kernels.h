@@ -393,6 +393,13 @@ void norm_fwd_rows(const NormFwdArgs& a, int64_t begin, int64_t end) {
         v1 = v1 * w1;
       }
       if constexpr (!std::is_same_v<S, X>) IO<S>::round(v0, v1);  // the norm's dtype, then the output's
+      if constexpr (M != Mode::layer && BIAS) {  // RMSNorm's y in the output's dtype, then + b, rounded once more
+        Vec b0, b1;
+        IO<float>::load(a.b + j, c, b0, b1);
+        IO<X>::round(v0, v1);
+        v0 = v0 + b0;
+        v1 = v1 + b1;
+      }
       if (a.stream) IO<X>::stream(static_cast<X*>(a.y) + row + j, c, v0, v1);
       else store<X>(a.y, row + j, c, v0, v1);
     });
@@ -525,10 +532,10 @@ void norm_bwd_each_row(const NormBwdArgs& a, int64_t begin, int64_t end) {
         IO<float>::load(a.w + j, c, w0, w1);
         bwd_step<T, LAYER, DSUM>(a, k, row, j, c, w0, w1, projected, d0, d1, h0, h1);
         if (a.pw) IO<float>::load(a.pw + j, c, p0, p1);
-        if (LAYER && a.pb) IO<float>::load(a.pb + j, c, b0, b1);
-        add_partials(LAYER && a.pb, d0, d1, h0, h1, a.pw != nullptr, p0, p1, b0, b1);
+        if (a.pb) IO<float>::load(a.pb + j, c, b0, b1);
+        add_partials(a.pb, d0, d1, h0, h1, a.pw != nullptr, p0, p1, b0, b1);
         if (a.pw) IO<float>::store(a.pw + j, c, p0, p1);
-        if (LAYER && a.pb) IO<float>::store(a.pb + j, c, b0, b1);
+        if (a.pb) IO<float>::store(a.pb + j, c, b0, b1);
       });
     };
     column_ranges<LAYER>(a, columns);
@@ -552,14 +559,14 @@ void norm_bwd_row_blocks(const NormBwdArgs& a, int64_t begin, int64_t end) {
         Vec w0, w1, p0, p1, b0, b1;
         IO<float>::load(a.w + j, c, w0, w1);
         if (a.pw) IO<float>::load(a.pw + j, c, p0, p1);
-        if (LAYER && a.pb) IO<float>::load(a.pb + j, c, b0, b1);
+        if (a.pb) IO<float>::load(a.pb + j, c, b0, b1);
         for (int64_t i = i0; i < i1; ++i) {
           Vec d0, d1, h0, h1;
           bwd_step<T, LAYER, DSUM>(a, BwdConsts(rows[i - i0]), i * n, j, c, w0, w1, projected, d0, d1, h0, h1);
-          add_partials(LAYER && a.pb, d0, d1, h0, h1, a.pw != nullptr, p0, p1, b0, b1);
+          add_partials(a.pb, d0, d1, h0, h1, a.pw != nullptr, p0, p1, b0, b1);
         }
         if (a.pw) IO<float>::store(a.pw + j, c, p0, p1);
-        if (LAYER && a.pb) IO<float>::store(a.pb + j, c, b0, b1);
+        if (a.pb) IO<float>::store(a.pb + j, c, b0, b1);
       });
     };
     column_ranges<LAYER>(a, columns);
@@ -653,22 +660,31 @@ inline void with_dtype(Dtype t, F&& f) {
   }
 }
 
+// RMSNorm with a bias: unfused calls only (the op layer passes none to the fused ones).
+template <typename X, typename R, typename S, Mode M, bool FUSED>
+inline void rms_fwd_rows(const NormFwdArgs& a, int64_t begin, int64_t end) {
+  if constexpr (!FUSED) {
+    if (a.b) return norm_fwd_rows<X, R, S, M, FUSED, true>(a, begin, end);
+  }
+  norm_fwd_rows<X, R, S, M, FUSED, false>(a, begin, end);
+}
+
 template <typename X, typename R, typename S, bool FUSED>
 inline void norm_fwd_mode(const NormFwdArgs& a, int64_t begin, int64_t end) {
   switch (a.mode) {
     case Mode::layer:
       return a.b ? norm_fwd_rows<X, R, S, Mode::layer, FUSED, true>(a, begin, end)
                  : norm_fwd_rows<X, R, S, Mode::layer, FUSED, false>(a, begin, end);
-    case Mode::rms_fp32: return norm_fwd_rows<X, R, S, Mode::rms_fp32, FUSED, false>(a, begin, end);
+    case Mode::rms_fp32: return rms_fwd_rows<X, R, S, Mode::rms_fp32, FUSED>(a, begin, end);
     case Mode::rms_llama:
-      if constexpr (!std::is_same_v<S, float>) return norm_fwd_rows<X, R, S, Mode::rms_llama, FUSED, false>(a, begin, end);
+      if constexpr (!std::is_same_v<S, float>) return rms_fwd_rows<X, R, S, Mode::rms_llama, FUSED>(a, begin, end);
       break;
     case Mode::rms_none:
-      if constexpr (!std::is_same_v<S, float>) return norm_fwd_rows<X, R, S, Mode::rms_none, FUSED, false>(a, begin, end);
+      if constexpr (!std::is_same_v<S, float>) return rms_fwd_rows<X, R, S, Mode::rms_none, FUSED>(a, begin, end);
       break;
   }
   // fp32 sums: the rounding modes coincide (the op layer passes rms_fp32)
-  norm_fwd_rows<X, R, S, Mode::rms_fp32, FUSED, false>(a, begin, end);
+  rms_fwd_rows<X, R, S, Mode::rms_fp32, FUSED>(a, begin, end);
 }
 
 inline void norm_fwd(const NormFwdArgs& a, int64_t begin, int64_t end) {

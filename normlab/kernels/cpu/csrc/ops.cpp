@@ -316,13 +316,14 @@ void check_residual(const Tensor& x, const Tensor& r, at::ScalarType sum_dtype) 
 }
 
 std::tuple<Tensor, Tensor> rms_norm_cpu(const Tensor& input, const OptTensor& weight, double eps,
-                                        c10::string_view casting, double offset, int64_t k) {
+                                        c10::string_view casting, double offset, int64_t k, const OptTensor& bias) {
   check_rows(input, "input");
   check_param(weight, "weight", input.size(-1));
+  check_param(bias, "bias", input.size(-1));
   check_k(k, input.size(-1));
   const Mode mode = rms_mode(casting, input.scalar_type());
-  auto out = norm_forward(input, std::nullopt, rms_weight(weight, offset, mode, input.scalar_type()), Tensor(), eps,
-                          k, mode, input.scalar_type(), std::nullopt);
+  auto out = norm_forward(input, std::nullopt, rms_weight(weight, offset, mode, input.scalar_type()),
+                          bias ? as_fp32(*bias) : Tensor(), eps, k, mode, input.scalar_type(), std::nullopt);
   return {out.y, out.rstd};
 }
 
@@ -406,7 +407,7 @@ std::tuple<Tensor, Tensor, Tensor> norm_backward(const Tensor& grad, const Tenso
   Tensor dx = at::empty_like(x, at::MemoryFormat::Contiguous);
   const int64_t slots = worker_slots(rows, n);
   const auto f32 = x.options().dtype(at::kFloat);
-  Tensor pw = want_dw ? at::empty({slots, n}, f32) : Tensor(), pb = layer && want_db ? at::empty({slots, n}, f32) : Tensor();
+  Tensor pw = want_dw ? at::empty({slots, n}, f32) : Tensor(), pb = want_db ? at::empty({slots, n}, f32) : Tensor();
   Tensor dw = pw.defined() ? at::zeros({n}, f32) : Tensor(), db = pb.defined() ? at::zeros({n}, f32) : Tensor();
   NormBwdArgs a{};
   a.dy = dy.const_data_ptr();
@@ -448,14 +449,15 @@ Tensor in_dtype(const Tensor& g, const OptTensor& like) {
 // The autograd side: an empty gradient is no gradient.
 Tensor grad_or_none(const Tensor& g) { return g.defined() && g.numel() ? g : Tensor(); }
 
-std::tuple<Tensor, Tensor> rms_norm_backward_cpu(const Tensor& grad, const Tensor& input, const OptTensor& weight,
-                                                 const Tensor& rstd, double offset, int64_t k,
-                                                 const OptTensor& grad_sum, bool weight_grad) {
+std::tuple<Tensor, Tensor, Tensor> rms_norm_backward_cpu(const Tensor& grad, const Tensor& input,
+                                                         const OptTensor& weight, const Tensor& rstd, double offset,
+                                                         int64_t k, const OptTensor& grad_sum, bool weight_grad,
+                                                         bool bias_grad) {
   check_param(weight, "weight", input.size(-1));
   check_k(k, input.size(-1));
   auto [dx, dw, db] = norm_backward(grad, input, bwd_weight(weight, offset), Tensor(), rstd, k, grad_sum, false,
-                                    weight_grad && weight.has_value(), false);
-  return {dx, in_dtype(dw, weight)};
+                                    weight_grad && weight.has_value(), bias_grad);
+  return {dx, in_dtype(dw, weight), db.defined() ? db : at::empty({0}, at::kFloat)};
 }
 
 std::tuple<Tensor, Tensor, Tensor> layer_norm_backward_cpu(const Tensor& grad, const Tensor& input,
@@ -631,6 +633,8 @@ struct RmsNormSaved {
   SavedVariable input, weight, rstd;
   double eps = 0, offset = 0;
   int64_t k = 0;
+  bool has_bias = false;
+  at::ScalarType bias_dtype = at::kFloat;
   void release() {
     input.reset_data();
     weight.reset_data();
@@ -638,17 +642,21 @@ struct RmsNormSaved {
   }
   variable_list backward(const torch::autograd::Node& node, const variable_list& grads) const {
     const Tensor& dy = grads[0];
-    if (!dy.defined()) return {Tensor(), Tensor()};
+    if (!dy.defined()) return variable_list(has_bias ? 3 : 2);
     const Tensor x = input.unpack();
     const OptTensor w = saved_opt(weight.unpack());
-    Tensor dx, dw;
+    Tensor dx, dw, db;
     if (at::GradMode::is_enabled()) {  // double backward: the differentiable formula
       std::tie(dx, dw) = rms_norm_backward_composite(dy, x, w, offset, k, eps);
+      if (has_bias) db = dy.to(at::kFloat).reshape({-1, x.size(-1)}).sum(0);
     } else {
-      std::tie(dx, dw) = NORMLAB_OP("rms_norm_backward", RmsBwdSig)
-                             .call(dy, x, w, rstd.unpack(), offset, k, std::nullopt, node.task_should_compute_output(1));
+      std::tie(dx, dw, db) =
+          NORMLAB_OP("rms_norm_backward", RmsBwdSig)
+              .call(dy, x, w, rstd.unpack(), offset, k, std::nullopt, node.task_should_compute_output(1),
+                    has_bias && node.task_should_compute_output(2));
     }
-    return {dx, grad_or_none(dw)};
+    if (!has_bias) return {dx, grad_or_none(dw)};  // a node without a bias has no edge for one
+    return {dx, grad_or_none(dw), cast(grad_or_none(db), bias_dtype)};
   }
 };
 
@@ -676,9 +684,9 @@ struct AddRmsNormSaved {
       std::tie(ds, dw) = rms_norm_backward_composite(cast(dy, s.scalar_type()), s, w, offset, k, eps);
       if (dsum.defined()) ds = ds + cast(dsum, s.scalar_type());
     } else {
-      std::tie(ds, dw) = NORMLAB_OP("rms_norm_backward", RmsBwdSig)
-                             .call(cast(dy, s.scalar_type()), s, w, rstd.unpack(), offset, k, saved_opt(dsum),
-                                   node.task_should_compute_output(2));
+      std::tie(ds, dw, std::ignore) = NORMLAB_OP("rms_norm_backward", RmsBwdSig)
+                                          .call(cast(dy, s.scalar_type()), s, w, rstd.unpack(), offset, k,
+                                                saved_opt(dsum), node.task_should_compute_output(2), false);
     }
     return {cast(ds, x_dtype), cast(ds, r_dtype), grad_or_none(dw)};
   }
@@ -698,7 +706,7 @@ struct LayerNormSaved {
   }
   variable_list backward(const torch::autograd::Node& node, const variable_list& grads) const {
     const Tensor& dy = grads[0];
-    if (!dy.defined()) return {Tensor(), Tensor(), Tensor()};
+    if (!dy.defined()) return variable_list(has_bias ? 3 : 2);
     const Tensor x = input.unpack();
     const OptTensor w = saved_opt(weight.unpack());
     Tensor dx, dw, db;
@@ -783,10 +791,12 @@ struct DytSaved {
 };
 
 std::tuple<Tensor, Tensor> rms_norm_autograd(const Tensor& input, const OptTensor& weight, double eps,
-                                             c10::string_view casting, double offset, int64_t k) {
-  auto node = node_for<RmsNormSaved>("rms_norm", input, weight);
+                                             c10::string_view casting, double offset, int64_t k,
+                                             const OptTensor& bias) {
+  auto node = bias ? node_for<RmsNormSaved>("rms_norm", input, weight, bias)
+                   : node_for<RmsNormSaved>("rms_norm", input, weight);
   auto [y, rstd] = below_autograd([&] {
-    return NORMLAB_OP("rms_norm", RmsFwdSig).call(input, weight, eps, casting, offset, k);
+    return NORMLAB_OP("rms_norm", RmsFwdSig).call(input, weight, eps, casting, offset, k, bias);
   });
   if (node) {
     torch::autograd::set_history(y, node);
@@ -795,6 +805,8 @@ std::tuple<Tensor, Tensor> rms_norm_autograd(const Tensor& input, const OptTenso
     s.weight = save(weight);
     s.rstd = SavedVariable(rstd, false);
     s.eps = eps, s.offset = offset, s.k = k;
+    s.has_bias = bias.has_value();
+    if (bias) s.bias_dtype = bias->scalar_type();
   }
   return {y, rstd};
 }
@@ -1069,9 +1081,10 @@ std::tuple<Tensor, Tensor> gated_rms_norm_autograd(const Tensor& input, const Op
 }  // namespace
 
 TORCH_LIBRARY(normlab, m) {
-  m.def("rms_norm(Tensor input, Tensor? weight, float eps, str casting, float offset, int k) -> (Tensor, Tensor)");
+  m.def("rms_norm(Tensor input, Tensor? weight, float eps, str casting, float offset, int k, Tensor? bias=None) "
+        "-> (Tensor, Tensor)");
   m.def("rms_norm_backward(Tensor grad, Tensor input, Tensor? weight, Tensor rstd, float offset, int k, "
-        "Tensor? grad_sum, bool weight_grad) -> (Tensor, Tensor)");
+        "Tensor? grad_sum, bool weight_grad, bool bias_grad=False) -> (Tensor, Tensor, Tensor)");
   m.def("rms_norm_into(Tensor input, Tensor? weight, float eps, str casting, float offset, int k, Tensor(a!) out) -> Tensor");
   m.def("add_rms_norm(Tensor input, Tensor residual, Tensor? weight, float eps, str casting, float offset, int k, "
         "ScalarType residual_dtype) -> (Tensor, Tensor, Tensor)");

@@ -17,9 +17,10 @@ using OptTensor = std::optional<Tensor>;
 #define NORMLAB_OP(name, sig) \
   ([]() -> auto& { static auto op = c10::Dispatcher::singleton().findSchemaOrThrow("normlab::" name, "").typed<sig>(); return op; }())
 
-using RmsFwdSig = std::tuple<Tensor, Tensor>(const Tensor&, const OptTensor&, double, c10::string_view, double, int64_t);
-using RmsBwdSig = std::tuple<Tensor, Tensor>(const Tensor&, const Tensor&, const OptTensor&, const Tensor&, double,
-                                             int64_t, const OptTensor&, bool);
+using RmsFwdSig = std::tuple<Tensor, Tensor>(const Tensor&, const OptTensor&, double, c10::string_view, double, int64_t,
+                                             const OptTensor&);
+using RmsBwdSig = std::tuple<Tensor, Tensor, Tensor>(const Tensor&, const Tensor&, const OptTensor&, const Tensor&,
+                                                     double, int64_t, const OptTensor&, bool, bool);
 using AddRmsSig = std::tuple<Tensor, Tensor, Tensor>(const Tensor&, const Tensor&, const OptTensor&, double,
                                                      c10::string_view, double, int64_t, at::ScalarType);
 using LnFwdSig = std::tuple<Tensor, Tensor, Tensor>(const Tensor&, const OptTensor&, const OptTensor&, double);

@@ -18,7 +18,7 @@ struct NormFwdArgs {
   void* s;             // fused add: s = x + r (dtype s_t), else null
   void* y;
   const float* w;      // n fp32 values: the effective weights (ones when there is none)
-  const float* b;      // LayerNorm bias, or null
+  const float* b;      // the bias (LayerNorm's, or an unfused RMSNorm's), or null
   float* mean;         // LayerNorm only
   float* rstd;
   int64_t n, k;        // row length; RMSNorm: leading elements of the statistic
