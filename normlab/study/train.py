@@ -58,11 +58,23 @@ def build_model(model_cfg: dict, seed: int) -> nn.Module:
 
 
 def make_optimizer(model: nn.Module, rc: RunConfig) -> torch.optim.Optimizer:
-    """AdamW; weight decay on matrices only (not on gains, biases, embeddings' 1-D params)."""
-    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
+    """AdamW; weight decay on matrices only (not on gains, biases, embeddings' 1-D params). torch's fused
+    kernel on CPU and CUDA: one call per step instead of a dozen small ops per parameter."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in params if p.dim() >= 2]
+    no_decay = [p for p in params if p.dim() < 2]
     groups = [{"params": decay, "weight_decay": rc.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=rc.lr, betas=(rc.beta1, rc.beta2), eps=1e-8)
+    fused = all(p.device.type in ("cpu", "cuda") for p in params)
+    return torch.optim.AdamW(groups, lr=rc.lr, betas=(rc.beta1, rc.beta2), eps=1e-8, fused=fused)
+
+
+def clip_and_step(model: nn.Module, opt: torch.optim.Optimizer, grad_clip: float) -> torch.Tensor:
+    """The end of a training step after ``backward``: clip the gradients' total norm to ``grad_clip``
+    (0: measure it, don't clip), then the optimizer's update. Returns the norm before clipping."""
+    max_norm = grad_clip if grad_clip > 0 else math.inf
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+    opt.step()
+    return grad_norm
 
 
 def sync_batch_norm(model: nn.Module, info: DistInfo) -> int:
@@ -280,9 +292,7 @@ def _step(step: int, model: nn.Module, train_model: nn.Module, opt: torch.optim.
     done = step + 1
     log_grads = done == 1 or done % rc.grad_log_interval == 0 or done == rc.steps
     layer_grads = grad_norm_per_layer(model) if log_grads else None
-    max_norm = rc.grad_clip if rc.grad_clip > 0 else math.inf  # 0: measured, not clipped
-    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm).item()
-    opt.step()
+    grad_norm = clip_and_step(model, opt, rc.grad_clip).item()
     step_s = time.perf_counter() - t0
     rec = {
         "kind": "train",

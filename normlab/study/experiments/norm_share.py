@@ -5,15 +5,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
-
 from normlab.bench.timing import interleaved_medians
 from normlab.study import verdicts
-from normlab.study.config import StudyConfig
+from normlab.study.config import RunConfig, StudyConfig
 from normlab.study.data import Corpus
-from normlab.study.experiments.common import Context, below_paper, model_config, pm
+from normlab.study.experiments.common import Context, below_paper, pm, run_config
 from normlab.study.report import Experiment, new_figure, save_figure
-from normlab.study.train import build_model
+from normlab.study.train import build_model, clip_and_step, make_optimizer
 from normlab.study.verdicts import Verdict
 
 NUMBER, TITLE, TRAINS = 7, "Norm layers' share of a training step across widths", False
@@ -22,16 +20,17 @@ NUMBER, TITLE, TRAINS = 7, "Norm layers' share of a training step across widths"
 SHARE_VARIANTS = {"LayerNorm": "layernorm-pre", "RMSNorm": "rmsnorm-pre", "identity": "none-pre"}
 
 
-def _training_step(model_cfg: dict, corpus: Corpus, cfg: StudyConfig):
-    """One AdamW step (forward, backward, update) of a fresh model on the study's first batch."""
-    model = build_model(model_cfg, cfg.seed).train()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    x, y = corpus.batch("train", 0, cfg.batch_size, cfg.block_size, cfg.seed)
+def _training_step(rc: RunConfig, corpus: Corpus):
+    """The study's training step (forward, backward, gradient clipping, AdamW update, as in
+    :mod:`normlab.study.train`) of a fresh model on its first batch."""
+    model = build_model(rc.model, rc.seed).train()
+    opt = make_optimizer(model, rc)
+    x, y = corpus.batch("train", 0, rc.batch_size, rc.model["block_size"], rc.seed)
 
     def step():
         opt.zero_grad(set_to_none=True)
         model(x, y)[1].backward()
-        opt.step()
+        clip_and_step(model, opt, rc.grad_clip)
 
     return step
 
@@ -42,8 +41,7 @@ def measure_norm_share(cfg: StudyConfig, corpus: Corpus) -> dict[int, dict[str, 
     (medians of 7 interleaved samples) ``cfg.share_repeats`` times."""
     out: dict[int, dict[str, list[float]]] = {}
     for d in cfg.share_widths:
-        steps = {name: _training_step(model_config(cfg, corpus.vocab_size, variant, d_model=d, n_head=max(1, d // 32)),
-                                      corpus, cfg)
+        steps = {name: _training_step(run_config(cfg, corpus, variant, d_model=d, n_head=max(1, d // 32)), corpus)
                  for name, variant in SHARE_VARIANTS.items()}
         out[d] = {name: [] for name in steps}
         for _ in range(cfg.share_repeats):
@@ -85,8 +83,9 @@ def render_norm_share(cfg: StudyConfig, out_dir: Path, times: dict[int, dict[str
     claim = ("LayerNorm is a tiny fraction of a Transformer's compute, which bounds what a cheaper norm can save "
              "end to end — against RMSNorm's reported 7%–64% (Zhang & Sennrich 2019).")
     notes = [(f"The study's model ({cfg.n_layer} layers, context {cfg.block_size}, batch {cfg.batch_size}, "
-              "a head per 32 channels) at each width, one AdamW step on a fixed batch, with LayerNorm, RMSNorm and "
-              "identity norms (norm='none'); the three are timed round-robin, medians of 7 samples of ≥ 20 ms, "
+              "a head per 32 channels) at each width, the grid's training step (forward, backward, gradient "
+              "clipping, fused AdamW) on a fixed batch, with LayerNorm, RMSNorm and identity norms (norm='none'); "
+              "the three are timed round-robin, medians of 7 samples of ≥ 20 ms, "
               f"repeated {cfg.share_repeats} times (± is the std over the repeats)."),
              (f"Holds when, at the widest width, the share's mean + {verdicts.SPREAD_K:g}·std is below "
               f"{verdicts.TINY_SHARE:g}% and RMSNorm's saving stays within the share (beyond the spread) at every "
