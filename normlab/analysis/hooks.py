@@ -104,12 +104,46 @@ class ActivationStats:
         return out
 
 
-class NormTimer:
-    """Wall time spent inside norm modules (forward and backward) via module hooks.
+def _tensors(obj) -> list[torch.Tensor]:
+    """The tensors of a module call's arguments or output (nested tuples, lists and dicts)."""
+    if isinstance(obj, torch.Tensor):
+        return [obj]
+    if isinstance(obj, dict):
+        obj = list(obj.values())
+    if isinstance(obj, (tuple, list)):
+        return [t for o in obj for t in _tensors(o)]
+    return []
 
-    Forward: from the pre-hook to the hook of each norm module. Backward: from the backward pre-hook
-    (gradient w.r.t. the output ready) to the backward hook (gradient w.r.t. the input done). The caller
-    times the whole step; ``rest = step_time − norm_time``.
+
+# A module whose backward spans more autograd nodes than this is timed by the nodes of its outputs only.
+_MAX_MODULE_NODES = 64
+
+
+def module_nodes(args, output) -> tuple[list, list]:
+    """(roots, nodes): the autograd nodes a module call created, found from its outputs' ``grad_fn`` back to
+    its inputs' nodes and the parameters' gradient accumulators; roots are its outputs' nodes."""
+    outside = {id(t.grad_fn) for t in _tensors(args) if t.grad_fn is not None}
+    roots = {id(n): n for n in (t.grad_fn for t in _tensors(output)) if n is not None and id(n) not in outside}
+    nodes, todo = {}, list(roots.values())
+    while todo:
+        node = todo.pop()
+        if id(node) in nodes or id(node) in outside or hasattr(node, "variable"):  # variable: an AccumulateGrad
+            continue
+        nodes[id(node)] = node
+        if len(nodes) > _MAX_MODULE_NODES:
+            return list(roots.values()), list(roots.values())
+        todo.extend(n for n, _ in node.next_functions if n is not None)
+    return list(roots.values()), list(nodes.values())
+
+
+class NormTimer:
+    """Wall time spent inside norm modules (forward and backward), via hooks.
+
+    Forward: from the module's forward pre-hook to its forward hook. Backward: from the moment the first of
+    the autograd nodes its forward created starts to the moment the last of them is done, with hooks on those
+    nodes (:func:`module_nodes`) — the module's inputs and outputs are not wrapped (as full backward hooks
+    do), so the timer adds little to the step it times. The caller times the whole step;
+    ``rest = step_time − norm_time``.
     """
 
     def __init__(self, model: nn.Module, layers: Iterable[tuple[str, nn.Module]] | None = None, *,
@@ -130,14 +164,8 @@ class NormTimer:
 
     def __enter__(self) -> Self:
         for _, m in self.layers:
-            key = id(m)
-            self._handles.append(m.register_forward_pre_hook(lambda mod, inp, k=key: self._start(("f", k))))
-            self._handles.append(
-                m.register_forward_hook(lambda mod, inp, out, k=key: self._stop(("f", k), "forward_s")))
-            if self.backward:
-                self._handles.append(m.register_full_backward_pre_hook(lambda mod, go, k=key: self._start(("b", k))))
-                self._handles.append(
-                    m.register_full_backward_hook(lambda mod, gi, go, k=key: self._stop(("b", k), "backward_s")))
+            self._handles.append(m.register_forward_pre_hook(self._forward_start))
+            self._handles.append(m.register_forward_hook(self._forward_done, with_kwargs=True))
         return self
 
     def __exit__(self, *exc) -> None:
@@ -145,10 +173,30 @@ class NormTimer:
             h.remove()
         self._handles.clear()
 
-    def _start(self, key) -> None:
-        self._t0[key] = time.perf_counter()
+    def _forward_start(self, module: nn.Module, args) -> None:
+        self._t0[id(module)] = time.perf_counter()
 
-    def _stop(self, key, field: str) -> None:
-        t0 = self._t0.pop(key, None)
+    def _forward_done(self, module: nn.Module, args, kwargs, output) -> None:
+        t0 = self._t0.pop(id(module), None)
         if t0 is not None:
-            setattr(self, field, getattr(self, field) + time.perf_counter() - t0)
+            self.forward_s += time.perf_counter() - t0
+        if self.backward and torch.is_grad_enabled():
+            self._time_backward(*module_nodes((args, kwargs), output))
+
+    def _time_backward(self, roots: list, nodes: list) -> None:
+        state = {"t0": None, "left": 0}
+
+        def started(grad_outputs) -> None:
+            if state["t0"] is None:
+                state["t0"], state["left"] = time.perf_counter(), len(nodes)
+
+        def done(grad_inputs, grad_outputs) -> None:
+            state["left"] -= 1
+            if state["left"] == 0 and state["t0"] is not None:
+                self.backward_s += time.perf_counter() - state["t0"]
+                state["t0"] = None
+
+        for node in roots:
+            node.register_prehook(started)
+        for node in nodes:
+            node.register_hook(done)

@@ -113,3 +113,67 @@ def test_activation_stats_and_timer_hooks():
         model(x.requires_grad_()).sum().backward()
     assert timer.forward_s > 0 and timer.backward_s > 0
     assert not model[1]._forward_hooks and not model[1]._backward_hooks  # hooks removed
+
+
+class _Sleep(torch.autograd.Function):
+    """Identity forward; its backward sleeps ``seconds``."""
+
+    @staticmethod
+    def forward(ctx, x, seconds):
+        ctx.seconds = seconds
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, g):
+        import time
+
+        time.sleep(ctx.seconds)
+        return g, None
+
+
+class _SlowNorm(nn.Module):
+    """RMSNorm in four autograd nodes, one of which sleeps in backward: a norm module of several ops."""
+
+    def __init__(self, d, seconds):
+        super().__init__()
+        self.weight, self.seconds = nn.Parameter(torch.ones(d)), seconds
+
+    def forward(self, x):
+        x = _Sleep.apply(x, self.seconds)
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6) * self.weight
+
+
+def test_module_nodes_are_the_nodes_a_call_created():
+    from normlab.analysis.hooks import module_nodes
+
+    lin = nn.Linear(8, 8)
+    h = lin(torch.randn(3, 8))
+    one_op = normlab.nn.LayerNorm(8)
+    y = one_op(h)
+    roots, nodes = module_nodes((h,), y)
+    assert roots == nodes == [y.grad_fn]  # the native op: one node
+    slow = _SlowNorm(8, 0.0)
+    y = slow(h)
+    roots, nodes = module_nodes(((h,), {}), y)
+    assert roots == [y.grad_fn]
+    assert sorted(n.name() for n in nodes) == ["AddBackward0", "MeanBackward1", "MulBackward0", "MulBackward0",
+                                                 "PowBackward0", "RsqrtBackward0", "_SleepBackward"]
+    assert h.grad_fn not in nodes and not any(hasattr(n, "variable") for n in nodes)
+    assert module_nodes((h,), h) == ([], [])  # an identity module created nothing
+
+
+def test_norm_timer_times_the_norms_backward_and_nothing_else():
+    """A norm of several ops whose backward sleeps 50 ms, between two ops whose backward sleeps 200 ms:
+    the timer counts the first, not the second."""
+    norm = _SlowNorm(8, 0.05)
+    before, after = nn.Linear(8, 8), nn.Linear(8, 8)
+    with NormTimer(nn.Sequential(), [("norm", norm)]) as timer:
+        x = _Sleep.apply(before(torch.randn(4, 8)), 0.2)
+        out = _Sleep.apply(after(norm(x)), 0.2)
+        out.sum().backward()
+    assert 0.05 <= timer.backward_s < 0.2
+    assert norm.weight.grad is not None and before.weight.grad is not None
+    timer.reset()
+    with torch.no_grad(), timer:
+        norm(torch.randn(4, 8))
+    assert timer.backward_s == 0 and timer.forward_s > 0

@@ -124,7 +124,8 @@ def render_loss_and_speed(grid: dict[str, list[RunResult]], cfg: StudyConfig, ou
             notes.append(_dyt_saturation_note(name, runs[0], cfg))
     shares = [100 * r.final["norm_frac"] for runs in grid.values() for r in runs if r.final["norm_ms"] > 0]
     if shares:
-        notes.append(f"Norm time is measured with forward/backward hooks on the norm modules (fwd + bwd): "
+        notes.append("Norm time is measured with hooks on the norm modules (forward) and on the autograd "
+                     "nodes their forward created (backward): "
                      f"{min(shares):.0f}–{max(shares):.0f}% of a training step here, so even a large saving inside the "
                      "norm layers moves the whole step by a few % — about the timing noise of a shared machine.")
     return Experiment(NUMBER, TITLE, claim, measured, word,
